@@ -1,0 +1,100 @@
+"""The one interface every mall adapter implements, and the types it speaks.
+
+An adapter is a pure client: it speaks one mall's wire format over an injected
+``httpx.AsyncClient`` and translates to and from goqd's types (``goqd.messages``). It
+raises only goqd's errors (``goqd.errors.MallError`` and subclasses); nothing above
+``goqd/malls`` ever sees an httpx or msgspec exception. It never logs or formats a
+credential: messages are built from the mall's own error codes and texts.
+
+Adding a mall adds a module here, a simulator in ``goqd/sim``, a test file and a line
+in ``goqd/malls/registry.py``; it never touches the store actor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Protocol
+
+import httpx
+import msgspec
+
+from goqd.messages import MallListing, OrderLine, PushItem, PushOutcome
+from goqd.secret import Secret
+
+WallClock = Callable[[], float]
+
+
+class OrderPage(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything one poll found, and the cursor to commit with it.
+
+    The adapter has already followed every page; ``cursor`` is opaque to everyone but
+    the adapter that made it (a timestamp, usually).
+    """
+
+    lines: tuple[OrderLine, ...]
+    cursor: str
+    orders_seen: int = 0
+
+
+class MallLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """Documented limits the store actor must respect for this mall."""
+
+    push_batch: int  # listings per stock-update call
+    read_batch: int  # listings per stock-read call
+    min_poll_interval: float  # seconds; config may not go below it
+
+
+class StoreContext(msgspec.Struct, frozen=True, kw_only=True):
+    """What an adapter is given when it is opened for one store."""
+
+    store: str
+    mall: str
+    base_url: str
+    credentials: dict[str, Secret]
+    http: httpx.AsyncClient
+    clock: WallClock
+    # Per-store overrides of the mall's default order statuses (strings, as the mall
+    # spells them); empty means the mall's defaults from malls.md.
+    live_statuses: tuple[str, ...] = ()
+    cancel_statuses: tuple[str, ...] = ()
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
+    # Extra base URLs (e.g. a separate token endpoint) by name.
+    urls: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class MallAdapter(Protocol):
+    """One store's client for one mall."""
+
+    mall: str
+    limits: MallLimits
+
+    async def check_credentials(self) -> None:
+        """Make the cheapest authenticated call; raise ``MallAuthError`` if rejected."""
+        ...
+
+    async def fetch_orders(self, cursor: str | None) -> OrderPage:
+        """Every order line changed since ``cursor`` (with overlap), all pages."""
+        ...
+
+    async def push_stock(self, items: Sequence[PushItem]) -> list[PushOutcome]:
+        """Set absolute counts (with mall attributes); one outcome per item.
+
+        A whole-call failure raises; a per-listing refusal is an outcome with
+        ``accepted=False`` and the mall's code and message.
+        """
+        ...
+
+    async def read_stock(self, listing_keys: Sequence[str]) -> dict[str, int | None]:
+        """The mall's current count for each key it knows (None: unlimited)."""
+        ...
+
+    def iter_listings(self) -> AsyncIterator[MallListing]:
+        """Every listing of the store (for import)."""
+        ...
+
+    async def credential_expiry(self) -> float | None:
+        """Epoch seconds when the credential expires, if the mall can tell."""
+        ...
+
+
+AdapterFactory = Callable[[StoreContext], MallAdapter]

@@ -1,0 +1,416 @@
+"""Frozen tagged messages passed between actors, and the ledger's replies.
+
+Facts are named in the past tense (``OrderLinesSeen``, ``PushesDone``), requests in the
+imperative (``TakePushes``, ``SetStock``). Tags are snake_case and stable: replies travel
+over the control socket and some messages are persisted, so never rename a tag.
+
+Internal messages are not validated at runtime (msgspec validates only on decode);
+mypy checks them. Anything that comes from outside (mall responses, control requests)
+is decoded into a Struct before it becomes one of these.
+
+This module must never import trio, httpx or sqlite3: it is the shared vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+
+class _Msg(msgspec.Struct, frozen=True, kw_only=True):
+    pass
+
+
+# --------------------------------------------------------------------------------------
+# Shared domain records
+# --------------------------------------------------------------------------------------
+
+
+class OrderLine(_Msg, frozen=True, kw_only=True, tag="order_line"):
+    """One order line as a mall showed it at one moment.
+
+    ``listing_key`` is the mall's identity for the stock counter (Rakuten
+    ``manageNumber/variantId``, Yahoo item code, Amazon SellerSKU, ...). ``link_code`` is
+    the code the link condition matches against product SKUs. ``updated_at`` is the
+    mall's update time in epoch seconds: an observation older than the booked one is
+    ignored. ``terminal`` marks a cancellation the mall never undoes (Rakuten 900,
+    Yahoo 4).
+    """
+
+    order_id: str
+    line_id: str
+    listing_key: str
+    link_code: str = ""
+    quantity: int
+    cancelled: bool = False
+    terminal: bool = False
+    updated_at: float
+    status: str = ""
+
+
+class ListingAttrs(_Msg, frozen=True, kw_only=True, tag="listing_attrs"):
+    """Mall attributes that go out with every stock push (DESIGN §2 item 3).
+
+    ``extra`` holds mall-specific identifiers resolved at import (Shopify inventory
+    item and location ids, au PAY choice codes) as strings.
+    """
+
+    allow_overdraft: bool | None = None  # Yahoo 超過購入設定
+    lead_time_days: int | None = None  # Amazon lead_time_to_ship_max_days
+    restock_date: str | None = None  # Amazon 入荷予定日, YYYY-MM-DD
+    extra: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class PushItem(_Msg, frozen=True, kw_only=True, tag="push_item"):
+    """Set ``listing_key`` to ``quantity`` at the mall. ``version`` orders pushes."""
+
+    listing_key: str
+    sku: str
+    quantity: int
+    version: int
+    attrs: ListingAttrs = msgspec.field(default_factory=ListingAttrs)
+    # The count goqd last saw accepted for this listing; compare-and-set malls use it.
+    previous_quantity: int | None = None
+
+
+class PushOutcome(_Msg, frozen=True, kw_only=True, tag="push_outcome"):
+    """What the mall said about one pushed listing."""
+
+    listing_key: str
+    version: int
+    accepted: bool
+    code: str = ""
+    message: str = ""
+
+
+class MallListing(_Msg, frozen=True, kw_only=True, tag="mall_listing"):
+    """A listing read from a mall (import, discrepancy check)."""
+
+    listing_key: str
+    link_code: str = ""
+    name: str = ""
+    quantity: int | None = None  # None: the mall does not track a count (unlimited)
+    attrs: ListingAttrs = msgspec.field(default_factory=ListingAttrs)
+
+
+# --------------------------------------------------------------------------------------
+# Ledger requests (the ledger inbox accepts exactly these)
+# --------------------------------------------------------------------------------------
+
+
+class OrderLinesSeen(_Msg, frozen=True, kw_only=True, tag="order_lines_seen"):
+    """A store actor saw these lines; ``cursor`` commits in the same transaction."""
+
+    store: str
+    lines: tuple[OrderLine, ...]
+    cursor: str | None = None
+
+
+class GetCursor(_Msg, frozen=True, kw_only=True, tag="get_cursor"):
+    store: str
+
+
+class TakePushes(_Msg, frozen=True, kw_only=True, tag="take_pushes"):
+    """Give me up to ``limit`` pending pushes for ``store`` (they stay in the outbox)."""
+
+    store: str
+    limit: int
+
+
+class PushesDone(_Msg, frozen=True, kw_only=True, tag="pushes_done"):
+    store: str
+    outcomes: tuple[PushOutcome, ...]
+
+
+class UpsertProduct(_Msg, frozen=True, kw_only=True, tag="upsert_product"):
+    """Create a product (with its initial total) or rename an existing one."""
+
+    sku: str
+    name: str = ""
+    total: int | None = None  # only used when the product is new
+    store: str = ""  # the store it was first imported from
+    request_id: str = ""
+
+
+class UpsertListing(_Msg, frozen=True, kw_only=True, tag="upsert_listing"):
+    """Register or update a listing; ``sku`` links it when given."""
+
+    store: str
+    listing_key: str
+    link_code: str = ""
+    name: str = ""
+    attrs: ListingAttrs | None = None  # None keeps what is stored
+    sku: str | None = None
+    seen_quantity: int | None = None
+    request_id: str = ""
+
+
+class SetListingAttrs(_Msg, frozen=True, kw_only=True, tag="set_listing_attrs"):
+    """Operator change of push attributes; queues a push with the new values."""
+
+    store: str
+    listing_key: str
+    allow_overdraft: bool | None = None
+    lead_time_days: int | None = None
+    restock_date: str | None = None
+    request_id: str = ""
+
+
+class Link(_Msg, frozen=True, kw_only=True, tag="link"):
+    store: str
+    listing_key: str
+    sku: str
+    request_id: str = ""
+
+
+class Unlink(_Msg, frozen=True, kw_only=True, tag="unlink"):
+    store: str
+    listing_key: str
+    request_id: str = ""
+
+
+class DeleteProduct(_Msg, frozen=True, kw_only=True, tag="delete_product"):
+    """Stop syncing a product. Never deletes anything at a mall."""
+
+    sku: str
+    request_id: str = ""
+
+
+class SetStock(_Msg, frozen=True, kw_only=True, tag="set_stock"):
+    sku: str
+    quantity: int
+    reason: str = ""
+    request_id: str = ""
+
+
+class AdjustStock(_Msg, frozen=True, kw_only=True, tag="adjust_stock"):
+    sku: str
+    delta: int
+    reason: str = ""
+    request_id: str = ""
+
+
+class GetHistory(_Msg, frozen=True, kw_only=True, tag="get_history"):
+    sku: str
+    limit: int = 100
+
+
+class RecordError(_Msg, frozen=True, kw_only=True, tag="record_error"):
+    """Record (or bump the count of) an open error for a store or one listing."""
+
+    store: str
+    level: int
+    code: str
+    message: str
+    listing_key: str = ""
+
+
+class ClearErrors(_Msg, frozen=True, kw_only=True, tag="clear_errors"):
+    """Clear errors by id, or every open error of ``store`` (optionally one level)."""
+
+    ids: tuple[int, ...] = ()
+    store: str = ""
+    level: int | None = None
+    request_id: str = ""
+
+
+class ListErrors(_Msg, frozen=True, kw_only=True, tag="list_errors"):
+    store: str = ""
+    include_cleared: bool = False
+    limit: int = 500
+
+
+class ListProducts(_Msg, frozen=True, kw_only=True, tag="list_products"):
+    after: str = ""
+    limit: int = 500
+
+
+class ListListings(_Msg, frozen=True, kw_only=True, tag="list_listings"):
+    store: str
+    after: str = ""
+    limit: int = 500
+
+
+class GetLedgerStatus(_Msg, frozen=True, kw_only=True, tag="get_ledger_status"):
+    pass
+
+
+class Ping(_Msg, frozen=True, kw_only=True, tag="ping"):
+    """Watchdog probe: answered only if the database answers."""
+
+
+LedgerRequest = (
+    OrderLinesSeen
+    | GetCursor
+    | TakePushes
+    | PushesDone
+    | UpsertProduct
+    | UpsertListing
+    | SetListingAttrs
+    | Link
+    | Unlink
+    | DeleteProduct
+    | SetStock
+    | AdjustStock
+    | GetHistory
+    | RecordError
+    | ClearErrors
+    | ListErrors
+    | ListProducts
+    | ListListings
+    | GetLedgerStatus
+    | Ping
+)
+
+# --------------------------------------------------------------------------------------
+# Ledger replies
+# --------------------------------------------------------------------------------------
+
+
+class RejectedLine(_Msg, frozen=True, kw_only=True, tag="rejected_line"):
+    order_id: str
+    line_id: str
+    reason: str
+
+
+class OrderLinesBooked(_Msg, frozen=True, kw_only=True, tag="order_lines_booked"):
+    booked: int  # lines whose booking changed
+    duplicates: int  # lines seen again with nothing new
+    stale: int  # observations older than the booked one
+    parked: int
+    rejected: tuple[RejectedLine, ...] = ()
+    oversold_units: int = 0
+
+
+class Cursor(_Msg, frozen=True, kw_only=True, tag="cursor"):
+    store: str
+    cursor: str | None
+
+
+class PushBatch(_Msg, frozen=True, kw_only=True, tag="push_batch"):
+    store: str
+    items: tuple[PushItem, ...]
+    pending: int  # rows left for this store, including these
+
+
+class Done(_Msg, frozen=True, kw_only=True, tag="done"):
+    """Generic acknowledgement. ``changed`` counts rows the request changed."""
+
+    changed: int = 0
+    released: int = 0  # parked lines booked because of this request
+    detail: str = ""
+
+
+class StockChanged(_Msg, frozen=True, kw_only=True, tag="stock_changed"):
+    sku: str
+    total: int
+    delta: int
+    movement_id: int
+
+
+class Movement(_Msg, frozen=True, kw_only=True, tag="movement"):
+    id: int
+    sku: str
+    delta: int
+    total_after: int
+    cause: Literal["order", "cancel", "correction", "adjust", "set", "import"]
+    store: str = ""
+    order_id: str = ""
+    line_id: str = ""
+    reason: str = ""
+    oversold: int = 0
+    at: float
+
+
+class History(_Msg, frozen=True, kw_only=True, tag="history"):
+    sku: str
+    total: int
+    movements: tuple[Movement, ...]
+
+
+class ErrorRecord(_Msg, frozen=True, kw_only=True, tag="error_record"):
+    id: int
+    store: str
+    level: int
+    code: str
+    message: str
+    listing_key: str = ""
+    first_seen: float
+    last_seen: float
+    count: int
+    cleared_at: float | None = None
+
+
+class ErrorList(_Msg, frozen=True, kw_only=True, tag="error_list"):
+    errors: tuple[ErrorRecord, ...]
+
+
+class ProductRecord(_Msg, frozen=True, kw_only=True, tag="product_record"):
+    sku: str
+    name: str
+    total: int
+    first_store: str
+    listings: int
+
+
+class ProductList(_Msg, frozen=True, kw_only=True, tag="product_list"):
+    products: tuple[ProductRecord, ...]
+
+
+class ListingRecord(_Msg, frozen=True, kw_only=True, tag="listing_record"):
+    store: str
+    listing_key: str
+    link_code: str
+    name: str
+    sku: str | None
+    link_state: Literal["linked", "unlinked", "ambiguous"]
+    attrs: ListingAttrs
+    last_pushed_quantity: int | None
+    last_pushed_version: int | None
+    last_seen_quantity: int | None
+    pending_version: int | None
+
+
+class ListingList(_Msg, frozen=True, kw_only=True, tag="listing_list"):
+    listings: tuple[ListingRecord, ...]
+
+
+class StoreLedgerStatus(_Msg, frozen=True, kw_only=True, tag="store_ledger_status"):
+    store: str
+    cursor: str | None
+    outbox: int
+    parked: int
+    open_errors: int
+    max_error_level: int
+
+
+class LedgerStatus(_Msg, frozen=True, kw_only=True, tag="ledger_status"):
+    products: int
+    listings: int
+    order_lines: int
+    movements: int
+    outbox: int
+    parked: int
+    oversold_units: int
+    duplicates: int
+    stores: tuple[StoreLedgerStatus, ...]
+
+
+class Pong(_Msg, frozen=True, kw_only=True, tag="pong"):
+    pass
+
+
+LedgerReply = (
+    OrderLinesBooked
+    | Cursor
+    | PushBatch
+    | Done
+    | StockChanged
+    | History
+    | ErrorList
+    | ProductList
+    | ListingList
+    | LedgerStatus
+    | Pong
+)
