@@ -82,6 +82,9 @@ class PushOutcome(_Msg, frozen=True, kw_only=True, tag="push_outcome"):
     accepted: bool
     code: str = ""
     message: str = ""
+    # The count that was sent; the store actor fills it from the PushItem so the
+    # ledger can record what the mall now shows.
+    quantity: int | None = None
 
 
 class MallListing(_Msg, frozen=True, kw_only=True, tag="mall_listing"):
