@@ -214,8 +214,14 @@ async def _run_ledger_kw(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     await run_ledger(
-        path, receive, wakeups, synchronous=synchronous, now=now, metrics=metrics,
-        check=check, task_status=task_status,
+        path,
+        receive,
+        wakeups,
+        synchronous=synchronous,
+        now=now,
+        metrics=metrics,
+        check=check,
+        task_status=task_status,
     )
 
 
@@ -223,4 +229,3 @@ def open_ledger_channel() -> tuple[LedgerClient, trio.MemoryReceiveChannel[_Call
     """The channel pair the app wires: a client for everyone, the inbox for the actor."""
     send, receive = trio.open_memory_channel[_Call](0)
     return LedgerClient(send, Wakeups()), receive
-

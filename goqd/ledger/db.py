@@ -258,6 +258,10 @@ class Ledger:
         self.conn = conn
         self.now = now
         self._version = self._meta("version")
+        # Most of the time nothing is parked; skip the per-line parked lookup then.
+        self._parked_stores = {
+            r[0] for r in conn.execute("SELECT DISTINCT store FROM parked_lines")
+        }
         self._dirty: set[str] = set()
         self._woken: set[str] = set()
         self._batch_oversold = 0
@@ -284,17 +288,18 @@ class Ledger:
                 oversold_before = self._batch_oversold
                 try:
                     reply = self._apply(msg)
-                    self._flush_dirty()
                     conn.execute("RELEASE msg")
                 except GoqdError as exc:
                     conn.execute("ROLLBACK TO msg")
                     conn.execute("RELEASE msg")
-                    self._dirty.clear()
+                    # Keep ``_dirty``: flushing a SKU whose change was rolled back just
+                    # queues its (correct) current count once more.
                     self._version = version_before
                     self._batch_oversold = oversold_before
                     replies.append(exc)
                     continue
                 replies.append(reply)
+            self._flush_dirty()
             self._set_meta("version", self._version)
             crashpoint("ledger.in_transaction")
             conn.execute("COMMIT")
@@ -489,10 +494,14 @@ class Ledger:
                 sku, -delta, cause, store=store, order_id=line.order_id, line_id=line.line_id
             )
             return "booked"
-        parked = conn.execute(
-            "SELECT line FROM parked_lines WHERE store = ? AND order_id = ? AND line_id = ?",
-            (store, line.order_id, line.line_id),
-        ).fetchone()
+        parked = (
+            conn.execute(
+                "SELECT line FROM parked_lines WHERE store = ? AND order_id = ? AND line_id = ?",
+                (store, line.order_id, line.line_id),
+            ).fetchone()
+            if store in self._parked_stores
+            else None
+        )
         if parked is not None:
             old = _line_decoder.decode(parked[0])
             if line.updated_at >= old.updated_at and not old.terminal:
@@ -515,6 +524,7 @@ class Ledger:
                     (store, line.listing_key, line.link_code, ""),
                 )
             reason = "unknown_listing" if listing is None else f"{listing[1]}_listing"
+            self._parked_stores.add(store)
             conn.execute(
                 "INSERT INTO parked_lines VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -583,23 +593,26 @@ class Ledger:
         return after, int(cur.lastrowid or 0)
 
     def _flush_dirty(self) -> None:
-        """Write one outbox row per linked listing of every SKU changed by this message."""
+        """Write one outbox row per linked listing of every SKU changed in this batch.
+
+        Once per transaction, in one statement: a burst of orders for one SKU costs one
+        row per listing, and every row written by one batch shares one version (a
+        listing gets at most one row per batch, so versions still only grow per listing).
+        """
         if not self._dirty:
             return
-        conn = self.conn
-        for sku in sorted(self._dirty):
-            self._version += 1
-            rows = conn.execute(
-                "INSERT INTO outbox (store, listing_key, sku, quantity, version, not_before, "
-                "attempts) SELECT l.store, l.listing_key, l.sku, max(0, p.total), ?, 0, 0 "
-                "FROM listings l JOIN products p ON p.sku = l.sku "
-                "WHERE l.sku = ? AND l.link_state = 'linked' "
-                "ON CONFLICT (store, listing_key) DO UPDATE SET quantity = excluded.quantity, "
-                "version = excluded.version, sku = excluded.sku, not_before = 0, attempts = 0 "
-                "RETURNING store",
-                (self._version, sku),
-            ).fetchall()
-            self._woken.update(r[0] for r in rows)
+        self._version += 1
+        rows = self.conn.execute(
+            "INSERT INTO outbox (store, listing_key, sku, quantity, version, not_before, "
+            "attempts) SELECT l.store, l.listing_key, l.sku, max(0, p.total), ?, 0, 0 "
+            "FROM json_each(?) j JOIN listings l ON l.sku = j.value "
+            "JOIN products p ON p.sku = l.sku WHERE l.link_state = 'linked' "
+            "ON CONFLICT (store, listing_key) DO UPDATE SET quantity = excluded.quantity, "
+            "version = excluded.version, sku = excluded.sku, not_before = 0, attempts = 0 "
+            "RETURNING store",
+            (self._version, msgspec.json.encode(sorted(self._dirty)).decode()),
+        ).fetchall()
+        self._woken.update(r[0] for r in rows)
         self._dirty.clear()
 
     def _queue_listing(self, store: str, listing_key: str) -> None:
