@@ -1,0 +1,515 @@
+"""Wiring: every channel, nursery and actor of ``goqd run`` is created here, and only here.
+
+::
+
+    root nursery (one_for_all: the ledger, control server or HTTP server failing
+    stops the daemon and systemd restarts it)
+      run_ledger                 the only writer of the SQLite file
+      supervise(run_store) × N   one_for_one per store: restart with backoff, give up
+                                 after intensity/period and mark the store ``down``
+      serve_control              goqctl over the Unix socket
+      serve_http                 /metrics, /healthz, webhooks
+      run_watchdog               WATCHDOG=1 only while the ledger answers
+
+``READY=1`` is sent only after every ``nursery.start`` above has returned. Whoever opens
+a channel closes it: the ledger's send side belongs to this module.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import msgspec
+import structlog
+import trio
+from prometheus_client import CollectorRegistry
+
+from goqd import messages as m
+from goqd import systemd
+from goqd.config import (
+    Config,
+    StoreConfig,
+    load_credentials,
+    parse_credentials,
+    write_credentials,
+)
+from goqd.control import protocol as p
+from goqd.control.server import PeerInfo, serve_control
+from goqd.errors import GoqdError, LedgerError, MallAuthError, MallError
+from goqd.http import serve_http
+from goqd.ledger import LedgerClient, open_ledger_channel, run_ledger
+from goqd.malls.base import StoreContext
+from goqd.malls.registry import MALLS
+from goqd.metrics import Metrics
+from goqd.secret import Secret
+from goqd.stores.actor import StoreHandle, run_store
+from goqd.supervisor import ChildSpec, supervise
+
+log = structlog.get_logger("goqd.app")
+
+VERSION = "0.1.0"
+WallClock = Callable[[], float]
+Webhook = Callable[[bytes, Mapping[str, str]], Awaitable[int]]
+
+
+@dataclass
+class Daemon:
+    """What a running daemon exposes to the control server, tests and ``goqd demo``."""
+
+    config: Config
+    ledger: LedgerClient
+    handles: dict[str, StoreHandle]
+    metrics: Metrics
+    registry: CollectorRegistry
+    clock: WallClock
+    started_at: float
+    http_url: str = ""
+    transport: httpx.AsyncBaseTransport | None = None
+    stop: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    # ------------------------------------------------------------------ status
+
+    async def store_infos(self) -> tuple[p.StoreInfo, ...]:
+        status = await self.ledger.ask(m.GetLedgerStatus(), m.LedgerStatus)
+        per_store = {s.store: s for s in status.stores}
+        infos = []
+        for name, h in self.handles.items():
+            ls = per_store.get(name)
+            infos.append(
+                p.StoreInfo(
+                    name=name,
+                    mall=h.mall,
+                    state=h.state,
+                    error_level=h.error_level,
+                    last_poll_ok_at=h.last_poll_ok_at,
+                    last_push_ok_at=h.last_push_ok_at,
+                    outbox=ls.outbox if ls else 0,
+                    parked=ls.parked if ls else 0,
+                    cursor=ls.cursor if ls else None,
+                    credential_expires_at=h.credential_expires_at,
+                    message=h.message,
+                )
+            )
+        return tuple(infos)
+
+    async def status(self) -> p.DaemonStatus:
+        ledger = await self.ledger.ask(m.GetLedgerStatus(), m.LedgerStatus)
+        now = self.clock()
+        return p.DaemonStatus(
+            version=VERSION,
+            started_at=self.started_at,
+            uptime_s=now - self.started_at,
+            stores=await self.store_infos(),
+            ledger=ledger,
+        )
+
+    async def health(self) -> dict[str, object]:
+        try:
+            with trio.fail_after(5):
+                await self.ledger.ask(m.Ping(), m.Pong)
+        except (trio.TooSlowError, LedgerError):
+            return {"ok": False, "ledger": "not answering"}
+        return {
+            "ok": True,
+            "stores": {name: h.state for name, h in self.handles.items()},
+        }
+
+    async def ledger_alive(self) -> bool:
+        return bool((await self.health())["ok"])
+
+    # ------------------------------------------------------------------ control
+
+    def _handle(self, store: str) -> StoreHandle:
+        try:
+            return self.handles[store]
+        except KeyError:
+            raise _NotFound(f"no store named {store!r}; see `goqctl stores`") from None
+
+    async def handle_control(self, req: p.ControlRequest, peer: PeerInfo) -> p.Ok | p.Err:
+        """Answer one control request. Refusals are ``Err`` replies, never exceptions."""
+        try:
+            return p.Ok(result=await self._dispatch(req))
+        except _NotFound as exc:
+            return p.Err(code="not_found", message=str(exc))
+        except MallAuthError as exc:
+            return p.Err(
+                code="conflict",
+                message=f"the mall rejected the credential: {exc}",
+                hint="check the key in the mall's admin screen and try again",
+            )
+        except MallError as exc:
+            return p.Err(code="unavailable", message=str(exc), hint="try again shortly")
+        except GoqdError as exc:
+            return p.Err(code="conflict", message=str(exc))
+
+    async def _dispatch(self, req: p.ControlRequest) -> Any:
+        led = self.ledger
+        rid = getattr(req, "request_id", "")
+        match req:
+            case p.Status():
+                return await self.status()
+            case p.Stores():
+                return p.StoreList(stores=await self.store_infos())
+            case p.Errors():
+                if req.store:
+                    self._handle(req.store)
+                return await led.ask(
+                    m.ListErrors(store=req.store, include_cleared=req.include_cleared), m.ErrorList
+                )
+            case p.ErrorsClear():
+                done = await led.ask(
+                    m.ClearErrors(ids=req.ids, store=req.store, request_id=rid), m.Done
+                )
+                await self._resume_cleared()
+                return done
+            case p.KeySet():
+                return await self.key_set(req.store, req.credentials)
+            case p.Pause():
+                self._handle(req.store).pause()
+                return m.Done(changed=1)
+            case p.Resume():
+                self._handle(req.store).resume()
+                return m.Done(changed=1)
+            case p.PollNow():
+                self._handle(req.store).request_poll()
+                return m.Done(changed=1)
+            case p.Products():
+                return await led.ask(
+                    m.ListProducts(after=req.after, limit=req.limit), m.ProductList
+                )
+            case p.Listings():
+                self._handle(req.store)
+                return await led.ask(
+                    m.ListListings(store=req.store, after=req.after, limit=req.limit),
+                    m.ListingList,
+                )
+            case p.LinkListing():
+                return await led.ask(
+                    m.Link(
+                        store=req.store, listing_key=req.listing_key, sku=req.sku, request_id=rid
+                    ),
+                    m.Done,
+                )
+            case p.UnlinkListing():
+                return await led.ask(
+                    m.Unlink(store=req.store, listing_key=req.listing_key, request_id=rid), m.Done
+                )
+            case p.StockSet():
+                return await led.ask(
+                    m.SetStock(
+                        sku=req.sku, quantity=req.quantity, reason=req.reason, request_id=rid
+                    ),
+                    m.StockChanged,
+                )
+            case p.StockAdjust():
+                return await led.ask(
+                    m.AdjustStock(sku=req.sku, delta=req.delta, reason=req.reason, request_id=rid),
+                    m.StockChanged,
+                )
+            case p.History():
+                return await led.ask(m.GetHistory(sku=req.sku, limit=req.limit), m.History)
+            case p.ListingSet():
+                return await led.ask(
+                    m.SetListingAttrs(
+                        store=req.store,
+                        listing_key=req.listing_key,
+                        lead_time_days=req.lead_time_days,
+                        restock_date=req.restock_date,
+                        allow_overdraft=req.allow_overdraft,
+                        request_id=rid,
+                    ),
+                    m.Done,
+                )
+            case p.DeleteProduct():
+                return await led.ask(m.DeleteProduct(sku=req.sku, request_id=rid), m.Done)
+            case p.Diff():
+                return await self.diff(req.store)
+            case p.Reflect():
+                return await self.reflect(req.store, req.listing_keys, rid)
+        raise _Unsupported(type(req).__name__)
+
+    async def _resume_cleared(self) -> None:
+        """A stopped store whose level-9 errors are all cleared resumes (DESIGN §2.4)."""
+        for name, handle in self.handles.items():
+            if handle.state != "stopped":
+                continue
+            errors = await self.ledger.ask(m.ListErrors(store=name), m.ErrorList)
+            if not any(e.level >= 9 for e in errors.errors):
+                log.info("store_resumed", store=name, reason="level-9 errors cleared")
+                handle.resume()
+
+    async def key_set(self, store: str, data: dict[str, str]) -> m.Done:
+        """Test a new credential against the mall; on success store it and resume."""
+        handle = self._handle(store)
+        cfg = self.config.store(store)
+        spec = MALLS[cfg.mall]
+        creds = parse_credentials(f"key set {store}", cfg.mall, data, spec.credential_fields)
+        async with self._adapter(cfg, creds) as adapter:
+            await adapter.check_credentials()
+            expires = await _optional_expiry(adapter)
+        await trio.to_thread.run_sync(write_credentials, self.config, store, data)
+        await self.ledger.call(m.ClearErrors(store=store, level=9, request_id=""))
+        handle.credential_expires_at = expires
+        handle.renew(creds)
+        log.info("credential_renewed", store=store)
+        return m.Done(changed=1, detail="credential stored; store resumed")
+
+    def _adapter(self, cfg: StoreConfig, creds: dict[str, Secret]) -> _AdapterSession:
+        return _AdapterSession(self, cfg, creds)
+
+    async def diff(self, store: str) -> p.DiffReport:
+        """差異商品: linked listings whose mall count differs from the ledger's."""
+        handle = self._handle(store)
+        cfg = self.config.store(store)
+        spec = MALLS[cfg.mall]
+        rows: list[p.DiffRow] = []
+        checked = 0
+        after = ""
+        totals: dict[str, int] = {}
+        async with self._adapter(cfg, handle.credentials) as adapter:
+            while True:
+                page = await self.ledger.ask(
+                    m.ListListings(store=store, after=after, limit=spec.limits.read_batch),
+                    m.ListingList,
+                )
+                if not page.listings:
+                    break
+                after = page.listings[-1].listing_key
+                linked = [x for x in page.listings if x.link_state == "linked" and x.sku]
+                if not linked:
+                    continue
+                counts = await adapter.read_stock([x.listing_key for x in linked])
+                for x in linked:
+                    assert x.sku is not None
+                    if x.sku not in totals:
+                        hist = await self.ledger.ask(m.GetHistory(sku=x.sku, limit=0), m.History)
+                        totals[x.sku] = hist.total
+                    want = max(0, totals[x.sku])
+                    have = counts.get(x.listing_key)
+                    checked += 1
+                    if have != want:
+                        rows.append(
+                            p.DiffRow(
+                                listing_key=x.listing_key,
+                                sku=x.sku,
+                                ledger_quantity=want,
+                                mall_quantity=have,
+                            )
+                        )
+        return p.DiffReport(store=store, rows=tuple(rows), checked=checked)
+
+    async def reflect(self, store: str, keys: tuple[str, ...], request_id: str) -> m.Done:
+        """反映: queue the ledger's count for the given listings (all linked if none)."""
+        self._handle(store)
+        if not keys:
+            report = await self.diff(store)
+            keys = tuple(r.listing_key for r in report.rows)
+        changed = 0
+        for key in keys:
+            # An attribute "change" to nothing queues a push of the current count.
+            done = await self.ledger.ask(m.SetListingAttrs(store=store, listing_key=key), m.Done)
+            changed += done.changed
+        self.ledger.wakeups.notify(store)
+        return m.Done(changed=changed, detail=f"{changed} listing(s) queued for a push")
+
+
+class _AdapterSession:
+    """A short-lived adapter for operator work (key test, diff) outside the store actor."""
+
+    def __init__(self, daemon: Daemon, cfg: StoreConfig, creds: dict[str, Secret]) -> None:
+        self.daemon = daemon
+        self.cfg = cfg
+        self.creds = creds
+        self.http: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> Any:
+        spec = MALLS[self.cfg.mall]
+        self.http = httpx.AsyncClient(
+            timeout=self.cfg.timeout_seconds, transport=self.daemon.transport
+        )
+        ctx = StoreContext(
+            store=self.cfg.name,
+            mall=self.cfg.mall,
+            base_url=self.cfg.base_url.rstrip("/"),
+            credentials=self.creds,
+            http=self.http,
+            clock=self.daemon.clock,
+            live_statuses=self.cfg.live_statuses or spec.default_live_statuses,
+            cancel_statuses=self.cfg.cancel_statuses or spec.default_cancel_statuses,
+            options=dict(self.cfg.options),
+            urls=dict(self.cfg.urls),
+        )
+        return spec.open_adapter(ctx)
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.http is not None:
+            await self.http.aclose()
+
+
+async def _optional_expiry(adapter: Any) -> float | None:
+    try:
+        return await adapter.credential_expiry()  # type: ignore[no-any-return]
+    except MallError:
+        return None
+
+
+class _NotFound(GoqdError):
+    pass
+
+
+class _Unsupported(GoqdError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"request {name!r} is not served by this goqd version")
+
+
+async def run_daemon(
+    config: Config,
+    *,
+    clock: WallClock = time.time,
+    transport: httpx.AsyncBaseTransport | None = None,
+    webhooks: Mapping[str, Webhook] | None = None,
+    credentials: Mapping[str, dict[str, Secret]] | None = None,
+    rng: random.Random | None = None,
+    task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the daemon until cancelled. ``started()`` gets the ``Daemon`` when READY.
+
+    Credentials are read (and checked) before anything starts, so a missing or
+    world-readable file refuses the start with the file's name (RELIABILITY K2).
+    """
+    creds = (
+        dict(credentials)
+        if credentials is not None
+        else {s.name: load_credentials(config, s) for s in config.stores}
+    )
+    os.makedirs(config.daemon.state_dir, mode=0o750, exist_ok=True)
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    ledger, inbox = open_ledger_channel()
+    daemon = Daemon(
+        config=config,
+        ledger=ledger,
+        handles={},
+        metrics=metrics,
+        registry=registry,
+        clock=clock,
+        started_at=clock(),
+        transport=transport,
+    )
+    for store in config.stores:
+        metrics.touch_store(store.name, store.mall)
+        daemon.handles[store.name] = StoreHandle(
+            name=store.name, mall=store.mall, credentials=creds[store.name]
+        )
+    rng = rng or random.Random()
+    async with trio.open_nursery() as root:
+        await root.start(
+            functools.partial(
+                run_ledger,
+                config.daemon.ledger_path,
+                inbox,
+                ledger.wakeups,
+                synchronous=config.daemon.synchronous,
+                now=clock,
+                metrics=metrics,
+            )
+        )
+        for store in config.stores:
+            await root.start(_supervise_store, daemon, store, transport, rng)
+        await root.start(
+            functools.partial(
+                serve_control,
+                config.daemon.control_socket,
+                daemon.handle_control,
+                allowed_uids=frozenset(),
+                allowed_gids=_group_ids(config.daemon.control_groups),
+            )
+        )
+        daemon.http_url = await root.start(
+            functools.partial(
+                serve_http,
+                config.daemon.http_listen,
+                registry,
+                health=daemon.health,
+                webhooks=webhooks or {},
+                allow_public=config.daemon.http_public,
+            )
+        )
+        interval = systemd.watchdog_interval()
+        if interval:
+            await root.start(
+                functools.partial(systemd.run_watchdog, daemon.ledger_alive, interval=interval)
+            )
+        systemd.ready(f"{len(config.stores)} stores")
+        log.info(
+            "daemon_ready",
+            stores=len(config.stores),
+            http=daemon.http_url,
+            control=config.daemon.control_socket,
+        )
+        task_status.started(daemon)
+        try:
+            await trio.sleep_forever()
+        finally:
+            systemd.stopping()
+            root.cancel_scope.cancel()
+
+
+async def _supervise_store(
+    daemon: Daemon,
+    store: StoreConfig,
+    transport: httpx.AsyncBaseTransport | None,
+    rng: random.Random,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    handle = daemon.handles[store.name]
+    spec = MALLS[store.mall]
+
+    def on_restart(name: str, error: Exception, n: int) -> None:
+        daemon.metrics.supervisor_restarts_total.labels(name).inc()
+
+    def on_give_up(name: str, error: Exception) -> None:
+        handle.set_state("down", level=8, message=f"gave up after repeated crashes: {error!r}")
+
+    child = functools.partial(
+        run_store,
+        store,
+        spec,
+        handle,
+        daemon.ledger,
+        clock=daemon.clock,
+        metrics=daemon.metrics,
+        transport=transport,
+        rng=random.Random(rng.random()),
+    )
+    await supervise(
+        ChildSpec(name=f"store:{store.name}"),
+        child,
+        on_restart=on_restart,
+        on_give_up=on_give_up,
+        task_status=task_status,
+    )
+
+
+def _group_ids(names: tuple[str, ...]) -> frozenset[int]:
+    import grp
+
+    ids = set()
+    for name in names:
+        try:
+            ids.add(grp.getgrnam(name).gr_gid)
+        except KeyError:
+            continue  # a group that does not exist on this host admits nobody
+    return frozenset(ids)
+
+
+def encode_json(obj: object) -> str:
+    return msgspec.json.encode(obj).decode()

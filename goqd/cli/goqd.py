@@ -1,0 +1,148 @@
+"""``goqd``: run the daemon, check a config, run the demo or a benchmark.
+
+Exit codes: 0 ok; 1 the daemon or check failed (bad config, refused ledger, demo not
+converged); 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+
+import msgspec
+import structlog
+import trio
+
+from goqd.errors import ConfigError, GoqdError
+
+log = structlog.get_logger("goqd.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="goqd", description="Stock synchronisation across Japanese malls (在庫連携)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon (under systemd: Type=notify)")
+    run.add_argument("--config", "-c", default="/etc/goqd/goqd.toml")
+
+    check = sub.add_parser("check-config", help="validate a config file and its credentials")
+    check.add_argument("file")
+
+    demo = sub.add_parser("demo", help="simulated malls + a real daemon on a temporary ledger")
+    demo.add_argument("--seconds", type=float, default=30.0, help="how long the market runs")
+    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--order-rate", type=float, default=4.0, help="orders per second")
+    demo.add_argument("--poll-interval", default="2s")
+    demo.add_argument("--json", action="store_true", help="print only the summary, as JSON")
+    demo.add_argument("--keep", metavar="DIR", help="keep the ledger and config in DIR")
+
+    bench = sub.add_parser("bench", help="benchmarks (print figures, assert nothing)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    led = bench_sub.add_parser("ledger", help="booking throughput: actor vs raw executemany")
+    led.add_argument("--skus", type=int, default=100_000)
+    led.add_argument("--lines", type=int, default=100_000)
+    led.add_argument("--per-message", type=int, default=100)
+    led.add_argument("--senders", type=int, default=8)
+    led.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args.config)
+        if args.command == "check-config":
+            return _check(args.file)
+        if args.command == "demo":
+            return _demo(args)
+        if args.command == "bench":
+            return _bench(args)
+    except ConfigError as exc:
+        print(f"goqd: config error: {exc}", file=sys.stderr)
+        return 1
+    except GoqdError as exc:
+        print(f"goqd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+def _check(file: str) -> int:
+    from goqd.config import load_config, load_credentials
+
+    config = load_config(file)
+    for store in config.stores:
+        load_credentials(config, store)
+    print(f"{file}: ok ({len(config.stores)} stores)")
+    return 0
+
+
+def _run(file: str) -> int:
+    from goqd.app import run_daemon
+    from goqd.config import load_config
+    from goqd.logs import configure_logging
+
+    config = load_config(file)
+    fmt = config.daemon.log_format
+    configure_logging(config.daemon.log_level, json=None if fmt == "auto" else fmt == "json")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_daemon, config)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("daemon_stopping", signal=signal.Signals(signum).name)
+                    break
+            # Stop within the stop timeout: cancel everything; the ledger finishes the
+            # batch it has on its thread (shielded) and closes the file.
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    log.info("daemon_stopped")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from goqd.demo import format_summary, run_demo
+    from goqd.logs import configure_logging
+
+    configure_logging("warning", json=False, stream=sys.stderr)
+    summary = trio.run(
+        lambda: run_demo(
+            seconds=args.seconds,
+            seed=args.seed,
+            order_rate=args.order_rate,
+            poll_interval=args.poll_interval,
+            live=not args.json,
+            keep=args.keep,
+        )
+    )
+    if args.json:
+        print(msgspec.json.encode(summary).decode())
+    else:
+        print(format_summary(summary))
+    return 0 if summary.converged and summary.lost_lines == 0 else 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from goqd.bench import bench_ledger, format_result
+    from goqd.logs import configure_logging
+
+    configure_logging("warning", json=False, stream=sys.stderr)
+    if args.bench == "ledger":
+        result = bench_ledger(
+            skus=args.skus, lines=args.lines, per_msg=args.per_message, senders=args.senders
+        )
+        print(format_result(result, as_json=args.json))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,430 @@
+"""The store actor: one per store, owning that store's mall session.
+
+Two loops share one state machine (DESIGN §2 items 4–5, §3):
+
+* **poll**: fetch every order line since the cursor, hand them to the ledger with the
+  new cursor, and move on only when the ledger has committed both;
+* **push**: wake when the ledger says this store's outbox changed (or on a timer for
+  retries), take up to the mall's batch limit, call the mall, report what it accepted.
+
+States: ``running``; ``degraded`` (a level-8 error: timeouts, 5xx, throttling,
+maintenance, malformed responses — keep retrying with backoff, recover by itself);
+``stopped`` (level 9: the credential is expired or rejected — no polling, no pushing
+until ``goqctl key set`` or ``goqctl errors clear``); ``paused`` (the operator said
+so). ``down`` is set by the supervisor when it gives up on the actor. Transitions are
+logged once; the per-attempt details go to metrics.
+
+This module never imports httpx exceptions or a mall module: it speaks to the mall only
+through ``goqd.malls.base.MallAdapter``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+import structlog
+import trio
+
+from goqd import messages as m
+from goqd.config import StoreConfig
+from goqd.crashpoints import crashpoint
+from goqd.errors import (
+    LedgerError,
+    MallAuthError,
+    MallError,
+    MallProtocolError,
+    MallRateLimited,
+    MallUnavailable,
+)
+from goqd.ledger import LedgerClient
+from goqd.malls.base import MallAdapter, MallSpec, StoreContext
+from goqd.secret import Secret
+
+log = structlog.get_logger("goqd.store")
+
+State = Literal["running", "degraded", "stopped", "paused", "down"]
+WallClock = Callable[[], float]
+
+BACKOFF_INITIAL = 2.0
+BACKOFF_MAX = 300.0
+
+
+@dataclass
+class StoreHandle:
+    """A store's live state, shared with the control server and metrics.
+
+    Only the store actor and the operator requests below change it, all on the trio
+    thread; ``changed`` wakes anyone waiting for a state change.
+    """
+
+    name: str
+    mall: str
+    credentials: dict[str, Secret]
+    state: State = "running"
+    error_level: int = 0
+    message: str = ""
+    last_poll_ok_at: float | None = None
+    last_push_ok_at: float | None = None
+    credential_expires_at: float | None = None
+    polls: int = 0
+    pushes: int = 0
+    changed: trio.Event = field(default_factory=trio.Event)
+    poll_requested: trio.Event = field(default_factory=trio.Event)
+    _session: trio.CancelScope | None = None
+    _metrics: Any = None
+
+    def set_state(self, state: State, *, level: int = 0, message: str = "") -> None:
+        if state == self.state and level == self.error_level:
+            self.message = message or self.message
+            return
+        log.info(
+            "store_state_changed",
+            store=self.name,
+            mall=self.mall,
+            old=self.state,
+            new=state,
+            level=level,
+            message=message,
+        )
+        self.state = state
+        self.error_level = level
+        self.message = message
+        if self._metrics is not None:
+            self._metrics.set_state(self.name, state)
+            self._metrics.store_error_level.labels(self.name).set(level)
+            self._metrics.store_up.labels(self.name, self.mall).set(
+                1 if state in ("running", "degraded") else 0
+            )
+        old, self.changed = self.changed, trio.Event()
+        old.set()
+
+    async def wait_until_active(self) -> None:
+        """Return when the store may talk to its mall (not stopped, paused or down)."""
+        while self.state in ("stopped", "paused", "down"):
+            await self.changed.wait()
+
+    # -- operator requests -------------------------------------------------------------
+
+    def pause(self) -> None:
+        if self.state != "down":
+            self.set_state("paused", message="paused by operator")
+
+    def resume(self) -> None:
+        if self.state in ("paused", "stopped"):
+            self.set_state("running")
+            self.request_poll()
+
+    def request_poll(self) -> None:
+        self.poll_requested.set()
+
+    def renew(self, credentials: dict[str, Secret]) -> None:
+        """New credentials: restart the mall session with them and resume."""
+        self.credentials = credentials
+        if self._session is not None:
+            self._session.cancel()
+        self.resume()
+
+
+def _backoff(attempt: int, rng: random.Random, cap: float) -> float:
+    """Exponential backoff with full jitter, never below one second."""
+    return max(1.0, rng.uniform(0, min(cap, BACKOFF_INITIAL * 2**attempt)))
+
+
+async def run_store(
+    config: StoreConfig,
+    spec: MallSpec,
+    handle: StoreHandle,
+    ledger: LedgerClient,
+    *,
+    clock: WallClock = time.time,
+    metrics: Any = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    rng: random.Random | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Poll and push for one store until cancelled.
+
+    Resource handling: opens the store's ``httpx.AsyncClient`` (closed on exit) and its
+    adapter; reads the store's cursor from the ledger before ``started()``. Borrows the
+    ledger client and ``ledger.wakeups``.
+
+    Error handling: every ``MallError`` is handled here — recorded in the ledger's error
+    table (one row per store and code, its count rising), reflected in the state, and
+    retried with backoff (level 8) or parked until renewed (level 9). A ``LedgerError``
+    (for example a full disk) is retried with backoff: nothing was acknowledged. Any
+    other exception escapes to the supervisor, which restarts the actor.
+    """
+    rng = rng or random.Random()
+    handle._metrics = metrics
+    cursor_reply = await ledger.ask(m.GetCursor(store=config.name), m.Cursor)
+    cursor = cursor_reply.cursor
+    if config.paused and handle.state == "running":
+        handle.set_state("paused", message="paused in config")
+    task_status.started()
+    log.info("store_started", store=config.name, mall=config.mall, cursor=cursor)
+    while True:
+        with trio.CancelScope() as scope:
+            handle._session = scope
+            async with httpx.AsyncClient(
+                timeout=config.timeout_seconds,
+                transport=transport,
+                headers={"User-Agent": "goqd/0.1"},
+            ) as http:
+                ctx = StoreContext(
+                    store=config.name,
+                    mall=config.mall,
+                    base_url=config.base_url.rstrip("/"),
+                    credentials=handle.credentials,
+                    http=http,
+                    clock=clock,
+                    live_statuses=config.live_statuses or spec.default_live_statuses,
+                    cancel_statuses=config.cancel_statuses or spec.default_cancel_statuses,
+                    options=dict(config.options),
+                    urls=dict(config.urls),
+                )
+                session = _Session(
+                    config, spec, spec.open_adapter(ctx), handle, ledger, clock, metrics, rng
+                )
+                session.cursor = cursor
+                try:
+                    await session.run()
+                finally:
+                    cursor = session.cursor
+        # Cancelled by renew(): open a new session with the new credentials.
+        handle._session = None
+
+
+class _Session:
+    """One mall session: the poll and push loops over one adapter."""
+
+    def __init__(
+        self,
+        config: StoreConfig,
+        spec: MallSpec,
+        adapter: MallAdapter,
+        handle: StoreHandle,
+        ledger: LedgerClient,
+        clock: WallClock,
+        metrics: Any,
+        rng: random.Random,
+    ) -> None:
+        self.config = config
+        self.spec = spec
+        self.adapter = adapter
+        self.handle = handle
+        self.ledger = ledger
+        self.clock = clock
+        self.metrics = metrics
+        self.rng = rng
+        self.cursor: str | None = None
+        self.store = config.name
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.poll_loop)
+            nursery.start_soon(self.push_loop)
+            nursery.start_soon(self.expiry_loop)
+
+    # -- failures ------------------------------------------------------------------------
+
+    async def failed(self, exc: MallError | LedgerError, where: str, attempt: int) -> float:
+        """Record the failure, move the state, and say how long to wait."""
+        if isinstance(exc, MallError):
+            level = exc.level
+            code = exc.code
+        else:
+            level, code = 8, "ledger_unavailable"
+        message = f"{where}: {exc}"
+        if isinstance(exc, MallAuthError):
+            self.handle.set_state("stopped", level=9, message=message)
+        elif self.handle.state == "running" or level > self.handle.error_level:
+            self.handle.set_state("degraded", level=8, message=message)
+        else:
+            self.handle.message = message
+        if not isinstance(exc, LedgerError):
+            # If the ledger itself is failing, the state above still tells the operator.
+            with contextlib.suppress(LedgerError):
+                await self.ledger.call(
+                    m.RecordError(store=self.store, level=level, code=code, message=message)
+                )
+        delay = _backoff(attempt, self.rng, BACKOFF_MAX)
+        if isinstance(exc, MallRateLimited) and exc.retry_after:
+            delay = max(delay, exc.retry_after)
+        return delay
+
+    def recovered(self) -> None:
+        if self.handle.state == "degraded":
+            self.handle.set_state("running", message="recovered; check `goqctl errors`")
+
+    # -- poll ----------------------------------------------------------------------------
+
+    async def poll_loop(self) -> None:
+        attempt = 0
+        while True:
+            await self.handle.wait_until_active()
+            self.handle.poll_requested = trio.Event()
+            delay = self.config.poll_seconds
+            started = trio.current_time()
+            outcome = "ok"
+            try:
+                page = await self.adapter.fetch_orders(self.cursor)
+                crashpoint("store.poll_received")
+                booked = await self.ledger.ask(
+                    m.OrderLinesSeen(store=self.store, lines=page.lines, cursor=page.cursor),
+                    m.OrderLinesBooked,
+                )
+                self.cursor = page.cursor
+                attempt = 0
+                self.handle.polls += 1
+                self.handle.last_poll_ok_at = self.clock()
+                self.recovered()
+                self._count_lines(booked)
+                if booked.booked or booked.parked or booked.rejected:
+                    log.info(
+                        "orders_booked",
+                        store=self.store,
+                        lines=len(page.lines),
+                        booked=booked.booked,
+                        parked=booked.parked,
+                        rejected=len(booked.rejected),
+                        oversold=booked.oversold_units,
+                    )
+            except (MallError, LedgerError) as exc:
+                outcome = _outcome(exc)
+                delay = await self.failed(exc, "poll", attempt)
+                attempt += 1
+            if self.metrics is not None:
+                self.metrics.polls_total.labels(self.store, outcome).inc()
+                self.metrics.poll_duration_seconds.labels(self.store).observe(
+                    trio.current_time() - started
+                )
+                if outcome == "ok":
+                    self.metrics.poll_last_success_timestamp_seconds.labels(self.store).set(
+                        self.clock()
+                    )
+            if self.handle.state in ("stopped", "paused"):
+                continue  # wait_until_active blocks until resumed
+            with trio.move_on_after(delay):
+                await self.handle.poll_requested.wait()
+
+    def _count_lines(self, booked: m.OrderLinesBooked) -> None:
+        if self.metrics is None:
+            return
+        for outcome, n in (
+            ("booked", booked.booked),
+            ("duplicate", booked.duplicates),
+            ("stale", booked.stale),
+            ("parked", booked.parked),
+            ("rejected", len(booked.rejected)),
+        ):
+            if n:
+                self.metrics.order_lines_total.labels(self.store, outcome).inc(n)
+        if booked.oversold_units:
+            log.warning("oversold", store=self.store, units=booked.oversold_units)
+
+    # -- push ----------------------------------------------------------------------------
+
+    async def push_loop(self) -> None:
+        attempt = 0
+        wakeups = self.ledger.wakeups
+        limit = self.spec.limits.push_batch
+        while True:
+            await self.handle.wait_until_active()
+            try:
+                batch = await self.ledger.ask(
+                    m.TakePushes(store=self.store, limit=limit), m.PushBatch
+                )
+            except LedgerError as exc:
+                await trio.sleep(await self.failed(exc, "push", attempt))
+                attempt += 1
+                continue
+            if self.metrics is not None:
+                self.metrics.outbox_pending.labels(self.store).set(batch.pending)
+            if not batch.items:
+                with trio.move_on_after(self.config.push_retry_seconds):
+                    await wakeups.wait(self.store)
+                continue
+            try:
+                crashpoint("store.before_push")
+                outcomes = await self.adapter.push_stock(batch.items)
+                crashpoint("store.after_push")
+            except MallError as exc:
+                if self.metrics is not None:
+                    self.metrics.pushes_total.labels(self.store, "failed").inc(len(batch.items))
+                delay = await self.failed(exc, "push", attempt)
+                attempt += 1
+                if self.handle.state not in ("stopped", "paused"):
+                    await trio.sleep(delay)
+                continue
+            attempt = 0
+            sent = {(i.listing_key, i.version): i.quantity for i in batch.items}
+            outcomes = [
+                m.PushOutcome(
+                    listing_key=o.listing_key,
+                    version=o.version,
+                    accepted=o.accepted,
+                    code=o.code,
+                    message=o.message,
+                    quantity=sent.get((o.listing_key, o.version)),
+                )
+                for o in outcomes
+            ]
+            try:
+                await self.ledger.call(m.PushesDone(store=self.store, outcomes=tuple(outcomes)))
+            except LedgerError as exc:
+                # The rows stay in the outbox and the same absolute values go out again.
+                await trio.sleep(await self.failed(exc, "push", attempt))
+                continue
+            accepted = sum(1 for o in outcomes if o.accepted)
+            self.handle.pushes += accepted
+            self.handle.last_push_ok_at = self.clock()
+            self.recovered()
+            if self.metrics is not None:
+                self.metrics.pushes_total.labels(self.store, "accepted").inc(accepted)
+                if len(outcomes) > accepted:
+                    self.metrics.pushes_total.labels(self.store, "rejected").inc(
+                        len(outcomes) - accepted
+                    )
+                self.metrics.push_last_success_timestamp_seconds.labels(self.store).set(
+                    self.clock()
+                )
+            log.debug(
+                "stock_pushed",
+                store=self.store,
+                accepted=accepted,
+                rejected=len(outcomes) - accepted,
+            )
+
+    # -- credential expiry ---------------------------------------------------------------
+
+    async def expiry_loop(self) -> None:
+        """Ask the mall when the credential expires, twice a day (cheap, best effort)."""
+        while True:
+            await self.handle.wait_until_active()
+            try:
+                expires = await self.adapter.credential_expiry()
+            except MallError:
+                expires = None
+            if expires is not None:
+                self.handle.credential_expires_at = expires
+                if self.metrics is not None:
+                    self.metrics.credential_expiry_timestamp_seconds.labels(self.store).set(expires)
+            await trio.sleep(12 * 3600)
+
+
+def _outcome(exc: Exception) -> str:
+    if isinstance(exc, MallAuthError):
+        return "auth"
+    if isinstance(exc, MallRateLimited):
+        return "rate_limited"
+    if isinstance(exc, MallUnavailable):
+        return "unavailable"
+    if isinstance(exc, MallProtocolError):
+        return "protocol"
+    return "error"

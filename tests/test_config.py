@@ -1,0 +1,169 @@
+"""Config and credential files: good ones load; bad ones name the file, key and reason."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from goqd.config import load_config, load_credentials, seconds, write_credentials
+from goqd.errors import ConfigError, CredentialError
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = """
+[daemon]
+state-dir = "{state}"
+base-store = "r1"
+
+[[stores]]
+name = "r1"
+mall = "rakuten"
+base-url = "http://127.0.0.1:9"
+credentials = "r1.json"
+poll-interval = "90s"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "goqd.toml"
+    path.write_text(text.replace("{state}", str(tmp_path / "state")))
+    return path
+
+
+def test_the_example_config_is_valid() -> None:
+    config = load_config(ROOT / "config" / "goqd.example.toml")
+    assert [s.name for s in config.stores] == ["rakuten-main", "rakuten-outlet"]
+    assert config.stores[0].poll_seconds == 180.0
+    assert config.daemon.ledger_path == "/var/lib/goqd/goqd.db"
+
+
+def test_a_good_config_loads_with_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, GOOD))
+    store = config.store("r1")
+    assert store.poll_seconds == 90.0 and store.push_retry_seconds == 30.0
+    assert config.daemon.synchronous == "full"
+
+
+@pytest.mark.parametrize(
+    ("edit", "key", "reason"),
+    [
+        (
+            ('poll-interval = "90s"', 'poll-interval = "soon"'),
+            "$.stores[0].poll-interval",
+            "not a duration",
+        ),
+        (('mall = "rakuten"', 'mall = "ebay"'), "$.stores[0].mall", "unknown mall 'ebay'"),
+        (('poll-interval = "90s"', 'pol-interval = "90s"'), "$.stores[0]", "unknown field"),
+        (('base-store = "r1"', 'base-store = "nope"'), "$.daemon.base-store", "no store named"),
+        (
+            ('poll-interval = "90s"', 'poll-interval = "100ms"'),
+            "$.stores[0].poll-interval",
+            "rate limit",
+        ),
+        (
+            ('base-store = "r1"', 'base-store = "r1"\nhttp-listen = "0.0.0.0:9464"'),
+            "$.daemon.http-listen",
+            "not loopback",
+        ),
+        (
+            ('base-url = "http://127.0.0.1:9"', "base-url = 42"),
+            "$.stores[0].base-url",
+            "Expected `str`, got `int`",
+        ),
+        (('name = "r1"', 'name = "bad name!"'), "$.stores[0].name", "1-64 characters"),
+    ],
+)
+def test_bad_config_names_file_key_and_reason(
+    tmp_path: Path, edit: tuple[str, str], key: str, reason: str
+) -> None:
+    path = write(tmp_path, GOOD.replace(*edit))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.file.endswith("goqd.toml")
+    assert info.value.path == key
+    assert reason in info.value.reason
+    assert str(path) in str(info.value) or "goqd.toml" in str(info.value)
+
+
+def test_duplicate_store_names_are_refused(tmp_path: Path) -> None:
+    text = GOOD + GOOD[GOOD.index("[[stores]]") :]
+    with pytest.raises(ConfigError, match=r"stores\[1\]\.name.*used twice"):
+        load_config(write(tmp_path, text))
+
+
+def test_unparseable_toml_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="goqd.toml"):
+        load_config(write(tmp_path, "[daemon\nstate-dir = 1"))
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.toml")
+
+
+def _creds(tmp_path: Path, data: object, mode: int = 0o600) -> None:
+    path = tmp_path / "r1.json"
+    path.write_text(json.dumps(data))
+    os.chmod(path, mode)
+
+
+def test_credentials_load_as_secrets(tmp_path: Path) -> None:
+    _creds(tmp_path, {"service_secret": "SP-canary-secret", "license_key": "SL-canary-key"})
+    config = load_config(write(tmp_path, GOOD))
+    creds = load_credentials(config, config.store("r1"))
+    assert creds["license_key"].reveal() == "SL-canary-key"
+    assert "SL-canary-key" not in repr(creds) and "SL-canary-key" not in str(creds)
+
+
+def test_group_readable_credentials_are_refused_naming_the_file(tmp_path: Path) -> None:
+    _creds(tmp_path, {"service_secret": "s", "license_key": "k"}, mode=0o640)
+    config = load_config(write(tmp_path, GOOD))
+    with pytest.raises(CredentialError, match=r"r1\.json.*readable by group or others.*0640"):
+        load_credentials(config, config.store("r1"))
+
+
+def test_missing_credentials_file_is_refused_naming_it(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, GOOD))
+    with pytest.raises(CredentialError, match=r"r1\.json.*missing"):
+        load_credentials(config, config.store("r1"))
+
+
+def test_credentials_missing_a_field_name_it(tmp_path: Path) -> None:
+    _creds(tmp_path, {"service_secret": "s"})
+    config = load_config(write(tmp_path, GOOD))
+    with pytest.raises(CredentialError, match=r"\$\.license_key"):
+        load_credentials(config, config.store("r1"))
+
+
+def test_malformed_credentials_never_echo_the_file(tmp_path: Path) -> None:
+    (tmp_path / "r1.json").write_text('{"license_key": "SL-canary-key", ')
+    os.chmod(tmp_path / "r1.json", 0o600)
+    config = load_config(write(tmp_path, GOOD))
+    with pytest.raises(CredentialError) as info:
+        load_credentials(config, config.store("r1"))
+    assert "SL-canary-key" not in str(info.value)
+
+
+def test_renewed_credentials_are_written_0600_and_take_precedence(tmp_path: Path) -> None:
+    _creds(tmp_path, {"service_secret": "s", "license_key": "old"})
+    config = load_config(write(tmp_path, GOOD))
+    path = write_credentials(config, "r1", {"service_secret": "s", "license_key": "new"})
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert load_credentials(config, config.store("r1"))["license_key"].reveal() == "new"
+
+
+def test_environment_overrides_state_dir_and_socket(tmp_path: Path) -> None:
+    config = load_config(
+        write(tmp_path, GOOD),
+        env={"GOQD_STATE_DIR": "/var/lib/goqd/shop2", "GOQD_CONTROL_SOCKET": "/run/goqd/s2.sock"},
+    )
+    assert config.daemon.ledger_path == "/var/lib/goqd/shop2/goqd.db"
+    assert config.daemon.control_socket == "/run/goqd/s2.sock"
+
+
+def test_durations() -> None:
+    assert seconds("3m") == 180 and seconds("500ms") == 0.5 and seconds("1.5h") == 5400
+    with pytest.raises(ValueError):
+        seconds("3 minutes")
