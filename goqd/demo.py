@@ -236,9 +236,9 @@ def _mismatches(market: Market, totals: dict[str, int]) -> list[str]:
     return bad
 
 
-async def _settle(daemon: Daemon, market: Market, timeout: float) -> tuple[bool, list[str]]:
+async def _settle(daemon: Daemon, market: Market, limit_s: float) -> tuple[bool, list[str]]:
     """Poll every store until each mall's count equals the ledger's, or time runs out."""
-    deadline = trio.current_time() + timeout
+    deadline = trio.current_time() + limit_s
     bad: list[str] = []
     while trio.current_time() < deadline:
         for handle in daemon.handles.values():

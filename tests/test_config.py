@@ -94,7 +94,7 @@ def test_duplicate_store_names_are_refused(tmp_path: Path) -> None:
 
 
 def test_unparseable_toml_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="goqd.toml"):
+    with pytest.raises(ConfigError, match=r"goqd\.toml"):
         load_config(write(tmp_path, "[daemon\nstate-dir = 1"))
 
 

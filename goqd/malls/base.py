@@ -98,3 +98,21 @@ class MallAdapter(Protocol):
 
 
 AdapterFactory = Callable[[StoreContext], MallAdapter]
+
+
+class MallSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A mall as the registry knows it.
+
+    ``credential_fields`` are the keys the store's credential file (JSON object) must
+    hold; every value becomes a ``Secret``. ``webhook`` is True for malls that push
+    order events to goqd (Shopify).
+    """
+
+    name: str
+    title: str  # human name, e.g. "楽天市場"
+    open_adapter: AdapterFactory
+    limits: MallLimits
+    credential_fields: tuple[str, ...]
+    default_live_statuses: tuple[str, ...] = ()
+    default_cancel_statuses: tuple[str, ...] = ()
+    webhook: bool = False

@@ -115,8 +115,12 @@ class SimMall(ABC):
         attrs: dict[str, str] | None = None,
     ) -> SimListing:
         listing = SimListing(
-            listing_key, link_code or listing_key, name or listing_key, quantity,
-            allow_overdraft, dict(attrs or {}),
+            listing_key,
+            link_code or listing_key,
+            name or listing_key,
+            quantity,
+            allow_overdraft,
+            dict(attrs or {}),
         )
         self.listings[listing_key] = listing
         return listing
@@ -144,7 +148,11 @@ class SimMall(ABC):
             listing = self.listings.get(key)
             if listing is None or qty <= 0:
                 return None
-            if listing.quantity is not None and listing.quantity < qty and not listing.allow_overdraft:
+            if (
+                listing.quantity is not None
+                and listing.quantity < qty
+                and not listing.allow_overdraft
+            ):
                 self.refused_orders += 1
                 return None
         now = self.clock()
@@ -174,8 +182,32 @@ class SimMall(ABC):
                 listing.quantity += line.quantity
 
     @abstractmethod
-    def cancelled_status(self) -> str:
-        ...
+    def cancelled_status(self) -> str: ...
+
+    @abstractmethod
+    def status_flow(self) -> list[str]:
+        """Live statuses in the order the mall moves an order through them."""
+
+    def advance(self, order_id: str) -> None:
+        """Move a live order to its next live status (no-op at the last or if cancelled)."""
+        order = self.orders[order_id]
+        flow = self.status_flow()
+        if order.cancelled or order.status not in flow:
+            return
+        i = flow.index(order.status)
+        if i + 1 < len(flow):
+            self.set_status(order_id, flow[i + 1])
+
+    def edit_quantity(self, order_id: str, line_id: str, quantity: int) -> None:
+        """The shop changes a line's quantity (Rakuten 変更); the mall adjusts its stock."""
+        order = self.orders[order_id]
+        for line in order.lines:
+            if line.line_id == line_id:
+                listing = self.listings.get(line.listing_key)
+                if listing is not None and listing.quantity is not None:
+                    listing.quantity -= quantity - line.quantity
+                line.quantity = quantity
+        order.updated_at = self.clock()
 
     def set_status(self, order_id: str, status: str) -> None:
         order = self.orders[order_id]
@@ -212,8 +244,7 @@ class SimMall(ABC):
         return request.path
 
     @abstractmethod
-    async def handle(self, request: Request, api: str) -> Response:
-        ...
+    async def handle(self, request: Request, api: str) -> Response: ...
 
     def roll(self, rate: float) -> bool:
         return rate > 0 and self.rng.random() < rate

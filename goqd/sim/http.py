@@ -60,11 +60,15 @@ class Response:
         self.headers = {"content-type": content_type, **(headers or {})}
 
     @classmethod
-    def json(cls, obj: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    def json(
+        cls, obj: Any, status: int = 200, headers: Mapping[str, str] | None = None
+    ) -> Response:
         return cls(status, json.dumps(obj, ensure_ascii=False), headers=headers)
 
     @classmethod
-    def xml(cls, text: str, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    def xml(
+        cls, text: str, status: int = 200, headers: Mapping[str, str] | None = None
+    ) -> Response:
         return cls(status, text, content_type="application/xml; charset=utf-8", headers=headers)
 
 
@@ -109,7 +113,9 @@ async def _send(send: Send, response: Response) -> None:
         {
             "type": "http.response.start",
             "status": response.status,
-            "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()],
+            "headers": [
+                (k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()
+            ],
         }
     )
     await send({"type": "http.response.body", "body": response.body})
