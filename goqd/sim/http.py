@@ -137,9 +137,9 @@ async def serve_sim(
     config.errorlog = None
     config.keep_alive_timeout = 75.0
 
-    async def _started(nursery_task_status: trio.TaskStatus[list[str]]) -> None:
-        await serve(app, config, task_status=nursery_task_status)  # type: ignore[arg-type]
+    async def _serve(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        await serve(app, config, task_status=task_status)  # type: ignore[arg-type]
 
     async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(_started)
+        binds: list[str] = await nursery.start(_serve)
         task_status.started(binds[0])
