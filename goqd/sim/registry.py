@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from goqd.sim.base import SimMall
 from goqd.sim.rakuten import SimRakuten
+from goqd.sim.yahoo import SimYahoo
 
 
 @dataclass(frozen=True)
@@ -28,4 +29,5 @@ def _rakuten_key(sku: str) -> str:
 
 SIMS: dict[str, SimSpec] = {
     "rakuten": SimSpec("rakuten", SimRakuten, _rakuten_key),
+    "yahoo": SimSpec("yahoo", SimYahoo, lambda sku: sku, {"token": "/yconnect/v2/token"}),
 }

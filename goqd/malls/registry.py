@@ -1,0 +1,29 @@
+"""Every supported mall, by the name used in config (``mall = "rakuten"``).
+
+Adding a mall: write ``goqd/malls/<mall>.py`` exporting ``SPEC``, and add one line
+below. Nothing else in goqd names a mall.
+"""
+
+from __future__ import annotations
+
+from goqd.malls.base import MallSpec
+
+MALLS: dict[str, MallSpec] = {}
+
+
+def _register(spec: MallSpec) -> None:
+    MALLS[spec.name] = spec
+
+
+def get_spec(name: str) -> MallSpec:
+    return MALLS[name]
+
+
+# One line per mall. Imports are here, not at the top, so the registry is the only place
+# that knows the list.
+from goqd.malls import rakuten as _rakuten  # noqa: E402
+
+_register(_rakuten.SPEC)
+from goqd.malls import yahoo as _yahoo  # noqa: E402
+
+_register(_yahoo.SPEC)
