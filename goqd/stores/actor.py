@@ -241,18 +241,19 @@ class _Session:
         else:
             level, code = 8, "ledger_unavailable"
         message = f"{where}: {exc}"
+        if not isinstance(exc, LedgerError):
+            # Recorded before the state moves, so whoever sees the state sees the error.
+            # If the ledger itself is failing, the state still tells the operator.
+            with contextlib.suppress(LedgerError):
+                await self.ledger.call(
+                    m.RecordError(store=self.store, level=level, code=code, message=message)
+                )
         if isinstance(exc, MallAuthError):
             self.handle.set_state("stopped", level=9, message=message)
         elif self.handle.state == "running" or level > self.handle.error_level:
             self.handle.set_state("degraded", level=8, message=message)
         else:
             self.handle.message = message
-        if not isinstance(exc, LedgerError):
-            # If the ledger itself is failing, the state above still tells the operator.
-            with contextlib.suppress(LedgerError):
-                await self.ledger.call(
-                    m.RecordError(store=self.store, level=level, code=code, message=message)
-                )
         delay = _backoff(attempt, self.rng, BACKOFF_MAX)
         if isinstance(exc, MallRateLimited) and exc.retry_after:
             delay = max(delay, exc.retry_after)
