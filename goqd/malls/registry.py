@@ -27,3 +27,6 @@ _register(_rakuten.SPEC)
 from goqd.malls import yahoo as _yahoo  # noqa: E402
 
 _register(_yahoo.SPEC)
+from goqd.malls import aupay as _aupay  # noqa: E402
+
+_register(_aupay.SPEC)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from goqd.sim.aupay import SimAupay
 from goqd.sim.base import SimMall
 from goqd.sim.rakuten import SimRakuten
 from goqd.sim.yahoo import SimYahoo
@@ -29,5 +30,6 @@ def _rakuten_key(sku: str) -> str:
 
 SIMS: dict[str, SimSpec] = {
     "rakuten": SimSpec("rakuten", SimRakuten, _rakuten_key),
+    "aupay": SimSpec("aupay", SimAupay, lambda sku: sku),
     "yahoo": SimSpec("yahoo", SimYahoo, lambda sku: sku, {"token": "/yconnect/v2/token"}),
 }
