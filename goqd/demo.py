@@ -199,8 +199,7 @@ async def _catalogue(daemon: Daemon, sims: dict[str, SimMall], rng: random.Rando
         spec = SIMS[sim.mall]
         keys[store] = {}
         for sku, title in CATALOGUE:
-            key = spec.listing_key(sku)
-            listing = sim.add_listing(key, link_code=sku, name=title, quantity=real[sku])
+            listing = spec.add(sim, spec.listing_key(sku), sku, title, real[sku])
             keys[store][sku] = listing.listing_key
             await daemon.ledger.call(
                 m.UpsertListing(

@@ -16,8 +16,6 @@ import trio
 import trio.testing
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from hypercorn.config import Config
-from hypercorn.trio import serve
 
 from goqd.errors import MallAuthError, MallProtocolError, MallRateLimited, MallUnavailable
 from goqd.malls import yahoo
@@ -25,7 +23,7 @@ from goqd.malls.base import StoreContext
 from goqd.malls.yahoo import YahooAdapter
 from goqd.messages import ListingAttrs, PushItem
 from goqd.secret import Secret
-from goqd.sim.http import App
+from goqd.sim.http import serve_sim
 from goqd.sim.yahoo import SimYahoo
 
 FIXTURES = Path(__file__).parent / "fixtures" / "yahoo"
@@ -37,21 +35,7 @@ def wall() -> float:
     return EPOCH + trio.current_time()
 
 
-async def _serve(app: App, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    # Same as goqd.sim.http.serve_sim (loopback, port 0). serve_sim's inner helper names
-    # its parameter ``nursery_task_status``, which ``nursery.start`` cannot pass, so it
-    # cannot start as written; switch back to it once that is fixed.
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
-    config.errorlog = None
-
-    async def _run(*, task_status: trio.TaskStatus[list[str]]) -> None:
-        await serve(app, config, task_status=task_status)  # type: ignore[arg-type]
-
-    async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(_run)
-        task_status.started(binds[0])
+_serve = serve_sim
 
 
 def make_adapter(

@@ -30,3 +30,6 @@ _register(_yahoo.SPEC)
 from goqd.malls import aupay as _aupay  # noqa: E402
 
 _register(_aupay.SPEC)
+from goqd.malls import shopify as _shopify  # noqa: E402
+
+_register(_shopify.SPEC)

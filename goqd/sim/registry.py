@@ -9,9 +9,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from goqd.sim.aupay import SimAupay
-from goqd.sim.base import SimMall
+from goqd.sim.base import SimListing, SimMall
 from goqd.sim.rakuten import SimRakuten
+from goqd.sim.shopify import SimShopify
 from goqd.sim.yahoo import SimYahoo
+
+
+def _add_plain(sim: SimMall, key: str, sku: str, name: str, quantity: int) -> SimListing:
+    return sim.add_listing(key, link_code=sku, name=name, quantity=quantity)
+
+
+def _add_shopify(sim: SimMall, key: str, sku: str, name: str, quantity: int) -> SimListing:
+    # Shopify addresses stock by InventoryItem GID, minted by the shop.
+    assert isinstance(sim, SimShopify)
+    return sim.add_variant(sku, quantity, name=name)
 
 
 @dataclass(frozen=True)
@@ -22,6 +33,8 @@ class SimSpec:
     # name -> path on the simulator's host (e.g. {"token": "/yconnect/v2/token"})
     url_paths: dict[str, str] = field(default_factory=dict)
     options: dict[str, str | int | float | bool] = field(default_factory=dict)
+    # Creates a listing for ``sku``; returns it (its ``listing_key`` is what goqd uses).
+    add: Callable[[SimMall, str, str, str, int], SimListing] = _add_plain
 
 
 def _rakuten_key(sku: str) -> str:
@@ -31,5 +44,6 @@ def _rakuten_key(sku: str) -> str:
 SIMS: dict[str, SimSpec] = {
     "rakuten": SimSpec("rakuten", SimRakuten, _rakuten_key),
     "aupay": SimSpec("aupay", SimAupay, lambda sku: sku),
+    "shopify": SimSpec("shopify", SimShopify, lambda sku: sku, add=_add_shopify),
     "yahoo": SimSpec("yahoo", SimYahoo, lambda sku: sku, {"token": "/yconnect/v2/token"}),
 }
