@@ -405,6 +405,9 @@ async def run_daemon(
     )
     for store in config.stores:
         metrics.touch_store(store.name, store.mall)
+        metrics.touch_child(f"store:{store.name}")
+        metrics.set_state(store.name, "running")
+        metrics.store_up.labels(store.name, store.mall).set(1)
         daemon.handles[store.name] = StoreHandle(
             name=store.name, mall=store.mall, credentials=creds[store.name]
         )
@@ -472,9 +475,6 @@ async def _supervise_store(
 ) -> None:
     handle = daemon.handles[store.name]
     spec = MALLS[store.mall]
-
-    def on_restart(name: str, error: Exception, n: int) -> None:
-        daemon.metrics.supervisor_restarts_total.labels(name).inc()
 
     def on_give_up(name: str, error: Exception) -> None:
         handle.set_state("down", level=8, message=f"gave up after repeated crashes: {error!r}")

@@ -74,8 +74,16 @@ class PushItem(_Msg, frozen=True, kw_only=True, tag="push_item"):
     previous_quantity: int | None = None
 
 
+STALE = "stale"  # PushOutcome.code: a compare-and-set found the mall's count had moved
+
+
 class PushOutcome(_Msg, frozen=True, kw_only=True, tag="push_outcome"):
-    """What the mall said about one pushed listing."""
+    """What the mall said about one pushed listing.
+
+    ``code == STALE``: the mall's count was not what goqd last set (a sale goqd has not
+    polled yet). The store actor polls, re-reads the count into ``quantity`` and the
+    ledger retries shortly with that as the compare value; it is not an error.
+    """
 
     listing_key: str
     version: int

@@ -43,6 +43,7 @@ APPLICATION_ID = 0x676F7164  # "goqd": marks the file as ours
 MAX_LINE_QUANTITY = 100_000  # a line above this is a data error, not an order
 MULTIPLE_LINKS = "multiple_links"  # 複数の商品が紐づいています
 REJECT_RETRY_S = 300.0  # a listing the mall refused is retried after this, or on change
+STALE_RETRY_S = 2.0  # a stale compare-and-set is retried after the store's next poll
 
 Synchronous = Literal["full", "normal", "extra", "off"]
 Now = Callable[[], float]
@@ -671,6 +672,18 @@ class Ledger:
                     "last_pushed_version = ? WHERE store = ? AND listing_key = ? "
                     "AND (last_pushed_version IS NULL OR last_pushed_version < ?)",
                     (out.quantity, out.version, msg.store, out.listing_key, out.version),
+                )
+            elif out.code == m.STALE:
+                # Not an error: retry soon, comparing against what the mall now shows.
+                conn.execute(
+                    "UPDATE outbox SET not_before = ?, attempts = attempts + 1 "
+                    "WHERE store = ? AND listing_key = ? AND version = ?",
+                    (now + STALE_RETRY_S, msg.store, out.listing_key, out.version),
+                )
+                conn.execute(
+                    "UPDATE listings SET last_pushed_qty = ?, last_seen_qty = ? "
+                    "WHERE store = ? AND listing_key = ?",
+                    (out.quantity, out.quantity, msg.store, out.listing_key),
                 )
             else:
                 conn.execute(

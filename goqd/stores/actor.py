@@ -23,11 +23,12 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx
+import msgspec
 import structlog
 import trio
 
@@ -364,18 +365,7 @@ class _Session:
                     await trio.sleep(delay)
                 continue
             attempt = 0
-            sent = {(i.listing_key, i.version): i.quantity for i in batch.items}
-            outcomes = [
-                m.PushOutcome(
-                    listing_key=o.listing_key,
-                    version=o.version,
-                    accepted=o.accepted,
-                    code=o.code,
-                    message=o.message,
-                    quantity=sent.get((o.listing_key, o.version)),
-                )
-                for o in outcomes
-            ]
+            outcomes = await self._complete(batch.items, outcomes)
             try:
                 await self.ledger.call(m.PushesDone(store=self.store, outcomes=tuple(outcomes)))
             except LedgerError as exc:
@@ -401,6 +391,28 @@ class _Session:
                 accepted=accepted,
                 rejected=len(outcomes) - accepted,
             )
+
+    async def _complete(
+        self, items: Sequence[m.PushItem], outcomes: Sequence[m.PushOutcome]
+    ) -> list[m.PushOutcome]:
+        """Fill in each outcome's quantity: what was sent or, for a stale
+        compare-and-set, what the mall shows now (and poll, to book the sale behind it)."""
+        sent = {(i.listing_key, i.version): i.quantity for i in items}
+        stale = [o.listing_key for o in outcomes if not o.accepted and o.code == m.STALE]
+        current: dict[str, int | None] = {}
+        if stale:
+            self.handle.request_poll()
+            with contextlib.suppress(MallError):
+                current = await self.adapter.read_stock(stale)
+        return [
+            msgspec.structs.replace(
+                o,
+                quantity=current.get(o.listing_key)
+                if o.code == m.STALE and not o.accepted
+                else sent.get((o.listing_key, o.version)),
+            )
+            for o in outcomes
+        ]
 
     # -- credential expiry ---------------------------------------------------------------
 
