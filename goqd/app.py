@@ -493,7 +493,7 @@ async def _supervise_store(
     await supervise(
         ChildSpec(name=f"store:{store.name}"),
         child,
-        on_restart=on_restart,
+        on_restart=daemon.metrics.count_restart,
         on_give_up=on_give_up,
         task_status=task_status,
     )
