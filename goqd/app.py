@@ -41,8 +41,9 @@ from goqd.config import (
     write_credentials,
 )
 from goqd.control import protocol as p
+from goqd.csvio import parse_listings_csv, parse_stock_csv
 from goqd.control.server import PeerInfo, serve_control
-from goqd.errors import GoqdError, LedgerError, MallAuthError, MallError
+from goqd.errors import GoqdError, InputError, LedgerError, MallAuthError, MallError
 from goqd.http import serve_http
 from goqd.ledger import LedgerClient, open_ledger_channel, run_ledger
 from goqd.malls.base import StoreContext
@@ -146,6 +147,8 @@ class Daemon:
             )
         except MallError as exc:
             return p.Err(code="unavailable", message=str(exc), hint="try again shortly")
+        except InputError as exc:
+            return p.Err(code="bad_request", message=str(exc), hint="fix the file and run again")
         except GoqdError as exc:
             return p.Err(code="conflict", message=str(exc))
 
@@ -233,6 +236,18 @@ class Daemon:
                 return await self.diff(req.store)
             case p.Reflect():
                 return await self.reflect(req.store, req.listing_keys, rid)
+            case p.Import():
+                return await self.import_store(req.store, req.csv_text)
+            case p.LinkAuto():
+                return await self.link_auto(req.store)
+            case p.StockImport():
+                mode, items = parse_stock_csv(req.csv_text, where="stock CSV")
+                return await led.ask(
+                    m.SetStocks(
+                        items=tuple(items), mode=mode, reason="stock import", request_id=rid
+                    ),
+                    m.Done,
+                )
         raise _Unsupported(type(req).__name__)
 
     async def _resume_cleared(self) -> None:
@@ -306,18 +321,94 @@ class Daemon:
         return p.DiffReport(store=store, rows=tuple(rows), checked=checked)
 
     async def reflect(self, store: str, keys: tuple[str, ...], request_id: str) -> m.Done:
-        """反映: queue the ledger's count for the given listings (all linked if none)."""
+        """反映: queue the ledger's count for the given listings (every linked one if none).
+
+        The pushes go out through the store actor like any other, within the mall's
+        batch limit, so the operator never pages.
+        """
         self._handle(store)
-        if not keys:
-            report = await self.diff(store)
-            keys = tuple(r.listing_key for r in report.rows)
-        changed = 0
-        for key in keys:
-            # An attribute "change" to nothing queues a push of the current count.
-            done = await self.ledger.ask(m.SetListingAttrs(store=store, listing_key=key), m.Done)
-            changed += done.changed
-        self.ledger.wakeups.notify(store)
-        return m.Done(changed=changed, detail=f"{changed} listing(s) queued for a push")
+        return await self.ledger.ask(
+            m.QueuePushes(store=store, listing_keys=keys, request_id=request_id), m.Done
+        )
+
+    async def import_store(self, store: str, csv_text: str | None) -> m.LinkReport:
+        """Read every listing of ``store`` (its mall's API, or a goqd CSV) into the ledger.
+
+        Importing the base store (基本モール) creates products; any other store links its
+        listings by the link condition. Re-import updates listings, never duplicates.
+        """
+        self._handle(store)
+        cfg = self.config.store(store)
+        base = store == self.config.daemon.base_store
+        chunks: list[list[m.MallListing]] = [[]]
+        if csv_text is not None:
+            for listing in parse_listings_csv(csv_text, where=f"import CSV for {store}"):
+                if len(chunks[-1]) >= IMPORT_CHUNK:
+                    chunks.append([])
+                chunks[-1].append(listing)
+            return await self._import_chunks(cfg, base, chunks)
+        total: m.LinkReport | None = None
+        async with self._adapter(cfg, self.handles[store].credentials) as adapter:
+            chunk: list[m.MallListing] = []
+            async for listing in adapter.iter_listings():
+                chunk.append(listing)
+                if len(chunk) >= IMPORT_CHUNK:
+                    total = _add_reports(total, await self._import_chunks(cfg, base, [chunk]))
+                    chunk = []
+            total = _add_reports(total, await self._import_chunks(cfg, base, [chunk]))
+        return total
+
+    async def _import_chunks(
+        self, cfg: StoreConfig, base: bool, chunks: list[list[m.MallListing]]
+    ) -> m.LinkReport:
+        total: m.LinkReport | None = None
+        for chunk in chunks:
+            report = await self.ledger.ask(
+                m.ImportListings(
+                    store=cfg.name,
+                    listings=tuple(chunk),
+                    base=base,
+                    rules=tuple(cfg.link_normalize),
+                    default_lead_time=cfg.default_lead_time,
+                ),
+                m.LinkReport,
+            )
+            total = _add_reports(total, report)
+        assert total is not None
+        return total
+
+    async def link_auto(self, store: str) -> m.LinkReport:
+        """`goqctl link --auto [STORE]`: link what the link condition now matches."""
+        stores = [store] if store else list(self.handles)
+        total: m.LinkReport | None = None
+        for name in stores:
+            cfg = self.config.store(self._handle(name).name)
+            report = await self.ledger.ask(
+                m.AutoLink(store=name, rules=tuple(cfg.link_normalize)), m.LinkReport
+            )
+            total = _add_reports(total, report)
+        assert total is not None
+        return msgspec.structs.replace(total, store=store)
+
+
+IMPORT_CHUNK = 1000
+
+
+def _add_reports(a: m.LinkReport | None, b: m.LinkReport) -> m.LinkReport:
+    if a is None:
+        return b
+    return m.LinkReport(
+        store=a.store,
+        seen=a.seen + b.seen,
+        created=a.created + b.created,
+        new_listings=a.new_listings + b.new_listings,
+        updated=a.updated + b.updated,
+        linked=a.linked + b.linked,
+        unlinked=a.unlinked + b.unlinked,
+        ambiguous=a.ambiguous + b.ambiguous,
+        released=a.released + b.released,
+        problems=(a.problems + b.problems)[:100],
+    )
 
 
 class _AdapterSession:

@@ -33,7 +33,9 @@ def seed_catalogue(path: str, skus: int) -> None:
     conn = open_db(path)
     conn.execute("BEGIN")
     conn.executemany(
-        "INSERT INTO products VALUES (?, '', 1000000, 's1', 0)", ((f"sku{n}",) for n in range(skus))
+        "INSERT INTO products (sku, total, first_store, created_at, code_fold) "
+        "VALUES (?, 1000000, 's1', 0, ?)",
+        ((f"sku{n}", f"sku{n}") for n in range(skus)),
     )
     conn.executemany(
         "INSERT INTO listings (store, listing_key, link_code, sku, link_state) "

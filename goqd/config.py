@@ -93,6 +93,12 @@ class StoreConfig(_Base, frozen=True, kw_only=True):
     cancel_statuses: tuple[str, ...] = ()
     # Extra endpoints by name (token endpoints etc.).
     urls: dict[str, Annotated[str, Meta(pattern=r"^https?://")]] = {}
+    # 紐づけ条件: how listing codes are compared with product SKUs (goqd.linking).
+    # Empty = exact. Any of "nfkc" (full/half width), "casefold", "strip-spaces",
+    # "strip-hyphens".
+    link_normalize: tuple[Literal["nfkc", "casefold", "strip-spaces", "strip-hyphens"], ...] = ()
+    # Amazon: lead time given to listings imported for the first time (DESIGN §2.3).
+    default_lead_time: Annotated[int, Meta(ge=0, le=365)] | None = None
     # Mall-specific settings (link field, lookback days, location id …).
     options: dict[str, OptionValue] = {}
     paused: bool = False

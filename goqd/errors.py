@@ -138,3 +138,8 @@ class UnknownSku(LedgerError):
 
 class ControlError(GoqdError):
     """A control request was malformed, too large, or not allowed. Answered, never fatal."""
+
+
+class InputError(GoqdError):
+    """Operator input (a CSV file, a row) that cannot be applied. Names the place; nothing
+    of that input is applied."""

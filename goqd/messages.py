@@ -243,6 +243,45 @@ class ListListings(_Msg, frozen=True, kw_only=True, tag="list_listings"):
     limit: int = 500
 
 
+class ImportListings(_Msg, frozen=True, kw_only=True, tag="import_listings"):
+    """Listings read from a store (API or CSV), applied as one chunk.
+
+    ``base``: the store is the 基本モール, so unmatched listings create products.
+    ``rules``: the store's link normalisation (``goqd.linking``). ``default_lead_time``
+    applies only to listings new to goqd (DESIGN §2 item 3).
+    """
+
+    store: str
+    listings: tuple[MallListing, ...]
+    base: bool = False
+    rules: tuple[str, ...] = ()
+    default_lead_time: int | None = None
+
+
+class AutoLink(_Msg, frozen=True, kw_only=True, tag="auto_link"):
+    """Link every unlinked listing of ``store`` whose code now matches one product."""
+
+    store: str
+    rules: tuple[str, ...] = ()
+
+
+class QueuePushes(_Msg, frozen=True, kw_only=True, tag="queue_pushes"):
+    """反映: queue the ledger's count for these listings (every linked one if empty)."""
+
+    store: str
+    listing_keys: tuple[str, ...] = ()
+    request_id: str = ""
+
+
+class SetStocks(_Msg, frozen=True, kw_only=True, tag="set_stocks"):
+    """Bulk stock edit (CSV): all rows or none."""
+
+    items: tuple[tuple[str, int], ...]
+    mode: Literal["set", "adjust"] = "set"
+    reason: str = ""
+    request_id: str = ""
+
+
 class GetLedgerStatus(_Msg, frozen=True, kw_only=True, tag="get_ledger_status"):
     pass
 
@@ -270,6 +309,10 @@ LedgerRequest = (
     | ListErrors
     | ListProducts
     | ListListings
+    | ImportListings
+    | AutoLink
+    | QueuePushes
+    | SetStocks
     | GetLedgerStatus
     | Ping
 )
@@ -412,6 +455,21 @@ class Pong(_Msg, frozen=True, kw_only=True, tag="pong"):
     pass
 
 
+class LinkReport(_Msg, frozen=True, kw_only=True, tag="link_report"):
+    """What an import or auto-link did. ``problems`` name ambiguous listings."""
+
+    store: str
+    seen: int = 0
+    created: int = 0  # products created (base store)
+    new_listings: int = 0
+    updated: int = 0  # existing listings whose data changed
+    linked: int = 0  # listings linked by this request
+    unlinked: int = 0  # listings left without a product
+    ambiguous: int = 0
+    released: int = 0  # parked order lines booked because of new links
+    problems: tuple[str, ...] = ()
+
+
 LedgerReply = (
     OrderLinesBooked
     | Cursor
@@ -424,4 +482,5 @@ LedgerReply = (
     | ListingList
     | LedgerStatus
     | Pong
+    | LinkReport
 )

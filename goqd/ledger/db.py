@@ -37,8 +37,9 @@ from goqd.errors import (
     LedgerTooNew,
     UnknownSku,
 )
+from goqd.linking import Rule, fold, normalize
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x676F7164  # "goqd": marks the file as ours
 MAX_LINE_QUANTITY = 100_000  # a line above this is a data error, not an order
 MULTIPLE_LINKS = "multiple_links"  # 複数の商品が紐づいています
@@ -153,6 +154,12 @@ _MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     INSERT INTO meta VALUES ('version', 0), ('oversold_units', 0), ('duplicates', 0);
     """,
+    # version 2: products findable by their folded code (link conditions, goqd.linking)
+    """
+    ALTER TABLE products ADD COLUMN code_fold TEXT NOT NULL DEFAULT '';
+    UPDATE products SET code_fold = goqd_fold(sku);
+    CREATE INDEX products_by_fold ON products (code_fold);
+    """,
 ]
 
 _attrs_encoder = msgspec.msgpack.Encoder()
@@ -225,6 +232,7 @@ def _configure(
     conn.execute("PRAGMA busy_timeout=5000")
     conn.execute("PRAGMA foreign_keys=OFF")
     conn.execute("PRAGMA cache_size=-65536")  # 64 MiB page cache
+    conn.create_function("goqd_fold", 1, fold, deterministic=True)
     for target in range(version + 1, SCHEMA_VERSION + 1):
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -338,6 +346,10 @@ class Ledger:
                 return self.status()
             case m.RecordError():
                 return self.record_error(msg)
+            case m.ImportListings():
+                return self.import_listings(msg)
+            case m.AutoLink():
+                return self.auto_link(msg.store, msg.rules)
             case _:
                 return self._idempotent(msg)
 
@@ -378,6 +390,10 @@ class Ledger:
                 return self.delete_product(msg.sku)
             case m.ClearErrors():
                 return self.clear_errors(msg)
+            case m.QueuePushes():
+                return self.queue_pushes(msg.store, msg.listing_keys)
+            case m.SetStocks():
+                return self.set_stocks(msg)
         raise LedgerError(f"unknown ledger request {type(msg).__name__}")
 
     # ---------------------------------------------------------------- meta, cursor
@@ -760,8 +776,9 @@ class Ledger:
         if total < 0:
             raise LedgerError(f"initial stock for {msg.sku!r} cannot be negative")
         self.conn.execute(
-            "INSERT INTO products VALUES (?, ?, 0, ?, ?)",
-            (msg.sku, msg.name, msg.store, self.now()),
+            "INSERT INTO products (sku, name, total, first_store, created_at, code_fold) "
+            "VALUES (?, ?, 0, ?, ?, ?)",
+            (msg.sku, msg.name, msg.store, self.now(), fold(msg.sku)),
         )
         self._move(msg.sku, total, "import", store=msg.store)
         released = self._release_for_sku(msg.sku)
@@ -981,6 +998,176 @@ class Ledger:
         return m.Done(
             changed=1 + len(listings), detail="listings unlinked; nothing deleted at malls"
         )
+
+    # ---------------------------------------------------------------- import and links
+
+    def _candidates(self, code: str, rules: Sequence[str]) -> list[str]:
+        """Products whose SKU matches ``code`` under the store's link condition."""
+        if not code:
+            return []
+        rs = cast(Sequence[Rule], rules)
+        want = normalize(code, rs)
+        return [
+            sku
+            for (sku,) in self.conn.execute(
+                "SELECT sku FROM products WHERE code_fold = ? ORDER BY sku", (fold(code),)
+            )
+            if normalize(sku, rs) == want
+        ]
+
+    def _link_by_code(
+        self, store: str, key: str, code: str, rules: Sequence[str], report: dict[str, Any]
+    ) -> None:
+        candidates = self._candidates(code, rules)
+        if len(candidates) == 1:
+            done = self.link(store, key, candidates[0])
+            report["linked"] += 1
+            report["released"] += done.released
+            state = self.conn.execute(
+                "SELECT link_state FROM listings WHERE store = ? AND listing_key = ?",
+                (store, key),
+            ).fetchone()[0]
+            if state == "ambiguous":
+                report["ambiguous"] += 1
+                report["problems"].append(
+                    f"{store}/{key}: product {candidates[0]} has another listing in this store"
+                )
+        elif not candidates:
+            report["unlinked"] += 1
+        else:
+            report["ambiguous"] += 1
+            problem = (
+                f"複数の商品が紐づいています: listing {key!r} in store {store!r} matches "
+                f"{len(candidates)} products ({', '.join(candidates)}); link it by hand with "
+                f"`goqctl link {store} {key} SKU`"
+            )
+            report["problems"].append(problem)
+            self.record_error(
+                m.RecordError(
+                    store=store, level=8, code=MULTIPLE_LINKS, listing_key=key, message=problem
+                )
+            )
+
+    def import_listings(self, msg: m.ImportListings) -> m.LinkReport:
+        conn = self.conn
+        report: dict[str, Any] = {
+            "seen": 0,
+            "created": 0,
+            "new_listings": 0,
+            "updated": 0,
+            "linked": 0,
+            "unlinked": 0,
+            "ambiguous": 0,
+            "released": 0,
+            "problems": [],
+        }
+        for listing in msg.listings:
+            report["seen"] += 1
+            row = conn.execute(
+                "SELECT sku, link_state, attrs, name, link_code FROM listings "
+                "WHERE store = ? AND listing_key = ?",
+                (msg.store, listing.listing_key),
+            ).fetchone()
+            attrs = listing.attrs
+            if row is None:
+                report["new_listings"] += 1
+                if msg.default_lead_time is not None and attrs.lead_time_days is None:
+                    attrs = msgspec.structs.replace(attrs, lead_time_days=msg.default_lead_time)
+            else:
+                old = _decode_attrs(row[2])
+                # A lead time set in goqd survives re-import (the mall's may be absent).
+                if attrs.lead_time_days is None and old.lead_time_days is not None:
+                    attrs = msgspec.structs.replace(attrs, lead_time_days=old.lead_time_days)
+                if (
+                    _encode_attrs(attrs) != (row[2] or _encode_attrs(_EMPTY_ATTRS))
+                    or listing.name != row[3]
+                    or listing.link_code != row[4]
+                ):
+                    report["updated"] += 1
+            self.upsert_listing(
+                m.UpsertListing(
+                    store=msg.store,
+                    listing_key=listing.listing_key,
+                    link_code=listing.link_code,
+                    name=listing.name,
+                    attrs=attrs,
+                    seen_quantity=listing.quantity,
+                )
+            )
+            if row is not None and row[0] is not None:
+                continue  # re-import never relinks: `goqctl unlink` / `link` do that
+            if msg.base and not self._candidates(listing.link_code, msg.rules):
+                if not listing.link_code:
+                    report["unlinked"] += 1
+                    continue
+                self.upsert_product(
+                    m.UpsertProduct(
+                        sku=listing.link_code,
+                        name=listing.name,
+                        total=max(0, listing.quantity or 0),
+                        store=msg.store,
+                    )
+                )
+                report["created"] += 1
+            self._link_by_code(msg.store, listing.listing_key, listing.link_code, msg.rules, report)
+        report["problems"] = tuple(report["problems"][:100])
+        return m.LinkReport(store=msg.store, **report)
+
+    def auto_link(self, store: str, rules: Sequence[str]) -> m.LinkReport:
+        report: dict[str, Any] = {
+            "seen": 0,
+            "created": 0,
+            "new_listings": 0,
+            "updated": 0,
+            "linked": 0,
+            "unlinked": 0,
+            "ambiguous": 0,
+            "released": 0,
+            "problems": [],
+        }
+        rows = self.conn.execute(
+            "SELECT listing_key, link_code FROM listings WHERE store = ? AND sku IS NULL "
+            "ORDER BY listing_key",
+            (store,),
+        ).fetchall()
+        for key, code in rows:
+            report["seen"] += 1
+            self._link_by_code(store, key, code, rules, report)
+        report["problems"] = tuple(report["problems"][:100])
+        return m.LinkReport(store=store, **report)
+
+    def queue_pushes(self, store: str, keys: Sequence[str]) -> m.Done:
+        if not keys:
+            keys = [
+                r[0]
+                for r in self.conn.execute(
+                    "SELECT listing_key FROM listings WHERE store = ? AND link_state = 'linked'",
+                    (store,),
+                )
+            ]
+        queued = 0
+        for key in keys:
+            state = self.conn.execute(
+                "SELECT link_state FROM listings WHERE store = ? AND listing_key = ?",
+                (store, key),
+            ).fetchone()
+            if state is None:
+                raise LedgerError(f"no listing {key!r} in store {store!r}")
+            if state[0] != "linked":
+                raise LedgerError(
+                    f"listing {key!r} in store {store!r} is {state[0]}: link it first"
+                )
+            self._queue_listing(store, key)
+            queued += 1
+        return m.Done(changed=queued, detail=f"{queued} listing(s) queued for a push")
+
+    def set_stocks(self, msg: m.SetStocks) -> m.Done:
+        for sku, n in msg.items:
+            if msg.mode == "set":
+                self.set_stock(sku, n, msg.reason)
+            else:
+                self.adjust_stock(sku, n, msg.reason)
+        return m.Done(changed=len(msg.items))
 
     # ---------------------------------------------------------------- errors
 
