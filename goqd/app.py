@@ -41,12 +41,12 @@ from goqd.config import (
     write_credentials,
 )
 from goqd.control import protocol as p
-from goqd.csvio import parse_listings_csv, parse_stock_csv
 from goqd.control.server import PeerInfo, serve_control
+from goqd.csvio import parse_listings_csv, parse_stock_csv
 from goqd.errors import GoqdError, InputError, LedgerError, MallAuthError, MallError
 from goqd.http import serve_http
 from goqd.ledger import LedgerClient, open_ledger_channel, run_ledger
-from goqd.malls.base import StoreContext
+from goqd.malls.base import StoreContext, WebhookCheck
 from goqd.malls.registry import MALLS
 from goqd.metrics import Metrics
 from goqd.secret import Secret
@@ -503,6 +503,11 @@ async def run_daemon(
             name=store.name, mall=store.mall, credentials=creds[store.name]
         )
     rng = rng or random.Random()
+    hooks = dict(webhooks or {})
+    for store in config.stores:
+        check = MALLS[store.mall].webhook
+        if check is not None:
+            hooks.setdefault(store.name, _webhook_handler(daemon, store.name, check))
     async with trio.open_nursery() as root:
         await root.start(
             functools.partial(
@@ -532,7 +537,7 @@ async def run_daemon(
                 config.daemon.http_listen,
                 registry,
                 health=daemon.health,
-                webhooks=webhooks or {},
+                webhooks=hooks,
                 allow_public=config.daemon.http_public,
             )
         )
@@ -554,6 +559,30 @@ async def run_daemon(
         finally:
             systemd.stopping()
             root.cancel_scope.cancel()
+
+
+WEBHOOK_WAIT_S = 20.0
+
+
+def _webhook_handler(daemon: Daemon, store: str, check: WebhookCheck) -> Webhook:
+    """``POST /webhooks/<store>``: verify the mall's signature, poll that store at once,
+    and answer 200 only after that poll committed (else 503, and the mall redelivers).
+    A duplicate delivery just causes another poll, which books nothing twice (D3)."""
+
+    async def handle(body: bytes, headers: Mapping[str, str]) -> int:
+        handle = daemon.handles[store]
+        verdict = check(handle.credentials, body, headers)
+        if verdict is None:
+            log.warning("webhook_rejected", store=store, reason="bad signature")
+            return 401
+        if not verdict:
+            return 200  # not an order event: nothing to do
+        with trio.move_on_after(WEBHOOK_WAIT_S):
+            if await handle.poll_and_wait():
+                return 200
+        return 503
+
+    return handle
 
 
 async def _supervise_store(

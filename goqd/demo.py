@@ -255,12 +255,8 @@ def _booked_lines(daemon: Daemon) -> set[tuple[str, str, str]]:
     # A read-only connection beside the ledger's writer: WAL lets readers in.
     conn = sqlite3.connect(f"file:{daemon.config.daemon.ledger_path}?mode=ro", uri=True)
     try:
-        return {
-            tuple(r)
-            for r in conn.execute(  # type: ignore[misc]
-                "SELECT store, order_id, line_id FROM order_lines"
-            )
-        }
+        rows = conn.execute("SELECT store, order_id, line_id FROM order_lines")
+        return {(str(a), str(b), str(c)) for a, b, c in rows}
     finally:
         conn.close()
 

@@ -12,7 +12,7 @@ in ``goqd/malls/registry.py``; it never touches the store actor.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import httpx
@@ -98,6 +98,7 @@ class MallAdapter(Protocol):
 
 
 AdapterFactory = Callable[[StoreContext], MallAdapter]
+WebhookCheck = Callable[[dict[str, Secret], bytes, Mapping[str, str]], bool | None]
 
 
 class MallSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -115,4 +116,7 @@ class MallSpec(msgspec.Struct, frozen=True, kw_only=True):
     credential_fields: tuple[str, ...]
     default_live_statuses: tuple[str, ...] = ()
     default_cancel_statuses: tuple[str, ...] = ()
-    webhook: bool = False
+    # For malls that push order events: (credentials, raw body, headers) -> None when the
+    # signature is wrong, else whether the event may have changed orders (then goqd
+    # polls that store at once). Served at ``POST /webhooks/<store>``.
+    webhook: WebhookCheck | None = None

@@ -485,7 +485,8 @@ class ShopifyAdapter:
         self._link_field = opts.get("link_field", "sku")
         if self._link_field not in ("sku", "barcode"):
             raise ConfigError(
-                f"store {ctx.store}", "options.link_field",
+                f"store {ctx.store}",
+                "options.link_field",
                 f"{self._link_field!r} is not one of sku, barcode",
             )
         location = opts.get("default_location_id", opts.get("location_id"))
@@ -493,7 +494,8 @@ class ShopifyAdapter:
             isinstance(location, str) and location.startswith("gid://shopify/Location/")
         ):
             raise ConfigError(
-                f"store {ctx.store}", "options.default_location_id",
+                f"store {ctx.store}",
+                "options.default_location_id",
                 f"{location!r} is not a Location GID (gid://shopify/Location/...)",
             )
         self._location: str | None = location
@@ -510,11 +512,14 @@ class ShopifyAdapter:
 
     def _number(self, name: str, default: float, low: float, high: float) -> float:
         value = self._ctx.options.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not (
-            low <= value <= high
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (low <= value <= high)
         ):
             raise ConfigError(
-                f"store {self._ctx.store}", f"options.{name}",
+                f"store {self._ctx.store}",
+                f"options.{name}",
                 f"must be a number between {low:g} and {high:g}, got {value!r}",
             )
         return float(value)
@@ -682,8 +687,11 @@ class ShopifyAdapter:
                 "lineFirst": self._line_first,
             }
             data = await self._call(
-                "GoqdOrders", Q_ORDERS, variables,
-                orders_cost(self._orders_page, self._line_first), _OrdersData,
+                "GoqdOrders",
+                Q_ORDERS,
+                variables,
+                orders_cost(self._orders_page, self._line_first),
+                _OrdersData,
             )
             for order in data.orders.nodes:
                 orders_seen += 1
@@ -706,9 +714,11 @@ class ShopifyAdapter:
         if not after:
             raise self._fail(MallProtocolError, "lineItems: hasNextPage without a cursor")
         data = await self._call(
-            "GoqdOrderLineItems", Q_ORDER_LINES,
+            "GoqdOrderLineItems",
+            Q_ORDER_LINES,
             {"id": order_id, "first": MORE_LINES_FIRST, "after": after},
-            order_lines_cost(MORE_LINES_FIRST), _OrderLinesData,
+            order_lines_cost(MORE_LINES_FIRST),
+            _OrderLinesData,
         )
         if data.order is None:
             raise self._fail(MallProtocolError, f"order {order_id} vanished while paging its lines")
@@ -772,7 +782,9 @@ class ShopifyAdapter:
         return [outcomes[i] for i in range(len(items))]
 
     async def _push_chunk(
-        self, chunk: list[tuple[int, PushItem]], default_location: str,
+        self,
+        chunk: list[tuple[int, PushItem]],
+        default_location: str,
         outcomes: dict[int, PushOutcome],
     ) -> None:
         """Push one batch; ``outcomes`` gets one entry per position in ``chunk``."""
@@ -784,8 +796,11 @@ class ShopifyAdapter:
             input_ = self._set_input(pending, default_location)
             key = idempotency_key(self._ctx.store, input_, attempt)
             data = await self._call(
-                "GoqdSetQuantities", M_SET_QUANTITIES,
-                {"input": input_, "idempotencyKey": key}, MUTATION_COST, _SetData,
+                "GoqdSetQuantities",
+                M_SET_QUANTITIES,
+                {"input": input_, "idempotencyKey": key},
+                MUTATION_COST,
+                _SetData,
             )
             payload = data.inventory_set_quantities
             if payload is None:
@@ -822,8 +837,10 @@ class ShopifyAdapter:
                 # Accepted: everything, or everything but the refused ones.
                 for pos, item in rest:
                     outcomes[pos] = PushOutcome(
-                        listing_key=item.listing_key, version=item.version,
-                        accepted=True, quantity=item.quantity,
+                        listing_key=item.listing_key,
+                        version=item.version,
+                        accepted=True,
+                        quantity=item.quantity,
                     )
                 return
             # Shopify refused the whole request because of the items above and applied
@@ -867,8 +884,11 @@ class ShopifyAdapter:
         for i in range(0, len(keys), self.limits.read_batch):
             batch = keys[i : i + self.limits.read_batch]
             data = await self._call(
-                "GoqdInventoryLevels", Q_LEVELS,
-                {"ids": batch, "locationId": location}, levels_cost(len(batch)), _LevelsData,
+                "GoqdInventoryLevels",
+                Q_LEVELS,
+                {"ids": batch, "locationId": location},
+                levels_cost(len(batch)),
+                _LevelsData,
             )
             for raw in data.nodes:
                 if not raw or "id" not in raw:
@@ -888,9 +908,11 @@ class ShopifyAdapter:
         after: str | None = None
         while True:
             data = await self._call(
-                "GoqdVariants", Q_VARIANTS,
+                "GoqdVariants",
+                Q_VARIANTS,
                 {"first": VARIANTS_PAGE, "after": after, "locationId": location},
-                variants_cost(VARIANTS_PAGE), _VariantsData,
+                variants_cost(VARIANTS_PAGE),
+                _VariantsData,
             )
             for v in data.product_variants.nodes:
                 link = (v.barcode if self._link_field == "barcode" else v.sku) or ""
@@ -934,14 +956,20 @@ def _refusal(item: PushItem, err: _UserError) -> PushOutcome:
     field = ".".join(err.field or ()) or "-"
     if code == "CHANGE_FROM_QUANTITY_STALE":
         return PushOutcome(
-            listing_key=item.listing_key, version=item.version, accepted=False, code="stale",
+            listing_key=item.listing_key,
+            version=item.version,
+            accepted=False,
+            code="stale",
             message=(
                 f"{code}: {err.message} (field {field}; Shopify no longer shows "
                 f"{item.previous_quantity}: a sale goqd has not booked yet?)"
             ),
         )
     return PushOutcome(
-        listing_key=item.listing_key, version=item.version, accepted=False, code=code,
+        listing_key=item.listing_key,
+        version=item.version,
+        accepted=False,
+        code=code,
         message=f"{code}: {err.message} (field {field})",
     )
 
@@ -1024,6 +1052,24 @@ def webhook_shop_domain(headers: Mapping[str, str]) -> str:
     return _header(headers, "x-shopify-shop-domain").strip().lower()
 
 
+ORDER_TOPICS = frozenset(
+    {"orders/create", "orders/updated", "orders/cancelled", "orders/edited", "orders/delete"}
+)
+
+
+def check_webhook(
+    credentials: dict[str, Secret], body: bytes, headers: Mapping[str, str]
+) -> bool | None:
+    """The daemon's webhook hook: None if the signature is wrong, else whether the
+    topic is an order event worth an immediate poll."""
+    secret = credentials.get("webhook_secret")
+    if secret is None or not verify_webhook(
+        secret, body, _header(headers, "x-shopify-hmac-sha256")
+    ):
+        return None
+    return parse_webhook_topic(headers) in ORDER_TOPICS
+
+
 SPEC = MallSpec(
     name=MALL,
     title="Shopify",
@@ -1032,5 +1078,5 @@ SPEC = MallSpec(
     credential_fields=("access_token", "webhook_secret"),
     default_live_statuses=(STATUS_OPEN, STATUS_CLOSED),
     default_cancel_statuses=(STATUS_CANCELLED,),
-    webhook=True,
+    webhook=check_webhook,
 )

@@ -73,8 +73,11 @@ class StoreHandle:
     last_poll_ok_at: float | None = None
     last_push_ok_at: float | None = None
     credential_expires_at: float | None = None
-    polls: int = 0
+    polls: int = 0  # polls completed and committed
+    polls_started: int = 0
     pushes: int = 0
+    poll_committed: trio.Event = field(default_factory=trio.Event)
+    last_ok_started: int = 0
     changed: trio.Event = field(default_factory=trio.Event)
     poll_requested: trio.Event = field(default_factory=trio.Event)
     _session: trio.CancelScope | None = None
@@ -123,6 +126,27 @@ class StoreHandle:
 
     def request_poll(self) -> None:
         self.poll_requested.set()
+
+    async def poll_and_wait(self) -> bool:
+        """Ask for a poll and wait until one that *started after this call* committed.
+
+        For webhooks: the mall is answered 200 only once what it announced is durable
+        (RELIABILITY I6). Returns False if the store cannot poll (stopped, paused, down).
+        Bound it with ``trio.move_on_after``.
+        """
+        target = self.polls_started + 1
+        self.request_poll()
+        while self.polls < target or self.last_ok_started < target:
+            if self.state in ("stopped", "paused", "down"):
+                return False
+            await self.poll_committed.wait()
+        return True
+
+    def _committed(self, started: int) -> None:
+        self.polls += 1
+        self.last_ok_started = started
+        old, self.poll_committed = self.poll_committed, trio.Event()
+        old.set()
 
     def renew(self, credentials: dict[str, Secret]) -> None:
         """New credentials: restart the mall session with them and resume."""
@@ -271,6 +295,8 @@ class _Session:
         while True:
             await self.handle.wait_until_active()
             self.handle.poll_requested = trio.Event()
+            self.handle.polls_started += 1
+            this_poll = self.handle.polls_started
             delay = self.config.poll_seconds
             started = trio.current_time()
             outcome = "ok"
@@ -283,7 +309,7 @@ class _Session:
                 )
                 self.cursor = page.cursor
                 attempt = 0
-                self.handle.polls += 1
+                self.handle._committed(this_poll)
                 self.handle.last_poll_ok_at = self.clock()
                 self.recovered()
                 self._count_lines(booked)

@@ -1,0 +1,105 @@
+"""Shopify's webhook fast path, end to end over real HTTP: a signed order webhook makes
+the daemon poll that store at once, and the webhook is answered 200 only after the
+order is booked in the ledger (nothing acknowledged before a durable commit)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+import time
+
+import httpx
+import trio
+
+from goqd import messages as m
+from goqd.app import Daemon, run_daemon
+from goqd.config import Config, DaemonConfig, StoreConfig
+from goqd.sim.http import serve_sim
+from goqd.sim.shopify import SimShopify
+
+
+def _booked(daemon: Daemon) -> set[str]:
+    conn = sqlite3.connect(f"file:{daemon.config.daemon.ledger_path}?mode=ro", uri=True)
+    try:
+        return {r[0] for r in conn.execute("SELECT order_id FROM order_lines")}
+    finally:
+        conn.close()
+
+
+async def test_order_webhook_triggers_a_poll_and_is_acknowledged_after_booking() -> None:
+    tmp = tempfile.mkdtemp(prefix="goqd-wh-", dir="/tmp")
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                shops = {n: SimShopify(shop_id=f"shop{n}", clock=time.time, seed=n) for n in "ab"}
+                stores = []
+                for name, sim in shops.items():
+                    url = await nursery.start(serve_sim, sim.app)
+                    cred = os.path.join(tmp, f"{name}.json")
+                    with open(os.open(cred, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+                        json.dump(sim.credentials(), f)
+                    # A long poll interval: only the webhook can explain a quick booking.
+                    stores.append(
+                        StoreConfig(
+                            name=name,
+                            mall="shopify",
+                            base_url=url,
+                            credentials=cred,
+                            poll_interval="1h",
+                            push_retry="1s",
+                        )
+                    )
+                config = Config(
+                    daemon=DaemonConfig(
+                        state_dir=os.path.join(tmp, "state"),
+                        control_socket=os.path.join(tmp, "ctl.sock"),
+                        http_listen="127.0.0.1:0",
+                    ),
+                    stores=tuple(stores),
+                )
+                daemon: Daemon = await nursery.start(run_daemon, config)
+                await daemon.ledger.call(m.UpsertProduct(sku="MUG", total=5))
+                keys = {}
+                for name, sim in shops.items():
+                    keys[name] = sim.add_variant("MUG", 5).listing_key
+                    await daemon.ledger.call(
+                        m.UpsertListing(store=name, listing_key=keys[name], sku="MUG")
+                    )
+                # Let the first (start-up) polls finish.
+                while daemon.handles["a"].polls < 1 or daemon.handles["b"].polls < 1:
+                    await trio.sleep(0.02)
+
+                a = shops["a"]
+                a.webhook_url = f"{daemon.http_url}/webhooks/a"
+                order = a.place_order([(keys["a"], 2)])
+                assert order is not None
+                async with httpx.AsyncClient(timeout=30) as http:
+                    started = trio.current_time()
+                    # The delivery returns only when the daemon answered.
+                    assert len(a.pending_webhooks) == 1
+                    delivered = await a.deliver_webhooks(http)
+                    assert delivered == 1, a.pending_webhooks
+                    elapsed = trio.current_time() - started
+                    assert order.order_id in _booked(daemon)  # booked before the 200
+                    assert elapsed < 30
+                    while shops["b"].stock(keys["b"]) != 3:
+                        await trio.sleep(0.02)
+
+                    # A forged webhook is refused and triggers nothing.
+                    forged = await http.post(
+                        f"{daemon.http_url}/webhooks/a",
+                        content=b'{"id": 1}',
+                        headers={
+                            "X-Shopify-Topic": "orders/create",
+                            "X-Shopify-Hmac-Sha256": "AAAA",
+                        },
+                    )
+                    assert forged.status_code == 401
+                    unknown = await http.post(f"{daemon.http_url}/webhooks/nope", content=b"{}")
+                    assert unknown.status_code == 404
+                nursery.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
