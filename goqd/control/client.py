@@ -1,0 +1,196 @@
+"""The control client: send one request to the daemon's socket and return the result.
+
+``call`` is for trio code (tests, tools); ``call_sync`` runs it under ``trio.run`` for
+goqctl. Every failure is a ``ControlError``: ``DaemonUnreachable`` when there is no
+daemon to talk to (or it went away mid-request), ``RemoteError`` when the daemon
+answered with an ``Err``.
+
+A request carries one id for its whole life: if the connection breaks after the request
+was sent, ``call`` reconnects and sends it again with the same id, so the daemon applies
+a mutating request at most once (RELIABILITY X1).
+
+This module must never put a request's content (a ``KeySet`` credential above all) into
+an exception message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import uuid
+
+import trio
+
+from goqd.control.protocol import (
+    HEADER,
+    MAX_REPLY_BYTES,
+    MAX_REQUEST_BYTES,
+    PROTOCOL_VERSION,
+    ConnectionClosed,
+    ControlRequest,
+    ControlResult,
+    Envelope,
+    Err,
+    FrameTooLarge,
+    Reply,
+    decode_reply,
+    encode_frame,
+    receive_frame,
+)
+from goqd.errors import ControlError
+
+
+class DaemonUnreachable(ControlError):
+    """No daemon answered on the socket: missing, refused, not permitted, or gone."""
+
+    def __init__(self, path: str, reason: str, *, hint: str = "") -> None:
+        self.path = path
+        self.reason = reason
+        self.hint = hint
+        super().__init__(f"cannot reach goqd at {path}: {reason}")
+
+
+class RemoteError(ControlError):
+    """The daemon refused the request with an ``Err`` reply."""
+
+    def __init__(self, code: str, message: str, hint: str = "") -> None:
+        self.code = code
+        self.message = message
+        self.hint = hint
+        super().__init__(f"{code}: {message}")
+
+
+class _ConnectionLost(Exception):
+    """The connection broke after the request went out and before the reply came."""
+
+
+_MAYBE = (
+    "the request may or may not have been applied: check (`goqctl status`, `goqctl "
+    "history SKU`) before repeating it"
+)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+async def call(
+    path: str,
+    request: ControlRequest,
+    *,
+    # A parameter rather than the caller's fail_after: running out of time must become
+    # DaemonUnreachable with its "may still be applied" hint, not a bare TooSlowError.
+    timeout: float = 30.0,  # noqa: ASYNC109
+    request_id: str | None = None,
+    attempts: int = 2,
+) -> ControlResult:
+    """Send ``request`` and return the ``Ok`` result; raise ``ControlError`` otherwise.
+
+    ``timeout`` bounds the whole call, retries included. ``attempts`` counts sends of the
+    same request (same id) over fresh connections when one breaks mid-request.
+    """
+    rid = request_id or new_request_id()
+    frame = encode_frame(Envelope(v=PROTOCOL_VERSION, id=rid, request=request))
+    size = len(frame) - HEADER.size
+    if size > MAX_REQUEST_BYTES:
+        raise ControlError(
+            f"the request is {size} bytes; the control socket accepts at most "
+            f"{MAX_REQUEST_BYTES} bytes per request"
+        )
+    reply: Reply | None = None
+    with trio.move_on_after(timeout):
+        for attempt in range(1, attempts + 1):
+            try:
+                reply = await _exchange(path, frame, rid)
+                break
+            except _ConnectionLost:
+                if attempt == attempts:
+                    raise DaemonUnreachable(
+                        path, "the connection closed before the reply arrived", hint=_MAYBE
+                    ) from None
+            except DaemonUnreachable as exc:
+                if attempt == 1:
+                    raise
+                # The first send may have been applied before the daemon went away.
+                raise DaemonUnreachable(path, exc.reason, hint=_MAYBE) from None
+    if reply is None:
+        raise DaemonUnreachable(
+            path,
+            f"no reply within {timeout:g} seconds",
+            hint="the daemon may be busy or stuck (`systemctl status goqd`); a change you "
+            "asked for may still be applied, so check before repeating it",
+        )
+    if isinstance(reply, Err):
+        raise RemoteError(reply.code, reply.message, reply.hint)
+    return reply.result
+
+
+def call_sync(
+    path: str,
+    request: ControlRequest,
+    *,
+    timeout: float = 30.0,
+    request_id: str | None = None,
+    attempts: int = 2,
+) -> ControlResult:
+    """``call`` for synchronous code (goqctl): runs its own trio loop."""
+    return trio.run(
+        functools.partial(
+            call, path, request, timeout=timeout, request_id=request_id, attempts=attempts
+        )
+    )
+
+
+async def _exchange(path: str, frame: bytes, rid: str) -> Reply:
+    stream = await _connect(path)
+    async with stream:
+        # The daemon may have answered before reading everything (not_allowed,
+        # too_large) and closed; its reply is still queued for us to read.
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(frame)
+        try:
+            body = await _receive_frame(stream)
+        except trio.BrokenResourceError:
+            raise _ConnectionLost from None
+    envelope = decode_reply(body)
+    if envelope.id not in (rid, ""):
+        raise ControlError(f"the daemon answered request {envelope.id!r}, not {rid!r}")
+    return envelope.reply
+
+
+async def _receive_frame(stream: trio.SocketStream) -> bytes:
+    try:
+        return await receive_frame(stream, MAX_REPLY_BYTES)
+    except ConnectionClosed:
+        raise _ConnectionLost from None
+    except FrameTooLarge as exc:
+        raise ControlError(
+            f"the daemon's reply ({exc.size} bytes) is larger than goqctl accepts"
+        ) from None
+
+
+async def _connect(path: str) -> trio.SocketStream:
+    try:
+        return await trio.open_unix_socket(path)
+    except FileNotFoundError:
+        raise DaemonUnreachable(
+            path,
+            "no control socket there",
+            hint="is goqd running? (`systemctl status goqd`); otherwise point goqctl at "
+            "its socket with --socket PATH or GOQD_SOCKET",
+        ) from None
+    except ConnectionRefusedError:
+        raise DaemonUnreachable(
+            path,
+            "nothing is listening (a socket left behind by a stopped daemon)",
+            hint="start goqd (`systemctl start goqd`)",
+        ) from None
+    except PermissionError:
+        raise DaemonUnreachable(
+            path,
+            "permission denied",
+            hint="add your user to the goqd group (sudo usermod -aG goqd $USER) and log "
+            "in again, or run goqctl as root",
+        ) from None
+    except OSError as exc:
+        raise DaemonUnreachable(path, exc.strerror or str(exc)) from None
