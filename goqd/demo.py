@@ -67,10 +67,12 @@ class DemoSummary(msgspec.Struct, kw_only=True):
     mismatches: list[str]
 
 
-def demo_stores() -> list[tuple[str, str]]:
-    """Two stores of every simulated mall that has landed (name, mall)."""
+def demo_stores(malls: list[str] | None = None) -> list[tuple[str, str]]:
+    """Two stores of each mall (name, mall); every simulated mall by default."""
     stores = []
-    for mall in SIMS:
+    for mall in malls or list(SIMS):
+        if mall not in SIMS:
+            raise ValueError(f"no simulated mall {mall!r} (choose from {', '.join(SIMS)})")
         stores += [(f"{mall}-a", mall), (f"{mall}-b", mall)]
     return stores
 
@@ -84,14 +86,15 @@ async def run_demo(
     out: TextIO | None = None,
     live: bool = True,
     keep: str | None = None,
-    settle_timeout: float = 60.0,
+    malls: list[str] | None = None,
 ) -> DemoSummary:
     """Run the demo for ``seconds`` of market, then let the daemon settle."""
     out = out or sys.stdout
     rng = random.Random(seed)
     tmp = keep or tempfile.mkdtemp(prefix="goqd-demo-", dir="/tmp")
     try:
-        return await _run(tmp, seconds, rng, order_rate, poll_interval, out, live, settle_timeout)
+        stores = demo_stores(malls)
+        return await _run(tmp, stores, seconds, rng, order_rate, poll_interval, out, live)
     finally:
         if keep is None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -99,19 +102,19 @@ async def run_demo(
 
 async def _run(
     tmp: str,
+    stores: list[tuple[str, str]],
     seconds: float,
     rng: random.Random,
     order_rate: float,
     poll_interval: str,
     out: TextIO,
     live: bool,
-    settle_timeout: float,
 ) -> DemoSummary:
     say: Callable[[str], None] = (
         (lambda s: print(s, file=out, flush=True)) if live else (lambda s: None)
     )
     clock = time.time
-    stores = demo_stores()
+    settle_timeout = 30.0 + max(SIMS[mall].settle_s for _, mall in stores)
     async with trio.open_nursery() as nursery:
         sims: dict[str, SimMall] = {}
         urls: dict[str, str] = {}
@@ -181,6 +184,9 @@ async def _run(
                 say(await _view(daemon, market, trio.current_time() - start))
 
         say("  market closed; waiting for every store to show the ledger's count …")
+        if any(mall == "amazon" for _, mall in stores):
+            say("  (Amazon shows orders to getOrders about 2 minutes late, as the real "
+                "SP-API does: up to ~4 minutes)")
         converged, mismatches = await _settle(daemon, market, settle_timeout)
         summary = await _summary(daemon, market, seconds, converged, mismatches)
         nursery.cancel_scope.cancel()

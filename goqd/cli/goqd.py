@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--poll-interval", default="2s")
     demo.add_argument("--json", action="store_true", help="print only the summary, as JSON")
     demo.add_argument("--keep", metavar="DIR", help="keep the ledger and config in DIR")
+    demo.add_argument(
+        "--malls",
+        help="comma-separated malls to simulate (default: all of them; "
+        "leave out amazon for a quick run: its orders arrive 2 minutes late)",
+    )
 
     bench = sub.add_parser("bench", help="benchmarks (print figures, assert nothing)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

@@ -38,8 +38,10 @@ class TokenBucket:
                     await trio.sleep_until(self._blocked_until)
                     continue
                 self._refill(now)
-                if self._tokens >= 1:
-                    self._tokens -= 1
+                # Float rounding can leave 0.9999999999999998 tokens; asking for a sleep
+                # of 1e-17 s would never move a MockClock. Forgive that much.
+                if self._tokens >= 1 - 1e-9:
+                    self._tokens = max(0.0, self._tokens - 1)
                     return
                 await trio.sleep((1 - self._tokens) / self.rate)
 

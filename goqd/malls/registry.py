@@ -33,3 +33,6 @@ _register(_aupay.SPEC)
 from goqd.malls import shopify as _shopify  # noqa: E402
 
 _register(_shopify.SPEC)
+from goqd.malls import amazon as _amazon  # noqa: E402
+
+_register(_amazon.SPEC)

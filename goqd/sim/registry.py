@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from goqd.sim.amazon import SimAmazon
 from goqd.sim.aupay import SimAupay
 from goqd.sim.base import SimListing, SimMall
 from goqd.sim.rakuten import SimRakuten
@@ -35,6 +36,9 @@ class SimSpec:
     options: dict[str, str | int | float | bool] = field(default_factory=dict)
     # Creates a listing for ``sku``; returns it (its ``listing_key`` is what goqd uses).
     add: Callable[[SimMall, str, str, str, int], SimListing] = _add_plain
+    # How long after the market stops this mall can still be catching up: Amazon
+    # publishes orders to getOrders about two minutes late [V, malls.md §3.2].
+    settle_s: float = 30.0
 
 
 def _rakuten_key(sku: str) -> str:
@@ -42,6 +46,9 @@ def _rakuten_key(sku: str) -> str:
 
 
 SIMS: dict[str, SimSpec] = {
+    "amazon": SimSpec(
+        "amazon", SimAmazon, lambda sku: sku, {"lwa": "/auth/o2/token"}, settle_s=240.0
+    ),
     "rakuten": SimSpec("rakuten", SimRakuten, _rakuten_key),
     "aupay": SimSpec("aupay", SimAupay, lambda sku: sku),
     "shopify": SimSpec("shopify", SimShopify, lambda sku: sku, add=_add_shopify),

@@ -1,0 +1,953 @@
+"""Amazon SP-API adapter for the JP marketplace (Orders v0, Listings Items 2021-08-01).
+
+Facts and their sources are in ``malls.md`` §3 and in Amazon's own models
+(``../shared/spapi``); the tests validate every request this module sends, and every
+response the simulator (``goqd.sim.amazon``) answers, against those models. Choices
+marked [I] are assumptions the simulator mirrors and makes configurable.
+
+Auth. Login with Amazon (LWA) ``POST /auth/o2/token`` with the refresh-token grant gives
+an access token for one hour [V]; it goes out as ``x-amz-access-token`` and is renewed a
+minute before it expires. A 403 with a token we did not just mint is refreshed once and
+retried (Amazon says "Expired Token" with a 403 [V]); a 403 right after a refresh, or an
+LWA ``invalid_grant`` / ``invalid_client``, is ``MallAuthError`` (level 9: the yearly app
+authorization [V-secondary] must be renewed).
+
+Orders. ``getOrders`` with ``LastUpdatedAfter = cursor - overlap_s`` and
+``LastUpdatedBefore = now - lag_s``; Amazon refuses a ``LastUpdatedBefore`` later than two
+minutes before its own clock and most updates show up two minutes after they happen
+[V], so the window ends there and the cursor is that end. ``lag_s`` defaults to 125: the
+documented two minutes plus 5 s for clock skew [I: a few seconds of skew is a reported
+cause of InvalidInput]. Only ``MarketplaceIds`` and ``NextToken`` are sent for the next
+pages [I: developers report InvalidInput when filters go with the token]. Only MFN orders
+are asked for (``FulfillmentChannels=MFN``) and any AFN order that comes anyway is
+skipped: FBA stock is Amazon's, not the merchant's [I]. ``getOrderItems`` is called per
+order; the items of an order whose ``LastUpdateDate`` has not changed since the previous
+poll are reused from memory, so the overlap costs no extra ``getOrderItems`` calls (0.5
+per second [V]). Amazon never changes an item without touching ``LastUpdateDate``, which
+is defined as "any change in order status" [V]. Line id ``OrderItemId``; listing key and
+link code ``SellerSKU`` (option ``link_field = "asin"`` links by ASIN instead);
+``updated_at`` is ``LastUpdateDate``.
+
+Statuses. Live: PendingAvailability, Pending, Unshipped, PartiallyShipped, Shipped,
+InvoiceUnconfirmed (malls.md §3.3 [I]: Amazon lowers the MFN quantity at purchase, so
+every non-cancelled order holds its units, pre-orders included). Canceled is a
+cancellation Amazon never undoes (terminal). Unfulfillable applies to Multi-Channel
+Fulfillment orders only [V] and is in neither set.
+
+Stock. ``patchListingsItem`` replaces ``/attributes/fulfillment_availability`` with one
+``DEFAULT`` (merchant-fulfilled) entry: the quantity, plus the listing's
+``lead_time_to_ship_max_days`` and ``restock_date`` when goqd has them (Amazon drops the
+keys a replace leaves out [V: amzn/selling-partner-api-models#4406], which is why they
+go with every push). One call per listing at 5 per second [V]; ``push_batch`` is 20 so
+one batch takes about four seconds. HTTP 200 with status ``INVALID`` (or a 400 for that
+listing) is a per-listing refusal; ``ACCEPTED`` is asynchronous and may never apply [V],
+which ``read_stock`` (``getListingsItem``) reveals in the discrepancy check.
+
+Listings. ``searchListingsItems`` (in the 2021-08-01 model [V]) pages through every
+listing with summaries, attributes and fulfillment availability, 20 per page. Listings
+without a ``DEFAULT`` fulfillment channel (FBA) are left out of sync.
+
+Options (``ctx.options``): ``overlap_s`` (600), ``initial_lookback_s`` (86400), ``lag_s``
+(125; the real SP-API refuses less than 120, lower it only against the simulator),
+``link_field`` (``"sku"`` or ``"asin"``), ``marketplace_id`` (``A1VC38T7YXB528``),
+``page_size`` (getOrders ``MaxResultsPerPage``, 1-100, default 100).
+Credentials: ``client_id``, ``client_secret``, ``refresh_token``, ``seller_id`` and
+optionally ``authorized_at`` (YYYY-MM-DD, the day the seller authorized the app).
+
+This module must never log or format the LWA client secret, the refresh token or an
+access token: they reach httpx only in the token form and the ``x-amz-access-token``
+header, and every message is built from Amazon's own error codes and texts.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta, timezone
+from typing import Any, TypeVar
+from urllib.parse import quote, urlencode, urlsplit
+
+import httpx
+import msgspec
+import trio
+
+from goqd.errors import (
+    ConfigError,
+    MallAuthError,
+    MallError,
+    MallProtocolError,
+    MallRateLimited,
+    MallUnavailable,
+)
+from goqd.malls.base import MallLimits, MallSpec, OrderPage, StoreContext
+from goqd.malls.ratelimit import TokenBucket
+from goqd.messages import ListingAttrs, MallListing, OrderLine, PushItem, PushOutcome
+from goqd.secret import Secret
+
+MALL = "amazon"
+MARKETPLACE_JP = "A1VC38T7YXB528"
+JST = timezone(timedelta(hours=9), "JST")
+
+LWA_PATH = "/auth/o2/token"
+ORDERS_PATH = "/orders/v0/orders"
+LISTINGS_PATH = "/listings/2021-08-01/items"
+
+ACCESS_TOKEN_MARGIN_S = 60.0  # renew this long before the hour is up
+AUTHORIZATION_LIFETIME_S = 365 * 86400.0  # app authorization is renewed yearly [V-secondary]
+MAX_BODY_BYTES = 16 * 1024 * 1024
+ORDERS_PAGE_MAX = 100  # MaxResultsPerPage 1-100 [V]
+SEARCH_PAGE_MAX = 20  # searchListingsItems pageSize maximum [V]
+LEAD_TIME_MAX_DAYS = 30  # "greater than the allowed maximum '30'" [V: models#2344]
+MAX_PAGES = 10_000  # a NextToken chain longer than this is a mall bug, not data
+USER_AGENT = "goqd/0.1 (Language=Python)"
+
+# Usage plans [V: the models' operation descriptions]: (rate per second, burst).
+RATES: dict[str, tuple[float, float]] = {
+    "lwa": (1.0, 1.0),  # [I] LWA publishes no rate; one token an hour is the normal use
+    "getOrders": (0.0167, 20.0),
+    "getOrderItems": (0.5, 30.0),
+    "getListingsItem": (5.0, 10.0),
+    "patchListingsItem": (5.0, 5.0),
+    "searchListingsItems": (5.0, 5.0),
+}
+
+ORDER_STATUSES = frozenset(
+    {
+        "PendingAvailability",
+        "Pending",
+        "Unshipped",
+        "PartiallyShipped",
+        "Shipped",
+        "InvoiceUnconfirmed",
+        "Canceled",
+        "Unfulfillable",
+    }
+)
+LIVE_STATUSES = (
+    "PendingAvailability",
+    "Pending",
+    "Unshipped",
+    "PartiallyShipped",
+    "Shipped",
+    "InvoiceUnconfirmed",
+)
+CANCEL_STATUSES = ("Canceled",)
+TERMINAL_STATUSES = frozenset({"Canceled"})
+
+DEFAULT_CHANNEL = "DEFAULT"  # merchant-fulfilled (MFN) [V]
+LINK_FIELDS = ("sku", "asin")
+CREDENTIAL_FIELDS = ("client_id", "client_secret", "refresh_token", "seller_id")
+# LWA (OAuth 2, RFC 6749 §5.2) errors that mean the credential itself no longer works.
+_LWA_AUTH_ERRORS = frozenset(
+    {"invalid_grant", "invalid_client", "unauthorized_client", "access_denied"}
+)
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
+
+LIMITS = MallLimits(push_batch=20, read_batch=20, min_poll_interval=60.0)
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------
+# Wire formats. Response Structs ignore unknown fields (Amazon adds fields); fields
+# without a default are the ones we cannot work without.
+# --------------------------------------------------------------------------------------
+
+
+class _Pascal(msgspec.Struct, kw_only=True, rename="pascal"):
+    pass
+
+
+class _Camel(msgspec.Struct, kw_only=True, rename="camel"):
+    pass
+
+
+class _Error(msgspec.Struct, kw_only=True):
+    code: str | None = None
+    message: str | None = None
+    details: str | None = None
+
+
+class _ErrorList(msgspec.Struct, kw_only=True):
+    errors: list[_Error] | None = None
+
+
+class _TokenResponse(msgspec.Struct, kw_only=True):
+    access_token: str
+    token_type: str = "bearer"
+    expires_in: float = 3600.0
+
+
+class _TokenError(msgspec.Struct, kw_only=True):
+    error: str = ""
+    error_description: str = ""
+
+
+class _Order(_Pascal):
+    amazon_order_id: str
+    purchase_date: str
+    last_update_date: str
+    order_status: str
+    fulfillment_channel: str | None = None
+    marketplace_id: str | None = None
+
+
+class _OrdersList(_Pascal):
+    orders: list[_Order]
+    next_token: str | None = None
+
+
+class _GetOrdersResponse(msgspec.Struct, kw_only=True):
+    payload: _OrdersList
+
+
+class _OrderItem(_Pascal):
+    asin: str = msgspec.field(name="ASIN")
+    order_item_id: str
+    quantity_ordered: int
+    seller_sku: str | None = msgspec.field(default=None, name="SellerSKU")
+
+
+class _OrderItemsList(_Pascal):
+    amazon_order_id: str
+    order_items: list[_OrderItem]
+    next_token: str | None = None
+
+
+class _GetOrderItemsResponse(msgspec.Struct, kw_only=True):
+    payload: _OrderItemsList
+
+
+class _Issue(_Camel):
+    code: str
+    message: str
+    severity: str = "ERROR"
+
+
+class _Submission(_Camel):
+    sku: str
+    status: str
+    submission_id: str
+    issues: list[_Issue] | None = None
+
+
+class _Availability(_Camel):
+    fulfillment_channel_code: str
+    quantity: int | None = None
+
+
+class _AttrAvailability(msgspec.Struct, kw_only=True):
+    # Attribute names are snake_case as the product type definitions spell them.
+    fulfillment_channel_code: str | None = None
+    quantity: int | None = None
+    lead_time_to_ship_max_days: int | None = None
+    restock_date: str | None = None
+    marketplace_id: str | None = None
+
+
+class _Attributes(msgspec.Struct, kw_only=True):
+    fulfillment_availability: list[_AttrAvailability] | None = None
+
+
+class _Summary(_Camel):
+    marketplace_id: str
+    asin: str | None = None
+    item_name: str | None = None
+
+
+class _Item(_Camel):
+    sku: str
+    summaries: list[_Summary] | None = None
+    attributes: _Attributes | None = None
+    fulfillment_availability: list[_Availability] | None = None
+
+
+class _Pagination(_Camel):
+    next_token: str | None = None
+
+
+class _ItemSearchResults(_Camel):
+    number_of_results: int
+    items: list[_Item]
+    pagination: _Pagination | None = None
+
+
+@dataclass(frozen=True)
+class _Reply:
+    status: int
+    body: bytes
+    headers: httpx.Headers
+
+
+@dataclass(frozen=True)
+class _SeenOrder:
+    """Items of one order as of one ``LastUpdateDate``."""
+
+    last_update_date: str
+    items: tuple[_OrderItem, ...]
+
+
+# --------------------------------------------------------------------------------------
+# Time helpers: SP-API speaks ISO 8601; goqd sends UTC with a Z, to the second.
+# --------------------------------------------------------------------------------------
+
+
+def format_iso(epoch: float) -> str:
+    return datetime.fromtimestamp(math.floor(epoch), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text: str) -> float:
+    """Epoch seconds of an ISO 8601 datetime; one without an offset is UTC."""
+    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.timestamp()
+
+
+def _short(text: str | None, limit: int = 200) -> str:
+    text = (text or "").strip()
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _lwa_url(configured: str) -> str:
+    """``urls["lwa"]`` may be the full endpoint or just a host; a bare host gets the path."""
+    if urlsplit(configured).path in ("", "/"):
+        return configured.rstrip("/") + LWA_PATH
+    return configured
+
+
+class AmazonAdapter:
+    """One seller's SP-API session: the HTTP client (borrowed), the LWA access token
+    (in memory only), a token bucket per SP-API operation, and the order items seen on
+    the previous poll."""
+
+    mall = MALL
+    limits = LIMITS
+
+    def __init__(self, ctx: StoreContext) -> None:
+        for name in CREDENTIAL_FIELDS:
+            value = ctx.credentials.get(name)
+            if value is None or not value.reveal():
+                raise ConfigError(f"store {ctx.store}", "credentials", f"{name} is missing")
+        self._ctx = ctx
+        self._overlap_s = self._number_option("overlap_s", 600, 0, 30 * 86400)
+        self._initial_lookback_s = self._number_option("initial_lookback_s", 86400, 0, 730 * 86400)
+        self._lag_s = self._number_option("lag_s", 125, 0, 86400)
+        self._page_size = int(self._number_option("page_size", ORDERS_PAGE_MAX, 1, ORDERS_PAGE_MAX))
+        self._marketplace = str(ctx.options.get("marketplace_id", MARKETPLACE_JP))
+        link_field = ctx.options.get("link_field", "sku")
+        if link_field not in LINK_FIELDS:
+            raise ConfigError(
+                f"store {ctx.store}",
+                "options.link_field",
+                f"{link_field!r} is not one of {', '.join(LINK_FIELDS)}",
+            )
+        self._link_field: str = link_field
+        self._live = frozenset(ctx.live_statuses or LIVE_STATUSES)
+        self._cancel = frozenset(ctx.cancel_statuses or CANCEL_STATUSES)
+        unknown = (self._live | self._cancel) - ORDER_STATUSES
+        if unknown:
+            raise ConfigError(
+                f"store {ctx.store}",
+                "live-statuses/cancel-statuses",
+                f"not Amazon OrderStatus values: {', '.join(sorted(unknown))}",
+            )
+        self._seller_id = ctx.credentials["seller_id"].reveal()
+        self._lwa_url = _lwa_url(ctx.urls.get("lwa", ctx.base_url))
+        self._base = ctx.base_url.rstrip("/")
+        self._buckets = {api: TokenBucket(rate, burst) for api, (rate, burst) in RATES.items()}
+        self._token_lock = trio.Lock()
+        self._access_token: Secret | None = None
+        self._access_expires_at = 0.0
+        self._seen: dict[str, _SeenOrder] = {}
+
+    def _number_option(self, name: str, default: float, low: float, high: float) -> float:
+        value = self._ctx.options.get(name, default)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (low <= value <= high)
+        ):
+            raise ConfigError(
+                f"store {self._ctx.store}",
+                f"options.{name}",
+                f"must be a number between {low:g} and {high:g}, got {value!r}",
+            )
+        return float(value)
+
+    # -- errors ------------------------------------------------------------------------
+
+    def _err(self, cls: type[MallError], message: str, code: str = "") -> MallError:
+        return cls(message, mall=MALL, store=self._ctx.store, code=code)
+
+    def _decode(self, kind: type[T], reply: _Reply, api: str) -> T:
+        try:
+            return msgspec.json.decode(reply.body, type=kind)
+        except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+            raise self._err(
+                MallProtocolError, f"{api}: response does not match the SP-API model ({exc})"
+            ) from exc
+
+    @staticmethod
+    def _first_error(body: bytes) -> tuple[str, str]:
+        """(code, message + details) of the first ``errors`` entry; best effort."""
+        try:
+            errors = msgspec.json.decode(body, type=_ErrorList).errors or []
+        except msgspec.DecodeError:
+            errors = []
+        if not errors:
+            return "", ""
+        first = errors[0]
+        text = " ".join(p for p in (_short(first.message), _short(first.details)) if p)
+        return first.code or "", text
+
+    def _raise_for_status(self, api: str, reply: _Reply) -> None:
+        code, text = self._first_error(reply.body)
+        detail = " ".join(p for p in (code, text) if p) or "no error body"
+        status = reply.status
+        if status in (401, 403):
+            raise self._err(
+                MallAuthError,
+                f"{api}: Amazon refused the access ({detail}, HTTP {status}); check that the "
+                "app is still authorized for this seller (Seller Central > Apps) and run "
+                "`goqctl key set`",
+                code or "Unauthorized",
+            )
+        if status == 429:
+            bucket = self._buckets[api]
+            retry_after = _retry_after(reply.headers.get("retry-after"), bucket)
+            bucket.block_for(retry_after)
+            raise MallRateLimited(
+                f"{api}: throttled ({detail})",
+                retry_after=retry_after,
+                mall=MALL,
+                store=self._ctx.store,
+                code=code or "QuotaExceeded",
+            )
+        if status >= 500:
+            raise self._err(MallUnavailable, f"{api}: HTTP {status} ({detail})", code)
+        raise self._err(MallProtocolError, f"{api}: HTTP {status} ({detail})", code)
+
+    # -- HTTP --------------------------------------------------------------------------
+
+    async def _send(
+        self,
+        api: str,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str],
+        content: bytes | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> _Reply:
+        try:
+            async with self._ctx.http.stream(
+                method, url, headers=headers, content=content, params=params
+            ) as response:
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_BODY_BYTES:
+                        raise self._err(MallProtocolError, f"{api}: response larger than 16 MiB")
+                return _Reply(response.status_code, bytes(body), response.headers)
+        except httpx.TimeoutException as exc:
+            raise self._err(MallUnavailable, f"{api}: timed out") from exc
+        except httpx.DecodingError as exc:
+            raise self._err(MallProtocolError, f"{api}: undecodable response body") from exc
+        except httpx.HTTPError as exc:
+            raise self._err(MallUnavailable, f"{api}: {type(exc).__name__}") from exc
+
+    async def _call(
+        self,
+        api: str,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        accept: tuple[int, ...] = (200,),
+    ) -> _Reply:
+        """One SP-API call: rate, access token, status mapping.
+
+        A 403 with an access token minted before this call is taken for an expired one:
+        the token is refreshed and the call retried once.
+        """
+        content = None if body is None else msgspec.json.encode(body)
+        for attempt in range(2):
+            token, minted = await self._ensure_access_token()
+            await self._buckets[api].acquire()
+            headers = {
+                "x-amz-access-token": token.reveal(),
+                "accept": "application/json",
+                "user-agent": USER_AGENT,
+            }
+            if content is not None:
+                headers["content-type"] = "application/json"
+            reply = await self._send(
+                api, method, self._base + path, headers=headers, content=content, params=params
+            )
+            if reply.status in accept:
+                return reply
+            if reply.status == 403 and attempt == 0 and not minted:
+                await self._refresh(stale=token)
+                continue
+            self._raise_for_status(api, reply)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- LWA tokens --------------------------------------------------------------------
+
+    async def _ensure_access_token(self) -> tuple[Secret, bool]:
+        """The current access token, and whether this call had to mint it."""
+        async with self._token_lock:
+            if (
+                self._access_token is None
+                or self._ctx.clock() + ACCESS_TOKEN_MARGIN_S >= self._access_expires_at
+            ):
+                return await self._refresh_locked(), True
+            return self._access_token, False
+
+    async def _refresh(self, *, stale: Secret | None) -> None:
+        async with self._token_lock:
+            # Another task may have refreshed while we waited for the lock.
+            if stale is not None and self._access_token is not stale:
+                return
+            await self._refresh_locked()
+
+    async def _refresh_locked(self) -> Secret:
+        api = "lwa"
+        creds = self._ctx.credentials
+        form = {
+            "grant_type": "refresh_token",
+            "refresh_token": creds["refresh_token"].reveal(),
+            "client_id": creds["client_id"].reveal(),
+            "client_secret": creds["client_secret"].reveal(),
+        }
+        await self._buckets[api].acquire()
+        reply = await self._send(
+            api,
+            "POST",
+            self._lwa_url,
+            headers={
+                "content-type": "application/x-www-form-urlencoded;charset=UTF-8",
+                "accept": "application/json",
+                "user-agent": USER_AGENT,
+            },
+            content=urlencode(form).encode("ascii"),
+        )
+        if reply.status == 200:
+            token = self._decode(_TokenResponse, reply, api)
+            if not token.access_token or token.expires_in <= 0:
+                raise self._err(MallProtocolError, "lwa: token response without a usable token")
+            self._access_token = Secret(token.access_token)
+            self._access_expires_at = self._ctx.clock() + token.expires_in
+            return self._access_token
+        self._access_token = None
+        try:
+            err = msgspec.json.decode(reply.body, type=_TokenError)
+        except msgspec.DecodeError:
+            err = _TokenError()
+        detail = " ".join(p for p in (err.error, _short(err.error_description)) if p)
+        detail = detail or f"HTTP {reply.status}"
+        if err.error in _LWA_AUTH_ERRORS or reply.status in (401, 403):
+            raise self._err(
+                MallAuthError,
+                f"lwa: Login with Amazon refused the credential ({detail}); re-authorize the "
+                "app for this seller and run `goqctl key set`",
+                err.error or f"http_{reply.status}",
+            )
+        if reply.status == 429:
+            retry_after = _retry_after(reply.headers.get("retry-after"), self._buckets[api])
+            self._buckets[api].block_for(retry_after)
+            raise MallRateLimited(
+                f"lwa: throttled ({detail})",
+                retry_after=retry_after,
+                mall=MALL,
+                store=self._ctx.store,
+            )
+        if reply.status >= 500:
+            raise self._err(MallUnavailable, f"lwa: {detail}", err.error)
+        raise self._err(MallProtocolError, f"lwa: {detail}", err.error)
+
+    # -- credentials -------------------------------------------------------------------
+
+    async def check_credentials(self) -> None:
+        """A fresh LWA token, then one listing search and one single-order getOrders.
+
+        Polling needs the Orders role and pushing the Listings role, and ``seller_id``
+        must belong to the token; the two cheapest calls that prove all three cost one
+        of getOrders' 20 burst tokens and one listings token.
+        """
+        await self._refresh(stale=None)
+        await self._call(
+            "searchListingsItems",
+            "GET",
+            f"{LISTINGS_PATH}/{quote(self._seller_id, safe='')}",
+            params={"marketplaceIds": self._marketplace, "pageSize": "1"},
+        )
+        end = self._ctx.clock() - self._lag_s
+        await self._call(
+            "getOrders",
+            "GET",
+            ORDERS_PATH,
+            params={
+                "MarketplaceIds": self._marketplace,
+                "LastUpdatedAfter": format_iso(end - 3600),
+                "LastUpdatedBefore": format_iso(end),
+                "MaxResultsPerPage": "1",
+            },
+        )
+
+    async def credential_expiry(self) -> float | None:
+        """``authorized_at`` + 365 days, when the credential file says when that was."""
+        given = self._ctx.credentials.get("authorized_at")
+        if given is None or not given.reveal():
+            return None
+        try:
+            day = date.fromisoformat(given.reveal().strip()[:10])
+        except ValueError as exc:
+            raise self._err(
+                MallProtocolError, "credential field authorized_at is not a YYYY-MM-DD date"
+            ) from exc
+        # [I] Seller Central shows the authorization day in the seller's local time.
+        start = datetime(day.year, day.month, day.day, tzinfo=JST).timestamp()
+        return start + AUTHORIZATION_LIFETIME_S
+
+    # -- orders ------------------------------------------------------------------------
+
+    async def fetch_orders(self, cursor: str | None) -> OrderPage:
+        end = float(math.floor(self._ctx.clock() - self._lag_s))
+        if cursor is None:
+            start = end - self._initial_lookback_s
+        else:
+            try:
+                start = parse_iso(cursor) - self._overlap_s
+            except ValueError as exc:
+                raise self._err(
+                    MallProtocolError, f"cursor {cursor!r} is not an ISO 8601 datetime"
+                ) from exc
+        start = min(start, end)
+        orders = await self._search_orders(start, end)
+        seen: dict[str, _SeenOrder] = {}
+        lines: list[OrderLine] = []
+        for order in orders:
+            if order.fulfillment_channel == "AFN":
+                continue
+            status = order.order_status
+            if status in self._live:
+                cancelled = False
+            elif status in self._cancel:
+                cancelled = True
+            else:
+                continue
+            previous = self._seen.get(order.amazon_order_id)
+            if previous is not None and previous.last_update_date == order.last_update_date:
+                items = previous.items
+            else:
+                items = await self._order_items(order.amazon_order_id)
+            seen[order.amazon_order_id] = _SeenOrder(order.last_update_date, items)
+            lines += self._order_lines(order, items, cancelled)
+        # Only this window's orders can come back unchanged next time; older entries
+        # would only grow the dict.
+        self._seen = seen
+        return OrderPage(lines=tuple(lines), cursor=format_iso(end), orders_seen=len(orders))
+
+    async def _search_orders(self, start: float, end: float) -> list[_Order]:
+        api = "getOrders"
+        params: dict[str, str] = {
+            "MarketplaceIds": self._marketplace,
+            "LastUpdatedAfter": format_iso(start),
+            "LastUpdatedBefore": format_iso(end),
+            "OrderStatuses": ",".join(sorted(self._live | self._cancel)),
+            "FulfillmentChannels": "MFN",
+            "MaxResultsPerPage": str(self._page_size),
+        }
+        found: dict[str, _Order] = {}
+        tokens: set[str] = set()
+        for _ in range(MAX_PAGES):
+            reply = await self._call(api, "GET", ORDERS_PATH, params=params)
+            page = self._decode(_GetOrdersResponse, reply, api).payload
+            for order in page.orders:
+                known = found.get(order.amazon_order_id)
+                if known is None or self._stamp(known) <= self._stamp(order):
+                    found[order.amazon_order_id] = order
+            token = page.next_token
+            if not token:
+                return list(found.values())
+            if token in tokens:
+                raise self._err(MallProtocolError, f"{api}: NextToken repeated itself")
+            tokens.add(token)
+            params = {"MarketplaceIds": self._marketplace, "NextToken": token}
+        raise self._err(MallProtocolError, f"{api}: more than {MAX_PAGES} pages")
+
+    def _stamp(self, order: _Order) -> float:
+        try:
+            return parse_iso(order.last_update_date)
+        except ValueError as exc:
+            raise self._err(
+                MallProtocolError,
+                f"getOrders: order {order.amazon_order_id} has a malformed LastUpdateDate",
+            ) from exc
+
+    async def _order_items(self, order_id: str) -> tuple[_OrderItem, ...]:
+        api = "getOrderItems"
+        path = f"{ORDERS_PATH}/{quote(order_id, safe='')}/orderItems"
+        params: dict[str, str] = {}
+        items: list[_OrderItem] = []
+        tokens: set[str] = set()
+        for _ in range(MAX_PAGES):
+            reply = await self._call(api, "GET", path, params=params)
+            page = self._decode(_GetOrderItemsResponse, reply, api).payload
+            items += page.order_items
+            if not page.next_token:
+                return tuple(items)
+            if page.next_token in tokens:
+                raise self._err(MallProtocolError, f"{api}: NextToken repeated itself")
+            tokens.add(page.next_token)
+            params = {"NextToken": page.next_token}
+        raise self._err(MallProtocolError, f"{api}: more than {MAX_PAGES} pages")
+
+    def _order_lines(
+        self, order: _Order, items: Sequence[_OrderItem], cancelled: bool
+    ) -> list[OrderLine]:
+        updated_at = self._stamp(order)
+        status = order.order_status
+        terminal = cancelled and status in TERMINAL_STATUSES
+        lines = []
+        for item in items:
+            # MFN lines of the seller's own offers always carry SellerSKU; a line without
+            # one is still returned (the ledger parks it) under a key naming its ASIN.
+            key = item.seller_sku or f"asin:{item.asin}"
+            link = item.asin if self._link_field == "asin" else (item.seller_sku or "")
+            quantity = max(item.quantity_ordered, 0)
+            lines.append(
+                OrderLine(
+                    order_id=order.amazon_order_id,
+                    line_id=item.order_item_id,
+                    listing_key=key,
+                    link_code=link,
+                    quantity=quantity,
+                    cancelled=cancelled or quantity == 0,
+                    terminal=terminal,
+                    updated_at=updated_at,
+                    status=status,
+                )
+            )
+        return lines
+
+    # -- stock -------------------------------------------------------------------------
+
+    def _item_path(self, sku: str) -> str:
+        return f"{LISTINGS_PATH}/{quote(self._seller_id, safe='')}/{quote(sku, safe='')}"
+
+    async def push_stock(self, items: Sequence[PushItem]) -> list[PushOutcome]:
+        """One ``patchListingsItem`` per item, in order, under the 5-per-second bucket."""
+        return [await self._patch(item) for item in items]
+
+    async def _patch(self, item: PushItem) -> PushOutcome:
+        problem = _push_problem(item)
+        if problem:
+            return _outcome(item, accepted=False, code="invalid_value", message=problem)
+        entry: dict[str, Any] = {
+            "fulfillment_channel_code": DEFAULT_CHANNEL,
+            "quantity": item.quantity,
+        }
+        if item.attrs.lead_time_days is not None:
+            entry["lead_time_to_ship_max_days"] = item.attrs.lead_time_days
+        if item.attrs.restock_date is not None:
+            entry["restock_date"] = item.attrs.restock_date
+        body = {
+            "productType": "PRODUCT",
+            "patches": [
+                {
+                    "op": "replace",
+                    "path": "/attributes/fulfillment_availability",
+                    "value": [entry],
+                }
+            ],
+        }
+        api = "patchListingsItem"
+        reply = await self._call(
+            api,
+            "PATCH",
+            self._item_path(item.listing_key),
+            params={"marketplaceIds": self._marketplace},
+            body=body,
+            accept=(200, 400),
+        )
+        if reply.status == 400:
+            # InvalidInput about this listing (its SKU or its values): refuse it alone.
+            code, text = self._first_error(reply.body)
+            return _outcome(
+                item, accepted=False, code=code or "InvalidInput", message=text or "HTTP 400"
+            )
+        submission = self._decode(_Submission, reply, api)
+        issues = submission.issues or []
+        text = "; ".join(f"{i.code} {_short(i.message)}" for i in issues)
+        if submission.status == "ACCEPTED":
+            return _outcome(item, accepted=True, message=text)
+        errors = [i for i in issues if i.severity == "ERROR"] or issues
+        return _outcome(
+            item,
+            accepted=False,
+            code=errors[0].code if errors else submission.status,
+            message=text or f"status {submission.status}",
+        )
+
+    async def read_stock(self, listing_keys: Sequence[str]) -> dict[str, int | None]:
+        """``getListingsItem`` per key: the MFN quantity Amazon has applied.
+
+        Unknown SKUs (404) and FBA-only listings are absent from the result.
+        """
+        api = "getListingsItem"
+        counts: dict[str, int | None] = {}
+        for key in listing_keys:
+            reply = await self._call(
+                api,
+                "GET",
+                self._item_path(key),
+                params={
+                    "marketplaceIds": self._marketplace,
+                    "includedData": "fulfillmentAvailability",
+                },
+                accept=(200, 404),
+            )
+            if reply.status == 404:
+                continue
+            found = _mfn_quantity(self._decode(_Item, reply, api), self._marketplace)
+            if found is not None:
+                counts[key] = found[0]
+        return counts
+
+    # -- listings ----------------------------------------------------------------------
+
+    async def iter_listings(self) -> AsyncIterator[MallListing]:
+        """Every merchant-fulfilled listing, 20 per ``searchListingsItems`` page.
+
+        ``attrs`` carries the lead time and restock date Amazon has for the listing, so
+        an import can take them in (DESIGN §2 item 3); FBA listings are skipped.
+        """
+        api = "searchListingsItems"
+        path = f"{LISTINGS_PATH}/{quote(self._seller_id, safe='')}"
+        params = {
+            "marketplaceIds": self._marketplace,
+            "includedData": "summaries,attributes,fulfillmentAvailability",
+            "pageSize": str(SEARCH_PAGE_MAX),
+        }
+        tokens: set[str] = set()
+        for _ in range(MAX_PAGES):
+            reply = await self._call(api, "GET", path, params=params)
+            page = self._decode(_ItemSearchResults, reply, api)
+            for item in page.items:
+                listing = self._listing(item)
+                if listing is not None:
+                    yield listing
+            token = page.pagination.next_token if page.pagination else None
+            if not token or not page.items:
+                return
+            if token in tokens:
+                raise self._err(MallProtocolError, f"{api}: pageToken repeated itself")
+            tokens.add(token)
+            params = {**params, "pageToken": token}
+        raise self._err(MallProtocolError, f"{api}: more than {MAX_PAGES} pages")
+
+    def _listing(self, item: _Item) -> MallListing | None:
+        found = _mfn_quantity(item, self._marketplace)
+        if found is None:
+            return None
+        quantity, attr = found
+        summary = next(
+            (s for s in item.summaries or () if s.marketplace_id == self._marketplace), None
+        )
+        asin = (summary.asin if summary else None) or ""
+        restock = attr.restock_date if attr else None
+        return MallListing(
+            listing_key=item.sku,
+            link_code=asin if self._link_field == "asin" else item.sku,
+            name=(summary.item_name if summary else None) or item.sku,
+            quantity=quantity,
+            attrs=ListingAttrs(
+                lead_time_days=attr.lead_time_to_ship_max_days if attr else None,
+                restock_date=restock[:10] if restock and _DATE.match(restock) else None,
+            ),
+        )
+
+
+def _mfn_quantity(item: _Item, marketplace: str) -> tuple[int, _AttrAvailability | None] | None:
+    """(MFN quantity, the DEFAULT attribute entry) or None for an FBA-only listing.
+
+    A listing with no fulfillment availability at all has no offer quantity yet and
+    counts as MFN with 0 [I].
+    """
+    attrs = [
+        a
+        for a in (item.attributes.fulfillment_availability or [] if item.attributes else [])
+        if a.marketplace_id in (None, marketplace)
+    ]
+    attr = next((a for a in attrs if a.fulfillment_channel_code == DEFAULT_CHANNEL), None)
+    entries = item.fulfillment_availability or []
+    default = next((e for e in entries if e.fulfillment_channel_code == DEFAULT_CHANNEL), None)
+    if default is None and attr is None and (entries or attrs):
+        return None
+    if default is not None and default.quantity is not None:
+        return default.quantity, attr
+    return (attr.quantity if attr and attr.quantity is not None else 0), attr
+
+
+def _push_problem(item: PushItem) -> str:
+    """Why Amazon would refuse this item's values, found before spending a call on it."""
+    if item.quantity < 0:
+        return f"quantity {item.quantity} is negative"
+    lead = item.attrs.lead_time_days
+    if lead is not None and not 0 <= lead <= LEAD_TIME_MAX_DAYS:
+        return f"lead time {lead} days is outside 0..{LEAD_TIME_MAX_DAYS}"
+    restock = item.attrs.restock_date
+    if restock is not None:
+        try:
+            date.fromisoformat(restock)
+        except ValueError:
+            return f"restock date {restock!r} is not YYYY-MM-DD"
+    if not item.listing_key:
+        return "empty SKU"
+    return ""
+
+
+def _outcome(item: PushItem, *, accepted: bool, code: str = "", message: str = "") -> PushOutcome:
+    return PushOutcome(
+        listing_key=item.listing_key,
+        version=item.version,
+        accepted=accepted,
+        code=code,
+        message=message,
+        quantity=item.quantity,
+    )
+
+
+def _retry_after(value: str | None, bucket: TokenBucket) -> float:
+    """Seconds from a ``Retry-After`` header; SP-API rarely sends one [I], so otherwise
+    the time the usage plan needs to grant one request, in whole seconds (60 for
+    getOrders)."""
+    if value:
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = math.nan
+        if math.isfinite(seconds) and seconds >= 0:
+            return seconds
+    return float(math.ceil(1.0 / bucket.rate))
+
+
+def open_adapter(ctx: StoreContext) -> AmazonAdapter:
+    return AmazonAdapter(ctx)
+
+
+SPEC = MallSpec(
+    name=MALL,
+    title="Amazon.co.jp",
+    open_adapter=open_adapter,
+    limits=LIMITS,
+    credential_fields=CREDENTIAL_FIELDS,
+    default_live_statuses=LIVE_STATUSES,
+    default_cancel_statuses=CANCEL_STATUSES,
+)
