@@ -1050,17 +1050,7 @@ class Ledger:
 
     def import_listings(self, msg: m.ImportListings) -> m.LinkReport:
         conn = self.conn
-        report: dict[str, Any] = {
-            "seen": 0,
-            "created": 0,
-            "new_listings": 0,
-            "updated": 0,
-            "linked": 0,
-            "unlinked": 0,
-            "ambiguous": 0,
-            "released": 0,
-            "problems": [],
-        }
+        report = _new_report()
         for listing in msg.listings:
             report["seen"] += 1
             row = conn.execute(
@@ -1110,21 +1100,10 @@ class Ledger:
                 )
                 report["created"] += 1
             self._link_by_code(msg.store, listing.listing_key, listing.link_code, msg.rules, report)
-        report["problems"] = tuple(report["problems"][:100])
-        return m.LinkReport(store=msg.store, **report)
+        return _link_report(msg.store, report)
 
     def auto_link(self, store: str, rules: Sequence[str]) -> m.LinkReport:
-        report: dict[str, Any] = {
-            "seen": 0,
-            "created": 0,
-            "new_listings": 0,
-            "updated": 0,
-            "linked": 0,
-            "unlinked": 0,
-            "ambiguous": 0,
-            "released": 0,
-            "problems": [],
-        }
+        report = _new_report()
         rows = self.conn.execute(
             "SELECT listing_key, link_code FROM listings WHERE store = ? AND sku IS NULL "
             "ORDER BY listing_key",
@@ -1133,8 +1112,7 @@ class Ledger:
         for key, code in rows:
             report["seen"] += 1
             self._link_by_code(store, key, code, rules, report)
-        report["problems"] = tuple(report["problems"][:100])
-        return m.LinkReport(store=store, **report)
+        return _link_report(store, report)
 
     def queue_pushes(self, store: str, keys: Sequence[str]) -> m.Done:
         if not keys:
@@ -1310,6 +1288,28 @@ class Ledger:
                 for s, v in sorted(per_store.items())
             ),
         )
+
+
+def _new_report() -> dict[str, Any]:
+    counts: dict[str, Any] = dict.fromkeys(
+        (
+            "seen",
+            "created",
+            "new_listings",
+            "updated",
+            "linked",
+            "unlinked",
+            "ambiguous",
+            "released",
+        ),
+        0,
+    )
+    counts["problems"] = []
+    return counts
+
+
+def _link_report(store: str, report: dict[str, Any]) -> m.LinkReport:
+    return m.LinkReport(store=store, **{**report, "problems": tuple(report["problems"][:100])})
 
 
 def _listing_record(r: Sequence[Any]) -> m.ListingRecord:
