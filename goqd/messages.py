@@ -333,6 +333,9 @@ class OrderLinesBooked(_Msg, frozen=True, kw_only=True, tag="order_lines_booked"
     duplicates: int  # lines seen again with nothing new
     stale: int  # observations older than the booked one
     parked: int
+    # New lines whose last change predates their product in goqd: recorded, but the
+    # imported count already reflected them, so stock did not move.
+    before_import: int = 0
     rejected: tuple[RejectedLine, ...] = ()
     oversold_units: int = 0
 

@@ -17,7 +17,7 @@ from goqd.ledger import SCHEMA_VERSION, LedgerClient, open_db, open_ledger
 
 class FakeNow:
     def __init__(self) -> None:
-        self.t = 1_800_000_000.0
+        self.t = 0.0  # products are created at 0; order lines come later
 
     def __call__(self) -> float:
         return self.t
@@ -409,3 +409,25 @@ def test_reopening_keeps_everything(tmp_path: Path) -> None:
     ledger.conn.close()
     again = Ledger(open_db(path), now=lambda: 2.0)
     assert again.history("A", 10).total == 4
+
+
+async def test_orders_older_than_the_product_are_recorded_but_not_taken_off_again(
+    ledger: LedgerClient, now: FakeNow
+) -> None:
+    now.t = 1000.0
+    await ledger.call(m.UpsertProduct(sku="NEW", total=5, store="r1"))
+    await ledger.call(m.UpsertListing(store="r1", listing_key="r1-NEW", sku="NEW"))
+    await ledger.call(m.UpsertListing(store="r2", listing_key="r2-NEW", sku="NEW"))
+    # A first poll looks back a day: this sale happened before the import, whose count (5)
+    # already reflects it.
+    old = await see(ledger, line(order="old", key="r1-NEW", qty=2, at=500.0))
+    assert old.before_import == 1 and old.booked == 0
+    assert await total(ledger, "NEW") == 5
+    fresh = await see(ledger, line(order="new", key="r1-NEW", qty=1, at=1500.0))
+    assert fresh.booked == 1 and await total(ledger, "NEW") == 4
+    # Its cancellation after the import is real: the units come back.
+    await see(ledger, line(order="old", key="r1-NEW", qty=2, at=1600.0, cancelled=True))
+    assert await total(ledger, "NEW") == 6
+    # An old sale in another store is booked: the imported count did not know it.
+    other = await see(ledger, line(order="o2", key="r2-NEW", qty=1, at=500.0), store="r2")
+    assert other.booked == 1 and await total(ledger, "NEW") == 5

@@ -440,7 +440,7 @@ class Ledger:
                     listing_key=line.listing_key,
                 )
             )
-        counts = {"booked": 0, "duplicates": 0, "stale": 0, "parked": 0}
+        counts = {"booked": 0, "duplicates": 0, "stale": 0, "parked": 0, "before_import": 0}
         oversold_before = self._batch_oversold
         for line in msg.lines:
             if line.order_id in bad_orders:
@@ -460,6 +460,7 @@ class Ledger:
             duplicates=counts["duplicates"],
             stale=counts["stale"],
             parked=counts["parked"],
+            before_import=counts["before_import"],
             rejected=tuple(rejected),
             oversold_units=self._batch_oversold - oversold_before,
         )
@@ -529,7 +530,8 @@ class Ledger:
                 )
             return "parked"
         listing = conn.execute(
-            "SELECT sku, link_state FROM listings WHERE store = ? AND listing_key = ?",
+            "SELECT l.sku, l.link_state, p.created_at, p.first_store FROM listings l "
+            "LEFT JOIN products p ON p.sku = l.sku WHERE l.store = ? AND l.listing_key = ?",
             (store, line.listing_key),
         ).fetchone()
         if listing is None or listing[1] != "linked":
@@ -573,6 +575,14 @@ class Ledger:
         )
         if target == 0:
             return "booked"  # first seen cancelled: recorded, books nothing
+        if line.updated_at < listing[2] and store == listing[3]:
+            # A sale in the store the product was imported from, older than the import:
+            # the imported count already reflects it (a first poll looks back a day).
+            # Record the line so later changes (a cancel) correct it, but do not take the
+            # units off a second time. Older sales in *other* stores are booked: nothing
+            # says the imported count knew them, and booking errs on the side of not
+            # overselling.
+            return "before_import"
         self._move(sku, -target, "order", store=store, order_id=line.order_id, line_id=line.line_id)
         return "booked"
 

@@ -20,8 +20,11 @@ SKUS = 50
 def line_for(n: int) -> m.OrderLine:
     # Every 7th order is later cancelled (a second observation below).
     return m.OrderLine(
-        order_id=f"o{n}", line_id="1", listing_key=f"s1-{n % SKUS}", quantity=1 + n % 3,
-        updated_at=float(n),
+        order_id=f"o{n}",
+        line_id="1",
+        listing_key=f"s1-{n % SKUS}",
+        quantity=1 + n % 3,
+        updated_at=4e9 + n,  # after the catalogue was set up (see before_import)
     )
 
 
@@ -33,16 +36,24 @@ async def main(path: str, lines: int, batch: int) -> None:
                 await ledger.call(m.UpsertProduct(sku=str(s), total=1000, request_id=f"p{s}"))
                 for store in ("s1", "s2", "s3"):
                     await ledger.call(
-                        m.UpsertListing(store=store, listing_key=f"{store}-{s}", sku=str(s),
-                                        request_id=f"l{store}{s}")
+                        m.UpsertListing(
+                            store=store,
+                            listing_key=f"{store}-{s}",
+                            sku=str(s),
+                            request_id=f"l{store}{s}",
+                        )
                     )
         print("ready", flush=True)
         for start in range(0, lines, batch):
             chunk = [line_for(n) for n in range(start, min(lines, start + batch))]
             chunk += [
                 m.OrderLine(
-                    order_id=ln.order_id, line_id="1", listing_key=ln.listing_key,
-                    quantity=ln.quantity, cancelled=True, terminal=True,
+                    order_id=ln.order_id,
+                    line_id="1",
+                    listing_key=ln.listing_key,
+                    quantity=ln.quantity,
+                    cancelled=True,
+                    terminal=True,
                     updated_at=ln.updated_at + 0.5,
                 )
                 for ln in chunk
