@@ -31,8 +31,8 @@ import structlog
 import trio
 from prometheus_client import CollectorRegistry
 
+from goqd import expiry, systemd
 from goqd import messages as m
-from goqd import systemd
 from goqd.config import (
     Config,
     StoreConfig,
@@ -96,9 +96,19 @@ class Daemon:
                     cursor=ls.cursor if ls else None,
                     credential_expires_at=h.credential_expires_at,
                     message=h.message,
+                    key_warning=self._key_warning(h),
                 )
             )
         return tuple(infos)
+
+    def _key_warning(self, h: StoreHandle) -> str:
+        now = self.clock()
+        state = expiry.expiry_state(
+            h.credential_expires_at, now, self.config.daemon.key_warning_days
+        )
+        if state in ("warning", "expired"):
+            return expiry.warning_message(h.name, h.mall, h.credential_expires_at, now)
+        return ""
 
     async def status(self) -> p.DaemonStatus:
         ledger = await self.ledger.ask(m.GetLedgerStatus(), m.LedgerStatus)
@@ -608,6 +618,7 @@ async def _supervise_store(
         clock=daemon.clock,
         metrics=daemon.metrics,
         transport=transport,
+        key_warning_days=daemon.config.daemon.key_warning_days,
         rng=random.Random(rng.random()),
     )
     await supervise(

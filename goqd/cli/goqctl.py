@@ -26,6 +26,7 @@ from typing import Any
 
 import msgspec
 
+from goqd import expiry
 from goqd import messages as m
 from goqd.control import protocol as p
 from goqd.control.client import DaemonUnreachable, RemoteError, call_sync, new_request_id
@@ -37,7 +38,6 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 LONG_TIMEOUT = 3600.0
 DEFAULT_TIMEOUT = 30.0
 KEY_TIMEOUT = 120.0  # key set tests the credential against the mall first
-KEY_WARNING_DAYS = 14
 MAX_CREDENTIAL_BYTES = 64 * 1024
 NAME_WIDTH = 40  # display cells for product/listing names and messages in tables
 
@@ -165,11 +165,10 @@ def _validate(request: p.ControlRequest, parser: argparse.ArgumentParser) -> Non
 # Arguments
 # --------------------------------------------------------------------------------------
 
+
 def _default_socket() -> str:
     # GOQD_CONTROL_SOCKET is what the daemon itself reads (and goqd@.service sets).
-    return (
-        os.environ.get("GOQD_SOCKET") or os.environ.get("GOQD_CONTROL_SOCKET") or DEFAULT_SOCKET
-    )
+    return os.environ.get("GOQD_SOCKET") or os.environ.get("GOQD_CONTROL_SOCKET") or DEFAULT_SOCKET
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -310,7 +309,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     reflect.add_argument("store", metavar="STORE")
     reflect.add_argument("listings", nargs="*", metavar="LISTING")
-    reflect.add_argument("--all", action="store_true", help="every listing that differs")
+    reflect.add_argument("--all", action="store_true", help="every linked listing of the store")
     return parser
 
 
@@ -471,7 +470,7 @@ def _render(result: p.ControlResult, request: p.ControlRequest, args: argparse.N
         return _render_listings(result, request)
     if isinstance(result, p.DiffReport):
         return _render_diff(result)
-    if isinstance(result, p.ImportReport):
+    if isinstance(result, m.LinkReport):
         return _render_import(result)
     if isinstance(result, m.LedgerStatus):
         return _render_ledger(result)
@@ -506,10 +505,8 @@ def _store_note(s: p.StoreInfo, now: float) -> str:
         notes.append(f"→ goqctl resume {s.name}")
     elif s.state == "down":
         notes.append("→ see `journalctl -u goqd`, then restart goqd")
-    if s.credential_expires_at is not None and s.state != "stopped":
-        days = (s.credential_expires_at - now) / 86400
-        if days <= KEY_WARNING_DAYS:
-            notes.append(f"key expires soon → goqctl key set {s.name}")
+    if s.key_warning and s.state != "stopped":
+        notes.append(s.key_warning)
     if s.parked:
         notes.append(f"{s.parked} order line(s) parked → goqctl errors --store {s.name}")
     return "; ".join(notes)
@@ -662,14 +659,21 @@ def _render_diff(d: p.DiffReport) -> str:
         for r in d.rows
     ]
     table = _table(["LISTING", "SKU", "GOQD", "MALL"], rows, right={2, 3})
-    return f"{head}\n{table}\n→ push goqd's counts: goqctl reflect {d.store} --all"
+    keys = " ".join(r.listing_key for r in d.rows[:20])
+    return f"{head}\n{table}\n→ push goqd's counts: goqctl reflect {d.store} {keys}"
 
 
-def _render_import(r: p.ImportReport) -> str:
+def _render_import(r: m.LinkReport) -> str:
+    where = r.store or "every store"
     out = (
-        f"{r.store}: {r.created} created, {r.updated} updated, {r.linked} linked, "
+        f"{where}: {r.seen} listing(s) read, {r.created} product(s) created, "
+        f"{r.new_listings} new listing(s), {r.updated} updated, {r.linked} linked, "
         f"{r.unlinked} unlinked, {r.ambiguous} ambiguous"
     )
+    if r.released:
+        out += f"\n{r.released} parked order line(s) booked"
+    for problem in r.problems[:20]:
+        out += f"\n  {problem}"
     if r.unlinked:
         out += f"\n→ link them: goqctl link --auto {r.store}, or goqctl link {r.store} LISTING SKU"
     if r.ambiguous:
@@ -768,10 +772,10 @@ def _ago(ts: float | None, now: float) -> str:
 
 
 def _days_left(ts: float | None, now: float) -> str:
-    if ts is None:
+    days = expiry.days_left(ts, now)
+    if days is None:
         return "-"
-    days = (ts - now) / 86400
-    return "expired" if days < 0 else f"{int(days)}d"
+    return "expired" if days < 0 else f"{days}d"
 
 
 if __name__ == "__main__":

@@ -67,15 +67,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.command == "bench":
             return _bench(args)
-    except ConfigError as exc:
-        print(f"goqd: config error: {exc}", file=sys.stderr)
-        return 1
-    except GoqdError as exc:
-        print(f"goqd: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # the CLI boundary: say what went wrong in one line
+        known = _goqd_errors(exc)
+        if not known:
+            raise
+        for error in known:
+            prefix = "config error: " if isinstance(error, ConfigError) else ""
+            print(f"goqd: {prefix}{error}", file=sys.stderr)
+        return 1
     return 2
+
+
+def _goqd_errors(exc: BaseException) -> list[GoqdError | OSError]:
+    """The goqd errors (and OS errors such as a port in use) inside ``exc``.
+
+    Errors raised during start-up reach us wrapped in trio's exception groups; an
+    operator should see "goqd: <file>: not an SQLite database", not a traceback.
+    Returns [] if anything else is in there (that is a bug: show the traceback).
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        found: list[GoqdError | OSError] = []
+        for inner in exc.exceptions:
+            sub = _goqd_errors(inner)
+            if not sub:
+                return []
+            found += sub
+        return found
+    if isinstance(exc, (GoqdError, OSError)):
+        return [exc]
+    return []
 
 
 def _check(file: str) -> int:

@@ -309,6 +309,9 @@ class StoreInfo(_Result, frozen=True, kw_only=True, tag="store_info"):
     cursor: str | None
     credential_expires_at: float | None
     message: str = ""
+    # Set when the credential expires within daemon.key-warning-days (or has expired):
+    # one sentence saying when and how to renew it.
+    key_warning: str = ""
 
 
 class StoreList(_Result, frozen=True, kw_only=True, tag="store_list"):
@@ -336,15 +339,6 @@ class DiffReport(_Result, frozen=True, kw_only=True, tag="diff_report"):
     checked: int
 
 
-class ImportReport(_Result, frozen=True, kw_only=True, tag="import_report"):
-    store: str
-    created: int
-    updated: int
-    linked: int
-    unlinked: int
-    ambiguous: int
-
-
 ControlResult = (
     m.Done
     | m.StockChanged
@@ -356,7 +350,6 @@ ControlResult = (
     | StoreList
     | DaemonStatus
     | DiffReport
-    | ImportReport
     | m.LinkReport
 )
 

@@ -32,6 +32,7 @@ import msgspec
 import structlog
 import trio
 
+from goqd import expiry
 from goqd import messages as m
 from goqd.config import StoreConfig
 from goqd.crashpoints import crashpoint
@@ -171,6 +172,7 @@ async def run_store(
     metrics: Any = None,
     transport: httpx.AsyncBaseTransport | None = None,
     rng: random.Random | None = None,
+    key_warning_days: int = 14,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Poll and push for one store until cancelled.
@@ -214,7 +216,15 @@ async def run_store(
                     urls=dict(config.urls),
                 )
                 session = _Session(
-                    config, spec, spec.open_adapter(ctx), handle, ledger, clock, metrics, rng
+                    config,
+                    spec,
+                    spec.open_adapter(ctx),
+                    handle,
+                    ledger,
+                    clock,
+                    metrics,
+                    rng,
+                    key_warning_days,
                 )
                 session.cursor = cursor
                 try:
@@ -238,6 +248,7 @@ class _Session:
         clock: WallClock,
         metrics: Any,
         rng: random.Random,
+        key_warning_days: int,
     ) -> None:
         self.config = config
         self.spec = spec
@@ -249,6 +260,7 @@ class _Session:
         self.rng = rng
         self.cursor: str | None = None
         self.store = config.name
+        self.key_warning_days = key_warning_days
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -454,6 +466,20 @@ class _Session:
                 self.handle.credential_expires_at = expires
                 if self.metrics is not None:
                     self.metrics.credential_expiry_timestamp_seconds.labels(self.store).set(expires)
+                now = self.clock()
+                if expiry.expiry_state(expires, now, self.key_warning_days) in (
+                    "warning",
+                    "expired",
+                ):
+                    # A warning, not yet an error: the store keeps syncing until the mall
+                    # refuses the key (that is level 9).
+                    log.warning(
+                        "credential_expiring",
+                        store=self.store,
+                        mall=self.config.mall,
+                        days_left=expiry.days_left(expires, now),
+                        action=expiry.warning_message(self.store, self.config.mall, expires, now),
+                    )
             await trio.sleep(12 * 3600)
 
 
