@@ -68,13 +68,10 @@ async def test_ready_watchdog_and_stopping(notify_socket: socket.socket) -> None
                     daemon: Daemon = await inner.start(run_daemon, config)
                     first = _drain(notify_socket)
                     # READY is the first thing said, and only now that start() returned:
-                    # the control socket exists and the store actor is running.
+                    # the control socket and the HTTP listener exist.
                     assert first and first[0].startswith("READY=1")
                     assert os.path.exists(config.daemon.control_socket)
-                    assert (
-                        daemon.handles["r"].polls_started >= 1
-                        or daemon.handles["r"].state == "running"
-                    )
+                    assert daemon.http_url.startswith("http://127.0.0.1:")
                     await trio.sleep(0.7)
                     pings = [d for d in _drain(notify_socket) if d == "WATCHDOG=1"]
                     assert len(pings) >= 2
