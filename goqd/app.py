@@ -17,12 +17,13 @@ a channel closes it: the ledger's send side belongs to this module.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -73,13 +74,15 @@ class Daemon:
     started_at: float
     http_url: str = ""
     transport: httpx.AsyncBaseTransport | None = None
-    stop: trio.CancelScope = field(default_factory=trio.CancelScope)
 
     # ------------------------------------------------------------------ status
 
-    async def store_infos(self) -> tuple[p.StoreInfo, ...]:
-        status = await self.ledger.ask(m.GetLedgerStatus(), m.LedgerStatus)
-        per_store = {s.store: s for s in status.stores}
+    async def store_infos(
+        self, stats: tuple[m.StoreLedgerStatus, ...] | None = None
+    ) -> tuple[p.StoreInfo, ...]:
+        if stats is None:
+            stats = (await self.ledger.ask(m.GetStoreStats(), m.StoreStats)).stores
+        per_store = {s.store: s for s in stats}
         infos = []
         for name, h in self.handles.items():
             ls = per_store.get(name)
@@ -117,7 +120,7 @@ class Daemon:
             version=VERSION,
             started_at=self.started_at,
             uptime_s=now - self.started_at,
-            stores=await self.store_infos(),
+            stores=await self.store_infos(ledger.stores),
             ledger=ledger,
         )
 
@@ -134,6 +137,32 @@ class Daemon:
 
     async def ledger_alive(self) -> bool:
         return bool((await self.health())["ok"])
+
+    async def update_gauges(self) -> None:
+        """Refresh the ledger-derived gauges (outbox, parked lines, open errors by level,
+        ledger inbox). Cheap: only the small per-store tables are counted."""
+        stats = await self.ledger.ask(m.GetStoreStats(), m.StoreStats)
+        per_store = {x.store: x for x in stats.stores}
+        for name in self.handles:
+            x = per_store.get(name)
+            self.metrics.outbox_pending.labels(name).set(x.outbox if x else 0)
+            self.metrics.parked_lines.labels(name).set(x.parked if x else 0)
+            levels = dict(x.open_errors_by_level) if x else {}
+            for level in {8, 9} | set(levels):
+                self.metrics.errors_open.labels(name, str(level)).set(levels.get(level, 0))
+        self.metrics.ledger_inbox_waiting.set(self.ledger.statistics().tasks_waiting_send)
+
+    async def run_gauges(
+        self,
+        *,
+        interval: float = 10.0,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        task_status.started()
+        while True:
+            with contextlib.suppress(LedgerError):
+                await self.update_gauges()
+            await trio.sleep(interval)
 
     # ------------------------------------------------------------------ control
 
@@ -551,6 +580,7 @@ async def run_daemon(
                 allow_public=config.daemon.http_public,
             )
         )
+        await root.start(daemon.run_gauges)
         interval = systemd.watchdog_interval()
         if interval:
             await root.start(

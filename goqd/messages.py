@@ -286,6 +286,10 @@ class GetLedgerStatus(_Msg, frozen=True, kw_only=True, tag="get_ledger_status"):
     pass
 
 
+class GetStoreStats(_Msg, frozen=True, kw_only=True, tag="get_store_stats"):
+    """Per-store outbox, parked and error counts only: cheap enough for every scrape."""
+
+
 class Ping(_Msg, frozen=True, kw_only=True, tag="ping"):
     """Watchdog probe: answered only if the database answers."""
 
@@ -314,6 +318,7 @@ LedgerRequest = (
     | QueuePushes
     | SetStocks
     | GetLedgerStatus
+    | GetStoreStats
     | Ping
 )
 
@@ -440,6 +445,12 @@ class StoreLedgerStatus(_Msg, frozen=True, kw_only=True, tag="store_ledger_statu
     parked: int
     open_errors: int
     max_error_level: int
+    open_errors_by_level: dict[int, int] = msgspec.field(default_factory=dict)
+
+
+class StoreStats(_Msg, frozen=True, kw_only=True, tag="store_stats"):
+    stores: tuple[StoreLedgerStatus, ...]
+    oversold_units: int
 
 
 class LedgerStatus(_Msg, frozen=True, kw_only=True, tag="ledger_status"):
@@ -486,4 +497,5 @@ LedgerReply = (
     | LedgerStatus
     | Pong
     | LinkReport
+    | StoreStats
 )

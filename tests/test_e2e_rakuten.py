@@ -152,6 +152,13 @@ async def test_expired_key_stops_one_store_and_key_set_resumes_it_without_loss(r
     assert rig.daemon.handles["ra"].error_level == 9
     errors = (await rig.daemon.ledger.ask(m.ListErrors(store="ra"), m.ErrorList)).errors
     assert any(e.level == 9 and "GA0001" in e.message for e in errors)
+    # I6: the fault shows in the metrics too.
+    await rig.daemon.update_gauges()
+    async with httpx.AsyncClient() as client:
+        metrics = (await client.get(rig.daemon.http_url + "/metrics")).text
+    assert 'goqd_errors_open{level="9",store="ra"} 1.0' in metrics
+    assert 'goqd_store_state{state="stopped",store="ra"} 1.0' in metrics
+    assert 'goqd_store_up{mall="rakuten",store="ra"} 0.0' in metrics
 
     # B keeps syncing while A is stopped.
     assert b.place_order([(key("MUG-WHT"), 1)]) is not None

@@ -344,6 +344,8 @@ class Ledger:
                 return self.list_listings(msg)
             case m.GetLedgerStatus():
                 return self.status()
+            case m.GetStoreStats():
+                return self.store_stats()
             case m.RecordError():
                 return self.record_error(msg)
             case m.ImportListings():
@@ -1253,17 +1255,14 @@ class Ledger:
         ).fetchall()
         return m.ListingList(listings=tuple(_listing_record(r) for r in rows))
 
-    def status(self) -> m.LedgerStatus:
+    def store_stats(self) -> m.StoreStats:
+        """Per-store outbox, parked lines and open errors: small tables, cheap to read."""
         conn = self.conn
-
-        def count(sql: str) -> int:
-            return int(conn.execute(sql).fetchone()[0])
-
         per_store: dict[str, dict[str, Any]] = {}
 
         def bucket(store: str) -> dict[str, Any]:
             return per_store.setdefault(
-                store, {"cursor": None, "outbox": 0, "parked": 0, "errors": 0, "level": 0}
+                store, {"cursor": None, "outbox": 0, "parked": 0, "by_level": {}}
             )
 
         for store, cur in conn.execute("SELECT store, cursor FROM cursors"):
@@ -1272,31 +1271,44 @@ class Ledger:
             bucket(store)["outbox"] = n
         for store, n in conn.execute("SELECT store, count(*) FROM parked_lines GROUP BY store"):
             bucket(store)["parked"] = n
-        for store, n, level in conn.execute(
-            "SELECT store, count(*), max(level) FROM errors WHERE cleared_at IS NULL GROUP BY store"
+        for store, level, n in conn.execute(
+            "SELECT store, level, count(*) FROM errors WHERE cleared_at IS NULL "
+            "GROUP BY store, level"
         ):
-            bucket(store)["errors"] = n
-            bucket(store)["level"] = level
-        return m.LedgerStatus(
-            products=count("SELECT count(*) FROM products"),
-            listings=count("SELECT count(*) FROM listings"),
-            order_lines=count("SELECT count(*) FROM order_lines"),
-            movements=count("SELECT coalesce(max(id), 0) FROM movements"),
-            outbox=count("SELECT count(*) FROM outbox"),
-            parked=count("SELECT count(*) FROM parked_lines"),
-            oversold_units=self._meta("oversold_units"),
-            duplicates=self._meta("duplicates"),
+            bucket(store)["by_level"][level] = n
+        return m.StoreStats(
             stores=tuple(
                 m.StoreLedgerStatus(
                     store=s,
                     cursor=v["cursor"],
                     outbox=v["outbox"],
                     parked=v["parked"],
-                    open_errors=v["errors"],
-                    max_error_level=v["level"],
+                    open_errors=sum(v["by_level"].values()),
+                    max_error_level=max(v["by_level"], default=0),
+                    open_errors_by_level=v["by_level"],
                 )
                 for s, v in sorted(per_store.items())
             ),
+            oversold_units=self._meta("oversold_units"),
+        )
+
+    def status(self) -> m.LedgerStatus:
+        conn = self.conn
+
+        def count(sql: str) -> int:
+            return int(conn.execute(sql).fetchone()[0])
+
+        stats = self.store_stats()
+        return m.LedgerStatus(
+            products=count("SELECT count(*) FROM products"),
+            listings=count("SELECT count(*) FROM listings"),
+            order_lines=count("SELECT count(*) FROM order_lines"),
+            movements=count("SELECT coalesce(max(id), 0) FROM movements"),
+            outbox=sum(x.outbox for x in stats.stores),
+            parked=sum(x.parked for x in stats.stores),
+            oversold_units=stats.oversold_units,
+            duplicates=self._meta("duplicates"),
+            stores=stats.stores,
         )
 
 

@@ -341,6 +341,7 @@ class _Session:
                 attempt += 1
             if self.metrics is not None:
                 self.metrics.polls_total.labels(self.store, outcome).inc()
+                self.metrics.mall_requests_total.labels(self.store, self.config.mall, outcome).inc()
                 self.metrics.poll_duration_seconds.labels(self.store).observe(
                     trio.current_time() - started
                 )
@@ -397,6 +398,9 @@ class _Session:
             except MallError as exc:
                 if self.metrics is not None:
                     self.metrics.pushes_total.labels(self.store, "failed").inc(len(batch.items))
+                    self.metrics.mall_requests_total.labels(
+                        self.store, self.config.mall, _outcome(exc)
+                    ).inc()
                 delay = await self.failed(exc, "push", attempt)
                 attempt += 1
                 if self.handle.state not in ("stopped", "paused"):
@@ -415,6 +419,7 @@ class _Session:
             self.handle.last_push_ok_at = self.clock()
             self.recovered()
             if self.metrics is not None:
+                self.metrics.mall_requests_total.labels(self.store, self.config.mall, "ok").inc()
                 self.metrics.pushes_total.labels(self.store, "accepted").inc(accepted)
                 if len(outcomes) > accepted:
                     self.metrics.pushes_total.labels(self.store, "rejected").inc(
