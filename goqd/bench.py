@@ -23,7 +23,7 @@ import trio
 
 from goqd import messages as m
 from goqd.ledger import open_ledger
-from goqd.ledger.db import APPLICATION_ID, open_db
+from goqd.ledger.db import APPLICATION_ID, WAL_AUTOCHECKPOINT_PAGES, open_db
 
 STORES = ("s1", "s2", "s3")
 
@@ -85,6 +85,10 @@ def _raw_run(path: str, msgs: list[list[m.OrderLine]], skus: int, group: int) ->
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
+    # The ledger's own settings, so both sides pay for the same checkpoints.
+    conn.execute("PRAGMA cache_size=-65536")
+    conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+    conn.execute("PRAGMA journal_size_limit=67108864")
     version = 0
     start = time.perf_counter()
     for g in range(0, len(msgs), group):
