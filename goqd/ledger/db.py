@@ -972,11 +972,14 @@ class Ledger:
             released += self._release_parked(store, key)
             self._queue_listing(store, key)
         # Listings that were ambiguous with this one but now point elsewhere.
+        # Per open error row (few), a primary-key lookup: never a scan of the store's
+        # listings, which made a 100,000-listing import quadratic.
         conn.execute(
             "UPDATE errors SET cleared_at = ? WHERE store = ? AND code = ? AND cleared_at IS NULL "
-            "AND listing_key IN (SELECT listing_key FROM listings WHERE store = ? "
-            "AND (sku IS NULL OR link_state = 'linked'))",
-            (now, store, MULTIPLE_LINKS, store),
+            "AND EXISTS (SELECT 1 FROM listings l WHERE l.store = errors.store "
+            "AND l.listing_key = errors.listing_key "
+            "AND (l.sku IS NULL OR l.link_state = 'linked'))",
+            (now, store, MULTIPLE_LINKS),
         )
         return released
 
