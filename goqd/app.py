@@ -475,6 +475,7 @@ class _AdapterSession:
             cancel_statuses=self.cfg.cancel_statuses or spec.default_cancel_statuses,
             options=dict(self.cfg.options),
             urls=dict(self.cfg.urls),
+            rate_buckets=self.daemon.handles[self.cfg.name].rate_buckets,
         )
         return spec.open_adapter(ctx)
 

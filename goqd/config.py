@@ -275,6 +275,10 @@ def parse_credentials(
     bad = [k for k, v in data.items() if not isinstance(v, str)]
     if bad:
         raise CredentialError(where, f"$.{bad[0]}", "every credential value must be a string")
+    from goqd.logs import register_secret  # logs imports nothing of config; keep it lazy
+
+    for value in data.values():
+        register_secret(value)  # second line of defence: masked in any log text
     return {k: Secret(v) for k, v in data.items()}
 
 

@@ -185,8 +185,10 @@ async def _run(
 
         say("  market closed; waiting for every store to show the ledger's count …")
         if any(mall == "amazon" for _, mall in stores):
-            say("  (Amazon shows orders to getOrders about 2 minutes late, as the real "
-                "SP-API does: up to ~4 minutes)")
+            say(
+                "  (Amazon shows orders to getOrders about 2 minutes late, as the real "
+                "SP-API does: up to ~4 minutes)"
+            )
         converged, mismatches = await _settle(daemon, market, settle_timeout)
         summary = await _summary(daemon, market, seconds, converged, mismatches)
         nursery.cancel_scope.cancel()

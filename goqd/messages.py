@@ -270,6 +270,9 @@ class QueuePushes(_Msg, frozen=True, kw_only=True, tag="queue_pushes"):
 
     store: str
     listing_keys: tuple[str, ...] = ()
+    # False: skip listings that are gone or unlinked instead of refusing (the store
+    # actor re-asserting counts after an ambiguous push failure).
+    strict: bool = True
     request_id: str = ""
 
 

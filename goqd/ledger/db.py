@@ -45,6 +45,10 @@ MAX_LINE_QUANTITY = 100_000  # a line above this is a data error, not an order
 MULTIPLE_LINKS = "multiple_links"  # 複数の商品が紐づいています
 REJECT_RETRY_S = 300.0  # a listing the mall refused is retried after this, or on change
 WAL_AUTOCHECKPOINT_PAGES = 10_000
+# A base-store sale counts as "before the import" only if the mall's time for it is this
+# much older than the product's creation: mall clocks have whole seconds and skew, and
+# booking a sale twice undersells, while missing one oversells.
+BEFORE_IMPORT_MARGIN_S = 300.0
 STALE_RETRY_S = 2.0  # a stale compare-and-set is retried after the store's next poll
 
 Synchronous = Literal["full", "normal", "extra", "off"]
@@ -225,7 +229,10 @@ def _configure(
             f"{SCHEMA_VERSION}); upgrade goqd or restore a backup"
         )
     if check and exists:
-        result = conn.execute("PRAGMA quick_check").fetchone()[0]
+        try:
+            result = conn.execute("PRAGMA quick_check").fetchone()[0]
+        except sqlite3.DatabaseError as exc:  # a torn b-tree page raises instead
+            raise LedgerCorrupt(f"{path}: integrity check failed: {exc}") from exc
         if result != "ok":
             raise LedgerCorrupt(f"{path}: integrity check failed: {result}")
     conn.execute("PRAGMA journal_mode=WAL")
@@ -399,7 +406,7 @@ class Ledger:
             case m.ClearErrors():
                 return self.clear_errors(msg)
             case m.QueuePushes():
-                return self.queue_pushes(msg.store, msg.listing_keys)
+                return self.queue_pushes(msg.store, msg.listing_keys, strict=msg.strict)
             case m.SetStocks():
                 return self.set_stocks(msg)
         raise LedgerError(f"unknown ledger request {type(msg).__name__}")
@@ -583,7 +590,7 @@ class Ledger:
         )
         if target == 0:
             return "booked"  # first seen cancelled: recorded, books nothing
-        if line.updated_at < listing[2] and store == listing[3]:
+        if line.updated_at < listing[2] - BEFORE_IMPORT_MARGIN_S and store == listing[3]:
             # A sale in the store the product was imported from, older than the import:
             # the imported count already reflects it (a first poll looks back a day).
             # Record the line so later changes (a cancel) correct it, but do not take the
@@ -1135,7 +1142,7 @@ class Ledger:
             self._link_by_code(store, key, code, rules, report)
         return _link_report(store, report)
 
-    def queue_pushes(self, store: str, keys: Sequence[str]) -> m.Done:
+    def queue_pushes(self, store: str, keys: Sequence[str], *, strict: bool = True) -> m.Done:
         if not keys:
             keys = [
                 r[0]
@@ -1150,6 +1157,8 @@ class Ledger:
                 "SELECT link_state FROM listings WHERE store = ? AND listing_key = ?",
                 (store, key),
             ).fetchone()
+            if not strict and (state is None or state[0] != "linked"):
+                continue
             if state is None:
                 raise LedgerError(f"no listing {key!r} in store {store!r}")
             if state[0] != "linked":

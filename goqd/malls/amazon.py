@@ -82,7 +82,7 @@ from goqd.errors import (
     MallUnavailable,
 )
 from goqd.malls.base import MallLimits, MallSpec, OrderPage, StoreContext
-from goqd.malls.ratelimit import TokenBucket
+from goqd.malls.ratelimit import TokenBucket, shared_bucket
 from goqd.messages import ListingAttrs, MallListing, OrderLine, PushItem, PushOutcome
 from goqd.secret import Secret
 
@@ -357,7 +357,10 @@ class AmazonAdapter:
         self._seller_id = ctx.credentials["seller_id"].reveal()
         self._lwa_url = _lwa_url(ctx.urls.get("lwa", ctx.base_url))
         self._base = ctx.base_url.rstrip("/")
-        self._buckets = {api: TokenBucket(rate, burst) for api, (rate, burst) in RATES.items()}
+        self._buckets = {
+            api: shared_bucket(ctx.rate_buckets, api, rate, burst)
+            for api, (rate, burst) in RATES.items()
+        }
         self._token_lock = trio.Lock()
         self._access_token: Secret | None = None
         self._access_expires_at = 0.0

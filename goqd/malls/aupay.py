@@ -64,7 +64,7 @@ from goqd.errors import (
     MallUnavailable,
 )
 from goqd.malls.base import MallLimits, MallSpec, OrderPage, StoreContext
-from goqd.malls.ratelimit import TokenBucket
+from goqd.malls.ratelimit import shared_bucket
 from goqd.messages import ListingAttrs, MallListing, OrderLine, PushItem, PushOutcome
 
 MALL: Final = "aupay"
@@ -368,7 +368,7 @@ class AupayAdapter:
         # No published rate limit; clients sleep ~0.9 s between pages [V-secondary], so
         # one request per second per API [I].
         rate = float(opts.get("rate_per_s", 1.0))
-        self._buckets = {api: TokenBucket(rate, 1) for api in _APIS}
+        self._buckets = {api: shared_bucket(ctx.rate_buckets, api, rate, 1) for api in _APIS}
         self._overlap_s = float(opts.get("overlap_s", 600))
         self._initial_lookback_s = float(opts.get("initial_lookback_s", 86400))
         # The API filters by order date only, so status changes are found by re-reading

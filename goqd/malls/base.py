@@ -60,6 +60,9 @@ class StoreContext(msgspec.Struct, frozen=True, kw_only=True):
     options: dict[str, Any] = msgspec.field(default_factory=dict)
     # Extra base URLs (e.g. a separate token endpoint) by name.
     urls: dict[str, str] = msgspec.field(default_factory=dict)
+    # The store's rate buckets by API name, shared across adapter instances of the store
+    # (see ``goqd.malls.ratelimit.shared_bucket``).
+    rate_buckets: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class MallAdapter(Protocol):

@@ -65,7 +65,7 @@ from goqd.errors import (
     MallUnavailable,
 )
 from goqd.malls.base import MallLimits, MallSpec, OrderPage, StoreContext
-from goqd.malls.ratelimit import TokenBucket
+from goqd.malls.ratelimit import TokenBucket, shared_bucket
 from goqd.messages import ListingAttrs, MallListing, OrderLine, PushItem, PushOutcome
 
 MALL = "rakuten"
@@ -343,12 +343,12 @@ class RakutenAdapter:
         # Requests are spaced 10% wider than the limit: the first request of a session also
         # opens the connection, so it can arrive late and crowd the next one.
         margin = 0.9
-        self._search_bucket = TokenBucket(1.0 * margin, 1)
-        self._get_order_bucket = TokenBucket(1.0 * margin, 1)
-        self._upsert_bucket = TokenBucket(1.0 * margin, 1)
-        self._bulk_get_bucket = TokenBucket(5.0 * margin, 1)
-        self._item_bucket = TokenBucket(1.0 * margin, 1)
-        self._license_bucket = TokenBucket(1.0 * margin, 1)
+        self._search_bucket = shared_bucket(ctx.rate_buckets, "search", 1.0 * margin, 1)
+        self._get_order_bucket = shared_bucket(ctx.rate_buckets, "get_order", 1.0 * margin, 1)
+        self._upsert_bucket = shared_bucket(ctx.rate_buckets, "upsert", 1.0 * margin, 1)
+        self._bulk_get_bucket = shared_bucket(ctx.rate_buckets, "bulk_get", 5.0 * margin, 1)
+        self._item_bucket = shared_bucket(ctx.rate_buckets, "item", 1.0 * margin, 1)
+        self._license_bucket = shared_bucket(ctx.rate_buckets, "license", 1.0 * margin, 1)
         # Orders returned at a terminal status, not yet known to be committed:
         # (the cursor returned with them, their numbers).
         self._final_pending: tuple[str, set[str]] | None = None

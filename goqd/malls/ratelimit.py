@@ -51,3 +51,18 @@ class TokenBucket:
         self._blocked_until = max(self._blocked_until, now + seconds)
         self._tokens = 0
         self._stamp = self._blocked_until
+
+
+def shared_bucket(
+    registry: dict[str, TokenBucket], name: str, rate: float, burst: float
+) -> TokenBucket:
+    """The store's bucket for one mall API, shared by every adapter instance of that store.
+
+    A store's budget at the mall is the mall's, not an adapter's: the key test of
+    ``goqctl key set`` and the session restarted after it must not each start with a full
+    bucket (Rakuten answered 429 right after every renewal until they shared one).
+    """
+    bucket = registry.get(name)
+    if bucket is None:
+        bucket = registry[name] = TokenBucket(rate, burst)
+    return bucket

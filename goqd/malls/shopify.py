@@ -383,8 +383,9 @@ class CostBucket:
                     await trio.sleep_until(self._blocked_until)
                     continue
                 self._refill(now)
-                if self.available >= cost:
-                    self.available -= cost
+                # Forgive float rounding: a 1e-15 s wait never moves a virtual clock.
+                if self.available >= cost - 1e-9:
+                    self.available = max(0.0, self.available - cost)
                     self._in_flight += cost
                     return
                 await trio.sleep((cost - self.available) / self.rate)

@@ -73,7 +73,7 @@ from goqd.errors import (
     MallUnavailable,
 )
 from goqd.malls.base import MallLimits, MallSpec, OrderPage, StoreContext
-from goqd.malls.ratelimit import TokenBucket
+from goqd.malls.ratelimit import TokenBucket, shared_bucket
 from goqd.messages import ListingAttrs, MallListing, OrderLine, PushItem, PushOutcome
 from goqd.secret import Secret
 
@@ -388,7 +388,7 @@ class YahooAdapter:
     def _bucket(self, name: str) -> TokenBucket:
         bucket = self._buckets.get(name)
         if bucket is None:
-            bucket = self._buckets[name] = TokenBucket(1.0, 1.0)
+            bucket = self._buckets[name] = shared_bucket(self._ctx.rate_buckets, name, 1.0, 1.0)
         return bucket
 
     # -- HTTP --------------------------------------------------------------------------

@@ -71,10 +71,23 @@ UNAUTHORIZED_BODY = {
 # InventoryAdjustmentGroup reasons accepted by inventorySetQuantities [V: shopify.dev].
 REASONS = frozenset(
     {
-        "correction", "cycle_count_available", "damaged", "movement_canceled",
-        "movement_created", "movement_received", "movement_updated", "other", "promotion",
-        "quality_control", "received", "reservation_created", "reservation_deleted",
-        "reservation_updated", "restock", "safety_stock", "shrinkage",
+        "correction",
+        "cycle_count_available",
+        "damaged",
+        "movement_canceled",
+        "movement_created",
+        "movement_received",
+        "movement_updated",
+        "other",
+        "promotion",
+        "quality_control",
+        "received",
+        "reservation_created",
+        "reservation_deleted",
+        "reservation_updated",
+        "restock",
+        "safety_stock",
+        "shrinkage",
     }
 )
 
@@ -304,8 +317,11 @@ class SimShopify(SimMall):
         key = f"gid://shopify/InventoryItem/{n}"
         attrs = {"variant_id": f"gid://shopify/ProductVariant/{n}", "barcode": barcode}
         return self.add_listing(
-            key, link_code=sku, name=name or f"Product {sku} - Default Title",
-            quantity=quantity, attrs=attrs,
+            key,
+            link_code=sku,
+            name=name or f"Product {sku} - Default Title",
+            quantity=quantity,
+            attrs=attrs,
         )
 
     def add_location(self, name: str) -> str:
@@ -390,7 +406,8 @@ class SimShopify(SimMall):
         token = request.headers.get("x-shopify-access-token", "")
         if self.faults.expired_credential or not self._token_ok(token):
             return Response.json(
-                UNAUTHORIZED_BODY, 401,
+                UNAUTHORIZED_BODY,
+                401,
                 headers={"www-authenticate": 'Basic Realm="Shopify API Authentication"'},
             )
         if self.faults.maintenance:
@@ -418,19 +435,19 @@ class SimShopify(SimMall):
         name = body.get("operationName")
         operation = self._operations.get(name) if isinstance(name, str) else None
         if operation is None or not re.search(rf"\b(query|mutation)\s+{name}\b", query):
-            raise _GraphQLFailure(f"No operation named \"{name}\"", "OPERATION_NOT_FOUND")
+            raise _GraphQLFailure(f'No operation named "{name}"', "OPERATION_NOT_FOUND")
         try:
             variables = msgspec.convert(body.get("variables") or {}, type=operation.vars_type)
         except msgspec.ValidationError as exc:
-            raise _GraphQLFailure(
-                f"Variable validation failed: {exc}", "INVALID_VARIABLE"
-            ) from exc
+            raise _GraphQLFailure(f"Variable validation failed: {exc}", "INVALID_VARIABLE") from exc
         requested = operation.cost(variables)
         if requested > self.max_query_cost:
             raise _GraphQLFailure(
                 f"Query cost is {requested}, which exceeds the single query max cost limit "
                 f"({self.max_query_cost}).",
-                "MAX_COST_EXCEEDED", cost=requested, maxCost=self.max_query_cost,
+                "MAX_COST_EXCEEDED",
+                cost=requested,
+                maxCost=self.max_query_cost,
             )
         throttled = self._admit(requested)
         if throttled is not None:
@@ -441,9 +458,7 @@ class SimShopify(SimMall):
             self._settle(requested, 0)
             raise
         self._settle(requested, actual)
-        return self._respond(
-            {"data": data, "extensions": {"cost": self._cost(requested, actual)}}
-        )
+        return self._respond({"data": data, "extensions": {"cost": self._cost(requested, actual)}})
 
     # -- cost bucket ------------------------------------------------------------------------
 
@@ -504,8 +519,11 @@ class SimShopify(SimMall):
     def _respond(self, payload: dict[str, Any]) -> Response:
         kind = self.faults.malformed
         if kind == "html":
-            return Response(200, "<!DOCTYPE html><html><body>Oops</body></html>",
-                            content_type="text/html; charset=utf-8")
+            return Response(
+                200,
+                "<!DOCTYPE html><html><body>Oops</body></html>",
+                content_type="text/html; charset=utf-8",
+            )
         data = payload.get("data")
         if kind == "missing_field" and isinstance(data, dict):
             payload["data"] = {k: ({} if isinstance(v, dict) else None) for k, v in data.items()}
@@ -608,9 +626,7 @@ class SimShopify(SimMall):
         info = {"hasNextPage": len(rows) > v.first, "endCursor": _cursor(end) if end else None}
         return {"orders": {"nodes": nodes, "pageInfo": info}}, actual
 
-    async def _op_order_lines(
-        self, v: _OrderLinesVars, query: str
-    ) -> tuple[dict[str, Any], float]:
+    async def _op_order_lines(self, v: _OrderLinesVars, query: str) -> tuple[dict[str, Any], float]:
         order = self.orders.get(v.id)
         if order is None:
             return {"order": None}, 1
@@ -673,8 +689,10 @@ class SimShopify(SimMall):
         key: str | None = None
         if directive is not None:
             literal, var = directive.groups()
-            key = literal if literal is not None else (
-                v.idempotency_key if var == "idempotencyKey" else None
+            key = (
+                literal
+                if literal is not None
+                else (v.idempotency_key if var == "idempotencyKey" else None)
             )
         if not key:
             # [I] message text; the 2026-04 changelog says only "an error at runtime".
@@ -702,11 +720,17 @@ class SimShopify(SimMall):
             if stored[0] == fingerprint:
                 self.idempotent_replays += 1
                 return stored[1], MUTATION_COST
-            data = self._set_payload(None, [self._user_error(
-                "IDEMPOTENCY_KEY_PARAMETER_MISMATCH",
-                "The same idempotency key cannot be used with different operation parameters.",
+            data = self._set_payload(
                 None,
-            )])
+                [
+                    self._user_error(
+                        "IDEMPOTENCY_KEY_PARAMETER_MISMATCH",
+                        "The same idempotency key cannot be used with different operation "
+                        "parameters.",
+                        None,
+                    )
+                ],
+            )
             return data, MUTATION_COST
         data = self._set_quantities(v.input)
         self._idempotency[key] = (fingerprint, data)
@@ -725,20 +749,28 @@ class SimShopify(SimMall):
     def _set_quantities(self, input_: _SetInput) -> dict[str, Any]:
         errors: list[dict[str, Any]] = []
         if input_.name not in ("available", "on_hand"):
-            errors.append(self._user_error(
-                "INVALID_NAME", "The quantity name must be either 'available' or 'on_hand'.",
-                ["input", "name"],
-            ))
+            errors.append(
+                self._user_error(
+                    "INVALID_NAME",
+                    "The quantity name must be either 'available' or 'on_hand'.",
+                    ["input", "name"],
+                )
+            )
         if input_.reason not in REASONS:
-            errors.append(self._user_error(
-                "INVALID_REASON", "The specified reason is invalid.", ["input", "reason"]
-            ))
+            errors.append(
+                self._user_error(
+                    "INVALID_REASON", "The specified reason is invalid.", ["input", "reason"]
+                )
+            )
         uri = input_.reference_document_uri
         if uri is not None and not _URI.match(uri):
-            errors.append(self._user_error(
-                "INVALID_REFERENCE_DOCUMENT", "The specified reference document is invalid.",
-                ["input", "referenceDocumentUri"],
-            ))
+            errors.append(
+                self._user_error(
+                    "INVALID_REFERENCE_DOCUMENT",
+                    "The specified reference document is invalid.",
+                    ["input", "referenceDocumentUri"],
+                )
+            )
         if errors:
             return self._set_payload(None, errors)
         valid: list[_QuantityIn] = []
@@ -758,15 +790,20 @@ class SimShopify(SimMall):
                 self.apply_stock(q.inventory_item_id, q.quantity)
             elif not self.faults.silent_noop:
                 self.other_levels[(q.inventory_item_id, q.location_id)] = q.quantity
-            changes.append({
-                "name": input_.name, "delta": q.quantity - before,
-                "quantityAfterChange": q.quantity,
-            })
+            changes.append(
+                {
+                    "name": input_.name,
+                    "delta": q.quantity - before,
+                    "quantityAfterChange": q.quantity,
+                }
+            )
         group = None
         if valid:
             self.applied_mutations += 1
-            group = {"id": f"gid://shopify/InventoryAdjustmentGroup/{self.next_serial()}",
-                     "changes": changes}
+            group = {
+                "id": f"gid://shopify/InventoryAdjustmentGroup/{self.next_serial()}",
+                "changes": changes,
+            }
         return self._set_payload(group, errors)
 
     def _check_quantity(
@@ -783,12 +820,14 @@ class SimShopify(SimMall):
         seen.add(pair)
         if q.inventory_item_id not in self.listings:
             return self._user_error(
-                "INVALID_INVENTORY_ITEM", "The specified inventory item could not be found.",
+                "INVALID_INVENTORY_ITEM",
+                "The specified inventory item could not be found.",
                 [*base, "inventoryItemId"],
             )
         if q.location_id not in self.locations:
             return self._user_error(
-                "INVALID_LOCATION", "The specified location could not be found.",
+                "INVALID_LOCATION",
+                "The specified location could not be found.",
                 [*base, "locationId"],
             )
         if q.location_id != self.primary_location and pair not in self.other_levels:
@@ -799,13 +838,15 @@ class SimShopify(SimMall):
             )
         if q.quantity < 0:
             return self._user_error(
-                "INVALID_QUANTITY_NEGATIVE", "The quantity can't be negative.",
+                "INVALID_QUANTITY_NEGATIVE",
+                "The quantity can't be negative.",
                 [*base, "quantity"],
             )
         if q.quantity > 1_000_000_000:
             return self._user_error(
                 "INVALID_QUANTITY_TOO_HIGH",
-                "The total quantity can't be higher than 1,000,000,000.", [*base, "quantity"],
+                "The total quantity can't be higher than 1,000,000,000.",
+                [*base, "quantity"],
             )
         change_from = q.change_from_quantity
         if change_from is not None and change_from != self.level(*pair):
@@ -834,7 +875,8 @@ class SimShopify(SimMall):
                     "id": _num(line.line_id),
                     "admin_graphql_api_id": line.line_id,
                     "sku": self.listings[line.listing_key].link_code
-                    if line.listing_key in self.listings else None,
+                    if line.listing_key in self.listings
+                    else None,
                     "quantity": self.ordered_quantity.get(line.line_id, line.quantity),
                     "current_quantity": line.quantity,
                 }

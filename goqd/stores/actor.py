@@ -54,6 +54,9 @@ State = Literal["running", "degraded", "stopped", "paused", "down"]
 WallClock = Callable[[], float]
 
 BACKOFF_INITIAL = 2.0
+# After a push failed ambiguously (timeout, 5xx), its listings are pushed once more after
+# this many request timeouts: by then a late write of the old request has landed.
+REASSERT_AFTER = 2.0
 BACKOFF_MAX = 300.0
 
 
@@ -81,6 +84,8 @@ class StoreHandle:
     last_ok_started: int = 0
     changed: trio.Event = field(default_factory=trio.Event)
     poll_requested: trio.Event = field(default_factory=trio.Event)
+    # The store's rate buckets, outliving adapter instances (key tests, session restarts).
+    rate_buckets: dict[str, Any] = field(default_factory=dict)
     _session: trio.CancelScope | None = None
     _metrics: Any = None
 
@@ -214,6 +219,7 @@ async def run_store(
                     cancel_statuses=config.cancel_statuses or spec.default_cancel_statuses,
                     options=dict(config.options),
                     urls=dict(config.urls),
+                    rate_buckets=handle.rate_buckets,
                 )
                 session = _Session(
                     config,
@@ -261,6 +267,9 @@ class _Session:
         self.cursor: str | None = None
         self.store = config.name
         self.key_warning_days = key_warning_days
+        # Listings whose last push failed ambiguously, and when to push them again.
+        self._reassert: set[str] = set()
+        self._reassert_at = 0.0
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -388,7 +397,17 @@ class _Session:
             if self.metrics is not None:
                 self.metrics.outbox_pending.labels(self.store).set(batch.pending)
             if not batch.items:
-                with trio.move_on_after(self.config.push_retry_seconds):
+                if self._reassert and trio.current_time() >= self._reassert_at:
+                    keys, self._reassert = tuple(sorted(self._reassert)), set()
+                    with contextlib.suppress(LedgerError):
+                        await self.ledger.call(
+                            m.QueuePushes(store=self.store, listing_keys=keys, strict=False)
+                        )
+                    continue
+                wait = self.config.push_retry_seconds
+                if self._reassert:
+                    wait = min(wait, max(0.0, self._reassert_at - trio.current_time()))
+                with trio.move_on_after(wait):
                     await wakeups.wait(self.store)
                 continue
             try:
@@ -396,6 +415,14 @@ class _Session:
                 outcomes = await self.adapter.push_stock(batch.items)
                 crashpoint("store.after_push")
             except MallError as exc:
+                if isinstance(exc, MallUnavailable) and not isinstance(exc, MallRateLimited):
+                    # Ambiguous: the mall may still apply this request after a newer one
+                    # (a timeout is not a "no"). Re-assert these counts once any such late
+                    # write would have landed.
+                    self._reassert.update(i.listing_key for i in batch.items)
+                    self._reassert_at = trio.current_time() + REASSERT_AFTER * max(
+                        1.0, self.config.timeout_seconds
+                    )
                 if self.metrics is not None:
                     self.metrics.pushes_total.labels(self.store, "failed").inc(len(batch.items))
                     self.metrics.mall_requests_total.labels(
