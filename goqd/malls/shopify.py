@@ -383,12 +383,13 @@ class CostBucket:
                     await trio.sleep_until(self._blocked_until)
                     continue
                 self._refill(now)
-                # Forgive float rounding: a 1e-15 s wait never moves a virtual clock.
-                if self.available >= cost - 1e-9:
-                    self.available = max(0.0, self.available - cost)
+                if self.available >= cost:
+                    self.available -= cost
                     self._in_flight += cost
                     return
-                await trio.sleep((cost - self.available) / self.rate)
+                # At least a microsecond: a 1e-15 s wait (float rounding) never moves a
+                # virtual clock, and spending early would get THROTTLED by Shopify.
+                await trio.sleep(max(1e-6, (cost - self.available) / self.rate))
 
     def settle(self, cost: float, status: _ThrottleStatus | None) -> None:
         """The request that took ``cost`` is over; resync from the server if it said."""
