@@ -291,14 +291,16 @@ def test_commands_build_the_right_requests_with_fresh_request_ids(
     assert goqctl(path, "link", "--auto") == 0
     assert goqctl(path, "reflect", "rakuten-a", "--all") == 0
     assert goqctl(path, "reflect", "rakuten-a", "K1", "K2") == 0
-    assert goqctl(
-        path, "listing", "set", "amz", "SKU-1", "--lead-time", "3", "--allow-overdraft", "no"
-    ) == 0
+    assert (
+        goqctl(
+            path, "listing", "set", "amz", "SKU-1", "--lead-time", "3", "--allow-overdraft", "no"
+        )
+        == 0
+    )
     assert goqctl(path, "history", "TEA-500", "--limit", "5") == 0
     assert goqctl(path, "delete", "CUP-1") == 0
     strip = [
-        msgspec.structs.replace(r, request_id="") if p.is_mutating(r) else r
-        for r in daemon.seen
+        msgspec.structs.replace(r, request_id="") if p.is_mutating(r) else r for r in daemon.seen
     ]
     assert strip == [
         p.StockAdjust(sku="TEA-500", delta=-3, reason="破損"),
@@ -384,3 +386,26 @@ def test_stock_import_refuses_a_file_that_is_neither_utf8_nor_shift_jis(
     assert goqctl(path, "stock", "import", str(tmp_path / "missing.csv")) == 1
     assert "cannot read" in capsys.readouterr().err
     assert daemon.seen == []
+
+
+def test_shell_completion_lists_every_command_and_is_valid_bash(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import subprocess
+
+    from goqd.cli.goqctl import main
+
+    assert main(["completion", "bash"]) == 0
+    script = capsys.readouterr().out
+    for command in ("status", "stores", "errors", "key", "import", "diff", "reflect", "stock"):
+        assert f"{command}) words=" in script
+    assert 'stock) words="adjust import set' in script
+    path = tmp_path / "goqctl.bash"
+    path.write_text(script)
+    # Ask bash itself: the script parses, and completing "goqctl st" offers the commands.
+    probe = (
+        f'source {path}; COMP_WORDS=(goqctl st); COMP_CWORD=1; _goqctl; echo "${{COMPREPLY[@]}}"'
+    )
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["status", "stock", "stores"]
+    assert main(["completion", "fish"]) == 2
