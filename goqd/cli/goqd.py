@@ -45,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
         "leave out amazon for a quick run: its orders arrive 2 minutes late)",
     )
 
+    from goqd.simbench import add_sim_arguments
+
+    sim = sub.add_parser(
+        "sim", help="market benchmark: sync latency, oversold units, API budget vs a baseline"
+    )
+    add_sim_arguments(sim)
+
     bench = sub.add_parser("bench", help="benchmarks (print figures, assert nothing)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     led = bench_sub.add_parser("ledger", help="booking throughput: actor vs raw executemany")
@@ -67,6 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "sim":
+            from goqd.simbench import run_sim_command
+
+            return run_sim_command(args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # the CLI boundary: say what went wrong in one line
