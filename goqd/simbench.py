@@ -606,6 +606,10 @@ class WorldReport(msgspec.Struct, kw_only=True):
     stale_write_units: int
     stale_writes_by_mall: dict[str, int]
     oversold_after_stale_write: int
+    oversold_by_mall: dict[str, int]  # where the oversold units were sold
+    # Whose sale the selling mall had not reflected yet (the oldest one waiting);
+    # "none" when every earlier sale was reflected there.
+    oversold_by_unreflected_mall: dict[str, int]
     pushes_applied: int
     api_calls: dict[str, dict[str, int]]
     api_calls_total: int
@@ -739,6 +743,9 @@ class _World:
     shortfall: dict[int, int] = field(default_factory=dict)
     tracked: dict[int, _Order] = field(default_factory=dict)
     oversold: list[tuple[float, str, str, int]] = field(default_factory=list)
+    # The origin mall of the oldest sale the selling store did not reflect yet, per
+    # oversold event ("" when there was none: the mall showed stock for another reason).
+    oversold_cause: list[str] = field(default_factory=list)
     outbox_series: list[tuple[float, int]] = field(default_factory=list)
     lags: list[tuple[float, float]] = field(default_factory=list)
     restocked_units: int = 0
@@ -812,12 +819,13 @@ async def run_world(
                     nursery.start_soon(_deliver_webhooks, w, store, http)
         sample_every = min(60.0, max(1.0, params.seconds / 360))
         nursery.start_soon(_sample_outbox, w, daemon, sample_every)
-        nursery.start_soon(_probe_lag, w)
         # The simulators, the market and the catalogue are a heap the daemon would not
         # have in production; a full garbage collection walking it stalls the event loop
         # for ~0.1 real seconds, which a fast clock multiplies. Freeze what exists now.
         gc.collect()
         gc.freeze()
+        # Started after that collection, whose stall is the harness's, not the run's.
+        nursery.start_soon(_probe_lag, w)
         try:
             w.opened_at = trio.current_time()
             tracker.opened_at = w.clock()
@@ -936,6 +944,8 @@ async def _run_market(w: _World, daemon: Daemon, nursery: trio.Nursery) -> None:
             w.shortfall[i] = short
             if short:
                 w.oversold.append((w.clock(), a.store, a.sku, short))
+                waiting = tracker.waiting.get((a.store, a.sku))
+                w.oversold_cause.append(waiting[0][1].mall if waiting else "")
             line = (a.store, placed.order.order_id, placed.order.lines[0].line_id)
             w.tracked[i] = tracker.on_sale(a.store, a.sku, a.quantity, line)
             _hook_due(w, a.store)
@@ -1087,6 +1097,11 @@ async def _report(
         stale_write_units=stale_units,
         stale_writes_by_mall=_count_by_mall(w, (store for store, _, _ in stale_pushes)),
         oversold_after_stale_write=_oversold_after_stale(tracker, booked_at, w.oversold),
+        oversold_by_mall=_units_by((tracker.mall_of[store], n) for _, store, _, n in w.oversold),
+        oversold_by_unreflected_mall=_units_by(
+            (cause or "none", n)
+            for cause, (_, _, _, n) in zip(w.oversold_cause, w.oversold, strict=True)
+        ),
         pushes_applied=tracker.pushes_applied,
         api_calls=calls,
         api_calls_total=sum(a.calls for a in api),
@@ -1181,6 +1196,13 @@ def _stale_writes(
         if erased:
             units += order.quantity
     return pushes, units
+
+
+def _units_by(pairs: Iterable[tuple[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for key, n in pairs:
+        out[key] += n
+    return dict(sorted(out.items()))
 
 
 def _count_by_mall(w: _World, stores: Iterable[str]) -> dict[str, int]:
@@ -1811,6 +1833,10 @@ def format_report(report: SimReport, *, as_json: bool) -> str:
         ("orders refused", [str(w.refused_orders) for w in worlds]),
         ("oversold units", [str(w.oversold_units) for w in worlds]),
         ("  after a stale write", [str(w.oversold_after_stale_write) for w in worlds]),
+        (
+            "  sold at (mall: units)",
+            [" ".join(f"{k}:{v}" for k, v in w.oversold_by_mall.items()) for w in worlds],
+        ),
         ("sync latency p50 s", [str(w.latency.p50_s) for w in worlds]),
         ("sync latency p99 s", [str(w.latency.p99_s) for w in worlds]),
         ("sync latency max s", [str(w.latency.max_s) for w in worlds]),
