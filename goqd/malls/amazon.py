@@ -81,7 +81,7 @@ from goqd.errors import (
     MallRateLimited,
     MallUnavailable,
 )
-from goqd.malls.base import MallLimits, MallSpec, OrderPage, StoreContext
+from goqd.malls.base import MallLimits, MallSpec, OrderPage, StoreContext, number_option
 from goqd.malls.ratelimit import TokenBucket, shared_bucket
 from goqd.messages import ListingAttrs, MallListing, OrderLine, PushItem, PushOutcome
 from goqd.secret import Secret
@@ -332,10 +332,10 @@ class AmazonAdapter:
             if value is None or not value.reveal():
                 raise ConfigError(f"store {ctx.store}", "credentials", f"{name} is missing")
         self._ctx = ctx
-        self._overlap_s = self._number_option("overlap_s", 600, 0, 30 * 86400)
-        self._initial_lookback_s = self._number_option("initial_lookback_s", 86400, 0, 730 * 86400)
-        self._lag_s = self._number_option("lag_s", 125, 0, 86400)
-        self._page_size = int(self._number_option("page_size", ORDERS_PAGE_MAX, 1, ORDERS_PAGE_MAX))
+        self._overlap_s = number_option(ctx, "overlap_s", 600, 0, 30 * 86400)
+        self._initial_lookback_s = number_option(ctx, "initial_lookback_s", 86400, 0, 730 * 86400)
+        self._lag_s = number_option(ctx, "lag_s", 125, 0, 86400)
+        self._page_size = int(number_option(ctx, "page_size", ORDERS_PAGE_MAX, 1, ORDERS_PAGE_MAX))
         self._marketplace = str(ctx.options.get("marketplace_id", MARKETPLACE_JP))
         link_field = ctx.options.get("link_field", "sku")
         if link_field not in LINK_FIELDS:
@@ -365,20 +365,6 @@ class AmazonAdapter:
         self._access_token: Secret | None = None
         self._access_expires_at = 0.0
         self._seen: dict[str, _SeenOrder] = {}
-
-    def _number_option(self, name: str, default: float, low: float, high: float) -> float:
-        value = self._ctx.options.get(name, default)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not (low <= value <= high)
-        ):
-            raise ConfigError(
-                f"store {self._ctx.store}",
-                f"options.{name}",
-                f"must be a number between {low:g} and {high:g}, got {value!r}",
-            )
-        return float(value)
 
     # -- errors ------------------------------------------------------------------------
 

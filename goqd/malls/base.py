@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import httpx
 import msgspec
 
+from goqd.errors import ConfigError
 from goqd.messages import MallListing, OrderLine, PushItem, PushOutcome
 from goqd.secret import Secret
 
@@ -123,3 +124,15 @@ class MallSpec(msgspec.Struct, frozen=True, kw_only=True):
     # signature is wrong, else whether the event may have changed orders (then goqd
     # polls that store at once). Served at ``POST /webhooks/<store>``.
     webhook: WebhookCheck | None = None
+
+
+def number_option(ctx: StoreContext, name: str, default: float, low: float, high: float) -> float:
+    """A numeric ``options.<name>`` of a store, checked; a bad one names store and key."""
+    value = ctx.options.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ConfigError(
+            f"store {ctx.store}",
+            f"options.{name}",
+            f"must be a number between {low:g} and {high:g}, got {value!r}",
+        )
+    return float(value)

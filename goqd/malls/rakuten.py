@@ -64,7 +64,7 @@ from goqd.errors import (
     MallRateLimited,
     MallUnavailable,
 )
-from goqd.malls.base import MallLimits, MallSpec, OrderPage, StoreContext
+from goqd.malls.base import MallLimits, MallSpec, OrderPage, StoreContext, number_option
 from goqd.malls.ratelimit import TokenBucket, shared_bucket
 from goqd.messages import ListingAttrs, MallListing, OrderLine, PushItem, PushOutcome
 
@@ -289,6 +289,10 @@ def split_listing_key(listing_key: str) -> tuple[str, str] | None:
     return manage_number, variant_id
 
 
+def _int_option(ctx: StoreContext, name: str, default: int, low: int, high: int) -> int:
+    return int(number_option(ctx, name, default, low, high))
+
+
 def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -319,14 +323,14 @@ class RakutenAdapter:
         self._ctx = ctx
         self.limits = SPEC.limits
         options = ctx.options
-        self._overlap_s = self._int_option("overlap_s", 600, 0, MAX_WINDOW_S)
-        self._initial_lookback_s = self._int_option(
-            "initial_lookback_s", 86400, 0, MAX_LOOKBACK_S - 86400
+        self._overlap_s = _int_option(ctx, "overlap_s", 600, 0, MAX_WINDOW_S)
+        self._initial_lookback_s = _int_option(
+            ctx, "initial_lookback_s", 86400, 0, MAX_LOOKBACK_S - 86400
         )
-        self._change_lookback_s = 86400 * self._int_option("change_lookback_days", 30, 0, 720)
-        self._page_size = self._int_option("page_size", SEARCH_PAGE_MAX, 1, SEARCH_PAGE_MAX)
-        self._get_order_batch = self._int_option("get_order_batch", GET_ORDER_MAX, 1, GET_ORDER_MAX)
-        self._search_cap = self._int_option("search_result_cap", SEARCH_RESULT_CAP, 1, 10**6)
+        self._change_lookback_s = 86400 * _int_option(ctx, "change_lookback_days", 30, 0, 720)
+        self._page_size = _int_option(ctx, "page_size", SEARCH_PAGE_MAX, 1, SEARCH_PAGE_MAX)
+        self._get_order_batch = _int_option(ctx, "get_order_batch", GET_ORDER_MAX, 1, GET_ORDER_MAX)
+        self._search_cap = _int_option(ctx, "search_result_cap", SEARCH_RESULT_CAP, 1, 10**6)
         link_field = options.get("link_field", DEFAULT_LINK_FIELD)
         if link_field not in LINK_FIELDS:
             raise ConfigError(
@@ -353,20 +357,6 @@ class RakutenAdapter:
         # (the cursor returned with them, their numbers).
         self._final_pending: tuple[str, set[str]] | None = None
         self._final_seen: set[str] = set()
-
-    def _int_option(self, name: str, default: int, low: int, high: int) -> int:
-        value = self._ctx.options.get(name, default)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not (low <= value <= high)
-        ):
-            raise ConfigError(
-                f"store {self._ctx.store}",
-                f"options.{name}",
-                f"must be a number between {low} and {high}, got {value!r}",
-            )
-        return int(value)
 
     # -- errors ------------------------------------------------------------------------
 

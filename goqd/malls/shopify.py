@@ -50,7 +50,7 @@ from goqd.errors import (
     MallRateLimited,
     MallUnavailable,
 )
-from goqd.malls.base import MallLimits, MallSpec, OrderPage, StoreContext
+from goqd.malls.base import MallLimits, MallSpec, OrderPage, StoreContext, number_option
 from goqd.messages import ListingAttrs, MallListing, OrderLine, PushItem, PushOutcome
 from goqd.secret import Secret
 
@@ -482,8 +482,8 @@ class ShopifyAdapter:
         self._ctx = ctx
         opts = ctx.options
         self._url = ctx.base_url.rstrip("/") + f"/admin/api/{API_VERSION}/graphql.json"
-        self._overlap = self._number("overlap_s", 600, 0, 7 * 86400)
-        self._lookback = self._number("initial_lookback_s", 86400, 0, 60 * 86400)
+        self._overlap = number_option(ctx, "overlap_s", 600, 0, 7 * 86400)
+        self._lookback = number_option(ctx, "initial_lookback_s", 86400, 0, 60 * 86400)
         self._link_field = opts.get("link_field", "sku")
         if self._link_field not in ("sku", "barcode"):
             raise ConfigError(
@@ -503,28 +503,14 @@ class ShopifyAdapter:
         self._location: str | None = location
         # The defaults already fill most of the 1000-point single query limit; larger
         # pages get MAX_COST_EXCEEDED (a MallProtocolError), so only shrink them.
-        self._orders_page = int(self._number("orders_page", ORDERS_PAGE, 1, 250))
-        self._line_first = int(self._number("order_lines_first", ORDER_LINES_FIRST, 1, 250))
+        self._orders_page = int(number_option(ctx, "orders_page", ORDERS_PAGE, 1, 250))
+        self._line_first = int(number_option(ctx, "order_lines_first", ORDER_LINES_FIRST, 1, 250))
         self._bucket = CostBucket(
-            self._number("cost_rate", 100.0, 1, 100_000),
-            self._number("cost_bucket", 1000.0, 1, 1_000_000),
+            number_option(ctx, "cost_rate", 100.0, 1, 100_000),
+            number_option(ctx, "cost_bucket", 1000.0, 1, 1_000_000),
         )
         self._live = ctx.live_statuses or SPEC.default_live_statuses
         self._cancel = ctx.cancel_statuses or SPEC.default_cancel_statuses
-
-    def _number(self, name: str, default: float, low: float, high: float) -> float:
-        value = self._ctx.options.get(name, default)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not (low <= value <= high)
-        ):
-            raise ConfigError(
-                f"store {self._ctx.store}",
-                f"options.{name}",
-                f"must be a number between {low:g} and {high:g}, got {value!r}",
-            )
-        return float(value)
 
     # -- errors ---------------------------------------------------------------------------
 
