@@ -671,7 +671,3 @@ def _group_ids(names: tuple[str, ...]) -> frozenset[int]:
         except KeyError:
             continue  # a group that does not exist on this host admits nobody
     return frozenset(ids)
-
-
-def encode_json(obj: object) -> str:
-    return msgspec.json.encode(obj).decode()

@@ -29,7 +29,3 @@ def crashpoint(name: str) -> None:
     _hits[name] = _hits.get(name, 0) + 1
     if _hits[name] >= _PLAN[name]:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def armed() -> frozenset[str]:
-    return frozenset(_PLAN)

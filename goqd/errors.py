@@ -14,7 +14,6 @@
       LedgerError              the ledger refuses to open or to apply something
         LedgerCorrupt          file unreadable / not a goqd ledger / quick_check failed
         LedgerTooNew           written by a newer schema than this goqd knows
-        BadOrderLine           absurd quantity etc.; names the order, changes nothing
         UnknownSku             an operator named a SKU the ledger does not have
       ControlError             bad control request; answered, never fatal
 
@@ -126,10 +125,6 @@ class LedgerCorrupt(LedgerError):
 
 class LedgerTooNew(LedgerError):
     """The database was written by a newer goqd schema than this one understands."""
-
-
-class BadOrderLine(LedgerError):
-    """An order line with an absurd quantity; names the order and changes nothing."""
 
 
 class UnknownSku(LedgerError):
