@@ -96,6 +96,7 @@ class Daemon:
                     last_push_ok_at=h.last_push_ok_at,
                     outbox=ls.outbox if ls else 0,
                     parked=ls.parked if ls else 0,
+                    held=ls.held if ls else 0,
                     cursor=ls.cursor if ls else None,
                     credential_expires_at=h.credential_expires_at,
                     message=h.message,
@@ -147,6 +148,7 @@ class Daemon:
             x = per_store.get(name)
             self.metrics.outbox_pending.labels(name).set(x.outbox if x else 0)
             self.metrics.parked_lines.labels(name).set(x.parked if x else 0)
+            self.metrics.held_units.labels(name).set(x.held if x else 0)
             levels = dict(x.open_errors_by_level) if x else {}
             for level in {8, 9} | set(levels):
                 self.metrics.errors_open.labels(name, str(level)).set(levels.get(level, 0))
@@ -344,7 +346,9 @@ class Daemon:
                     assert x.sku is not None
                     if x.sku not in totals:
                         hist = await self.ledger.ask(m.GetHistory(sku=x.sku, limit=0), m.History)
-                        totals[x.sku] = hist.total
+                        # What goqd has the malls show: held units are sales a mall
+                        # showed before its order API did.
+                        totals[x.sku] = hist.total - hist.held
                     want = max(0, totals[x.sku])
                     have = counts.get(x.listing_key)
                     checked += 1

@@ -102,10 +102,31 @@ class StoreConfig(_Base, frozen=True, kw_only=True):
     # Mall-specific settings (link field, lookback days, location id …).
     options: dict[str, OptionValue] = {}
     paused: bool = False
+    # Sale watch (goqd.stores.actor.watch_loop): how often to read the mall's own stock
+    # counters of this store's low-stock listings. A counter that fell without an order
+    # goqd has booked is a sale the order API does not show yet (Amazon shows orders ~2
+    # minutes late); those units are held back from every other store until the order
+    # is booked. "0s" turns the watch off.
+    watch_interval: Duration = "10s"
+    # Each round reads the listings of recently sold products first, then, in turn,
+    # those whose product has at most this many units (oversells happen there), up to
+    # the mall's per-round budget (goqd.malls.base.MallLimits.watch_max).
+    watch_below: Annotated[int, Meta(ge=0, le=1_000_000)] = 10
+    # A hold no order has explained by then is released and reported (the count was
+    # probably edited at the mall).
+    hold_expiry: Duration = "30m"
 
     @property
     def poll_seconds(self) -> float:
         return seconds(self.poll_interval)
+
+    @property
+    def watch_seconds(self) -> float:
+        return seconds(self.watch_interval)
+
+    @property
+    def hold_expiry_seconds(self) -> float:
+        return seconds(self.hold_expiry)
 
     @property
     def push_retry_seconds(self) -> float:
@@ -195,6 +216,7 @@ def check_config(config: Config) -> None:
             ("poll-interval", store.poll_interval),
             ("push-retry", store.push_retry),
             ("request-timeout", store.request_timeout),
+            ("hold-expiry", store.hold_expiry),
         ):
             if seconds(value) <= 0:
                 raise ConfigError(file, f"{at}.{key}", "must be more than 0")

@@ -134,6 +134,39 @@ class PushesDone(_Msg, frozen=True, kw_only=True, tag="pushes_done"):
     outcomes: tuple[PushOutcome, ...]
 
 
+class GetWatchList(_Msg, frozen=True, kw_only=True, tag="get_watch_list"):
+    """Which of ``store``'s listings the sale watch should read this round, up to
+    ``limit``: every listing holding units; for half the rest, linked listings of
+    recently sold products, most recently sold first; then listings with at most
+    ``below`` units in key order after ``after`` (so every one is read in turn)."""
+
+    store: str
+    below: int
+    limit: int
+    after: str = ""
+
+
+class SeenCount(_Msg, frozen=True, kw_only=True, tag="seen_count"):
+    listing_key: str
+    quantity: int
+
+
+class StockSeen(_Msg, frozen=True, kw_only=True, tag="stock_seen"):
+    """What the mall's own counters showed, read at ``read_started`` (wall clock).
+
+    The ledger holds back units a counter lost without a booked order and releases
+    holds older than ``hold_expiry`` seconds (DESIGN §4, the sale watch).
+    """
+
+    store: str
+    counts: tuple[SeenCount, ...]
+    read_started: float
+    hold_expiry: float
+    # Every sale before this wall time has been booked (a committed poll covered it),
+    # so a hold older than that is not a sale: release it.
+    explained_before: float = 0.0
+
+
 class UpsertProduct(_Msg, frozen=True, kw_only=True, tag="upsert_product"):
     """Create a product (with its initial total) or rename an existing one."""
 
@@ -302,6 +335,8 @@ LedgerRequest = (
     | GetCursor
     | TakePushes
     | PushesDone
+    | GetWatchList
+    | StockSeen
     | UpsertProduct
     | UpsertListing
     | SetListingAttrs
@@ -353,6 +388,12 @@ class Cursor(_Msg, frozen=True, kw_only=True, tag="cursor"):
     cursor: str | None
 
 
+class WatchList(_Msg, frozen=True, kw_only=True, tag="watch_list"):
+    store: str
+    listing_keys: tuple[str, ...]
+    next_after: str = ""  # ``after`` for the next round ("" = start over)
+
+
 class PushBatch(_Msg, frozen=True, kw_only=True, tag="push_batch"):
     store: str
     items: tuple[PushItem, ...]
@@ -379,18 +420,21 @@ class Movement(_Msg, frozen=True, kw_only=True, tag="movement"):
     sku: str
     delta: int
     total_after: int
-    cause: Literal["order", "cancel", "correction", "adjust", "set", "import"]
+    # "hold": units held back or released by the sale watch (total unchanged).
+    cause: Literal["order", "cancel", "correction", "adjust", "set", "import", "hold"]
     store: str = ""
     order_id: str = ""
     line_id: str = ""
     reason: str = ""
     oversold: int = 0
     at: float
+    held_after: int = 0
 
 
 class History(_Msg, frozen=True, kw_only=True, tag="history"):
     sku: str
     total: int
+    held: int = 0  # units held back for sales seen at a mall, not booked yet
     movements: tuple[Movement, ...]
 
 
@@ -417,6 +461,7 @@ class ProductRecord(_Msg, frozen=True, kw_only=True, tag="product_record"):
     total: int
     first_store: str
     listings: int
+    held: int = 0  # units held back for sales seen at a mall, not booked yet
 
 
 class ProductList(_Msg, frozen=True, kw_only=True, tag="product_list"):
@@ -435,6 +480,7 @@ class ListingRecord(_Msg, frozen=True, kw_only=True, tag="listing_record"):
     last_pushed_version: int | None
     last_seen_quantity: int | None
     pending_version: int | None
+    held: int = 0
 
 
 class ListingList(_Msg, frozen=True, kw_only=True, tag="listing_list"):
@@ -449,6 +495,7 @@ class StoreLedgerStatus(_Msg, frozen=True, kw_only=True, tag="store_ledger_statu
     open_errors: int
     max_error_level: int
     open_errors_by_level: dict[int, int] = msgspec.field(default_factory=dict)
+    held: int = 0  # units the sale watch holds at this store's listings
 
 
 class StoreStats(_Msg, frozen=True, kw_only=True, tag="store_stats"):
@@ -490,6 +537,7 @@ class LinkReport(_Msg, frozen=True, kw_only=True, tag="link_report"):
 LedgerReply = (
     OrderLinesBooked
     | Cursor
+    | WatchList
     | PushBatch
     | Done
     | StockChanged

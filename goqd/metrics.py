@@ -27,6 +27,8 @@ goqd_order_lines_total{store,outcome}                  counter    booked|duplica
 goqd_pushes_total{store,outcome}                       counter    accepted|rejected|failed
 goqd_outbox_pending{store}                             gauge      pushes waiting
 goqd_parked_lines{store}                               gauge      lines with no listing yet
+goqd_held_units{store}                                 gauge      sales seen on the mall's
+                                                                  counter, orders not yet
 goqd_errors_open{store,level}                          gauge      open errors per level
 goqd_oversold_units_total                              counter    units sold below zero
 goqd_ledger_batch_size                                 histogram  messages per transaction
@@ -142,6 +144,13 @@ class Metrics:
             ["store"],
             registry=r,
         )
+        self.held_units = Gauge(
+            "goqd_held_units",
+            "Units held back from every store because this store's mall counter showed "
+            "sales its order API has not shown yet (the sale watch).",
+            ["store"],
+            registry=r,
+        )
         self.errors_open = Gauge(
             "goqd_errors_open",
             "Open errors by level.",
@@ -207,6 +216,7 @@ class Metrics:
             self.pushes_total.labels(store, outcome)
         self.outbox_pending.labels(store)
         self.parked_lines.labels(store)
+        self.held_units.labels(store)
         for level in ERROR_LEVELS:
             self.errors_open.labels(store, level)
 

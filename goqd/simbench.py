@@ -142,6 +142,7 @@ class SimParams:
     seed: int = 1
     speed: float = 20.0
     webhooks: bool = True  # Shopify stores get order webhooks (goqd world only)
+    watch: bool = True  # the sale watch (goqd world only; watch-interval 10s)
     webhook_delay: float = 0.5  # seconds from the order to Shopify's delivery [I]
     cancel_share: float = 0.05
     hot_fraction: float = 0.05  # share of products that are hot
@@ -158,6 +159,7 @@ class Policy:
     push_retry: str
     gated: bool  # push to a store only right after that store's poll
     webhooks: bool
+    watch_interval: str = "10s"  # the sale watch; "0s" = off
 
 
 def available_malls() -> list[str]:
@@ -374,6 +376,11 @@ class Tracker:
     push_times: dict[tuple[str, str], list[float]] = field(
         default_factory=lambda: defaultdict(list)
     )
+    # Each (store, product)'s left side at its last push (``count + S(s') - A``, which
+    # only pushes move up; cancellations elsewhere and restocks only lower it, so this is
+    # never below the true value) and whether that push was 0.
+    level: dict[tuple[str, str], int] = field(default_factory=dict)
+    zero: set[tuple[str, str]] = field(default_factory=set)
     pushes_applied: int = 0
     opened_at: float = 0.0
 
@@ -391,7 +398,13 @@ class Tracker:
         for other in self.stores:
             if other != store:
                 bound = self.initial[sku] - (self.sold_all[sku] - self.sold[(other, sku)])
-                self.waiting[(other, sku)].append((bound, order))
+                level = self.level.get((other, sku), self.initial[sku])
+                if (other, sku) in self.zero or level <= bound:
+                    # The store already shows no more than the sale left (its last push
+                    # had it, or it sold out): nothing to wait for.
+                    order.remaining -= 1
+                else:
+                    self.waiting[(other, sku)].append((bound, order))
         if order.remaining == 0:
             order.done_at = order.at
         return order
@@ -403,10 +416,15 @@ class Tracker:
         now = self.clock()
         self.pushes_applied += 1
         self.push_times[(store, sku)].append(now)
+        level = value + self.sold[(store, sku)] - self.added[sku]
+        self.level[(store, sku)] = level
+        if value <= 0:
+            self.zero.add((store, sku))
+        else:
+            self.zero.discard((store, sku))
         queue = self.waiting.get((store, sku))
         if not queue:
             return
-        level = value + self.sold[(store, sku)] - self.added[sku]
         while queue and (value <= 0 or queue[0][0] >= level):
             _, order = queue.popleft()
             order.remaining -= 1
@@ -587,6 +605,7 @@ class WorldReport(msgspec.Struct, kw_only=True):
     poll_interval: dict[str, str]
     push_gated: bool
     webhooks: bool
+    watch_interval: str
     orders: int
     accepted_orders: int
     refused_orders: int
@@ -862,6 +881,7 @@ def _world_config(
                 poll_interval=w.policy.poll[mall],
                 push_retry=w.policy.push_retry,
                 request_timeout="30s",
+                watch_interval=w.policy.watch_interval,
                 urls={k: urls[store] + path for k, path in spec.url_paths.items()},
                 options=dict(spec.options),
             )
@@ -1067,6 +1087,8 @@ async def _report(
         series.append((round(order.at - tracker.opened_at, 2), round(latency, 3)))
     api, calls, throttled = _api_use(w, sent, max((d for _, d in w.lags), default=0.0))
     booked_at = await trio.to_thread.run_sync(_booked_at, ledger_path)
+    holds = await trio.to_thread.run_sync(_hold_times, ledger_path)
+    booked_at = _reflected_at(tracker, booked_at, holds)
     pipeline = _pipeline(tracker, booked_at)
     stale_pushes, stale_units = _stale_writes(tracker, booked_at)
     lag = percentiles([d for t, d in w.lags if w.opened_at <= t <= w.closed_at])
@@ -1075,6 +1097,7 @@ async def _report(
         poll_interval=dict(w.policy.poll),
         push_gated=w.policy.gated,
         webhooks=w.policy.webhooks,
+        watch_interval=w.policy.watch_interval,
         orders=len(w.plan.arrivals),
         accepted_orders=len(w.placed),
         refused_orders=market.refused,
@@ -1139,15 +1162,50 @@ def _booked_at(path: str) -> dict[tuple[str, str, str], float]:
         conn.close()
 
 
+def _hold_times(path: str) -> dict[tuple[str, str], list[float]]:
+    """When the sale watch held units back, per (store, SKU): the ``hold`` movements
+    that raised the product's held count (wall clock, in order)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    out: dict[tuple[str, str], list[float]] = defaultdict(list)
+    try:
+        previous: dict[str, int] = {}
+        for sku, cause, store, at, held in conn.execute(
+            "SELECT sku, cause, store, at, held_after FROM movements ORDER BY id"
+        ):
+            if cause == "hold" and held > previous.get(sku, 0):
+                out[(str(store), str(sku))].append(float(at))
+            previous[sku] = int(held)
+    finally:
+        conn.close()
+    return out
+
+
+def _reflected_at(
+    tracker: Tracker,
+    booked_at: Mapping[tuple[str, str, str], float],
+    holds: Mapping[tuple[str, str], list[float]],
+) -> dict[tuple[str, str, str], float]:
+    """When goqd's count first accounted for each order line: its booking, or earlier,
+    the sale watch's hold of units at the same store and product after the sale."""
+    out = dict(booked_at)
+    for order in tracker.orders:
+        times = holds.get((order.store, order.sku), [])
+        i = bisect.bisect_left(times, order.at)
+        if i < len(times):
+            out[order.line] = min(out.get(order.line, math.inf), times[i])
+    return out
+
+
 def _pipeline(
     tracker: Tracker, booked_at: Mapping[tuple[str, str, str], float]
 ) -> dict[tuple[str, int], tuple[float, float, bool]]:
     """goqd's own pipeline per order: (detect, propagation, complete), keyed by
     (origin mall, order number).
 
-    *detect* is acceptance to booking; *propagation* is acceptance to the first stock
-    update every other store applied for that product after the booking (each booking
-    queues one for every linked listing, so that update carries the sale). Unlike the
+    *detect* is acceptance to the moment goqd's count accounted for the sale (its booking
+    or the sale watch's hold, ``_reflected_at``); *propagation* is acceptance to the first
+    stock update every other store applied for that product after that (each booking and
+    each hold queues one for every linked listing, so that update carries the sale). Unlike the
     sync latency, it does not wait for other stores' unbooked sales or undo stale
     writes: it is the part goqd's poll interval and push path decide.
     """
@@ -1354,6 +1412,7 @@ def policies(params: SimParams, stores: list[tuple[str, str]]) -> list[Policy]:
             push_retry="30s",
             gated=False,
             webhooks=params.webhooks,
+            watch_interval="10s" if params.watch else "0s",
         )
     ]
     if params.baseline:
@@ -1365,6 +1424,7 @@ def policies(params: SimParams, stores: list[tuple[str, str]]) -> list[Policy]:
                 push_retry="30d",
                 gated=True,
                 webhooks=False,
+                watch_interval="0s",  # GoQSystem reads orders only
             )
         )
     return out
@@ -1829,6 +1889,7 @@ def format_report(report: SimReport, *, as_json: bool) -> str:
         ("poll interval", [", ".join(sorted(set(w.poll_interval.values()))) for w in worlds]),
         ("push", ["after a poll only" if w.push_gated else "on ledger change" for w in worlds]),
         ("webhooks", ["yes" if w.webhooks else "no" for w in worlds]),
+        ("sale watch", ["off" if w.watch_interval == "0s" else w.watch_interval for w in worlds]),
         ("orders accepted", [str(w.accepted_orders) for w in worlds]),
         ("orders refused", [str(w.refused_orders) for w in worlds]),
         ("oversold units", [str(w.oversold_units) for w in worlds]),
@@ -1989,6 +2050,9 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-webhooks", action="store_true", help="Shopify stores poll only")
     parser.add_argument(
+        "--no-watch", action="store_true", help="goqd without the sale watch (orders only)"
+    )
+    parser.add_argument(
         "--scale", action="store_true", help="ledger at scale: seed, start to READY, RSS, burst"
     )
     parser.add_argument("--burst", type=int, default=SCALE_BURST, help="--scale: orders at once")
@@ -2026,6 +2090,7 @@ def run_sim_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         speed=args.speed or 20.0,
         webhooks=not args.no_webhooks,
+        watch=not args.no_watch,
     )
     try:
         report = run_sim(params)

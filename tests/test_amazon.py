@@ -143,6 +143,7 @@ async def test_every_request_and_response_validates_against_the_official_models(
         for sku in ("A-1", "B-2", "C 3", "D-4"):
             sim.add_item(sku, quantity=10, lead_time_days=2, restock_date="2024-07-01")
         sim.add_item("FBA-1", quantity=40, fba=True)
+        sim.add_item("E,5", quantity=3)  # a comma: read with getListingsItem
         sim.place_order([("A-1", 1), ("B-2", 2)])
         shipped = sim.place_order([("C 3", 1)])
         assert shipped is not None
@@ -159,9 +160,12 @@ async def test_every_request_and_response_validates_against_the_official_models(
             [push("A-1", 5, lead=3, restock="2024-08-01"), push("NO-SUCH", 1), push("C 3", 0)]
         )
         assert [o.accepted for o in outcomes] == [True, False, True]
-        assert await adapter.read_stock(["A-1", "NO-SUCH", "FBA-1"]) == {"A-1": 5}
+        assert await adapter.read_stock(["A-1", "NO-SUCH", "FBA-1", "E,5", "NO,SUCH"]) == {
+            "A-1": 5,
+            "E,5": 3,
+        }
         listings = [x async for x in adapter.iter_listings()]
-        assert {x.listing_key for x in listings} == {"A-1", "B-2", "C 3", "D-4"}
+        assert {x.listing_key for x in listings} == {"A-1", "B-2", "C 3", "D-4", "E,5"}
 
         operations = {x.operation for x in sim.exchanges}
         assert operations == {
@@ -171,7 +175,14 @@ async def test_every_request_and_response_validates_against_the_official_models(
             "patchListingsItem",
             "searchListingsItems",
         }
-        assert any(x.status == 404 for x in sim.exchanges)  # getListingsItem NO-SUCH
+        assert any(x.status == 404 for x in sim.exchanges)  # getListingsItem NO,SUCH
+        # read_stock searched by SKU, so the model check below covers identifiers too.
+        (by_sku,) = [x for x in sim.exchanges if "identifiers" in x.query]
+        assert by_sku.operation == "searchListingsItems"
+        assert by_sku.query["identifiers"] == ["A-1,NO-SUCH,FBA-1"]
+        assert by_sku.query["identifiersType"] == ["SKU"]
+        read_one = [x.path for x in sim.exchanges if x.operation == "getListingsItem"]
+        assert read_one == [f"/listings/2021-08-01/items/{SELLER}/{k}" for k in ("E,5", "NO,SUCH")]
         assert_model_valid(sim)
         for record in sim.patches:
             assert SPAPI.listings.definition_errors("ListingsItemPatchRequest", record.body) == []
@@ -205,6 +216,22 @@ async def test_the_model_check_catches_a_wrong_field_parameter_or_body(
         assert any("Since" in e for e in errors)
         assert SPAPI.orders.request_errors("getOrders", query={}) != []
 
+        # searchListingsItems by SKU: at most 20 identifiers, identifiersType from the enum.
+        seller = {"sellerId": SELLER}
+        by_sku = {
+            "marketplaceIds": [MP],
+            "identifiers": [",".join(f"S-{i}" for i in range(20))],
+            "identifiersType": ["SKU"],
+        }
+        search = "searchListingsItems"
+        assert SPAPI.listings.request_errors(search, query=by_sku, path_params=seller) == []
+        too_many = {**by_sku, "identifiers": [",".join(f"S-{i}" for i in range(21))]}
+        errors = SPAPI.listings.request_errors(search, query=too_many, path_params=seller)
+        assert any("identifiers" in e for e in errors)
+        lower = {**by_sku, "identifiersType": ["sku"]}
+        errors = SPAPI.listings.request_errors(search, query=lower, path_params=seller)
+        assert any("identifiersType" in e for e in errors)
+
         patch = {"patches": [{"op": "replace", "path": "/attributes/fulfillment_availability"}]}
         assert SPAPI.listings.definition_errors("ListingsItemPatchRequest", patch) != []
         bad_op = {"productType": "PRODUCT", "patches": [{"op": "set", "path": "/x"}]}
@@ -221,6 +248,7 @@ FIXTURE_SCHEMAS = {
     "get_listings_item.json": ("listings", "Item"),
     "get_listings_item_fba.json": ("listings", "Item"),
     "search_listings_items.json": ("listings", "ItemSearchResults"),
+    "search_listings_items_identifiers.json": ("listings", "ItemSearchResults"),
     "error_unauthorized.json": ("listings", "ErrorList"),
     "error_quota_exceeded.json": ("listings", "ErrorList"),
     "error_invalid_input.json": ("orders", "GetOrdersResponse"),
@@ -255,11 +283,11 @@ async def test_access_token_goes_out_as_x_amz_access_token_and_is_reused(
         assert await adapter.read_stock(["A-1"]) == {"A-1": 5}
         assert await adapter.read_stock(["A-1"]) == {"A-1": 5}
         assert sim.token_refreshes == 1
-        assert statuses(sim, "getListingsItem") == [200, 200]
+        assert statuses(sim, "searchListingsItems") == [200, 200]
         # Without the header the same call is refused the way Amazon refuses it.
-        bare = await http.get(
-            f"{url}/listings/2021-08-01/items/{SELLER}/A-1", params={"marketplaceIds": MP}
-        )
+        first = sim.exchanges[0]
+        assert first.operation == "searchListingsItems"
+        bare = await http.get(f"{url}{first.path}", params=first.query)
         assert bare.status_code == 403
         assert bare.json()["errors"][0]["code"] == "Unauthorized"
 
@@ -272,7 +300,7 @@ async def test_access_token_renewed_before_its_hour_ends_without_a_403(
         await adapter.read_stock(["A-1"])
         await trio.sleep(3550)
         await adapter.read_stock(["A-1"])
-        assert statuses(sim, "getListingsItem") == [200, 200]
+        assert statuses(sim, "searchListingsItems") == [200, 200]
         assert sim.token_refreshes == 2
 
 
@@ -284,7 +312,7 @@ async def test_expired_access_token_is_refreshed_once_and_the_call_retried(
         await adapter.read_stock(["A-1"])
         sim.expire_access_tokens()
         assert await adapter.read_stock(["A-1"]) == {"A-1": 5}
-        assert statuses(sim, "getListingsItem") == [200, 403, 200]
+        assert statuses(sim, "searchListingsItems") == [200, 403, 200]
         assert sim.token_refreshes == 2
 
 
@@ -299,7 +327,7 @@ async def test_revoked_authorization_is_auth_error_with_invalid_grant(
             await adapter.read_stock(["A-1"])
         assert info.value.code == "invalid_grant"
         assert info.value.level == 9
-        assert statuses(sim, "getListingsItem") == [200, 403]
+        assert statuses(sim, "searchListingsItems") == [200, 403]
 
 
 async def test_wrong_client_secret_is_auth_error(autojump_clock: trio.testing.MockClock) -> None:
@@ -323,7 +351,7 @@ async def test_403_with_a_freshly_minted_token_is_auth_error_without_a_second_re
             await adapter.read_stock(["A-1"])
         assert info.value.code == "Unauthorized"
         assert sim.token_refreshes == 1
-        assert statuses(sim, "getListingsItem") == [403]
+        assert statuses(sim, "searchListingsItems") == [403]
 
 
 async def test_newly_issued_credentials_work_after_expiry(
@@ -572,10 +600,14 @@ async def test_push_sends_quantity_lead_time_and_restock_date_and_the_sim_applie
             "lead_time_to_ship_max_days": 3,
             "restock_date": "2024-07-01",
         }
-        # One call per listing, inside the 5-per-second usage plan.
+        # One call per listing, inside the 5-per-second usage plan with 10 % to spare
+        # once the burst of 5 is spent.
         patch_times = [r.at for r in sim.requests if r.api == "patchListingsItem"]
         assert len(patch_times) == 25
-        assert_within_plan(patch_times, *USAGE_PLANS["patchListingsItem"])
+        rate, burst = USAGE_PLANS["patchListingsItem"]
+        assert_within_plan(patch_times, rate, burst)
+        assert_within_plan(patch_times, rate * 0.9, burst)
+        assert patch_times[-1] - patch_times[0] >= (25 - 5) / (rate * 0.9) - 1e-6
         assert sim.throttled_requests == 0
 
 
@@ -675,7 +707,52 @@ async def test_read_stock_leaves_out_unknown_and_fba_listings(
         sim.add_item("F-1", quantity=40, fba=True)
         got = await adapter.read_stock(["A-1", "Z-0", "F-1", "NO-SUCH"])
         assert got == {"A-1": 4, "Z-0": 0}
-        assert statuses(sim, "getListingsItem") == [200, 200, 200, 404]
+        # One search for all four: the unknown SKU is simply not among the results.
+        assert statuses(sim, "searchListingsItems") == [200]
+        assert statuses(sim, "getListingsItem") == []
+        (search,) = sim.exchanges
+        assert search.query["identifiers"] == ["A-1,Z-0,F-1,NO-SUCH"]
+        assert search.query["identifiersType"] == ["SKU"]
+        assert search.query["includedData"] == ["fulfillmentAvailability"]
+
+        # A SKU with a comma cannot be named in the comma-delimited identifiers: it is
+        # read with getListingsItem, an unknown one answered 404, an FBA one left out.
+        sim.add_item("Z,9", quantity=9)
+        sim.add_item("F,2", quantity=20, fba=True)
+        got = await adapter.read_stock(["A-1", "Z,9", "NO,SUCH", "F,2", "NO-SUCH"])
+        assert got == {"A-1": 4, "Z,9": 9}
+        assert statuses(sim, "searchListingsItems") == [200, 200]
+        assert statuses(sim, "getListingsItem") == [200, 404, 200]
+        assert sim.exchanges[1].query["identifiers"] == ["A-1,NO-SUCH"]
+        one_by_one = [x.path.rsplit("/", 1)[1] for x in list(sim.exchanges)[2:]]
+        assert one_by_one == ["Z,9", "NO,SUCH", "F,2"]
+        assert_model_valid(sim)
+
+
+@pytest.mark.parametrize("n", [20, 21, 45, 200])
+async def test_read_stock_asks_for_at_most_20_skus_a_search_and_reads_them_all(
+    autojump_clock: trio.testing.MockClock, n: int
+) -> None:
+    """The sale watch reads up to 200 listings a round: ceil(n / 20) searches, not n
+    getListingsItem calls, and no listing lost between them."""
+    async with open_sim() as (sim, adapter, _, _):
+        keys = [f"W-{i:03d}" for i in range(n)]
+        for i, key in enumerate(keys):
+            sim.add_item(key, quantity=i)
+        # A key named twice is asked for once.
+        got = await adapter.read_stock([*keys, keys[0]])
+        assert got == {key: i for i, key in enumerate(keys)}
+        searches = [x for x in sim.exchanges if x.operation == "searchListingsItems"]
+        assert len(searches) == math.ceil(n / 20)
+        asked = [x.query["identifiers"][0].split(",") for x in searches]
+        assert all(len(chunk) <= 20 for chunk in asked)
+        assert [k for chunk in asked for k in chunk] == keys
+        assert {x.query["pageSize"][0] for x in searches} == {"20"}
+        assert statuses(sim, "getListingsItem") == []
+        times = [r.at for r in sim.requests if r.api == "searchListingsItems"]
+        assert_within_plan(times, *USAGE_PLANS["searchListingsItems"])
+        assert sim.throttled_requests == 0
+        assert_model_valid(sim)
 
 
 # --------------------------------------------------------------------------------------
@@ -815,9 +892,11 @@ async def test_order_item_reads_stay_inside_the_usage_plan(
         assert len(page.lines) == 40
         times = [r.at for r in sim.requests if r.api == "getOrderItems"]
         assert len(times) == 40
-        # 30 at once, then one every two seconds.
-        assert times[-1] - times[0] >= (40 - 30) / 0.5 - 1e-6
-        assert_within_plan(times, *USAGE_PLANS["getOrderItems"])
+        # 30 at once, then one every two seconds plus the 10 % margin.
+        rate, burst = USAGE_PLANS["getOrderItems"]
+        assert times[-1] - times[0] >= (40 - 30) / (rate * 0.9) - 1e-6
+        assert_within_plan(times, rate, burst)
+        assert_within_plan(times, rate * 0.9, burst)
         assert sim.throttled_requests == 0
 
 
@@ -944,6 +1023,7 @@ CREDS = {
     "seller_id": SELLER,
 }
 ITEM_PATH = f"/listings/2021-08-01/items/{SELLER}/TSHIRT-RED-M"
+SEARCH_PATH = f"/listings/2021-08-01/items/{SELLER}"
 
 
 @asynccontextmanager
@@ -1030,7 +1110,7 @@ async def test_canned_lwa_request_is_the_refresh_token_grant(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with canned() as (fake, adapter):
-        fake.on("GET", ITEM_PATH, (200, fixture("get_listings_item.json")))
+        fake.on("GET", SEARCH_PATH, (200, fixture("search_listings_items_identifiers.json")))
         assert await adapter.read_stock(["TSHIRT-RED-M"]) == {"TSHIRT-RED-M": 7}
         (lwa,) = fake.sent("/auth/o2/token")
         assert lwa.url.host == "api.amazon.com"
@@ -1068,16 +1148,16 @@ async def test_canned_403_after_refresh_is_auth_error_after_exactly_one_retry(
     async with canned() as (fake, adapter):
         fake.on(
             "GET",
-            ITEM_PATH,
-            (200, fixture("get_listings_item.json")),
+            SEARCH_PATH,
+            (200, fixture("search_listings_items_identifiers.json")),
             (403, fixture("error_unauthorized.json")),
         )
-        await adapter.read_stock(["TSHIRT-RED-M"])
+        assert await adapter.read_stock(["TSHIRT-RED-M"]) == {"TSHIRT-RED-M": 7}
         with pytest.raises(MallAuthError) as info:
             await adapter.read_stock(["TSHIRT-RED-M"])
         assert info.value.code == "Unauthorized"
         assert "expired" in str(info.value)
-        assert len(fake.sent(ITEM_PATH)) == 3  # ok, 403, 403 after the refresh
+        assert len(fake.sent(SEARCH_PATH)) == 3  # ok, 403, 403 after the refresh
         assert len(fake.sent("/auth/o2/token")) == 2
         _no_secret(info.value)
 
@@ -1094,7 +1174,7 @@ async def test_canned_transport_errors_are_unavailable(
     autojump_clock: trio.testing.MockClock, error: Exception, kind: type[MallError]
 ) -> None:
     async with canned() as (fake, adapter):
-        fake.on("GET", ITEM_PATH, error)
+        fake.on("GET", SEARCH_PATH, error)
         with pytest.raises(kind):
             await adapter.read_stock(["TSHIRT-RED-M"])
         fake.on("POST", "/auth/o2/token", error)
@@ -1135,7 +1215,7 @@ async def test_canned_get_orders_status_mapping(
 
 async def test_canned_oversized_response_is_refused(autojump_clock: trio.testing.MockClock) -> None:
     async with canned() as (fake, adapter):
-        fake.on("GET", ITEM_PATH, (200, b" " * (16 * 1024 * 1024 + 1)))
+        fake.on("GET", SEARCH_PATH, (200, b" " * (16 * 1024 * 1024 + 1)))
         with pytest.raises(MallProtocolError, match="16 MiB"):
             await adapter.read_stock(["TSHIRT-RED-M"])
 
@@ -1173,11 +1253,7 @@ async def test_canned_listing_search_skips_fba_and_takes_lead_time_and_restock_d
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with canned() as (fake, adapter):
-        fake.on(
-            "GET",
-            f"/listings/2021-08-01/items/{SELLER}",
-            (200, fixture("search_listings_items.json")),
-        )
+        fake.on("GET", SEARCH_PATH, (200, fixture("search_listings_items.json")))
         (listing,) = [x async for x in adapter.iter_listings()]
         assert (listing.listing_key, listing.name, listing.quantity) == (
             "TSHIRT-RED-M",
@@ -1194,33 +1270,70 @@ async def test_canned_read_stock_leaves_out_fba_and_unknown(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with canned() as (fake, adapter):
-        fake.on("GET", ITEM_PATH, (200, fixture("get_listings_item.json")))
-        fake.on(
-            "GET",
-            f"/listings/2021-08-01/items/{SELLER}/FBA-ONLY",
-            (200, fixture("get_listings_item_fba.json")),
-        )
-        fake.on(
-            "GET",
-            f"/listings/2021-08-01/items/{SELLER}/NO-SUCH",
-            (404, fixture("error_not_found.json")),
-        )
-        got = await adapter.read_stock(["TSHIRT-RED-M", "FBA-ONLY", "NO-SUCH"])
-        assert got == {"TSHIRT-RED-M": 7}
+        fake.on("GET", SEARCH_PATH, (200, fixture("search_listings_items_identifiers.json")))
+        # SKUs with a comma go to getListingsItem, one call each.
+        fake.on("GET", f"{SEARCH_PATH}/TSHIRT,RED,M", (200, fixture("get_listings_item.json")))
+        fake.on("GET", f"{SEARCH_PATH}/FBA,ONLY", (200, fixture("get_listings_item_fba.json")))
+        fake.on("GET", f"{SEARCH_PATH}/NO,SUCH", (404, fixture("error_not_found.json")))
+        keys = ["TSHIRT-RED-M", "TSHIRT,RED,M", "FBA-ONLY", "FBA,ONLY", "NO-SUCH", "NO,SUCH"]
+        got = await adapter.read_stock(keys)
+        assert got == {"TSHIRT-RED-M": 7, "TSHIRT,RED,M": 5}
+        (search,) = fake.sent(SEARCH_PATH)
+        assert dict(search.url.params) == {
+            "marketplaceIds": MP,
+            "includedData": "fulfillmentAvailability",
+            "identifiers": "TSHIRT-RED-M,FBA-ONLY,NO-SUCH",
+            "identifiersType": "SKU",
+            "pageSize": "20",
+        }
+        for key in ("TSHIRT,RED,M", "FBA,ONLY", "NO,SUCH"):
+            (one,) = fake.sent(f"{SEARCH_PATH}/{key}")
+            assert dict(one.url.params) == {
+                "marketplaceIds": MP,
+                "includedData": "fulfillmentAvailability",
+            }
+        # An item in the answer that was not asked for is not a count of this read.
+        assert await adapter.read_stock(["FBA-ONLY", "NO-SUCH"]) == {}
 
 
 async def test_sku_is_percent_encoded_in_the_path(autojump_clock: trio.testing.MockClock) -> None:
+    sku = "赤 #1,2"  # the comma sends read_stock to getListingsItem
+    path = f"{SEARCH_PATH}/{sku}"
     async with canned() as (fake, adapter):
-        fake.on(
-            "GET",
-            f"/listings/2021-08-01/items/{SELLER}/赤 #1",
-            (200, fixture("get_listings_item.json")),
-        )
-        assert await adapter.read_stock(["赤 #1"]) == {"赤 #1": 7}
-        (sent,) = fake.sent(f"/listings/2021-08-01/items/{SELLER}/赤 #1")
-        assert sent.url.raw_path.startswith(
-            f"/listings/2021-08-01/items/{SELLER}/%E8%B5%A4%20%231".encode()
-        )
+        fake.on("GET", path, (200, {**fixture("get_listings_item.json"), "sku": sku}))
+        fake.on("PATCH", path, (200, {**fixture("patch_accepted.json"), "sku": sku}))
+        assert await adapter.read_stock([sku]) == {sku: 5}
+        (outcome,) = await adapter.push_stock([push(sku, 4)])
+        assert outcome.accepted
+        sent = fake.sent(path)
+        assert [r.method for r in sent] == ["GET", "PATCH"]
+        for request in sent:
+            assert request.url.raw_path.startswith(f"{SEARCH_PATH}/%E8%B5%A4%20%231%2C2?".encode())
+
+
+async def test_skus_are_percent_encoded_in_the_identifiers_query(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Unencoded, a "#" would end the URL and "&", "=" or "+" would split or change the
+    parameter."""
+    counts = {"赤 #1": 1, "A&B=C+D": 2, "50%": 3}
+    body = {
+        "numberOfResults": len(counts),
+        "items": [
+            {
+                "sku": sku,
+                "fulfillmentAvailability": [{"fulfillmentChannelCode": "DEFAULT", "quantity": n}],
+            }
+            for sku, n in counts.items()
+        ],
+    }
+    async with canned() as (fake, adapter):
+        fake.on("GET", SEARCH_PATH, (200, body))
+        assert await adapter.read_stock(list(counts)) == counts
+        (sent,) = fake.sent(SEARCH_PATH)
+        assert sent.url.params["identifiers"] == "赤 #1,A&B=C+D,50%"
+        assert sent.url.params["identifiersType"] == "SKU"
+        assert b"#" not in sent.url.raw_path
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,11 @@ def _spawn(db: Path, env_extra: dict[str, str] | None = None) -> subprocess.Pope
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "tests.helpers.crash_writer", str(db), str(LINES), "20"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
     )
 
 

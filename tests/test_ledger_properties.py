@@ -54,8 +54,13 @@ def _key(o: Obs) -> str:
 
 def _line(o: Obs) -> m.OrderLine:
     return m.OrderLine(
-        order_id=f"o{o.order}", line_id=str(o.line), listing_key=_key(o), quantity=o.qty,
-        cancelled=o.cancelled, terminal=o.terminal and o.cancelled, updated_at=float(o.at),
+        order_id=f"o{o.order}",
+        line_id=str(o.line),
+        listing_key=_key(o),
+        quantity=o.qty,
+        cancelled=o.cancelled,
+        terminal=o.terminal and o.cancelled,
+        updated_at=float(o.at),
     )
 
 

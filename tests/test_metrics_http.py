@@ -50,6 +50,7 @@ def test_touch_store_creates_every_per_store_series_at_zero() -> None:
     assert value(reg, "goqd_poll_duration_seconds_count", store="rakuten-a") == 0
     assert value(reg, "goqd_outbox_pending", store="rakuten-a") == 0
     assert value(reg, "goqd_parked_lines", store="rakuten-a") == 0
+    assert value(reg, "goqd_held_units", store="rakuten-a") == 0
     assert value(reg, "goqd_errors_open", store="rakuten-a", level="9") == 0
     # Unknown expiry stays absent rather than reading as "expired in 1970".
     assert value(reg, "goqd_credential_expiry_timestamp_seconds", store="rakuten-a") is None
@@ -90,7 +91,7 @@ def test_every_metric_is_prefixed_and_carries_no_sku_label() -> None:
     metrics.credential_expiry_timestamp_seconds.labels("a").set(1.9e9)
     allowed = {"store", "mall", "outcome", "state", "level", "child", "version", "le"}
     families = list(reg.collect())
-    assert len(families) == 20
+    assert len(families) == 21
     for family in families:
         assert family.name.startswith("goqd_"), family.name
         for sample in family.samples:

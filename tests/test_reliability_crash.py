@@ -306,7 +306,10 @@ def test_sigkill_during_wal_checkpoints_keeps_the_ledger_sound(tmp_path: Path) -
     while kills < 12 and time.monotonic() < deadline:
         proc = subprocess.Popen(
             [sys.executable, "-c", _CHECKPOINT_WRITER, str(db), str(acked)],
-            stdout=subprocess.PIPE, text=True, env=env, cwd=root,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=root,
         )
         assert proc.stdout is not None
         seen: list[str] = []

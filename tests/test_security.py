@@ -34,9 +34,7 @@ from goqd.sim.base import SimMall
 from goqd.sim.http import Request, Response
 from tests.helpers import rig
 
-STORES = (
-    ("ra", "rakuten"), ("ya", "yahoo"), ("au", "aupay"), ("sh", "shopify"), ("am", "amazon")
-)
+STORES = (("ra", "rakuten"), ("ya", "yahoo"), ("au", "aupay"), ("sh", "shopify"), ("am", "amazon"))
 SECRET_FIELDS = {
     "rakuten": ("service_secret", "license_key"),
     "yahoo": ("client_secret", "refresh_token"),
@@ -72,7 +70,9 @@ async def prig() -> AsyncIterator[rig.ProcessRig]:
     tmp = tempfile.mkdtemp(prefix="gqs-", dir="/tmp")
     # Amazon without its two-minute order lag, so that real time stays short.
     async with rig.open_process_rig(
-        STORES, tmp, log_level="debug",
+        STORES,
+        tmp,
+        log_level="debug",
         sim_options={"amazon": {"data_lag_s": 0.0, "min_before_s": 0.0}},
         store_options={"amazon": {"lag_s": 1}},
     ) as r:
@@ -213,8 +213,12 @@ print(json.loads(data[4:])["reply"]["code"])
 def _as_nobody(sock: str) -> str:
     out = subprocess.run(
         ["/usr/bin/python3", "-c", _PEER_PROBE, sock],
-        capture_output=True, text=True, timeout=30, cwd="/",
-        preexec_fn=_drop_to_nobody, env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd="/",
+        preexec_fn=_drop_to_nobody,
+        env={"PATH": "/usr/bin:/bin"},
     )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
@@ -226,8 +230,10 @@ def _drop_to_nobody() -> None:
     os.setuid(65534)
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/python3"),
-                    reason="needs root to act as another user")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/usr/bin/python3"),
+    reason="needs root to act as another user",
+)
 async def test_control_socket_is_0660_and_refuses_peers_outside_the_allowed_set() -> None:
     from structlog.testing import capture_logs
 
@@ -284,8 +290,11 @@ def _poison(sim: SimMall, body: str) -> None:
     sim.handle = handle  # type: ignore[method-assign]
 
 
-@pytest.mark.parametrize("body", [BILLION_LAUGHS, QUADRATIC, EXTERNAL],
-                         ids=["billion-laughs", "quadratic", "external-entity"])
+@pytest.mark.parametrize(
+    "body",
+    [BILLION_LAUGHS, QUADRATIC, EXTERNAL],
+    ids=["billion-laughs", "quadratic", "external-entity"],
+)
 @pytest.mark.parametrize("mall", ["yahoo", "aupay"])
 def test_hostile_xml_from_a_mall_is_refused_as_a_level_8_protocol_error(
     mall: str, body: str
@@ -298,8 +307,9 @@ def test_hostile_xml_from_a_mall_is_refused_as_a_level_8_protocol_error(
         run.poll_all()
         await rig.wait_for(lambda: handle.state == "degraded", timeout=120, what="degraded")
         assert handle.error_level == 8
-        errors = rig.ledger_rows(run.ledger_path, "SELECT level, code, message FROM errors "
-                                 "WHERE store = 'x'")
+        errors = rig.ledger_rows(
+            run.ledger_path, "SELECT level, code, message FROM errors WHERE store = 'x'"
+        )
         assert errors and all(level == 8 for level, _c, _m in errors)
         assert "lollol" not in json.dumps(errors)  # nothing was expanded
         etc = Path("/etc/hostname")

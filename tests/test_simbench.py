@@ -231,6 +231,7 @@ def test_shopify_webhooks_sync_faster_than_any_poll(report: sb.SimReport) -> Non
 
 def test_plot_is_a_png(report: sb.SimReport, tmp_path: pytest.TempPathFactory) -> None:
     import matplotlib  # noqa: F401  (in the test extra: a missing one must fail, not skip)
+
     path = f"{tmp_path}/sim.png"
     sb.write_plot(report, path)
     with open(path, "rb") as f:

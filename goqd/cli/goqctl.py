@@ -568,6 +568,8 @@ def _store_note(s: p.StoreInfo, now: float) -> str:
         notes.append(s.key_warning)
     if s.parked:
         notes.append(f"{s.parked} order line(s) parked → goqctl errors --store {s.name}")
+    if s.held:
+        notes.append(f"{s.held} unit(s) held: sold at the mall, order not fetched yet")
     return "; ".join(notes)
 
 
@@ -639,6 +641,9 @@ def _render_done(d: m.Done, request: p.ControlRequest) -> str:
 
 def _render_history(h: m.History) -> str:
     head = f"{h.sku}: total {h.total}"
+    if h.held:
+        head += f", {h.held} held for sales a mall showed before its orders (shown: "
+        head += f"{max(0, h.total - h.held)})"
     if not h.movements:
         return head + "\n(no movements)"
     rows = [
@@ -647,7 +652,7 @@ def _render_history(h: m.History) -> str:
             _when(mv.at),
             mv.cause,
             f"{mv.delta:+d}",
-            str(mv.total_after),
+            str(mv.total_after) + (f" ({mv.held_after} held)" if mv.held_after else ""),
             mv.store or "-",
             f"{mv.order_id}/{mv.line_id}" if mv.order_id else "-",
             (f"oversold {mv.oversold}; " if mv.oversold else "") + mv.reason,

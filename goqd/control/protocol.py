@@ -309,6 +309,8 @@ class StoreInfo(_Result, frozen=True, kw_only=True, tag="store_info"):
     cursor: str | None
     credential_expires_at: float | None
     message: str = ""
+    # Units held back because this mall's counter showed sales its orders do not yet.
+    held: int = 0
     # Set when the credential expires within daemon.key-warning-days (or has expired):
     # one sentence saying when and how to renew it.
     key_warning: str = ""

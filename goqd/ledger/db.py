@@ -39,7 +39,7 @@ from goqd.errors import (
 )
 from goqd.linking import Rule, fold, normalize
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 APPLICATION_ID = 0x676F7164  # "goqd": marks the file as ours
 MAX_LINE_QUANTITY = 100_000  # a line above this is a data error, not an order
 MULTIPLE_LINKS = "multiple_links"  # 複数の商品が紐づいています
@@ -49,6 +49,9 @@ WAL_AUTOCHECKPOINT_PAGES = 10_000
 # much older than the product's creation: mall clocks have whole seconds and skew, and
 # booking a sale twice undersells, while missing one oversells.
 BEFORE_IMPORT_MARGIN_S = 300.0
+# The sale watch reads listings of products sold in the last week (and any holding).
+WATCH_RECENT_S = 7 * 86400.0
+WATCH_SCAN = 5000  # listings the watch's rotation looks at per round, at most
 STALE_RETRY_S = 2.0  # a stale compare-and-set is retried after the store's next poll
 
 Synchronous = Literal["full", "normal", "extra", "off"]
@@ -164,6 +167,24 @@ _MIGRATIONS: list[str] = [
     ALTER TABLE products ADD COLUMN code_fold TEXT NOT NULL DEFAULT '';
     UPDATE products SET code_fold = goqd_fold(sku);
     CREATE INDEX products_by_fold ON products (code_fold);
+    """,
+    # version 3: the sale watch (DESIGN §4). ``held``: units held back from every store
+    # because a mall's own counter fell without an order goqd has booked; a product's
+    # pushed count is max(0, total - held). ``watch_qty``: what goqd expects that
+    # mall's counter to show; ``watch_at``: when a push or a booking last moved it.
+    # ``outbox.sent_min``: the lowest count handed to the store for this listing and not
+    # yet acknowledged (it may have landed; a counter there is no sign of a sale).
+    """
+    ALTER TABLE products ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE products ADD COLUMN last_sale_at REAL NOT NULL DEFAULT 0;
+    ALTER TABLE listings ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE listings ADD COLUMN held_since REAL;
+    ALTER TABLE listings ADD COLUMN watch_qty INTEGER;
+    ALTER TABLE listings ADD COLUMN watch_at REAL NOT NULL DEFAULT 0;
+    ALTER TABLE movements ADD COLUMN held_after INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE outbox ADD COLUMN sent_min INTEGER;
+    CREATE INDEX products_by_sale ON products (last_sale_at);
+    CREATE INDEX listings_holding ON listings (store) WHERE held > 0;
     """,
 ]
 
@@ -344,6 +365,10 @@ class Ledger:
                 return self.take_pushes(msg.store, msg.limit)
             case m.PushesDone():
                 return self.pushes_done(msg)
+            case m.GetWatchList():
+                return self.watch_list(msg)
+            case m.StockSeen():
+                return self.stock_seen(msg)
             case m.Ping():
                 self.conn.execute("SELECT 1").fetchone()
                 return m.Pong()
@@ -523,6 +548,8 @@ class Ledger:
                 ),
             )
             cause = "cancel" if target == 0 else "correction"
+            if delta > 0:
+                self._sale_booked(store, line.listing_key, sku, delta)
             self._move(
                 sku, -delta, cause, store=store, order_id=line.order_id, line_id=line.line_id
             )
@@ -598,6 +625,7 @@ class Ledger:
             # says the imported count knew them, and booking errs on the side of not
             # overselling.
             return "before_import"
+        self._sale_booked(store, line.listing_key, sku, target)
         self._move(sku, -target, "order", store=store, order_id=line.order_id, line_id=line.line_id)
         return "booked"
 
@@ -613,12 +641,16 @@ class Ledger:
         reason: str = "",
     ) -> tuple[int, int]:
         """Change a SKU's total by ``delta``, record the movement, queue the pushes."""
+        sale = cause in ("order", "correction", "hold") and delta <= 0
         row = self.conn.execute(
-            "UPDATE products SET total = total + ? WHERE sku = ? RETURNING total", (delta, sku)
+            "UPDATE products SET total = total + ?, last_sale_at = CASE WHEN ? THEN ? "
+            "ELSE last_sale_at END WHERE sku = ? RETURNING total, held",
+            (delta, sale, self.now(), sku),
         ).fetchone()
         if row is None:
             raise UnknownSku(f"unknown SKU {sku!r}")
         after = int(row[0])
+        held = int(row[1])
         before = after - delta
         oversold = 0
         if cause in ("order", "correction") and delta < 0:
@@ -628,8 +660,20 @@ class Ledger:
             self._bump_meta("oversold_units", oversold)
         cur = self.conn.execute(
             "INSERT INTO movements (sku, delta, total_after, cause, store, order_id, line_id, "
-            "reason, oversold, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (sku, delta, after, cause, store, order_id, line_id, reason, oversold, self.now()),
+            "reason, oversold, at, held_after) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                sku,
+                delta,
+                after,
+                cause,
+                store,
+                order_id,
+                line_id,
+                reason,
+                oversold,
+                self.now(),
+                held,
+            ),
         )
         self._dirty.add(sku)
         return after, int(cur.lastrowid or 0)
@@ -646,7 +690,7 @@ class Ledger:
         self._version += 1
         rows = self.conn.execute(
             "INSERT INTO outbox (store, listing_key, sku, quantity, version, not_before, "
-            "attempts) SELECT l.store, l.listing_key, l.sku, max(0, p.total), ?, 0, 0 "
+            "attempts) SELECT l.store, l.listing_key, l.sku, max(0, p.total - p.held), ?, 0, 0 "
             "FROM json_each(?) j JOIN listings l ON l.sku = j.value "
             "JOIN products p ON p.sku = l.sku WHERE l.link_state = 'linked' "
             "ON CONFLICT (store, listing_key) DO UPDATE SET quantity = excluded.quantity, "
@@ -662,7 +706,7 @@ class Ledger:
         self._version += 1
         rows = self.conn.execute(
             "INSERT INTO outbox (store, listing_key, sku, quantity, version, not_before, attempts) "
-            "SELECT l.store, l.listing_key, l.sku, max(0, p.total), ?, 0, 0 "
+            "SELECT l.store, l.listing_key, l.sku, max(0, p.total - p.held), ?, 0, 0 "
             "FROM listings l JOIN products p ON p.sku = l.sku "
             "WHERE l.store = ? AND l.listing_key = ? AND l.link_state = 'linked' "
             "ON CONFLICT (store, listing_key) DO UPDATE SET quantity = excluded.quantity, "
@@ -684,6 +728,12 @@ class Ledger:
         pending = self.conn.execute(
             "SELECT count(*) FROM outbox WHERE store = ?", (store,)
         ).fetchone()[0]
+        if rows:
+            self.conn.execute(
+                "UPDATE outbox SET sent_min = min(coalesce(sent_min, quantity), quantity) "
+                "WHERE store = ? AND listing_key IN (SELECT value FROM json_each(?))",
+                (store, msgspec.json.encode([r[0] for r in rows]).decode()),
+            )
         items = tuple(
             m.PushItem(
                 listing_key=key,
@@ -710,9 +760,20 @@ class Ledger:
                 changed += cur.rowcount
                 conn.execute(
                     "UPDATE listings SET last_pushed_qty = coalesce(?, last_pushed_qty), "
-                    "last_pushed_version = ? WHERE store = ? AND listing_key = ? "
+                    # Only listings the watch reads keep an expectation.
+                    "last_pushed_version = ?, watch_qty = CASE WHEN watch_qty IS NULL "
+                    "THEN NULL ELSE coalesce(?, watch_qty) END, "
+                    "watch_at = ? WHERE store = ? AND listing_key = ? "
                     "AND (last_pushed_version IS NULL OR last_pushed_version < ?)",
-                    (out.quantity, out.version, msg.store, out.listing_key, out.version),
+                    (
+                        out.quantity,
+                        out.version,
+                        out.quantity,
+                        now,
+                        msg.store,
+                        out.listing_key,
+                        out.version,
+                    ),
                 )
             elif out.code == m.STALE:
                 # Not an error: retry soon, comparing against what the mall now shows.
@@ -722,9 +783,11 @@ class Ledger:
                     (now + STALE_RETRY_S, msg.store, out.listing_key, out.version),
                 )
                 conn.execute(
-                    "UPDATE listings SET last_pushed_qty = ?, last_seen_qty = ? "
+                    "UPDATE listings SET last_pushed_qty = ?, last_seen_qty = ?, "
+                    "watch_qty = CASE WHEN watch_qty IS NULL THEN NULL "
+                    "ELSE coalesce(?, watch_qty) END, watch_at = ? "
                     "WHERE store = ? AND listing_key = ?",
-                    (out.quantity, out.quantity, msg.store, out.listing_key),
+                    (out.quantity, out.quantity, out.quantity, now, msg.store, out.listing_key),
                 )
             else:
                 conn.execute(
@@ -742,6 +805,183 @@ class Ledger:
                     )
                 )
         return m.Done(changed=changed)
+
+    # ---------------------------------------------------------------- sale watch
+
+    def watch_list(self, msg: m.GetWatchList) -> m.WatchList:
+        """Listings of a store worth reading: every one holding units; then, for half
+        of what is left, those of products sold in the last ``WATCH_RECENT_S``, the most
+        recently sold first (what sold lately sells again, and a mall's read budget
+        should go where the sales are); then the store's listings with at most ``below``
+        units in key order from ``after``, so each of those is read in its turn.
+
+        Products at 0 (after holds) are skipped: the mall shows 0 and cannot sell them.
+        Walking ``products_by_sale`` newest first stops at ``limit``, and the rotation
+        looks at most ``WATCH_SCAN`` listings a round: at 500,000 products a round costs
+        about what its answer costs, not a scan of the catalogue.
+        """
+        held = [
+            r[0]
+            for r in self.conn.execute(
+                "SELECT listing_key FROM listings WHERE store = ? AND held > 0 LIMIT ?",
+                (msg.store, msg.limit),
+            )
+        ]
+        room = max(0, msg.limit - len(held))
+        recent = [
+            r[0]
+            for r in self.conn.execute(
+                "SELECT l.listing_key FROM products p INDEXED BY products_by_sale "
+                "CROSS JOIN listings l ON l.sku = p.sku "
+                "WHERE p.last_sale_at > ? AND p.total - p.held > 0 "
+                "AND l.store = ? AND l.link_state = 'linked' AND l.held = 0 "
+                "ORDER BY p.last_sale_at DESC LIMIT ?",
+                # Never sold (0) is not recent, whatever the clock says.
+                (max(0.0, self.now() - WATCH_RECENT_S), msg.store, (room + 1) // 2),
+            )
+        ]
+        chosen = dict.fromkeys(held + recent)
+        window = self.conn.execute(
+            "SELECT x.listing_key, p.total - p.held, p.total FROM (SELECT listing_key, sku "
+            "FROM listings WHERE store = ? AND listing_key > ? AND link_state = 'linked' "
+            "ORDER BY listing_key LIMIT ?) x JOIN products p ON p.sku = x.sku "
+            "ORDER BY x.listing_key",
+            (msg.store, msg.after, WATCH_SCAN),
+        ).fetchall()
+        next_after = window[-1][0] if len(window) == WATCH_SCAN else ""
+        last = msg.after
+        for key, shown, total in window:
+            if len(chosen) >= msg.limit:
+                next_after = last  # the round is full: go on from here next time
+                break
+            if shown > 0 and total <= msg.below:
+                chosen.setdefault(key)
+            last = key
+        return m.WatchList(store=msg.store, listing_keys=tuple(chosen), next_after=next_after)
+
+    def stock_seen(self, msg: m.StockSeen) -> m.Done:
+        """Compare the mall's counters with what goqd expects them to show.
+
+        A counter below the expectation lost units to sales goqd has not booked: hold
+        them back (every store is pushed ``total - held``); one above it gave units
+        back (a cancellation at the mall) and releases what it can. A listing that a
+        push or a booking moved after the read began is skipped: the reading predates
+        it. A hold that a later poll did not explain with an order, or older than
+        ``hold_expiry``, is released and reported: the counter fell for another reason
+        (an edit at the mall, an increase the mall acknowledged but did not apply).
+        """
+        conn = self.conn
+        now = self.now()
+        changed = 0
+        for seen in msg.counts:
+            row = conn.execute(
+                "SELECT l.sku, l.link_state, l.held, coalesce(l.watch_qty, l.last_pushed_qty), "
+                "l.watch_at, o.sent_min, o.version IS NOT NULL "
+                "FROM listings l LEFT JOIN outbox o ON o.store = l.store "
+                "AND o.listing_key = l.listing_key WHERE l.store = ? AND l.listing_key = ?",
+                (msg.store, seen.listing_key),
+            ).fetchone()
+            if row is None or row[1] != "linked" or row[4] > msg.read_started:
+                continue
+            # Expected: the last reading as bookings and pushes moved it since, or, for a
+            # listing read for the first time, the last count the mall accepted.
+            sku, _, held, expected, _, sent, queued = row
+            if expected is not None and sent is not None:
+                # A push sent but not acknowledged may have landed (a timeout after the
+                # mall applied it, a crash mid-push): a counter at or above that count is
+                # no sign of a sale. Missing a sale here is safe; inventing one is not.
+                # (A row still unsent cannot have landed: it does not count.)
+                expected = min(expected, sent)
+            new_held = held
+            if expected is not None:
+                new_held = max(0, held + expected - seen.quantity)
+                if seen.quantity - expected > held and not queued:
+                    # More than goqd wants shown and no hold explains it (a lost or
+                    # late write, an edit at the mall): push goqd's count again.
+                    self._queue_listing(msg.store, seen.listing_key)
+            conn.execute(
+                "UPDATE listings SET watch_qty = ?, held = ?, held_since = CASE "
+                "WHEN ? = 0 THEN NULL ELSE coalesce(held_since, ?) END "
+                "WHERE store = ? AND listing_key = ?",
+                (seen.quantity, new_held, new_held, now, msg.store, seen.listing_key),
+            )
+            if new_held != held:
+                conn.execute(
+                    "UPDATE products SET held = held + ? WHERE sku = ?", (new_held - held, sku)
+                )
+                verb = "fell" if new_held > held else "rose"
+                self._move(
+                    sku,
+                    0,
+                    "hold",
+                    store=msg.store,
+                    reason=f"{seen.listing_key}: the mall's count {verb} to {seen.quantity} "
+                    f"without a booked order; {new_held} held",
+                )
+                changed += 1
+        expired = conn.execute(
+            "SELECT listing_key, held FROM listings WHERE store = ? AND held > 0 "
+            "AND held_since < ?",
+            (msg.store, max(now - msg.hold_expiry, msg.explained_before)),
+        ).fetchall()
+        for key, held in expired:
+            self._release_hold(msg.store, key)
+            changed += 1
+            self.record_error(
+                m.RecordError(
+                    store=msg.store,
+                    level=8,
+                    code="count_fell_without_order",
+                    message=(
+                        f"listing {key}: the mall's count fell by {held} but no order "
+                        "explains it (edited at the mall, or an update the mall did not "
+                        "apply); goqd's count is pushed again"
+                    ),
+                    listing_key=key,
+                )
+            )
+        return m.Done(changed=changed)
+
+    def _sale_booked(self, store: str, listing_key: str, sku: str, sold: int) -> None:
+        """A booked sale explains held units of its listing first; the rest is a sale
+        the watch has not seen yet, so its expected counter drops with it."""
+        row = self.conn.execute(
+            "SELECT held, watch_qty FROM listings WHERE store = ? AND listing_key = ?",
+            (store, listing_key),
+        ).fetchone()
+        if row is None or (row[0] == 0 and row[1] is None):
+            return
+        held, expected = row
+        use = min(held, sold)
+        self.conn.execute(
+            "UPDATE listings SET held = ?, held_since = CASE WHEN ? = 0 THEN NULL "
+            "ELSE held_since END, watch_qty = ?, watch_at = ? "
+            "WHERE store = ? AND listing_key = ?",
+            (
+                held - use,
+                held - use,
+                None if expected is None else expected - (sold - use),
+                self.now(),
+                store,
+                listing_key,
+            ),
+        )
+        if use:
+            self.conn.execute("UPDATE products SET held = held - ? WHERE sku = ?", (use, sku))
+
+    def _release_hold(self, store: str, listing_key: str) -> None:
+        row = self.conn.execute(
+            "SELECT sku, held FROM listings WHERE store = ? AND listing_key = ?",
+            (store, listing_key),
+        ).fetchone()
+        if row is None or not row[1]:
+            return
+        self.conn.execute(
+            "UPDATE listings SET held = 0, held_since = NULL WHERE store = ? AND listing_key = ?",
+            (store, listing_key),
+        )
+        self.conn.execute("UPDATE products SET held = held - ? WHERE sku = ?", (row[1], row[0]))
+        self._move(row[0], 0, "hold", store=store, reason=f"{listing_key}: {row[1]} released")
 
     # ---------------------------------------------------------------- operator stock
 
@@ -765,9 +1005,12 @@ class Ledger:
 
     def history(self, sku: str, limit: int) -> m.History:
         total = self._total(sku)
+        held = int(
+            self.conn.execute("SELECT held FROM products WHERE sku = ?", (sku,)).fetchone()[0]
+        )
         rows = self.conn.execute(
             "SELECT id, sku, delta, total_after, cause, store, order_id, line_id, reason, "
-            "oversold, at FROM movements WHERE sku = ? ORDER BY id DESC LIMIT ?",
+            "oversold, at, held_after FROM movements WHERE sku = ? ORDER BY id DESC LIMIT ?",
             (sku, limit),
         ).fetchall()
         movements = tuple(
@@ -783,10 +1026,11 @@ class Ledger:
                 reason=r[8],
                 oversold=r[9],
                 at=r[10],
+                held_after=r[11],
             )
             for r in rows
         )
-        return m.History(sku=sku, total=total, movements=movements)
+        return m.History(sku=sku, total=total, held=held, movements=movements)
 
     # ---------------------------------------------------------------- catalogue
 
@@ -912,8 +1156,9 @@ class Ledger:
         ).fetchone()
         if row is None:
             raise LedgerError(f"no listing {listing_key!r} in store {store!r}")
+        self._release_hold(store, listing_key)
         self.conn.execute(
-            "UPDATE listings SET sku = NULL, link_state = 'unlinked' "
+            "UPDATE listings SET sku = NULL, link_state = 'unlinked', watch_qty = NULL "
             "WHERE store = ? AND listing_key = ?",
             (store, listing_key),
         )
@@ -1251,13 +1496,15 @@ class Ledger:
     def list_products(self, msg: m.ListProducts) -> m.ProductList:
         rows = self.conn.execute(
             "SELECT p.sku, p.name, p.total, p.first_store, "
-            "(SELECT count(*) FROM listings l WHERE l.sku = p.sku) "
+            "(SELECT count(*) FROM listings l WHERE l.sku = p.sku), p.held "
             "FROM products p WHERE p.sku > ? ORDER BY p.sku LIMIT ?",
             (msg.after, msg.limit),
         ).fetchall()
         return m.ProductList(
             products=tuple(
-                m.ProductRecord(sku=r[0], name=r[1], total=r[2], first_store=r[3], listings=r[4])
+                m.ProductRecord(
+                    sku=r[0], name=r[1], total=r[2], first_store=r[3], listings=r[4], held=r[5]
+                )
                 for r in rows
             )
         )
@@ -1265,7 +1512,7 @@ class Ledger:
     def list_listings(self, msg: m.ListListings) -> m.ListingList:
         rows = self.conn.execute(
             "SELECT l.store, l.listing_key, l.link_code, l.name, l.sku, l.link_state, l.attrs, "
-            "l.last_pushed_qty, l.last_pushed_version, l.last_seen_qty, o.version "
+            "l.last_pushed_qty, l.last_pushed_version, l.last_seen_qty, o.version, l.held "
             "FROM listings l LEFT JOIN outbox o ON o.store = l.store AND "
             "o.listing_key = l.listing_key WHERE l.store = ? AND l.listing_key > ? "
             "ORDER BY l.listing_key LIMIT ?",
@@ -1280,7 +1527,7 @@ class Ledger:
 
         def bucket(store: str) -> dict[str, Any]:
             return per_store.setdefault(
-                store, {"cursor": None, "outbox": 0, "parked": 0, "by_level": {}}
+                store, {"cursor": None, "outbox": 0, "parked": 0, "by_level": {}, "held": 0}
             )
 
         for store, cur in conn.execute("SELECT store, cursor FROM cursors"):
@@ -1289,6 +1536,10 @@ class Ledger:
             bucket(store)["outbox"] = n
         for store, n in conn.execute("SELECT store, count(*) FROM parked_lines GROUP BY store"):
             bucket(store)["parked"] = n
+        for store, n in conn.execute(
+            "SELECT store, sum(held) FROM listings WHERE held > 0 GROUP BY store"
+        ):
+            bucket(store)["held"] = n
         for store, level, n in conn.execute(
             "SELECT store, level, count(*) FROM errors WHERE cleared_at IS NULL "
             "GROUP BY store, level"
@@ -1304,6 +1555,7 @@ class Ledger:
                     open_errors=sum(v["by_level"].values()),
                     max_error_level=max(v["by_level"], default=0),
                     open_errors_by_level=v["by_level"],
+                    held=v["held"],
                 )
                 for s, v in sorted(per_store.items())
             ),
@@ -1365,4 +1617,5 @@ def _listing_record(r: Sequence[Any]) -> m.ListingRecord:
         last_pushed_version=r[8],
         last_seen_quantity=r[9],
         pending_version=r[10],
+        held=r[11],
     )

@@ -35,6 +35,10 @@ class OrderPage(msgspec.Struct, frozen=True, kw_only=True):
     lines: tuple[OrderLine, ...]
     cursor: str
     orders_seen: int = 0
+    # Wall time before which every sale is in ``lines`` or an earlier page; None = the
+    # moment the fetch began. A mall whose order feed lags (Amazon, ~2 minutes) says so
+    # here: the sale watch releases a hold no order explained once this passes it.
+    complete_before: float | None = None
 
 
 class MallLimits(msgspec.Struct, frozen=True, kw_only=True):
@@ -43,6 +47,9 @@ class MallLimits(msgspec.Struct, frozen=True, kw_only=True):
     push_batch: int  # listings per stock-update call
     read_batch: int  # listings per stock-read call
     min_poll_interval: float  # seconds; config may not go below it
+    # Listings the sale watch reads per round (0: one read call's worth), chosen so a
+    # round every 10 s leaves most of the read budget to diff and import.
+    watch_max: int = 0
 
 
 class StoreContext(msgspec.Struct, frozen=True, kw_only=True):

@@ -838,6 +838,8 @@ class SimAmazon(SimMall):
                 raise _BadRequest("identifiers and identifiersType go together.")
             if kind and kind != "SKU":
                 raise _BadRequest(f"identifiersType {kind} is not supported by this simulator.")
+            if len(wanted) > 20:  # the model's maxItems [V]
+                raise _BadRequest("identifiers accepts at most 20 values.")
             keys = sorted(k for k in self.listings if not wanted or k in wanted)
             offset = 0
         end = offset + int(size_text)

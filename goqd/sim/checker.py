@@ -44,6 +44,8 @@ from goqd.sim.base import SimMall
 # Operator movements (RELIABILITY I2's "operator adjustments"); "import" is the initial.
 OPERATOR_CAUSES = frozenset({"set", "adjust"})
 ORDER_CAUSES = frozenset({"order", "cancel", "correction"})
+# The sale watch's holds: the total does not move, the count pushed does.
+HOLD_CAUSES = frozenset({"hold"})
 
 # Which metric outcomes (``goqd_polls_total`` / ``goqd_mall_requests_total``) and which
 # error level show a fault of each kind (goqd.sim.faults.FaultKind).
@@ -136,7 +138,7 @@ class _Ledger:
 
     totals: dict[str, int]
     products: dict[str, tuple[float, str]]  # sku -> created_at, first_store
-    movements: dict[str, list[tuple[int, int, int, str, str, str, str, float]]]
+    movements: dict[str, list[tuple[int, int, int, str, str, str, str, float, int]]]
     lines: dict[tuple[str, str, str], tuple[str, str, int, float]]  # listing, sku, booked, mall t
     parked: dict[tuple[str, str, str], str]  # -> listing key
     listings: dict[tuple[str, str], tuple[str | None, str]]  # -> sku, link_state
@@ -145,15 +147,15 @@ class _Ledger:
 
     @classmethod
     def load(cls, conn: sqlite3.Connection) -> _Ledger:
-        movements: dict[str, list[tuple[int, int, int, str, str, str, str, float]]] = defaultdict(
-            list
+        movements: dict[str, list[tuple[int, int, int, str, str, str, str, float, int]]] = (
+            defaultdict(list)
         )
         for row in conn.execute(
-            "SELECT id, sku, delta, total_after, cause, store, order_id, line_id, at "
+            "SELECT id, sku, delta, total_after, cause, store, order_id, line_id, at, held_after "
             "FROM movements ORDER BY id"
         ):
-            mid, sku, delta, after, cause, store, order_id, line_id, at = row
-            movements[sku].append((mid, delta, after, cause, store, order_id, line_id, at))
+            mid, sku, delta, after, cause, store, order_id, line_id, at, held = row
+            movements[sku].append((mid, delta, after, cause, store, order_id, line_id, at, held))
         return cls(
             totals={r[0]: r[1] for r in conn.execute("SELECT sku, total FROM products")},
             products={
@@ -239,7 +241,7 @@ def check(
 def _line_moves(led: _Ledger) -> dict[tuple[str, str, str], int]:
     out: dict[tuple[str, str, str], int] = defaultdict(int)
     for moves in led.movements.values():
-        for _mid, delta, _after, cause, store, order_id, line_id, _at in moves:
+        for _mid, delta, _after, cause, store, order_id, line_id, _at, _held in moves:
             if cause in ORDER_CAUSES:
                 out[(store, order_id, line_id)] += delta
     return out
@@ -367,7 +369,7 @@ def _check_conservation(
             report.add(
                 "I2", sku, f"initial stock {start} in the ledger, scenario set {initial[sku]}"
             )
-        unknown = {m[3] for m in moves} - OPERATOR_CAUSES - ORDER_CAUSES - {"import"}
+        unknown = {m[3] for m in moves} - OPERATOR_CAUSES - ORDER_CAUSES - HOLD_CAUSES - {"import"}
         if unknown:
             report.add("I2", sku, f"movements with unknown causes {sorted(unknown)}")
 
@@ -401,8 +403,11 @@ def _check_convergence(
 # --------------------------------------------------------------------------------- I4
 
 
-def _count_after(moves: Sequence[tuple[int, int, int, str, str, str, str, float]]) -> list[int]:
-    return [max(0, m[2]) for m in moves]
+def _count_after(
+    moves: Sequence[tuple[int, int, int, str, str, str, str, float, int]],
+) -> list[int]:
+    """The count goqd pushed after each movement: its total less the units held."""
+    return [max(0, m[2] - m[8]) for m in moves]
 
 
 def _match_history(

@@ -5,7 +5,12 @@ Two loops share one state machine (DESIGN §2 items 4–5, §3):
 * **poll**: fetch every order line since the cursor, hand them to the ledger with the
   new cursor, and move on only when the ledger has committed both;
 * **push**: wake when the ledger says this store's outbox changed (or on a timer for
-  retries), take up to the mall's batch limit, call the mall, report what it accepted.
+  retries), take up to the mall's batch limit, call the mall, report what it accepted;
+* **watch** (the sale watch, DESIGN §4): every ``watch-interval``, read the mall's own
+  counters of the store's recently sold and low-stock listings and hand them to the
+  ledger, which holds back units a counter lost to a sale the order API does not show
+  yet. A reading that overlapped a push of the same listing is dropped (it may predate
+  the push).
 
 States: ``running``; ``degraded`` (a level-8 error: timeouts, 5xx, throttling,
 maintenance, malformed responses — keep retrying with backoff, recover by itself);
@@ -58,6 +63,9 @@ BACKOFF_INITIAL = 2.0
 # this many request timeouts: by then a late write of the old request has landed.
 REASSERT_AFTER = 2.0
 BACKOFF_MAX = 300.0
+# A hold is released as unexplained only if the poll that should have booked its sale
+# began at least this long after the watch saw the counter fall.
+EXPLAIN_MARGIN_S = 5.0
 
 
 @dataclass
@@ -270,12 +278,21 @@ class _Session:
         # Listings whose last push failed ambiguously, and when to push them again.
         self._reassert: set[str] = set()
         self._reassert_at = 0.0
+        # For the watch: listings being pushed now, and those pushed while a watch read
+        # is out (a reading taken across a push of its listing is dropped).
+        self._pushing: set[str] = set()
+        self._pushed_during_read: set[str] | None = None
+        # Wall time before which every sale has been booked (the last committed poll).
+        self._complete_before = 0.0
+        self._watch_after = ""  # where the watch's rotation through the listings is
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.poll_loop)
             nursery.start_soon(self.push_loop)
             nursery.start_soon(self.expiry_loop)
+            if self.config.watch_seconds > 0:
+                nursery.start_soon(self.watch_loop)
 
     # -- failures ------------------------------------------------------------------------
 
@@ -320,6 +337,7 @@ class _Session:
             this_poll = self.handle.polls_started
             delay = self.config.poll_seconds
             started = trio.current_time()
+            started_wall = self.clock()
             outcome = "ok"
             try:
                 page = await self.adapter.fetch_orders(self.cursor)
@@ -329,6 +347,9 @@ class _Session:
                     m.OrderLinesBooked,
                 )
                 self.cursor = page.cursor
+                self._complete_before = (
+                    started_wall if page.complete_before is None else page.complete_before
+                )
                 attempt = 0
                 self.handle._committed(this_poll)
                 self.handle.last_poll_ok_at = self.clock()
@@ -360,6 +381,10 @@ class _Session:
                     )
             if self.handle.state in ("stopped", "paused"):
                 continue  # wait_until_active blocks until resumed
+            if outcome == "ok":
+                # The interval runs from this poll's start, so an order waits at most
+                # one interval plus one poll for goqd to see it, however long polls take.
+                delay = max(0.0, started + delay - trio.current_time())
             with trio.move_on_after(delay):
                 await self.handle.poll_requested.wait()
 
@@ -410,57 +435,65 @@ class _Session:
                 with trio.move_on_after(wait):
                     await wakeups.wait(self.store)
                 continue
+            batch_keys = [i.listing_key for i in batch.items]
+            self._pushing.update(batch_keys)
+            if self._pushed_during_read is not None:
+                self._pushed_during_read.update(batch_keys)
             try:
-                crashpoint("store.before_push")
-                outcomes = await self.adapter.push_stock(batch.items)
-                crashpoint("store.after_push")
-            except MallError as exc:
-                if isinstance(exc, MallUnavailable) and not isinstance(exc, MallRateLimited):
-                    # Ambiguous: the mall may still apply this request after a newer one
-                    # (a timeout is not a "no"). Re-assert these counts once any such late
-                    # write would have landed.
-                    self._reassert.update(i.listing_key for i in batch.items)
-                    self._reassert_at = trio.current_time() + REASSERT_AFTER * max(
-                        1.0, self.config.timeout_seconds
-                    )
-                if self.metrics is not None:
-                    self.metrics.pushes_total.labels(self.store, "failed").inc(len(batch.items))
-                    self.metrics.mall_requests_total.labels(
-                        self.store, self.config.mall, _outcome(exc)
-                    ).inc()
-                delay = await self.failed(exc, "push", attempt)
-                attempt += 1
-                if self.handle.state not in ("stopped", "paused"):
-                    await trio.sleep(delay)
-                continue
-            attempt = 0
-            outcomes = await self._complete(batch.items, outcomes)
-            try:
-                await self.ledger.call(m.PushesDone(store=self.store, outcomes=tuple(outcomes)))
-            except LedgerError as exc:
-                # The rows stay in the outbox and the same absolute values go out again.
-                await trio.sleep(await self.failed(exc, "push", attempt))
-                continue
-            accepted = sum(1 for o in outcomes if o.accepted)
-            self.handle.pushes += accepted
-            self.handle.last_push_ok_at = self.clock()
-            self.recovered()
-            if self.metrics is not None:
-                self.metrics.mall_requests_total.labels(self.store, self.config.mall, "ok").inc()
-                self.metrics.pushes_total.labels(self.store, "accepted").inc(accepted)
-                if len(outcomes) > accepted:
-                    self.metrics.pushes_total.labels(self.store, "rejected").inc(
-                        len(outcomes) - accepted
-                    )
-                self.metrics.push_last_success_timestamp_seconds.labels(self.store).set(
-                    self.clock()
+                attempt = await self._push(batch, attempt)
+            finally:
+                self._pushing.difference_update(batch_keys)
+
+    async def _push(self, batch: m.PushBatch, attempt: int) -> int:
+        """One push call and its report to the ledger; returns the new failure count."""
+        try:
+            crashpoint("store.before_push")
+            outcomes = await self.adapter.push_stock(batch.items)
+            crashpoint("store.after_push")
+        except MallError as exc:
+            if isinstance(exc, MallUnavailable) and not isinstance(exc, MallRateLimited):
+                # Ambiguous: the mall may still apply this request after a newer one
+                # (a timeout is not a "no"). Re-assert these counts once any such late
+                # write would have landed.
+                self._reassert.update(i.listing_key for i in batch.items)
+                self._reassert_at = trio.current_time() + REASSERT_AFTER * max(
+                    1.0, self.config.timeout_seconds
                 )
-            log.debug(
-                "stock_pushed",
-                store=self.store,
-                accepted=accepted,
-                rejected=len(outcomes) - accepted,
-            )
+            if self.metrics is not None:
+                self.metrics.pushes_total.labels(self.store, "failed").inc(len(batch.items))
+                self.metrics.mall_requests_total.labels(
+                    self.store, self.config.mall, _outcome(exc)
+                ).inc()
+            delay = await self.failed(exc, "push", attempt)
+            if self.handle.state not in ("stopped", "paused"):
+                await trio.sleep(delay)
+            return attempt + 1
+        outcomes = await self._complete(batch.items, outcomes)
+        try:
+            await self.ledger.call(m.PushesDone(store=self.store, outcomes=tuple(outcomes)))
+        except LedgerError as exc:
+            # The rows stay in the outbox and the same absolute values go out again.
+            await trio.sleep(await self.failed(exc, "push", 0))
+            return 0
+        accepted = sum(1 for o in outcomes if o.accepted)
+        self.handle.pushes += accepted
+        self.handle.last_push_ok_at = self.clock()
+        self.recovered()
+        if self.metrics is not None:
+            self.metrics.mall_requests_total.labels(self.store, self.config.mall, "ok").inc()
+            self.metrics.pushes_total.labels(self.store, "accepted").inc(accepted)
+            if len(outcomes) > accepted:
+                self.metrics.pushes_total.labels(self.store, "rejected").inc(
+                    len(outcomes) - accepted
+                )
+            self.metrics.push_last_success_timestamp_seconds.labels(self.store).set(self.clock())
+        log.debug(
+            "stock_pushed",
+            store=self.store,
+            accepted=accepted,
+            rejected=len(outcomes) - accepted,
+        )
+        return 0
 
     async def _complete(
         self, items: Sequence[m.PushItem], outcomes: Sequence[m.PushOutcome]
@@ -483,6 +516,86 @@ class _Session:
             )
             for o in outcomes
         ]
+
+    # -- sale watch ----------------------------------------------------------------------
+
+    async def watch_loop(self) -> None:
+        """Read the mall's counters of listings at risk; the ledger compares them.
+
+        Why: a sale shows on the mall's counter at once but in its order API only at the
+        next poll (Amazon: ~2 minutes later still). Until goqd books it, every other
+        store keeps offering the unit. One read call's worth per round, paced by the
+        adapter's own rate buckets; failures are recorded like any mall error but never
+        hold up polling or pushing.
+        """
+        interval = self.config.watch_seconds
+        limit = self.spec.limits.watch_max or self.spec.limits.read_batch
+        attempt = 0
+        # Start at a random point of the interval: stores started together do not read
+        # their malls in step, and the watch does not wake together with the poll loop.
+        await trio.sleep(self.rng.uniform(0, interval))
+        while True:
+            await self.handle.wait_until_active()
+            started = trio.current_time()
+            try:
+                await self._watch_round(limit)
+                attempt = 0
+                delay = max(0.0, started + interval - trio.current_time())
+            except (MallError, LedgerError) as exc:
+                # Recorded and shown like any failure (RELIABILITY I6: every fault is
+                # visible), though polls and pushes go on regardless.
+                if self.metrics is not None and isinstance(exc, MallError):
+                    self.metrics.mall_requests_total.labels(
+                        self.store, self.config.mall, _outcome(exc)
+                    ).inc()
+                delay = max(interval, await self.failed(exc, "watch", attempt))
+                attempt += 1
+            await trio.sleep(delay)
+
+    async def _watch_round(self, limit: int) -> None:
+        targets = await self.ledger.ask(
+            m.GetWatchList(
+                store=self.store,
+                below=self.config.watch_below,
+                limit=limit,
+                after=self._watch_after,
+            ),
+            m.WatchList,
+        )
+        self._watch_after = targets.next_after
+        keys = [k for k in targets.listing_keys if k not in self._pushing]
+        if not keys:
+            return
+        read_started = self.clock()
+        pushed: set[str] = set()
+        self._pushed_during_read = pushed
+        try:
+            counts = await self.adapter.read_stock(keys)
+        finally:
+            self._pushed_during_read = None
+        seen = tuple(
+            m.SeenCount(listing_key=key, quantity=qty)
+            for key, qty in counts.items()
+            if qty is not None and key not in pushed and key not in self._pushing
+        )
+        self.recovered()
+        if self.metrics is not None:
+            self.metrics.mall_requests_total.labels(self.store, self.config.mall, "ok").inc()
+        if seen:
+            done = await self.ledger.ask(
+                m.StockSeen(
+                    store=self.store,
+                    counts=seen,
+                    read_started=read_started,
+                    hold_expiry=self.config.hold_expiry_seconds,
+                    # Less a margin for the mall's clocks: its counter and its order
+                    # feed are different systems.
+                    explained_before=self._complete_before - EXPLAIN_MARGIN_S,
+                ),
+                m.Done,
+            )
+            if done.changed:
+                log.info("stock_watch_changed_holds", store=self.store, listings=done.changed)
 
     # -- credential expiry ---------------------------------------------------------------
 

@@ -25,10 +25,10 @@ Why not autojump with the real ledger thread and real sockets: while the ledger'
 thread commits, or bytes sit in a socket, every trio task looks blocked, so a
 ``MockClock(autojump_threshold=0)`` jumps to the next deadline (a poll timer, an httpx
 timeout) in the middle of the work; runs are then neither deterministic nor faithful.
-``inline_threads`` + ``SimRouter`` remove both. What is left: trio breaks ties between
-equal deadlines by ``id()``, so a second run of a seed in the same process may order two
-simultaneous wake-ups differently (the outcome still has to satisfy every invariant);
-in a fresh process with ``PYTHONHASHSEED=0`` a seed replays exactly (tested).
+``inline_threads`` + ``SimRouter`` remove both. trio breaks ties between equal
+deadlines by ``id()``, which differs between processes (ASLR); ``ordered_deadlines``
+breaks them by registration order instead, so with ``PYTHONHASHSEED=0`` a seed replays
+exactly in a fresh process (tested).
 """
 
 from __future__ import annotations
@@ -127,9 +127,7 @@ def build_fleet(
     for n, (store, mall) in enumerate(stores):
         spec = SIMS[mall]
         options = dict((sim_options or {}).get(mall, {}))
-        sim = spec.cls(
-            shop_id=f"{500000 + n}", clock=clock, seed=rng.randrange(1 << 30), **options
-        )
+        sim = spec.cls(shop_id=f"{500000 + n}", clock=clock, seed=rng.randrange(1 << 30), **options)
         keys[store] = {}
         for sku, qty in catalogue.items():
             listing = spec.add(sim, spec.listing_key(sku), sku, f"商品 {sku}", qty)
@@ -232,6 +230,7 @@ def make_config(
     log_level: str = "info",
     http_listen: str = "127.0.0.1:0",
     store_options: Mapping[str, Mapping[str, Any]] | None = None,
+    watch_interval: str = "10s",
 ) -> Config:
     """The daemon's config with credential files (0600) under ``tmp/etc``."""
     etc = os.path.join(tmp, "etc")
@@ -250,6 +249,7 @@ def make_config(
                 poll_interval=poll_interval,
                 push_retry=push_retry,
                 request_timeout=request_timeout,
+                watch_interval=watch_interval,
                 urls={k: urls[store] + path for k, path in spec.url_paths.items()},
                 options={**spec.options, **(store_options or {}).get(mall, {})},
             )
@@ -288,15 +288,29 @@ def write_toml(config: Config, path: str | None = None) -> str:
     path = path or config.source
     lines = ["[daemon]"]
     d = config.daemon
-    for key in ("state_dir", "control_socket", "http_listen", "log_level", "log_format",
-                "synchronous", "stop_timeout"):
+    for key in (
+        "state_dir",
+        "control_socket",
+        "http_listen",
+        "log_level",
+        "log_format",
+        "synchronous",
+        "stop_timeout",
+    ):
         lines.append(f"{key.replace('_', '-')} = {_toml_value(getattr(d, key))}")
     lines.append(f"control-groups = {_toml_value(list(d.control_groups))}")
     for s in config.stores:
         lines.append("")
         lines.append("[[stores]]")
-        for key in ("name", "mall", "base_url", "credentials", "poll_interval", "push_retry",
-                    "request_timeout"):
+        for key in (
+            "name",
+            "mall",
+            "base_url",
+            "credentials",
+            "poll_interval",
+            "push_retry",
+            "request_timeout",
+        ):
             lines.append(f"{key.replace('_', '-')} = {_toml_value(getattr(s, key))}")
         if s.urls:
             lines.append(f"urls = {_toml_value(dict(s.urls))}")
@@ -320,9 +334,7 @@ async def seed_catalogue(
         await call_ledger(m.UpsertProduct(sku=sku, name=f"商品 {sku}", total=qty, store=base))
     for store in fleet.sims:
         for sku, key in fleet.keys[store].items():
-            await call_ledger(
-                m.UpsertListing(store=store, listing_key=key, link_code=sku, sku=sku)
-            )
+            await call_ledger(m.UpsertListing(store=store, listing_key=key, link_code=sku, sku=sku))
 
 
 async def seed_ledger_file(path: str, fleet: Fleet) -> None:
@@ -352,40 +364,32 @@ def inline_threads() -> Iterator[None]:
         trio.to_thread.run_sync = original  # type: ignore[assignment]
 
 
-class _MinSleepTrio:
-    """``trio`` as one module sees it, with sleeps shorter than a microsecond made a
-    microsecond long. See ``virtual_time_fixes``."""
-
-    def __init__(self) -> None:
-        self._trio = trio
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._trio, name)
-
-    async def sleep(self, seconds: float) -> None:
-        await trio.sleep(max(seconds, 1e-6) if seconds > 0 else seconds)
-
-
 @contextlib.contextmanager
-def virtual_time_fixes() -> Iterator[None]:
-    """Work around a livelock that only a virtual clock shows (reported as a bug).
+def ordered_deadlines() -> Iterator[None]:
+    """Break ties between equal trio deadlines by registration order, not by ``id()``.
 
-    ``goqd.malls.shopify._Bucket.acquire`` sleeps ``(cost - available) / rate``; float
-    rounding can leave that at ~1e-15 s, and ``now + 1e-15 == now`` once trio's clock is
-    past a few hundred seconds, so under a MockClock the poll loop spins forever
-    without time moving (real clocks always move on). ``goqd.malls.ratelimit.TokenBucket``
-    already forgives 1e-9 tokens for exactly this reason. Until the Shopify bucket does
-    too, its module sees a ``trio`` whose sub-microsecond sleeps last a microsecond —
-    which changes nothing observable once the fix lands.
+    trio keeps deadlines in a heap of ``(deadline, id(cancel_scope), scope)``: two tasks
+    sleeping until the same virtual instant wake in address order, and addresses differ
+    from process to process (ASLR places pymalloc's arenas at random), so a seed could
+    replay differently now and then. A counter makes the order a function of the seed.
     """
-    import goqd.malls.shopify as shopify
+    import heapq
+    import itertools
 
-    original = shopify.trio
-    shopify.trio = _MinSleepTrio()  # type: ignore[assignment]
+    from trio._core import _run
+
+    counter = itertools.count()
+    original = _run.Deadlines.add
+
+    def add(self: Any, deadline: float, cancel_scope: Any) -> None:
+        heapq.heappush(self._heap, (deadline, next(counter), cancel_scope))
+        self._active += 1
+
+    _run.Deadlines.add = add  # type: ignore[method-assign]
     try:
         yield
     finally:
-        shopify.trio = original
+        _run.Deadlines.add = original  # type: ignore[method-assign]
 
 
 @dataclass
@@ -820,10 +824,15 @@ def run_scenario(sc: Scenario, tmp_root: str | None = None) -> Outcome:
     tmp = tempfile.mkdtemp(prefix=f"goqd-dst-{sc.seed}-", dir=tmp_root or _fast_tmp())
     started = _time.perf_counter()
     try:
-        with inline_threads(), virtual_time_fixes():
+        with inline_threads(), ordered_deadlines():
             trio_run._r.seed(sc.seed)
             return trio.run(
-                _scenario_main, sc, tmp, started, checker, faults,
+                _scenario_main,
+                sc,
+                tmp,
+                started,
+                checker,
+                faults,
                 clock=trio.testing.MockClock(autojump_threshold=0),
             )
     finally:
@@ -863,8 +872,14 @@ async def _scenario_main(
     edits = 0
     records: list[Any] = []
     async with open_daemon(
-        fleet, tmp, urls, transport=router, clock=clock, seed=sc.seed,
-        poll_interval=sc.poll_interval, push_retry=sc.push_retry,
+        fleet,
+        tmp,
+        urls,
+        transport=router,
+        clock=clock,
+        seed=sc.seed,
+        poll_interval=sc.poll_interval,
+        push_retry=sc.push_retry,
         request_timeout=sc.request_timeout,
     ) as run:
 
@@ -937,9 +952,9 @@ async def _scenario_main(
             for store, sim in fleet.sims.items()
             for v in checker.check_throttling(sim, store, records, plan_episodes(plan, store))
         ]
-        duplicates = ledger_rows(
-            run.ledger_path, "SELECT value FROM meta WHERE key='duplicates'"
-        )[0][0]
+        duplicates = ledger_rows(run.ledger_path, "SELECT value FROM meta WHERE key='duplicates'")[
+            0
+        ][0]
         return Outcome(
             seed=sc.seed,
             report=report,
@@ -1019,12 +1034,16 @@ def run_dst(
         async with open_daemon(
             fleet, tmp, urls, transport=router, clock=mock_wall_clock, seed=seed, **config_kw
         ) as run:
-            await wait_for(lambda: converged(fleet, run.ledger_path), timeout=600, every=1.0,
-                           what="the initial catalogue to reach every mall")
+            await wait_for(
+                lambda: converged(fleet, run.ledger_path),
+                timeout=600,
+                every=1.0,
+                what="the initial catalogue to reach every mall",
+            )
             return await body(run)
 
     try:
-        with inline_threads(), virtual_time_fixes():
+        with inline_threads(), ordered_deadlines():
             trio_run._r.seed(seed)
             return trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     finally:
@@ -1077,7 +1096,7 @@ def _main(argv: Sequence[str]) -> int:
     """``python -m tests.helpers.rig SEED...`` replays seeds; ``--budget S --start N``
     runs seeds N, N+1, … until S seconds have passed (at least ``--min`` seeds). One JSON
     line per seed. Exact replay needs a fresh process and ``PYTHONHASHSEED=0`` (set
-    iteration order, and trio breaks ties between equal deadlines by ``id()``)."""
+    iteration order)."""
     import argparse
     import time as _time
 
