@@ -15,7 +15,7 @@ world sees the same market; the malls accept or refuse each order by their own
 counters. Shopify stores get order webhooks in the goqd world, handled as ``goqd run``
 would (check the HMAC, poll that store now).
 
-What it measures (definitions and caveats in ``docs/sim-results.md``):
+What it measures (definitions and caveats in ``BENCHMARKS.md``):
 
 * **sync latency** of an accepted order: from its acceptance at one mall until every
   other store's listing of that product shows at most the real count that sale left

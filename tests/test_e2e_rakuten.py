@@ -134,6 +134,16 @@ async def test_a_cancellation_restores_stock_everywhere(rig: Rig) -> None:
     assert order is not None
     await rig.poll("ra")
     await eventually(lambda: b.stock(key("MUG-WHT")) == 1)
+
+    async def booked() -> bool:
+        # b may show 1 before the order is booked (the sale watch held the units);
+        # the total moves only with the booking.
+        if await rig.total("MUG-WHT") == 1:
+            return True
+        await rig.poll("ra")
+        return False
+
+    await eventually(booked)
     a.cancel_order(order.order_id)
     await rig.poll("ra")
     await eventually(lambda: b.stock(key("MUG-WHT")) == 3)

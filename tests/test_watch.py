@@ -110,6 +110,18 @@ async def test_a_sale_booked_before_the_watch_saw_it_is_not_held_as_well(
     assert await held(ledger) == 0
 
 
+async def test_a_sale_booked_before_the_first_reading_is_not_held(
+    ledger: LedgerClient, now: FakeNow
+) -> None:
+    # Never read: goqd knows only the 10 the mall last accepted. The sale is booked and
+    # the push of 9 is queued but not sent when the watch first reads the 9.
+    now.t = 20
+    await see(ledger, line(qty=1, at=15))
+    now.t = 30
+    assert await seen(ledger, 9, at=30) == 0
+    assert await held(ledger) == 0
+
+
 async def test_a_reading_older_than_a_booking_of_its_listing_is_ignored(
     ledger: LedgerClient, now: FakeNow
 ) -> None:

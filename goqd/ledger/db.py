@@ -51,7 +51,7 @@ WAL_AUTOCHECKPOINT_PAGES = 10_000
 BEFORE_IMPORT_MARGIN_S = 300.0
 # The sale watch reads listings of products sold in the last week (and any holding).
 WATCH_RECENT_S = 7 * 86400.0
-WATCH_SCAN = 5000  # listings the watch's rotation looks at per round, at most
+WATCH_SCAN = 2000  # listings the watch's rotation looks at per round, at most
 STALE_RETRY_S = 2.0  # a stale compare-and-set is retried after the store's next poll
 
 Synchronous = Literal["full", "normal", "extra", "off"]
@@ -944,9 +944,12 @@ class Ledger:
 
     def _sale_booked(self, store: str, listing_key: str, sku: str, sold: int) -> None:
         """A booked sale explains held units of its listing first; the rest is a sale
-        the watch has not seen yet, so its expected counter drops with it."""
+        the watch has not seen yet, so its expected counter drops with it (for a listing
+        never read, from the last count the mall accepted: the mall took the sale off
+        that, and the next push, queued by this booking, may not have landed yet)."""
         row = self.conn.execute(
-            "SELECT held, watch_qty FROM listings WHERE store = ? AND listing_key = ?",
+            "SELECT held, coalesce(watch_qty, last_pushed_qty) FROM listings "
+            "WHERE store = ? AND listing_key = ?",
             (store, listing_key),
         ).fetchone()
         if row is None or (row[0] == 0 and row[1] is None):

@@ -124,7 +124,7 @@ RATES: dict[str, tuple[float, float]] = {
 # Requests are spaced 10 % wider than the usage plan's rate: a call delayed on its way
 # otherwise arrives less than one token after the next, and Amazon, which counts on
 # arrival, answers 429 (patchListingsItem once its burst of 5 was used up, in
-# docs/sim-results.md finding 5). Bursts stay as documented: those 429s came after the
+# BENCHMARKS.md, finding 5). Bursts stay as documented: those 429s came after the
 # burst was spent, never from it. getOrders is the exception: one call a minute is the
 # poll itself, its burst of 20 absorbs any jitter, and 90 % would stretch a 60 s poll
 # interval to 66.5 s once the burst is spent.

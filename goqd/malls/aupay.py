@@ -79,7 +79,7 @@ _APIS: Final = (API_ORDERS, API_UPDATE_STOCK, API_SEARCH_STOCKS, API_SEARCH_ITEM
 
 # Requests are spaced 10 % wider than the mall's rate: a call delayed on its way
 # otherwise arrives less than one token after the next, and a mall that counts on
-# arrival refuses it (docs/sim-results.md finding 5). Burst stays 1.
+# arrival refuses it (BENCHMARKS.md, finding 5). Burst stays 1.
 RATE_MARGIN: Final = 0.9
 
 # The API key is valid 90 days from its issue date [V].

@@ -104,7 +104,7 @@ CANCELLED_FINAL = "4"  # キャンセル: "二度と有効にすることはで�
 RATE_PER_URL = 1.0  # "1クエリ/秒" per URL [V]
 # Requests are spaced 10 % wider than the documented rate: a call delayed on its way
 # (connection setup, a slow hop) otherwise arrives less than a second before the next
-# one, and Yahoo locks the whole URL out for a while (docs/sim-results.md, finding 5).
+# one, and Yahoo locks the whole URL out for a while (BENCHMARKS.md, finding 5).
 # Burst stays 1: one call at a time is all Yahoo documents.
 RATE_MARGIN = 0.9
 # orderInfo answers are reused only when read this long after the order's
