@@ -107,7 +107,7 @@ class StoreConfig(_Base, frozen=True, kw_only=True):
     # goqd has booked is a sale the order API does not show yet (Amazon shows orders ~2
     # minutes late); those units are held back from every other store until the order
     # is booked. "0s" turns the watch off.
-    watch_interval: Duration = "10s"
+    watch_interval: Duration = "5s"
     # Each round reads the listings of recently sold products first, then, in turn,
     # those whose product has at most this many units (oversells happen there), up to
     # the mall's per-round budget (goqd.malls.base.MallLimits.watch_max).

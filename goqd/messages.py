@@ -123,10 +123,15 @@ class GetCursor(_Msg, frozen=True, kw_only=True, tag="get_cursor"):
 
 
 class TakePushes(_Msg, frozen=True, kw_only=True, tag="take_pushes"):
-    """Give me up to ``limit`` pending pushes for ``store`` (they stay in the outbox)."""
+    """Give me up to ``limit`` pending pushes for ``store`` (they stay in the outbox).
+
+    The rows handed out count as sent (a counter at their count is no sign of a sale)
+    unless ``peek``: the store only wants to know which listings it is about to push.
+    """
 
     store: str
     limit: int
+    peek: bool = False
 
 
 class PushesDone(_Msg, frozen=True, kw_only=True, tag="pushes_done"):

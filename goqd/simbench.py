@@ -21,9 +21,11 @@ What it measures (definitions and caveats in ``BENCHMARKS.md``):
   other store's listing of that product shows at most the real count that sale left
   (net of that mall's own later sales, of cancellations and of restocks); sampled at
   each stock update a simulator applies (a tap on ``SimListing.set_history``, which
-  every simulator appends to when, and only when, it applies a push);
-* **propagation**: goqd's own pipeline, acceptance to booking (*detect*) and on to the
-  first update every other store applied after the booking;
+  every simulator appends to when, and only when, it applies a push), and at the sale
+  itself for a store whose last update already showed it;
+* **propagation**: goqd's own pipeline, acceptance to the moment goqd's count took the
+  sale in — its booking or the sale watch's hold — (*detect*) and on to the first update
+  every other store applied after that;
 * **oversold units**: units a mall accepted beyond the real shelf (``Market``);
 * **stale writes** (DESIGN §4): pushes of an absolute count to a store that had sales
   of that product goqd had not booked yet, erasing the mall's own decrement;
@@ -142,7 +144,7 @@ class SimParams:
     seed: int = 1
     speed: float = 20.0
     webhooks: bool = True  # Shopify stores get order webhooks (goqd world only)
-    watch: bool = True  # the sale watch (goqd world only; watch-interval 10s)
+    watch: bool = True  # the sale watch (goqd world only; watch-interval 5s)
     webhook_delay: float = 0.5  # seconds from the order to Shopify's delivery [I]
     cancel_share: float = 0.05
     hot_fraction: float = 0.05  # share of products that are hot
@@ -159,7 +161,7 @@ class Policy:
     push_retry: str
     gated: bool  # push to a store only right after that store's poll
     webhooks: bool
-    watch_interval: str = "10s"  # the sale watch; "0s" = off
+    watch_interval: str = "5s"  # the sale watch; "0s" = off
 
 
 def available_malls() -> list[str]:
@@ -357,9 +359,10 @@ class Tracker:
     i.e. ``s'`` shows at most the real count ``o`` left, net of what ``s'`` sold itself
     since (the mall lowered its own counter for those) and of units added back. The left
     side changes only when ``s'`` applies a push (its own sales and cancellations move
-    both sides alike), so it is evaluated there; the right side only falls from one order
-    to the next, so each (store, product) keeps a FIFO of waiting orders and pops from
-    the front.
+    both sides alike), so it is evaluated there — and once at the sale, against the left
+    side of the store's last push (a store already showing the sale waits for nothing);
+    the right side only falls from one order to the next, so each (store, product) keeps
+    a FIFO of waiting orders and pops from the front.
     """
 
     clock: Callable[[], float]
@@ -1232,7 +1235,8 @@ def _pipeline(
 def _stale_writes(
     tracker: Tracker, booked_at: Mapping[tuple[str, str, str], float]
 ) -> tuple[set[tuple[str, str, float]], int]:
-    """Pushes that erased a sale of their own store not booked yet, and the units erased.
+    """Pushes that erased a sale of their own store goqd's count did not have yet (not
+    booked, not held), and the units erased.
 
     A sale at store ``s`` lowers ``s``'s own counter at once; an absolute count pushed
     to ``s`` before goqd booked that sale does not know it and puts the units back.
@@ -1412,7 +1416,7 @@ def policies(params: SimParams, stores: list[tuple[str, str]]) -> list[Policy]:
             push_retry="30s",
             gated=False,
             webhooks=params.webhooks,
-            watch_interval="10s" if params.watch else "0s",
+            watch_interval="5s" if params.watch else "0s",
         )
     ]
     if params.baseline:

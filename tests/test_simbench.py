@@ -87,6 +87,31 @@ def test_restock_and_cancellation_move_the_bound_like_the_shelf() -> None:
     assert order.done_at == 3.0
 
 
+def test_a_store_already_showing_the_sale_is_not_waited_for() -> None:
+    # yahoo was pushed 3 (a sale the watch held, say) before rakuten's second sale left
+    # the shelf at 3: nothing at yahoo has to change, so that sale is reflected at once.
+    tracker, clock = _tracker(["rakuten-1", "yahoo-1"], {"A": 5})
+    first = tracker.on_sale("rakuten-1", "A", 1, ("rakuten-1", "o1", "1"))
+    clock.now = 4.0
+    tracker.on_push("yahoo-1", "A", 3)
+    assert first.done_at == 4.0
+    clock.now = 9.0
+    second = tracker.on_sale("rakuten-1", "A", 1, ("rakuten-1", "o2", "1"))
+    assert second.done_at == 9.0
+    third = tracker.on_sale("rakuten-1", "A", 1, ("rakuten-1", "o3", "1"))
+    assert third.done_at is None  # 2 left; yahoo still shows 3
+
+
+def test_a_hold_reflects_a_sale_before_its_booking() -> None:
+    tracker, clock = _tracker(["amazon-1", "yahoo-1"], {"A": 5})
+    clock.now = 100.0
+    tracker.on_sale("amazon-1", "A", 1, ("amazon-1", "o1", "1"))
+    holds = {("amazon-1", "A"): [90.0, 106.0]}  # the one before the sale is not it
+    booked = {("amazon-1", "o1", "1"): 290.0}
+    assert sb._reflected_at(tracker, booked, holds) == {("amazon-1", "o1", "1"): 106.0}
+    assert sb._reflected_at(tracker, booked, {}) == booked
+
+
 def test_pipeline_splits_detection_from_propagation() -> None:
     tracker, clock = _tracker(["rakuten-1", "yahoo-1", "aupay-1"], {"A": 5})
     clock.now = 100.0

@@ -362,7 +362,7 @@ class Ledger:
             case m.GetCursor():
                 return m.Cursor(store=msg.store, cursor=self.cursor(msg.store))
             case m.TakePushes():
-                return self.take_pushes(msg.store, msg.limit)
+                return self.take_pushes(msg.store, msg.limit, peek=msg.peek)
             case m.PushesDone():
                 return self.pushes_done(msg)
             case m.GetWatchList():
@@ -718,7 +718,7 @@ class Ledger:
 
     # ---------------------------------------------------------------- outbox
 
-    def take_pushes(self, store: str, limit: int) -> m.PushBatch:
+    def take_pushes(self, store: str, limit: int, *, peek: bool = False) -> m.PushBatch:
         rows = self.conn.execute(
             "SELECT o.listing_key, o.sku, o.quantity, o.version, l.attrs, l.last_pushed_qty "
             "FROM outbox o JOIN listings l ON l.store = o.store AND l.listing_key = o.listing_key "
@@ -728,7 +728,7 @@ class Ledger:
         pending = self.conn.execute(
             "SELECT count(*) FROM outbox WHERE store = ?", (store,)
         ).fetchone()[0]
-        if rows:
+        if rows and not peek:
             self.conn.execute(
                 "UPDATE outbox SET sent_min = min(coalesce(sent_min, quantity), quantity) "
                 "WHERE store = ? AND listing_key IN (SELECT value FROM json_each(?))",

@@ -164,7 +164,7 @@ _LWA_AUTH_ERRORS = frozenset(
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
 
 # The watch reads 200 listings a round: ten searchListingsItems calls, two seconds of
-# its 5 req/s plan, every 10 s.
+# its 5 req/s plan, every 5 s; a push batch of 20 is read in one call first.
 LIMITS = MallLimits(push_batch=20, read_batch=20, min_poll_interval=60.0, watch_max=200)
 
 T = TypeVar("T")

@@ -48,8 +48,12 @@ class MallLimits(msgspec.Struct, frozen=True, kw_only=True):
     read_batch: int  # listings per stock-read call
     min_poll_interval: float  # seconds; config may not go below it
     # Listings the sale watch reads per round (0: one read call's worth), chosen so a
-    # round every 10 s leaves most of the read budget to diff and import.
+    # round every 5 s leaves most of the read budget to diff and import.
     watch_max: int = 0
+    # Read the counters of a batch right before pushing it (with the watch on): a sale
+    # there since goqd last looked is held, not erased by the absolute count. False
+    # where the push itself compares and sets (Shopify's changeFromQuantity).
+    read_before_push: bool = True
 
 
 class StoreContext(msgspec.Struct, frozen=True, kw_only=True):

@@ -462,8 +462,10 @@ LIMITS = MallLimits(
     # An empty poll costs a few points; a full page ~827. 10 s keeps a busy shop well
     # inside 100 points/s with room for pushes [I].
     min_poll_interval=10.0,
-    # The sale watch: 50 levels (150 points) a round, 15 points/s at one round in 10 s.
+    # The sale watch: 50 levels (150 points) a round, 30 points/s at one round in 5 s.
     watch_max=50,
+    # inventorySetQuantities compares and sets (changeFromQuantity): no read needed.
+    read_before_push=False,
 )
 
 

@@ -409,12 +409,20 @@ class _Session:
         attempt = 0
         wakeups = self.ledger.wakeups
         limit = self.spec.limits.push_batch
+        read_first = self.config.watch_seconds > 0 and self.spec.limits.read_before_push
         while True:
             await self.handle.wait_until_active()
             try:
                 batch = await self.ledger.ask(
-                    m.TakePushes(store=self.store, limit=limit), m.PushBatch
+                    m.TakePushes(store=self.store, limit=limit, peek=read_first), m.PushBatch
                 )
+                if read_first and batch.items:
+                    # Read these counters first: a sale since goqd last looked becomes a
+                    # hold (its rows are rewritten) instead of being overwritten.
+                    await self._read_before_push([i.listing_key for i in batch.items])
+                    batch = await self.ledger.ask(
+                        m.TakePushes(store=self.store, limit=limit), m.PushBatch
+                    )
             except LedgerError as exc:
                 await trio.sleep(await self.failed(exc, "push", attempt))
                 attempt += 1
@@ -517,6 +525,21 @@ class _Session:
             for o in outcomes
         ]
 
+    async def _read_before_push(self, keys: list[str]) -> None:
+        """Hand the ledger the counters of ``keys`` as they are now. Best effort: if the
+        mall does not answer, the push goes ahead as it would without the watch."""
+        read_started = self.clock()
+        try:
+            counts = await self.adapter.read_stock(keys)
+        except MallError as exc:
+            log.info("read_before_push_failed", store=self.store, error=str(exc))
+            if self.metrics is not None:
+                self.metrics.mall_requests_total.labels(
+                    self.store, self.config.mall, _outcome(exc)
+                ).inc()
+            return
+        await self._stock_seen(counts, read_started)
+
     # -- sale watch ----------------------------------------------------------------------
 
     async def watch_loop(self) -> None:
@@ -573,12 +596,18 @@ class _Session:
             counts = await self.adapter.read_stock(keys)
         finally:
             self._pushed_during_read = None
+        self.recovered()
+        await self._stock_seen(
+            {k: q for k, q in counts.items() if k not in pushed and k not in self._pushing},
+            read_started,
+        )
+
+    async def _stock_seen(self, counts: dict[str, int | None], read_started: float) -> None:
         seen = tuple(
             m.SeenCount(listing_key=key, quantity=qty)
             for key, qty in counts.items()
-            if qty is not None and key not in pushed and key not in self._pushing
+            if qty is not None
         )
-        self.recovered()
         if self.metrics is not None:
             self.metrics.mall_requests_total.labels(self.store, self.config.mall, "ok").inc()
         if seen:
