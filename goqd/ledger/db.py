@@ -876,7 +876,7 @@ class Ledger:
         for seen in msg.counts:
             row = conn.execute(
                 "SELECT l.sku, l.link_state, l.held, coalesce(l.watch_qty, l.last_pushed_qty), "
-                "l.watch_at, o.sent_min, o.version IS NOT NULL "
+                "l.watch_at, o.sent_min, o.version IS NOT NULL, l.watch_qty "
                 "FROM listings l LEFT JOIN outbox o ON o.store = l.store "
                 "AND o.listing_key = l.listing_key WHERE l.store = ? AND l.listing_key = ?",
                 (msg.store, seen.listing_key),
@@ -885,7 +885,7 @@ class Ledger:
                 continue
             # Expected: the last reading as bookings and pushes moved it since, or, for a
             # listing read for the first time, the last count the mall accepted.
-            sku, _, held, expected, _, sent, queued = row
+            sku, _, held, expected, _, sent, queued, last_seen = row
             if expected is not None and sent is not None:
                 # A push sent but not acknowledged may have landed (a timeout after the
                 # mall applied it, a crash mid-push): a counter at or above that count is
@@ -899,6 +899,8 @@ class Ledger:
                     # More than goqd wants shown and no hold explains it (a lost or
                     # late write, an edit at the mall): push goqd's count again.
                     self._queue_listing(msg.store, seen.listing_key)
+            if seen.quantity == last_seen and new_held == held:
+                continue  # the usual case: nothing moved, nothing to write
             conn.execute(
                 "UPDATE listings SET watch_qty = ?, held = ?, held_since = CASE "
                 "WHEN ? = 0 THEN NULL ELSE coalesce(held_since, ?) END "

@@ -46,7 +46,7 @@ the discrepancy check.
 
 Reading counts. ``read_stock`` asks ``searchListingsItems`` for up to 20 SKUs at once
 (``identifiers`` + ``identifiersType=SKU`` [V]) with ``fulfillmentAvailability``: the
-sale watch reads up to 200 listings every 10 s, which ``getListingsItem`` (one listing a
+sale watch reads up to 100 listings every 5 s, which ``getListingsItem`` (one listing a
 call) could not afford. [I] search answers from the same listing data as
 ``getListingsItem``; if it were served from a lagging index, the watch would see sales
 later, never invent one.
@@ -163,9 +163,9 @@ _LWA_AUTH_ERRORS = frozenset(
 )
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
 
-# The watch reads 200 listings a round: ten searchListingsItems calls, two seconds of
-# its 5 req/s plan, every 5 s; a push batch of 20 is read in one call first.
-LIMITS = MallLimits(push_batch=20, read_batch=20, min_poll_interval=60.0, watch_max=200)
+# The watch reads 100 listings a round: five searchListingsItems calls, about a second
+# of its 5 req/s plan, every 5 s; a push batch of 20 is read in one call first.
+LIMITS = MallLimits(push_batch=20, read_batch=20, min_poll_interval=60.0, watch_max=100)
 
 T = TypeVar("T")
 
