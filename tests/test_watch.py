@@ -231,6 +231,20 @@ async def test_the_watch_list_is_holds_then_recent_sellers_then_the_rest_in_turn
     assert "r2-B" not in await keys(10)  # at 0 the mall cannot sell it: not read
 
 
+async def test_recent_means_among_the_latest_movements(
+    ledger: LedgerClient, now: FakeNow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import goqd.ledger.db as db
+
+    await see(ledger, line(key="r1-A", qty=1, at=5))
+    await see(ledger, line(order="o2", key="r1-B", qty=1, at=6))
+    reply = await ledger.ask(m.GetWatchList(store="r2", below=0, limit=10), m.WatchList)
+    assert reply.listing_keys == ("r2-B", "r2-A")
+    monkeypatch.setattr(db, "WATCH_RECENT_MOVES", 1)  # only B's sale is recent now
+    reply = await ledger.ask(m.GetWatchList(store="r2", below=0, limit=10), m.WatchList)
+    assert reply.listing_keys == ("r2-B",)
+
+
 async def test_unlinking_a_listing_releases_its_hold(ledger: LedgerClient, now: FakeNow) -> None:
     now.t = 10
     await seen(ledger, 10, at=10)

@@ -49,8 +49,9 @@ WAL_AUTOCHECKPOINT_PAGES = 10_000
 # much older than the product's creation: mall clocks have whole seconds and skew, and
 # booking a sale twice undersells, while missing one oversells.
 BEFORE_IMPORT_MARGIN_S = 300.0
-# The sale watch reads listings of products sold in the last week (and any holding).
-WATCH_RECENT_S = 7 * 86400.0
+# The sale watch reads first the listings of products sold within this many of the
+# latest movements (and any holding units).
+WATCH_RECENT_MOVES = 5000
 WATCH_SCAN = 2000  # listings the watch's rotation looks at per round, at most
 STALE_RETRY_S = 2.0  # a stale compare-and-set is retried after the store's next poll
 
@@ -176,14 +177,12 @@ _MIGRATIONS: list[str] = [
     # yet acknowledged (it may have landed; a counter there is no sign of a sale).
     """
     ALTER TABLE products ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE products ADD COLUMN last_sale_at REAL NOT NULL DEFAULT 0;
     ALTER TABLE listings ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE listings ADD COLUMN held_since REAL;
     ALTER TABLE listings ADD COLUMN watch_qty INTEGER;
     ALTER TABLE listings ADD COLUMN watch_at REAL NOT NULL DEFAULT 0;
     ALTER TABLE movements ADD COLUMN held_after INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE outbox ADD COLUMN sent_min INTEGER;
-    CREATE INDEX products_by_sale ON products (last_sale_at);
     CREATE INDEX listings_holding ON listings (store) WHERE held > 0;
     """,
 ]
@@ -572,8 +571,9 @@ class Ledger:
                 )
             return "parked"
         listing = conn.execute(
-            "SELECT l.sku, l.link_state, p.created_at, p.first_store FROM listings l "
-            "LEFT JOIN products p ON p.sku = l.sku WHERE l.store = ? AND l.listing_key = ?",
+            "SELECT l.sku, l.link_state, p.created_at, p.first_store, l.held, l.watch_qty "
+            "FROM listings l LEFT JOIN products p ON p.sku = l.sku "
+            "WHERE l.store = ? AND l.listing_key = ?",
             (store, line.listing_key),
         ).fetchone()
         if listing is None or listing[1] != "linked":
@@ -625,7 +625,8 @@ class Ledger:
             # says the imported count knew them, and booking errs on the side of not
             # overselling.
             return "before_import"
-        self._sale_booked(store, line.listing_key, sku, target)
+        if listing[4] or listing[5] is not None:  # the watch knows this listing
+            self._sale_booked(store, line.listing_key, sku, target)
         self._move(sku, -target, "order", store=store, order_id=line.order_id, line_id=line.line_id)
         return "booked"
 
@@ -641,11 +642,9 @@ class Ledger:
         reason: str = "",
     ) -> tuple[int, int]:
         """Change a SKU's total by ``delta``, record the movement, queue the pushes."""
-        sale = cause in ("order", "correction", "hold") and delta <= 0
         row = self.conn.execute(
-            "UPDATE products SET total = total + ?, last_sale_at = CASE WHEN ? THEN ? "
-            "ELSE last_sale_at END WHERE sku = ? RETURNING total, held",
-            (delta, sale, self.now(), sku),
+            "UPDATE products SET total = total + ? WHERE sku = ? RETURNING total, held",
+            (delta, sku),
         ).fetchone()
         if row is None:
             raise UnknownSku(f"unknown SKU {sku!r}")
@@ -810,15 +809,16 @@ class Ledger:
 
     def watch_list(self, msg: m.GetWatchList) -> m.WatchList:
         """Listings of a store worth reading: every one holding units; then, for half
-        of what is left, those of products sold in the last ``WATCH_RECENT_S``, the most
-        recently sold first (what sold lately sells again, and a mall's read budget
-        should go where the sales are); then the store's listings with at most ``below``
-        units in key order from ``after``, so each of those is read in its turn.
+        of what is left, those of products among the last ``WATCH_RECENT_MOVES``
+        movements' sales, the most recently sold first (what sold lately sells again,
+        and a mall's read budget should go where the sales are); then the store's
+        listings with at most ``below`` units in key order from ``after``, so each of
+        those is read in its turn.
 
         Products at 0 (after holds) are skipped: the mall shows 0 and cannot sell them.
-        Walking ``products_by_sale`` newest first stops at ``limit``, and the rotation
-        looks at most ``WATCH_SCAN`` listings a round: at 500,000 products a round costs
-        about what its answer costs, not a scan of the catalogue.
+        The recent sales are a rowid range of ``movements`` and the rotation looks at
+        most ``WATCH_SCAN`` listings a round: at 500,000 products a round costs about
+        what its answer costs, and booking pays nothing for it.
         """
         held = [
             r[0]
@@ -831,13 +831,14 @@ class Ledger:
         recent = [
             r[0]
             for r in self.conn.execute(
-                "SELECT l.listing_key FROM products p INDEXED BY products_by_sale "
-                "CROSS JOIN listings l ON l.sku = p.sku "
-                "WHERE p.last_sale_at > ? AND p.total - p.held > 0 "
-                "AND l.store = ? AND l.link_state = 'linked' AND l.held = 0 "
-                "ORDER BY p.last_sale_at DESC LIMIT ?",
-                # Never sold (0) is not recent, whatever the clock says.
-                (max(0.0, self.now() - WATCH_RECENT_S), msg.store, (room + 1) // 2),
+                "SELECT l.listing_key FROM (SELECT sku, max(id) AS last FROM movements "
+                "WHERE id > (SELECT coalesce(max(id), 0) FROM movements) - ? "
+                "AND cause IN ('order', 'correction', 'hold') GROUP BY sku) r "
+                "CROSS JOIN products p ON p.sku = r.sku "
+                "CROSS JOIN listings l ON l.sku = r.sku "
+                "WHERE p.total - p.held > 0 AND l.store = ? AND l.link_state = 'linked' "
+                "AND l.held = 0 ORDER BY r.last DESC LIMIT ?",
+                (WATCH_RECENT_MOVES, msg.store, (room + 1) // 2),
             )
         ]
         chosen = dict.fromkeys(held + recent)
@@ -875,7 +876,7 @@ class Ledger:
         changed = 0
         for seen in msg.counts:
             row = conn.execute(
-                "SELECT l.sku, l.link_state, l.held, coalesce(l.watch_qty, l.last_pushed_qty), "
+                "SELECT l.sku, l.link_state, l.held, l.last_pushed_qty, "
                 "l.watch_at, o.sent_min, o.version IS NOT NULL, l.watch_qty "
                 "FROM listings l LEFT JOIN outbox o ON o.store = l.store "
                 "AND o.listing_key = l.listing_key WHERE l.store = ? AND l.listing_key = ?",
@@ -883,9 +884,12 @@ class Ledger:
             ).fetchone()
             if row is None or row[1] != "linked" or row[4] > msg.read_started:
                 continue
-            # Expected: the last reading as bookings and pushes moved it since, or, for a
-            # listing read for the first time, the last count the mall accepted.
-            sku, _, held, expected, _, sent, queued, last_seen = row
+            # Expected: the last reading as bookings and pushes moved it since. A listing
+            # read for the first time is expected at the last count the mall accepted,
+            # unless a push is queued for it: then a booking came after that count
+            # (and is not in it), so this reading is only the starting point.
+            sku, _, held, pushed, _, sent, queued, last_seen = row
+            expected = last_seen if last_seen is not None else None if queued else pushed
             if expected is not None and sent is not None:
                 # A push sent but not acknowledged may have landed (a timeout after the
                 # mall applied it, a crash mid-push): a counter at or above that count is
@@ -946,12 +950,10 @@ class Ledger:
 
     def _sale_booked(self, store: str, listing_key: str, sku: str, sold: int) -> None:
         """A booked sale explains held units of its listing first; the rest is a sale
-        the watch has not seen yet, so its expected counter drops with it (for a listing
-        never read, from the last count the mall accepted: the mall took the sale off
-        that, and the next push, queued by this booking, may not have landed yet)."""
+        the watch has not seen yet, so its expected counter drops with it. (A listing the
+        watch never read has no expectation to move: see ``stock_seen``.)"""
         row = self.conn.execute(
-            "SELECT held, coalesce(watch_qty, last_pushed_qty) FROM listings "
-            "WHERE store = ? AND listing_key = ?",
+            "SELECT held, watch_qty FROM listings WHERE store = ? AND listing_key = ?",
             (store, listing_key),
         ).fetchone()
         if row is None or (row[0] == 0 and row[1] is None):
