@@ -66,9 +66,6 @@ BACKOFF_MAX = 300.0
 # A hold is released as unexplained only if the poll that should have booked its sale
 # began at least this long after the watch saw the counter fall.
 EXPLAIN_MARGIN_S = 5.0
-# With more pushes than this waiting for a store, its push loop stops reading counters
-# before each batch until the backlog is gone.
-READ_FIRST_MAX_PENDING = 100
 
 
 @dataclass
@@ -419,11 +416,9 @@ class _Session:
                 batch = await self.ledger.ask(
                     m.TakePushes(store=self.store, limit=limit, peek=read_first), m.PushBatch
                 )
-                if read_first and batch.items and batch.pending <= READ_FIRST_MAX_PENDING:
+                if read_first and batch.items:
                     # Read these counters first: a sale since goqd last looked becomes a
-                    # hold (its rows are rewritten) instead of being overwritten. Not while
-                    # a backlog drains (a burst, a reflect --all): then every call should
-                    # carry counts.
+                    # hold (its rows are rewritten) instead of being overwritten.
                     await self._read_before_push([i.listing_key for i in batch.items])
                     batch = await self.ledger.ask(
                         m.TakePushes(store=self.store, limit=limit), m.PushBatch
