@@ -864,6 +864,24 @@ async def run_world(
     return report
 
 
+def _sim_store(
+    store: str, mall: str, url: str, data: Mapping[str, str], **settings: Any
+) -> tuple[StoreConfig, dict[str, Secret]]:
+    """A simulated store's config and its parsed credentials (handed to ``run_daemon``
+    in memory; the file name in the config is never read)."""
+    spec = SIMS[mall]
+    config = StoreConfig(
+        name=store,
+        mall=mall,
+        base_url=url,
+        credentials=f"{store}.json",
+        urls={k: url + path for k, path in spec.url_paths.items()},
+        options=dict(spec.options),
+        **settings,
+    )
+    return config, parse_credentials(store, mall, data, MALLS[mall].credential_fields)
+
+
 def _world_config(
     w: _World, urls: dict[str, str], ledger_path: str, holder: list[Daemon]
 ) -> tuple[Config, dict[str, dict[str, Secret]], dict[str, Webhook]]:
@@ -871,24 +889,18 @@ def _world_config(
     creds: dict[str, dict[str, Secret]] = {}
     hooks: dict[str, Webhook] = {}
     for store, mall in w.plan.stores:
-        spec = SIMS[mall]
-        sim = w.sims[store]
-        data = sim.credentials()
-        creds[store] = parse_credentials(store, mall, data, MALLS[mall].credential_fields)
-        stores.append(
-            StoreConfig(
-                name=store,
-                mall=mall,
-                base_url=urls[store],
-                credentials=f"{store}.json",
-                poll_interval=w.policy.poll[mall],
-                push_retry=w.policy.push_retry,
-                request_timeout="30s",
-                watch_interval=w.policy.watch_interval,
-                urls={k: urls[store] + path for k, path in spec.url_paths.items()},
-                options=dict(spec.options),
-            )
+        data = w.sims[store].credentials()
+        cfg, creds[store] = _sim_store(
+            store,
+            mall,
+            urls[store],
+            data,
+            poll_interval=w.policy.poll[mall],
+            push_retry=w.policy.push_retry,
+            request_timeout="30s",
+            watch_interval=w.policy.watch_interval,
         )
+        stores.append(cfg)
         if w.policy.webhooks and MALLS[mall].webhook and "webhook_secret" in data:
             hooks[store] = _webhook_handler(holder, store, Secret(data["webhook_secret"]))
     config = Config(
@@ -1756,20 +1768,14 @@ async def _scale_world(
         store_cfgs = []
         creds: dict[str, dict[str, Secret]] = {}
         for store, mall in stores:
-            spec = SIMS[mall]
-            data = sims[store].credentials()
-            creds[store] = parse_credentials(store, mall, data, MALLS[mall].credential_fields)
-            store_cfgs.append(
-                StoreConfig(
-                    name=store,
-                    mall=mall,
-                    base_url=urls[store],
-                    credentials=f"{store}.json",
-                    poll_interval=f"{max(60.0, MALLS[mall].limits.min_poll_interval):g}s",
-                    urls={k: urls[store] + p for k, p in spec.url_paths.items()},
-                    options=dict(spec.options),
-                )
+            cfg, creds[store] = _sim_store(
+                store,
+                mall,
+                urls[store],
+                sims[store].credentials(),
+                poll_interval=f"{max(60.0, MALLS[mall].limits.min_poll_interval):g}s",
             )
+            store_cfgs.append(cfg)
         config = Config(
             daemon=DaemonConfig(
                 state_dir=os.path.join(args["tmp"], "state"),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import trio
 
 from goqd import messages as m
 from goqd.errors import LedgerCorrupt, LedgerError, LedgerTooNew, UnknownSku
-from goqd.ledger import SCHEMA_VERSION, LedgerClient, open_db, open_ledger
+from goqd.ledger import SCHEMA_VERSION, LedgerClient, open_db
 
 
 class FakeNow:
@@ -21,18 +20,6 @@ class FakeNow:
 
     def __call__(self) -> float:
         return self.t
-
-
-@pytest.fixture
-def now() -> FakeNow:
-    return FakeNow()
-
-
-@pytest.fixture
-async def ledger(tmp_path: Path, now: FakeNow) -> AsyncIterator[LedgerClient]:
-    async with open_ledger(str(tmp_path / "goqd.db"), now=now) as client:
-        await setup_catalogue(client)
-        yield client
 
 
 async def setup_catalogue(client: LedgerClient) -> None:

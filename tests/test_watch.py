@@ -7,31 +7,20 @@ explains it, after the next poll, reporting it."""
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
-from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from goqd import messages as m
-from goqd.ledger import LedgerClient, open_ledger
+from goqd.ledger import LedgerClient
 from goqd.sim import checker
 from tests.helpers import rig
-from tests.test_ledger import FakeNow, drain, line, see, setup_catalogue, total
+
+# Fixtures ``ledger`` and ``now`` (tests/conftest.py): test_ledger's catalogue.
+from tests.test_ledger import FakeNow, drain, line, see, total
 
 clock = rig.mock_wall_clock
-
-
-@pytest.fixture
-def now() -> FakeNow:
-    return FakeNow()
-
-
-@pytest.fixture
-async def ledger(tmp_path: Path, now: FakeNow) -> AsyncIterator[LedgerClient]:
-    async with open_ledger(str(tmp_path / "goqd.db"), now=now) as client:
-        await setup_catalogue(client)
-        yield client
 
 
 async def seen(
@@ -56,6 +45,12 @@ async def seen(
     return done.changed
 
 
+async def seen_at(client: LedgerClient, now: FakeNow, t: float, quantity: int, **kw: Any) -> int:
+    """A reading taken at ``t`` and handed to the ledger then."""
+    now.t = t
+    return await seen(client, quantity, at=t, **kw)
+
+
 async def held(client: LedgerClient, sku: str = "A") -> int:
     return (await client.ask(m.GetHistory(sku=sku, limit=0), m.History)).held
 
@@ -70,10 +65,8 @@ async def values(client: LedgerClient, store: str) -> dict[str, int]:
 async def test_a_counter_that_fell_holds_the_units_back_from_every_store(
     ledger: LedgerClient, now: FakeNow
 ) -> None:
-    now.t = 10
-    assert await seen(ledger, 10, at=10) == 0  # the first reading is the baseline
-    now.t = 20
-    assert await seen(ledger, 8, at=20) == 1
+    assert await seen_at(ledger, now, 10, 10) == 0  # the first reading is the baseline
+    assert await seen_at(ledger, now, 20, 8) == 1
     assert await total(ledger, "A") == 10  # nothing is booked: the total is the truth
     assert await held(ledger) == 2
     for store in ("r1", "r2", "r3"):
@@ -86,10 +79,8 @@ async def test_a_counter_that_fell_holds_the_units_back_from_every_store(
 async def test_the_booked_order_releases_its_hold_and_the_count_stays(
     ledger: LedgerClient, now: FakeNow
 ) -> None:
-    now.t = 10
-    await seen(ledger, 10, at=10)
-    now.t = 20
-    await seen(ledger, 8, at=20)
+    await seen_at(ledger, now, 10, 10)
+    await seen_at(ledger, now, 20, 8)
     for store in ("r1", "r2", "r3"):
         await drain(ledger, store)
     now.t = 200
@@ -101,12 +92,10 @@ async def test_the_booked_order_releases_its_hold_and_the_count_stays(
 async def test_a_sale_booked_before_the_watch_saw_it_is_not_held_as_well(
     ledger: LedgerClient, now: FakeNow
 ) -> None:
-    now.t = 10
-    await seen(ledger, 10, at=10)
+    await seen_at(ledger, now, 10, 10)
     now.t = 20
     await see(ledger, line(qty=2, at=15))
-    now.t = 30
-    assert await seen(ledger, 8, at=30) == 0
+    assert await seen_at(ledger, now, 30, 8) == 0
     assert await held(ledger) == 0
 
 
@@ -117,16 +106,14 @@ async def test_a_sale_booked_before_the_first_reading_is_not_held(
     # the push of 9 is queued but not sent when the watch first reads the 9.
     now.t = 20
     await see(ledger, line(qty=1, at=15))
-    now.t = 30
-    assert await seen(ledger, 9, at=30) == 0
+    assert await seen_at(ledger, now, 30, 9) == 0
     assert await held(ledger) == 0
 
 
 async def test_a_reading_older_than_a_booking_of_its_listing_is_ignored(
     ledger: LedgerClient, now: FakeNow
 ) -> None:
-    now.t = 10
-    await seen(ledger, 10, at=10)
+    await seen_at(ledger, now, 10, 10)
     now.t = 50
     await see(ledger, line(qty=1, at=45))
     # Read at 40 (before the booking at 50), answered after it: it may predate the sale.
@@ -137,8 +124,7 @@ async def test_a_reading_older_than_a_booking_of_its_listing_is_ignored(
 async def test_a_counter_at_a_sent_unacknowledged_push_is_not_taken_for_a_sale(
     ledger: LedgerClient, now: FakeNow
 ) -> None:
-    now.t = 10
-    await seen(ledger, 10, at=10)
+    await seen_at(ledger, now, 10, 10)
     now.t = 20
     await see(ledger, line(key="r2-A", qty=3, at=15), store="r2")  # r1-A: 7 queued
     batch = await ledger.ask(m.TakePushes(store="r1", limit=10), m.PushBatch)
@@ -150,8 +136,7 @@ async def test_a_counter_at_a_sent_unacknowledged_push_is_not_taken_for_a_sale(
 
 
 async def test_a_sale_is_seen_while_a_push_waits_unsent(ledger: LedgerClient, now: FakeNow) -> None:
-    now.t = 10
-    await seen(ledger, 10, at=10)
+    await seen_at(ledger, now, 10, 10)
     now.t = 20
     await see(ledger, line(key="r2-A", qty=3, at=15), store="r2")  # r1-A: 7 queued, unsent
     now.t = 30
@@ -164,10 +149,8 @@ async def test_a_sale_is_seen_while_a_push_waits_unsent(ledger: LedgerClient, no
 async def test_a_hold_no_poll_explains_is_released_and_reported(
     ledger: LedgerClient, now: FakeNow
 ) -> None:
-    now.t = 10
-    await seen(ledger, 10, at=10)
-    now.t = 20
-    await seen(ledger, 7, at=20)  # an edit at the mall, not a sale
+    await seen_at(ledger, now, 10, 10)
+    await seen_at(ledger, now, 20, 7)  # an edit at the mall, not a sale
     for store in ("r1", "r2", "r3"):
         await drain(ledger, store)
     now.t = 100
@@ -183,10 +166,8 @@ async def test_a_hold_no_poll_explains_is_released_and_reported(
 async def test_a_counter_above_goqds_count_is_pushed_again(
     ledger: LedgerClient, now: FakeNow
 ) -> None:
-    now.t = 10
-    await seen(ledger, 10, at=10)
-    now.t = 20
-    await seen(ledger, 12, at=20)  # a push the mall acknowledged but did not apply
+    await seen_at(ledger, now, 10, 10)
+    await seen_at(ledger, now, 20, 12)  # a push the mall acknowledged but did not apply
     assert await values(ledger, "r1") == {"r1-A": 10}
     assert await held(ledger) == 0
 
@@ -222,10 +203,8 @@ async def test_the_watch_list_is_holds_then_recent_sellers_then_the_rest_in_turn
     assert await keys(10, limit=4) == ("r2-A", "r2-D", "r2-B", "r2-C")
     assert await keys(10, limit=2) == ("r2-A", "r2-B")
     assert await keys(1, limit=4) == ("r2-A", "r2-D")  # recent sellers at any stock
-    now.t = 10
-    await seen(ledger, 9, key="r2-A", store="r2", at=10)
-    now.t = 20
-    await seen(ledger, 7, key="r2-A", store="r2", at=20)
+    await seen_at(ledger, now, 10, 9, key="r2-A", store="r2")
+    await seen_at(ledger, now, 20, 7, key="r2-A", store="r2")
     assert (await keys(2))[0] == "r2-A"  # held: watched whatever its stock
     await ledger.call(m.SetStock(sku="B", quantity=0, reason="sold out"))
     assert "r2-B" not in await keys(10)  # at 0 the mall cannot sell it: not read
@@ -246,10 +225,8 @@ async def test_recent_means_among_the_latest_movements(
 
 
 async def test_unlinking_a_listing_releases_its_hold(ledger: LedgerClient, now: FakeNow) -> None:
-    now.t = 10
-    await seen(ledger, 10, at=10)
-    now.t = 20
-    await seen(ledger, 6, at=20)
+    await seen_at(ledger, now, 10, 10)
+    await seen_at(ledger, now, 20, 6)
     assert await held(ledger) == 4
     await ledger.call(m.Unlink(store="r1", listing_key="r1-A"))
     assert await held(ledger) == 0

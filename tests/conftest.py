@@ -1,0 +1,24 @@
+"""Fixtures shared by the ledger's test files: a ledger on a fake clock holding
+``tests.test_ledger``'s catalogue (SKU A 10 units, B 5, each listed in r1, r2, r3)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from goqd.ledger import LedgerClient, open_ledger
+from tests.test_ledger import FakeNow, setup_catalogue
+
+
+@pytest.fixture
+def now() -> FakeNow:
+    return FakeNow()
+
+
+@pytest.fixture
+async def ledger(tmp_path: Path, now: FakeNow) -> AsyncIterator[LedgerClient]:
+    async with open_ledger(str(tmp_path / "goqd.db"), now=now) as client:
+        await setup_catalogue(client)
+        yield client
