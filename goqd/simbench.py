@@ -144,7 +144,7 @@ class SimParams:
     seed: int = 1
     speed: float = 20.0
     webhooks: bool = True  # Shopify stores get order webhooks (goqd world only)
-    watch: bool = True  # the sale watch (goqd world only; watch-interval 5s)
+    watch_interval: str = "5s"  # goqd's sale watch (goqd world only); "0s" = off
     webhook_delay: float = 0.5  # seconds from the order to Shopify's delivery [I]
     cancel_share: float = 0.05
     hot_fraction: float = 0.05  # share of products that are hot
@@ -1428,7 +1428,7 @@ def policies(params: SimParams, stores: list[tuple[str, str]]) -> list[Policy]:
             push_retry="30s",
             gated=False,
             webhooks=params.webhooks,
-            watch_interval="5s" if params.watch else "0s",
+            watch_interval=params.watch_interval,
         )
     ]
     if params.baseline:
@@ -2063,6 +2063,9 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-watch", action="store_true", help="goqd without the sale watch (orders only)"
     )
     parser.add_argument(
+        "--watch-interval", default="5s", help="goqd's sale watch interval (default 5s)"
+    )
+    parser.add_argument(
         "--scale", action="store_true", help="ledger at scale: seed, start to READY, RSS, burst"
     )
     parser.add_argument("--burst", type=int, default=SCALE_BURST, help="--scale: orders at once")
@@ -2100,7 +2103,7 @@ def run_sim_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         speed=args.speed or 20.0,
         webhooks=not args.no_webhooks,
-        watch=not args.no_watch,
+        watch_interval="0s" if args.no_watch else args.watch_interval,
     )
     try:
         report = run_sim(params)

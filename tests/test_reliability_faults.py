@@ -357,6 +357,49 @@ def test_e2_throttling_honours_retry_after_and_stays_under_the_rate() -> None:
     rig.run_dst(body, seed=12, stores=TWO)
 
 
+def test_e2_a_throttled_push_waits_for_retry_after_not_an_outage_backoff() -> None:
+    """Three minutes of 429s (Retry-After 5 s) on every Rakuten call. An outage's
+    exponential backoff would by then wait up to 300 s between tries; a throttle must
+    not: the tries come every Retry-After or two, through the episode and right after
+    it."""
+
+    async def body(run: rig.Running) -> None:
+        ra = run.fleet.sims["ra"]
+        market = run.fleet.market(random.Random(3))
+        await _settle(run)
+        start = clock()
+        plan = FaultPlan(
+            3, (Episode(store="ra", kind="throttle", start=0, duration=180, retry_after=5.0),)
+        )
+        records: list[EpisodeRecord] = []
+        async with trio.open_nursery() as nursery:
+
+            async def go() -> None:
+                records.extend(await run_plan(plan, run.fleet.sims, clock=clock))
+
+            nursery.start_soon(go)
+            for _ in range(6):  # sales at rb keep pushes for ra coming
+                assert market.place("rb", "TS-RED-M", 1, clock()) is not None
+                run.poll_all()
+                await trio.sleep(30)
+        end = start + 180
+        pushes = [r for r in ra.requests if r.api == RA_UPSERT and r.at >= start]
+        throttled = [r.at for r in pushes if r.status == 429]
+        assert len(throttled) >= 10  # every few seconds through the episode
+        # At most two waits of Retry-After between tries: the counter read before the
+        # push shares its bucket with the sale watch, whose own 429s block it too.
+        gaps = [b - a for a, b in itertools.pairwise(throttled)]
+        assert max(gaps) < 2 * 5.0 + 1.0
+        await _settle(run)
+        first_ok = min(
+            r.at for r in ra.requests if r.api == RA_UPSERT and r.status < 300 and r.at >= end
+        )
+        assert first_ok - end < 2 * 5.0 + 1.0
+        _check(run)
+
+    rig.run_dst(body, seed=13, stores=TWO)
+
+
 @pytest.mark.parametrize("kind", ["timeout_after_apply", "timeout"])
 def test_e3_push_timeouts_resend_the_absolute_value_and_converge(kind: str) -> None:
     async def body(run: rig.Running) -> None:

@@ -317,10 +317,13 @@ class _Session:
             self.handle.set_state("degraded", level=8, message=message)
         else:
             self.handle.message = message
-        delay = _backoff(attempt, self.rng, BACKOFF_MAX)
-        if isinstance(exc, MallRateLimited) and exc.retry_after:
-            delay = max(delay, exc.retry_after)
-        return delay
+        if isinstance(exc, MallRateLimited) and exc.retry_after is not None:
+            # A throttle is not an outage: the mall said when the next request is
+            # welcome (the adapter has blocked its bucket until then). Backing off
+            # exponentially instead stalled a 10,000-order burst for minutes after
+            # each run of 429s (BENCHMARKS.md, scale).
+            return max(exc.retry_after, 0.0)
+        return _backoff(attempt, self.rng, BACKOFF_MAX)
 
     def recovered(self) -> None:
         if self.handle.state == "degraded":
@@ -475,7 +478,9 @@ class _Session:
             delay = await self.failed(exc, "push", attempt)
             if self.handle.state not in ("stopped", "paused"):
                 await trio.sleep(delay)
-            return attempt + 1
+            # A throttle says nothing about the mall's health: the next outage's backoff
+            # starts from the beginning.
+            return attempt if isinstance(exc, MallRateLimited) else attempt + 1
         outcomes = await self._complete(batch.items, outcomes)
         try:
             await self.ledger.call(m.PushesDone(store=self.store, outcomes=tuple(outcomes)))
