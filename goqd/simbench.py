@@ -1554,7 +1554,7 @@ class ScaleReport(msgspec.Struct, kw_only=True):
     daemon_to_ready_s: float | None  # run_daemon() called to READY (opens the ledger)
     start_to_ready_s: float | None  # the two above: what `goqd run` would take
     quick_check_s: float | None  # of which: the ledger's integrity check (timed apart)
-    rss_before_daemon_bytes: int | None  # the process with its simulators, no daemon yet
+    rss_before_daemon_bytes: int | None  # the daemon's process, goqd imported, not started
     rss_at_ready_bytes: int | None
     burst_orders: int
     burst_placed: int
@@ -1566,7 +1566,8 @@ class ScaleReport(msgspec.Struct, kw_only=True):
     burst_lost_lines: int | None
     burst_throttled: int | None
     burst_lag_max_s: float | None
-    peak_rss_bytes: int | None  # the daemon's process, simulators and burst included
+    peak_rss_bytes: int | None  # the daemon's process (goqd alone), burst included
+    sims_peak_rss_bytes: int | None  # the simulators' process, for comparison
     speed: float
     child_error: str | None = None
 
@@ -1596,8 +1597,11 @@ def run_scale(
     """Seed a ledger of ``products`` x ``per_product`` listings over ``stores`` stores,
     then measure a daemon process on it: start to READY, RSS, and a burst of orders.
 
-    The daemon runs in a child process (``_scale_child``) so that its RSS is not the
-    seeding's, and the parent times the child's progress lines as they arrive.
+    Three processes, so that each memory figure is one program's: this one seeds the
+    ledger and keeps the time; ``_scale_sims_child`` serves the 50 simulators;
+    ``_scale_daemon_child`` runs ``run_daemon`` alone, as ``goqd run`` would. Both
+    children run trio under a ``SharedClock`` with the same origin, so they agree on
+    simulated time (and so on every timestamp an order or a push carries).
     """
     store_list = plan_stores(SimParams(stores=stores, malls=malls))
     listed_in = _scale_listed_in(len(store_list), per_product)
@@ -1617,7 +1621,8 @@ def run_scale(
     )
     seed_s = time.perf_counter() - t0
     size = sum(os.path.getsize(path + ext) for ext in ("", "-wal") if os.path.exists(path + ext))
-    args = {
+    clock = SharedClock(speed, time.perf_counter())
+    args: dict[str, Any] = {
         "path": path,
         "tmp": tmp,
         "products": products,
@@ -1626,41 +1631,49 @@ def run_scale(
         "burst": burst,
         "speed": speed,
         "seed": seed,
-        "timeout_s": timeout_s,
+        "origin": clock.origin,
+        "epoch": float(int(time.time())),
     }
-    child: dict[str, Any] = {}
-    stamps: dict[str, float] = {}
+    out: dict[str, Any] = {}
     error = None
-    spawned = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "import sys, goqd.simbench as s; s._scale_child(sys.argv[1])",
-                json.dumps(args),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-        )
-        killer = threading.Timer(timeout_s, proc.kill)
-        killer.start()
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if line.startswith("{"):
-                    values = json.loads(line)
-                    for key in values:
-                        stamps.setdefault(key, time.perf_counter() - spawned)
-                    child.update(values)
-            proc.wait()
-        finally:
-            killer.cancel()
-        if proc.returncode != 0:
-            err.seek(0)
-            tail = err.read().strip().splitlines()
-            error = tail[-1] if tail else f"exit status {proc.returncode}"
+    deadline = time.perf_counter() + timeout_s
+    sims = _Child("_scale_sims_child", args, deadline)
+    daemon: _Child | None = None
+    try:
+        out.update(sims.expect("urls"))
+        daemon = _Child("_scale_daemon_child", {**args, **out}, deadline)
+        out.update(daemon.expect("imported"))
+        out.update(daemon.expect("rss_at_ready_bytes"))
+        out["imports_s"] = round(daemon.stamps["imported"], 3)
+        # Let the first polls go out, then the burst: every order at the same instant.
+        time.sleep(5.0 / speed)
+        start = clock.current_time()
+        sims.send("burst")
+        out.update(sims.expect("burst_placed"))
+        daemon.send("poll")  # goqctl poll-now: do not wait for the next interval
+        placed = int(out["burst_placed"])
+        while time.perf_counter() < deadline:
+            time.sleep(2.0 / speed)
+            booked_n, outbox = _burst_progress(path)
+            out["burst_lines_booked"] = booked_n
+            now = round(clock.current_time() - start, 1)
+            if "burst_booked_sim_s" not in out and booked_n >= placed:
+                out["burst_booked_sim_s"] = now
+            if "burst_booked_sim_s" in out and outbox == 0:
+                out["burst_drained_sim_s"] = now
+                break
+        out["burst_wall_s"] = round((clock.current_time() - start) / speed, 2)
+        daemon.send("stop")
+        out.update(daemon.expect("peak_rss_bytes"))
+        sims.send("stop")
+        out.update(sims.expect("sims_peak_rss_bytes"))
+    except _ChildFailed as exc:
+        error = str(exc)
+    finally:
+        for child in (sims, daemon):
+            if child is not None:
+                failed = child.close()
+                error = error or failed
     # How much of READY is the integrity check the daemon runs when it opens a ledger
     # (PRAGMA quick_check); timed here on the same file, after the run.
     check_s = None
@@ -1673,8 +1686,8 @@ def run_scale(
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
-    imports_s = stamps.get("imported")
-    ready_s = child.get("daemon_to_ready_s")
+    imports_s = out.get("imports_s")
+    ready_s = out.get("daemon_to_ready_s")
     return ScaleReport(
         products=products,
         listings=products * len(listed_in(0)),
@@ -1682,40 +1695,144 @@ def run_scale(
         malls=sorted({x for _, x in store_list}),
         seed_s=round(seed_s, 2),
         ledger_bytes=size,
-        imports_s=None if imports_s is None else round(imports_s, 3),
+        imports_s=imports_s,
         daemon_to_ready_s=ready_s,
         start_to_ready_s=None
         if imports_s is None or ready_s is None
         else round(imports_s + ready_s, 3),
         quick_check_s=check_s,
-        rss_before_daemon_bytes=child.get("rss_before_daemon_bytes"),
-        rss_at_ready_bytes=child.get("rss_at_ready_bytes"),
+        rss_before_daemon_bytes=out.get("rss_before_daemon_bytes"),
+        rss_at_ready_bytes=out.get("rss_at_ready_bytes"),
         burst_orders=burst,
-        burst_placed=int(child.get("burst_placed", 0)),
-        burst_lines_booked=child.get("burst_lines_booked"),
-        burst_booked_sim_s=child.get("burst_booked_sim_s"),
-        burst_drained_sim_s=child.get("burst_drained_sim_s"),
-        burst_pushes=child.get("burst_pushes"),
-        burst_wall_s=child.get("burst_wall_s"),
-        burst_lost_lines=child.get("burst_lost_lines"),
-        burst_throttled=child.get("burst_throttled"),
-        burst_lag_max_s=child.get("burst_lag_max_s"),
-        peak_rss_bytes=child.get("peak_rss_bytes"),
+        burst_placed=int(out.get("burst_placed", 0)),
+        burst_lines_booked=out.get("burst_lines_booked"),
+        burst_booked_sim_s=out.get("burst_booked_sim_s"),
+        burst_drained_sim_s=out.get("burst_drained_sim_s"),
+        burst_pushes=out.get("burst_pushes"),
+        burst_wall_s=out.get("burst_wall_s"),
+        burst_lost_lines=out.get("burst_lost_lines"),
+        burst_throttled=out.get("burst_throttled"),
+        burst_lag_max_s=out.get("burst_lag_max_s"),
+        peak_rss_bytes=out.get("peak_rss_bytes"),
+        sims_peak_rss_bytes=out.get("sims_peak_rss_bytes"),
         speed=speed,
         child_error=error,
     )
 
 
-def _scale_child(raw: str) -> None:
-    """The daemon's process for ``--scale``: prints one JSON object per milestone."""
-    _emit(imported=True)
+class SharedClock(trio.abc.Clock):
+    """Simulated seconds = ``speed`` x real seconds since ``origin``, a
+    ``time.perf_counter()`` reading. On Linux that is CLOCK_MONOTONIC, one clock for
+    every process on the machine, so processes handed the same origin agree on the
+    simulated time. Safe to read from any thread (the ledger's worker reads it)."""
+
+    def __init__(self, speed: float, origin: float) -> None:
+        self.speed = speed
+        self.origin = origin
+
+    def start_clock(self) -> None:
+        pass
+
+    def current_time(self) -> float:
+        return self.speed * (time.perf_counter() - self.origin)
+
+    def deadline_to_sleep_time(self, deadline: float) -> float:
+        return max(0.0, (deadline - self.current_time()) / self.speed)
+
+
+class _ChildFailed(Exception):
+    pass
+
+
+class _Child:
+    """A ``--scale`` child process: JSON lines out, one-word commands in."""
+
+    def __init__(self, entry: str, args: dict[str, Any], deadline: float) -> None:
+        self.err = tempfile.TemporaryFile("w+")  # noqa: SIM115  (closed in close())
+        self.spawned = time.perf_counter()
+        self.stamps: dict[str, float] = {}
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                f"import sys, goqd.simbench as s; s.{entry}(sys.argv[1])",
+                json.dumps(args),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.err,
+            text=True,
+        )
+        self.killer = threading.Timer(max(0.0, deadline - self.spawned), self.proc.kill)
+        self.killer.start()
+
+    def expect(self, key: str) -> dict[str, Any]:
+        """Every value the child prints until one carries ``key``."""
+        got: dict[str, Any] = {}
+        assert self.proc.stdout is not None
+        while key not in got:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise _ChildFailed(self._why())
+            if line.startswith("{"):
+                values = json.loads(line)
+                for k in values:
+                    self.stamps.setdefault(k, time.perf_counter() - self.spawned)
+                got.update(values)
+        return got
+
+    def send(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> str | None:
+        """Wait for the child; its last line of stderr if it failed."""
+        with contextlib.suppress(OSError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.killer.cancel()
+        why = self._why() if self.proc.returncode != 0 else None
+        self.err.close()
+        return why
+
+    def _why(self) -> str:
+        self.proc.poll()
+        self.err.seek(0)
+        tail = self.err.read().strip().splitlines()
+        return tail[-1] if tail else f"exit status {self.proc.returncode}"
+
+
+def _child_setup(raw: str) -> tuple[dict[str, Any], list[tuple[str, str]], SharedClock]:
     args = json.loads(raw)
-    stores = [(str(a), str(b)) for a, b in args["stores"]]
     from goqd.logs import configure_logging
 
     configure_logging("error", json=False, stream=sys.stderr)
-    clock = trio.testing.MockClock(rate=float(args["speed"]))
-    trio.run(_scale_world, args, stores, clock, clock=clock)
+    stores = [(str(a), str(b)) for a, b in args["stores"]]
+    return args, stores, SharedClock(float(args["speed"]), float(args["origin"]))
+
+
+async def _command() -> str:
+    """The next command from the parent ("" when it closed our stdin)."""
+    return await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+
+
+def _scale_sims_child(raw: str) -> None:
+    """The simulators' process for ``--scale``."""
+    args, stores, clock = _child_setup(raw)
+    trio.run(_scale_sims, args, stores, clock, clock=clock)
+
+
+def _scale_daemon_child(raw: str) -> None:
+    """The daemon's process for ``--scale``: ``run_daemon`` and nothing else."""
+    _emit(imported=True)
+    args, stores, clock = _child_setup(raw)
+    trio.run(_scale_daemon, args, stores, clock, clock=clock)
 
 
 def _proc_status(field_name: str) -> int:
@@ -1731,13 +1848,13 @@ def _emit(**values: Any) -> None:
     print(json.dumps(values), flush=True)
 
 
-async def _scale_world(
-    args: dict[str, Any], stores: list[tuple[str, str]], mock: trio.testing.MockClock
+async def _scale_sims(
+    args: dict[str, Any], stores: list[tuple[str, str]], shared: SharedClock
 ) -> None:
-    epoch = float(int(time.time()))
+    epoch = float(args["epoch"])
 
     def clock() -> float:
-        return epoch + mock.current_time()
+        return epoch + shared.current_time()
 
     rng = random.Random(args["seed"])
     products = int(args["products"])
@@ -1762,34 +1879,62 @@ async def _scale_world(
     # Ledger listing keys were seeded as the SKU; where a mall's key differs (Rakuten's
     # manageNumber/variantId, Shopify's GIDs), write the simulator's key in.
     await trio.to_thread.run_sync(_rekey_ledger, args["path"], keys)
-    lags: list[float] = []
     async with trio.open_nursery() as nursery:
         urls = {store: await nursery.start(serve_sim, sim.app) for store, sim in sims.items()}
-        store_cfgs = []
-        creds: dict[str, dict[str, Secret]] = {}
-        for store, mall in stores:
-            cfg, creds[store] = _sim_store(
-                store,
-                mall,
-                urls[store],
-                sims[store].credentials(),
-                poll_interval=f"{max(60.0, MALLS[mall].limits.min_poll_interval):g}s",
-            )
-            store_cfgs.append(cfg)
-        config = Config(
-            daemon=DaemonConfig(
-                state_dir=os.path.join(args["tmp"], "state"),
-                ledger=args["path"],
-                control_socket=os.path.join(args["tmp"], "control.sock"),
-                http_listen="127.0.0.1:0",
-                log_level="error",
-            ),
-            stores=tuple(store_cfgs),
-            source=os.path.join(args["tmp"], "goqd.toml"),
+        _emit(urls=urls, credentials={store: sim.credentials() for store, sim in sims.items()})
+        lines: set[tuple[str, str, str]] = set()
+        while (command := (await _command()).strip()) != "stop":
+            if command == "burst":
+                for store, sku in burst:
+                    order = sims[store].place_order([(keys[(store, sku)], 1)])
+                    if order is not None:
+                        lines.update((store, order.order_id, x.line_id) for x in order.lines)
+                _emit(burst_placed=len(lines))
+            elif not command:
+                return  # the parent is gone
+        booked = await trio.to_thread.run_sync(_ledger_lines, args["path"])
+        _emit(
+            burst_lost_lines=len(lines - booked),
+            burst_throttled=sum(int(getattr(s, "throttled_requests", 0)) for s in sims.values()),
+            sims_peak_rss_bytes=_proc_status("VmHWM"),
         )
-        check_config(config)
+        nursery.cancel_scope.cancel()
+
+
+async def _scale_daemon(
+    args: dict[str, Any], stores: list[tuple[str, str]], shared: SharedClock
+) -> None:
+    epoch = float(args["epoch"])
+
+    def clock() -> float:
+        return epoch + shared.current_time()
+
+    store_cfgs = []
+    creds: dict[str, dict[str, Secret]] = {}
+    for store, mall in stores:
+        cfg, creds[store] = _sim_store(
+            store,
+            mall,
+            args["urls"][store],
+            args["credentials"][store],
+            poll_interval=f"{max(60.0, MALLS[mall].limits.min_poll_interval):g}s",
+        )
+        store_cfgs.append(cfg)
+    config = Config(
+        daemon=DaemonConfig(
+            state_dir=os.path.join(args["tmp"], "state"),
+            ledger=args["path"],
+            control_socket=os.path.join(args["tmp"], "control.sock"),
+            http_listen="127.0.0.1:0",
+            log_level="error",
+        ),
+        stores=tuple(store_cfgs),
+        source=os.path.join(args["tmp"], "goqd.toml"),
+    )
+    check_config(config)
+    lags: list[float] = []
+    async with trio.open_nursery() as nursery:
         gc.collect()
-        gc.freeze()
         _emit(rss_before_daemon_bytes=_proc_status("VmRSS"))
         t0 = time.perf_counter()
         daemon: Daemon = await nursery.start(
@@ -1800,38 +1945,14 @@ async def _scale_world(
             rss_at_ready_bytes=_proc_status("VmRSS"),
         )
         nursery.start_soon(_probe_scale_lag, lags)
-        # Let the first polls go out, then the burst: every order at the same instant.
-        await trio.sleep(5.0)
-        wall = time.perf_counter()
-        start = trio.current_time()
-        lines: set[tuple[str, str, str]] = set()
-        for store, sku in burst:
-            order = sims[store].place_order([(keys[(store, sku)], 1)])
-            if order is not None:
-                lines.update((store, order.order_id, x.line_id) for x in order.lines)
-        for handle in daemon.handles.values():
-            handle.request_poll()  # goqctl poll-now: do not wait for the next interval
-        booked_s = drained_s = None
-        booked_n = 0
-        deadline = start + float(args.get("timeout_s", 3600.0)) * float(args["speed"])
-        while drained_s is None and trio.current_time() < deadline:
-            await trio.sleep(2.0)
-            booked_n, outbox = await trio.to_thread.run_sync(_burst_progress, args["path"])
-            if booked_s is None and booked_n >= len(lines):
-                booked_s = round(trio.current_time() - start, 1)
-            if booked_s is not None and outbox == 0:
-                drained_s = round(trio.current_time() - start, 1)
-        booked = await trio.to_thread.run_sync(_ledger_lines, args["path"])
-        throttled = sum(int(getattr(s, "throttled_requests", 0)) for s in sims.values())
+        while (command := (await _command()).strip()) != "stop":
+            if command == "poll":
+                for handle in daemon.handles.values():
+                    handle.request_poll()
+            elif not command:
+                return
         _emit(
-            burst_placed=len(lines),
-            burst_lines_booked=booked_n,
-            burst_booked_sim_s=booked_s,
-            burst_drained_sim_s=drained_s,
             burst_pushes=sum(h.pushes for h in daemon.handles.values()),
-            burst_wall_s=round(time.perf_counter() - wall, 2),
-            burst_lost_lines=len(lines - booked),
-            burst_throttled=throttled,
             burst_lag_max_s=round(max(lags, default=0.0), 3),
             peak_rss_bytes=_proc_status("VmHWM"),
         )

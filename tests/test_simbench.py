@@ -279,3 +279,7 @@ def test_scale_mode_reports_ready_time_and_a_drained_burst() -> None:
     assert result.rss_at_ready_bytes is not None and result.rss_at_ready_bytes > 0
     assert result.burst_placed == 60 and result.burst_lost_lines == 0
     assert result.burst_drained_sim_s is not None and not math.isnan(result.burst_drained_sim_s)
+    # Measured in the daemon's own process, apart from the simulators'.
+    assert result.peak_rss_bytes is not None and result.sims_peak_rss_bytes is not None
+    assert result.peak_rss_bytes >= result.rss_at_ready_bytes > 0
+    assert result.burst_pushes is not None and result.burst_pushes >= 60
