@@ -283,3 +283,18 @@ def test_scale_mode_reports_ready_time_and_a_drained_burst() -> None:
     assert result.peak_rss_bytes is not None and result.sims_peak_rss_bytes is not None
     assert result.peak_rss_bytes >= result.rss_at_ready_bytes > 0
     assert result.burst_pushes is not None and result.burst_pushes >= 60
+
+
+def test_scale_products_are_listed_across_malls_evenly() -> None:
+    # Stores are dealt round-robin over the malls; a product listed in five stores of
+    # one mall would make the burst a single mall's load.
+    stores = sb.plan_stores(sb.SimParams(stores=50))
+    listed_in = sb._scale_listed_in(50, 5)
+    load: dict[int, int] = {}
+    for i in range(5000):
+        where = listed_in(i)
+        assert len(set(where)) == 5
+        assert {stores[j][1] for j in where} == set(sb.available_malls())
+        for j in where:
+            load[j] = load.get(j, 0) + 1
+    assert set(load) == set(range(50)) and min(load.values()) == max(load.values())
