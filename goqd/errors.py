@@ -25,6 +25,11 @@ the mall's error code and text, never from request headers.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from goqd.messages import PushOutcome
+
 LEVEL_TEMPORARY = 8
 LEVEL_CREDENTIAL = 9
 
@@ -48,7 +53,12 @@ class CredentialError(ConfigError):
 
 
 class MallError(GoqdError):
-    """Raised by a mall adapter. ``level`` is the GoQSystem error level it maps to."""
+    """Raised by a mall adapter. ``level`` is the GoQSystem error level it maps to.
+
+    ``done``: when the error cut a push batch short (an adapter that makes one call per
+    listing), the outcomes of the listings the mall had already answered. The store
+    reports them, so they are not sent again with the rest.
+    """
 
     level: int = LEVEL_TEMPORARY
     code: str = "mall_error"
@@ -59,6 +69,7 @@ class MallError(GoqdError):
         if code:
             self.code = code
         self.message = message
+        self.done: tuple[PushOutcome, ...] = ()
         super().__init__(message)
 
     def __str__(self) -> str:

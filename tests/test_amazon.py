@@ -919,6 +919,26 @@ async def test_429_from_amazon_is_rate_limited_and_blocks_the_bucket(
         assert sim.throttled_requests == 1
 
 
+async def test_a_throttle_part_way_through_a_push_batch_keeps_what_amazon_answered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_sim() as (sim, adapter, url, http):
+        keys = [f"P-{k}" for k in "ABCDEF"]
+        for key in keys:
+            sim.add_item(key, quantity=1)
+        # Another session of the same seller spent two of the plan's five patches.
+        other = make_adapter(url, sim.credentials(), http, {"lwa": url})
+        await other.push_stock([push("P-A", 5), push("P-B", 5)])
+        with pytest.raises(MallRateLimited) as info:
+            await adapter.push_stock([push(key, 9) for key in keys])
+        # The three patches Amazon accepted before the 429 come back with the error,
+        # so the store reports them instead of sending them again.
+        assert [o.listing_key for o in info.value.done] == keys[:3]
+        assert all(o.accepted for o in info.value.done)
+        assert [sim.stock(key) for key in keys] == [9, 9, 9, 1, 1, 1]
+        assert statuses(sim, "patchListingsItem") == [200] * 5 + [429]
+
+
 async def test_throttle_fault_with_retry_after_header_is_honoured(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

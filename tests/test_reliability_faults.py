@@ -400,6 +400,37 @@ def test_e2_a_throttled_push_waits_for_retry_after_not_an_outage_backoff() -> No
     rig.run_dst(body, seed=13, stores=TWO)
 
 
+def test_e2_a_batch_throttled_part_way_is_not_sent_again_from_the_start() -> None:
+    """Amazon takes one patch per listing: a 429 on the fourth of five must not send the
+    first three again (under a burst that re-sent the same first patches after every
+    throttle, and the outbox drained at a fraction of the allowed rate)."""
+
+    async def body(run: rig.Running) -> None:
+        am = run.fleet.sims["am"]
+        await _settle(run)
+        start = clock()
+        am.faults.throttle_rate = 0.4
+        for _ in range(3):
+            for sku in ("TS-RED-S", "TS-RED-M", "TEA-SEN"):  # three Amazon pushes at once
+                assert run.fleet.market(random.Random(4)).place("ra", sku, 1, clock())
+            run.poll_all()
+            await trio.sleep(30)
+        am.faults.throttle_rate = 0.0
+        await _settle(run)
+        patches = [r for r in am.requests if r.api == "patchListingsItem" and r.at >= start]
+        assert sum(r.status == 429 for r in patches) >= 2
+        # Every count Amazon applied is a new one: nothing was applied twice over.
+        for sku in ("TS-RED-S", "TS-RED-M", "TEA-SEN"):
+            history = am.listings[run.fleet.keys["am"][sku]].set_history
+            assert isinstance(history, rig.TimedHistory)
+            applied = [v for t, v in zip(history.times, history, strict=True) if t >= start]
+            assert len(applied) >= 3
+            assert all(a != b for a, b in itertools.pairwise(applied)), (sku, applied)
+        _check(run)
+
+    rig.run_dst(body, seed=14, stores=(("ra", "rakuten"), ("am", "amazon")))
+
+
 @pytest.mark.parametrize("kind", ["timeout_after_apply", "timeout"])
 def test_e3_push_timeouts_resend_the_absolute_value_and_converge(kind: str) -> None:
     async def body(run: rig.Running) -> None:

@@ -758,8 +758,20 @@ class AmazonAdapter:
         return f"{LISTINGS_PATH}/{quote(self._seller_id, safe='')}/{quote(sku, safe='')}"
 
     async def push_stock(self, items: Sequence[PushItem]) -> list[PushOutcome]:
-        """One ``patchListingsItem`` per item, in order, under the 5-per-second bucket."""
-        return [await self._patch(item) for item in items]
+        """One ``patchListingsItem`` per item, in order, under the 5-per-second bucket.
+
+        A failure part way (typically a 429 when requests bunch up on the way) carries
+        the outcomes of the patches Amazon already answered (``MallError.done``):
+        without them the whole batch went out again and, under a burst, the same first
+        patches were re-sent after every throttle."""
+        outcomes: list[PushOutcome] = []
+        try:
+            for item in items:
+                outcomes.append(await self._patch(item))
+        except MallError as exc:
+            exc.done = tuple(outcomes)
+            raise
+        return outcomes
 
     async def _patch(self, item: PushItem) -> PushOutcome:
         problem = _push_problem(item)

@@ -462,16 +462,22 @@ class _Session:
             outcomes = await self.adapter.push_stock(batch.items)
             crashpoint("store.after_push")
         except MallError as exc:
+            # Listings the mall answered before the failure are reported as answered.
+            answered = {o.listing_key for o in exc.done}
+            rest = [i for i in batch.items if i.listing_key not in answered]
+            if exc.done:
+                with contextlib.suppress(LedgerError):  # if not, they simply go again
+                    await self._report(batch.items, exc.done)
             if isinstance(exc, MallUnavailable) and not isinstance(exc, MallRateLimited):
                 # Ambiguous: the mall may still apply this request after a newer one
                 # (a timeout is not a "no"). Re-assert these counts once any such late
                 # write would have landed.
-                self._reassert.update(i.listing_key for i in batch.items)
+                self._reassert.update(i.listing_key for i in rest)
                 self._reassert_at = trio.current_time() + REASSERT_AFTER * max(
                     1.0, self.config.timeout_seconds
                 )
             if self.metrics is not None:
-                self.metrics.pushes_total.labels(self.store, "failed").inc(len(batch.items))
+                self.metrics.pushes_total.labels(self.store, "failed").inc(len(rest))
                 self.metrics.mall_requests_total.labels(
                     self.store, self.config.mall, _outcome(exc)
                 ).inc()
@@ -481,32 +487,34 @@ class _Session:
             # A throttle says nothing about the mall's health: the next outage's backoff
             # starts from the beginning.
             return attempt if isinstance(exc, MallRateLimited) else attempt + 1
-        outcomes = await self._complete(batch.items, outcomes)
         try:
-            await self.ledger.call(m.PushesDone(store=self.store, outcomes=tuple(outcomes)))
+            await self._report(batch.items, outcomes)
         except LedgerError as exc:
             # The rows stay in the outbox and the same absolute values go out again.
             await trio.sleep(await self.failed(exc, "push", 0))
             return 0
-        accepted = sum(1 for o in outcomes if o.accepted)
+        self.recovered()
+        return 0
+
+    async def _report(self, items: Sequence[m.PushItem], outcomes: Sequence[m.PushOutcome]) -> None:
+        """Tell the ledger what the mall answered for ``outcomes`` (some of ``items``)."""
+        done = await self._complete(items, outcomes)
+        await self.ledger.call(m.PushesDone(store=self.store, outcomes=tuple(done)))
+        accepted = sum(1 for o in done if o.accepted)
         self.handle.pushes += accepted
         self.handle.last_push_ok_at = self.clock()
-        self.recovered()
         if self.metrics is not None:
             self.metrics.mall_requests_total.labels(self.store, self.config.mall, "ok").inc()
             self.metrics.pushes_total.labels(self.store, "accepted").inc(accepted)
-            if len(outcomes) > accepted:
-                self.metrics.pushes_total.labels(self.store, "rejected").inc(
-                    len(outcomes) - accepted
-                )
+            if len(done) > accepted:
+                self.metrics.pushes_total.labels(self.store, "rejected").inc(len(done) - accepted)
             self.metrics.push_last_success_timestamp_seconds.labels(self.store).set(self.clock())
         log.debug(
             "stock_pushed",
             store=self.store,
             accepted=accepted,
-            rejected=len(outcomes) - accepted,
+            rejected=len(done) - accepted,
         )
-        return 0
 
     async def _complete(
         self, items: Sequence[m.PushItem], outcomes: Sequence[m.PushOutcome]
