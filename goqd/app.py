@@ -47,7 +47,7 @@ from goqd.csvio import parse_listings_csv, parse_stock_csv
 from goqd.errors import GoqdError, InputError, LedgerError, MallAuthError, MallError
 from goqd.http import serve_http
 from goqd.ledger import LedgerClient, open_ledger_channel, run_ledger
-from goqd.malls.base import StoreContext, WebhookCheck
+from goqd.malls.base import StoreContext, WebhookCheck, tls_context
 from goqd.malls.registry import MALLS
 from goqd.metrics import Metrics
 from goqd.secret import Secret
@@ -466,7 +466,7 @@ class _AdapterSession:
     async def __aenter__(self) -> Any:
         spec = MALLS[self.cfg.mall]
         self.http = httpx.AsyncClient(
-            timeout=self.cfg.timeout_seconds, transport=self.daemon.transport
+            timeout=self.cfg.timeout_seconds, transport=self.daemon.transport, verify=tls_context()
         )
         ctx = StoreContext(
             store=self.cfg.name,
@@ -564,8 +564,12 @@ async def run_daemon(
                 metrics=metrics,
             )
         )
-        for store in config.stores:
-            await root.start(_supervise_store, daemon, store, transport, rng)
+        # All at once: each store reads its cursor from the ledger before it is started,
+        # and one at a time those reads queued behind the first stores' polls (50 stores
+        # took up to 2 s to start; together they share the ledger's transactions).
+        async with trio.open_nursery() as starting:
+            for store in config.stores:
+                starting.start_soon(root.start, _supervise_store, daemon, store, transport, rng)
         await root.start(
             functools.partial(
                 serve_control,

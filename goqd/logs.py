@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any, TextIO
 from urllib.parse import quote
@@ -68,6 +69,11 @@ MIN_SECRET_LENGTH = 6
 
 _secrets: set[str] = set()
 _pattern: re.Pattern[str] | None = None
+# Compiled when the next line is masked, not at every registration: 50 stores register
+# ~190 values, and compiling an ever longer pattern each time took seconds at start.
+# The lock keeps a registration from slipping between a compile and its flag.
+_pattern_stale = False
+_pattern_lock = threading.Lock()
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -80,17 +86,28 @@ _LEVELS = {
 
 def register_secret(value: str | Secret) -> None:
     """Mask ``value`` (and its URL-encoded form) in every log line from now on."""
-    global _pattern
+    global _pattern_stale
     raw = value.reveal() if isinstance(value, Secret) else value
     if len(raw) < MIN_SECRET_LENGTH:
         return
     forms = {raw, quote(raw, safe=""), quote(raw)}
-    if forms <= _secrets:
-        return
-    _secrets.update(forms)
-    # Longest first, so a secret containing another is masked whole.
-    ordered = sorted(_secrets, key=len, reverse=True)
-    _pattern = re.compile("|".join(re.escape(s) for s in ordered))
+    with _pattern_lock:
+        if forms <= _secrets:
+            return
+        _secrets.update(forms)
+        _pattern_stale = True
+
+
+def _current_pattern() -> re.Pattern[str] | None:
+    global _pattern, _pattern_stale
+    if _pattern_stale:
+        with _pattern_lock:
+            if _pattern_stale:
+                # Longest first, so a secret containing another is masked whole.
+                ordered = sorted(_secrets, key=len, reverse=True)
+                _pattern = re.compile("|".join(re.escape(s) for s in ordered))
+                _pattern_stale = False
+    return _pattern
 
 
 def _is_secret_key(key: object) -> bool:
@@ -101,7 +118,7 @@ def _is_secret_key(key: object) -> bool:
 
 
 def _mask_text(text: str) -> str:
-    pattern = _pattern
+    pattern = _current_pattern()
     return pattern.sub(MASK, text) if pattern is not None else text
 
 

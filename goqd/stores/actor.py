@@ -50,7 +50,7 @@ from goqd.errors import (
     MallUnavailable,
 )
 from goqd.ledger import LedgerClient
-from goqd.malls.base import MallAdapter, MallSpec, StoreContext
+from goqd.malls.base import MallAdapter, MallSpec, StoreContext, tls_context
 from goqd.secret import Secret
 
 log = structlog.get_logger("goqd.store")
@@ -214,6 +214,7 @@ async def run_store(
             async with httpx.AsyncClient(
                 timeout=config.timeout_seconds,
                 transport=transport,
+                verify=tls_context(),
                 headers={"User-Agent": "goqd/0.1"},
             ) as http:
                 ctx = StoreContext(
