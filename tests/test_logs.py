@@ -148,6 +148,18 @@ def test_redact_processor_alone_masks_registered_values() -> None:
     assert logs == [{"event": "x", "v": [MASK], "m": {"k": MASK}, "log_level": "info"}]
 
 
+def test_a_value_registered_after_lines_were_masked_is_masked_from_then_on() -> None:
+    # The pattern is compiled lazily, once per change: a registration between two lines
+    # must not be missed by the second.
+    register_secret("first-canary-1111")
+    with structlog.testing.capture_logs(processors=[redact]) as logs:
+        structlog.get_logger().info("a first-canary-1111 second-canary-2222")
+        register_secret("second-canary-2222")
+        structlog.get_logger().info("b first-canary-1111 second-canary-2222")
+    assert logs[0]["event"] == f"a {MASK} second-canary-2222"
+    assert logs[1]["event"] == f"b {MASK} {MASK}"
+
+
 def test_short_values_are_not_registered() -> None:
     register_secret("abc")
     with structlog.testing.capture_logs(processors=[redact]) as logs:

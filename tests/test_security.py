@@ -326,3 +326,16 @@ def test_hostile_xml_from_a_mall_is_refused_as_a_level_8_protocol_error(
     started = time.perf_counter()
     rig.run_dst(main, seed=42, stores=(("x", mall), ("ra", "rakuten")))
     assert time.perf_counter() - started < 20  # no entity expansion ate the CPU
+
+
+def test_the_shared_tls_context_verifies_certificates_and_host_names() -> None:
+    # Every mall client shares one context (goqd.malls.base.tls_context); sharing it
+    # must not cost verification.
+    import ssl
+
+    from goqd.malls.base import tls_context
+
+    ctx = tls_context()
+    assert ctx is tls_context()
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    assert ctx.cert_store_stats()["x509_ca"] > 0  # a CA bundle is loaded
