@@ -564,9 +564,8 @@ async def run_daemon(
                 metrics=metrics,
             )
         )
-        # All at once: each store reads its cursor from the ledger before it is started,
-        # and one at a time those reads queued behind the first stores' polls (50 stores
-        # took up to 2 s to start; together they share the ledger's transactions).
+        # All at once: each store reads its cursor from the ledger before it is started;
+        # one at a time, each read queued behind the polls of the stores already going.
         async with trio.open_nursery() as starting:
             for store in config.stores:
                 starting.start_soon(root.start, _supervise_store, daemon, store, transport, rng)

@@ -760,10 +760,10 @@ class AmazonAdapter:
     async def push_stock(self, items: Sequence[PushItem]) -> list[PushOutcome]:
         """One ``patchListingsItem`` per item, in order, under the 5-per-second bucket.
 
-        A failure part way (typically a 429 when requests bunch up on the way) carries
-        the outcomes of the patches Amazon already answered (``MallError.done``):
-        without them the whole batch went out again and, under a burst, the same first
-        patches were re-sent after every throttle."""
+        A failure part way (typically a 429) carries the outcomes of the patches Amazon
+        already answered (``MallError.done``): without them the whole batch went out
+        again and, under a burst, the same first patches were re-sent after every
+        throttle."""
         outcomes: list[PushOutcome] = []
         try:
             for item in items:

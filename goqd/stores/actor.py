@@ -322,8 +322,9 @@ class _Session:
             # A throttle is not an outage: the mall said when the next request is
             # welcome (the adapter has blocked its bucket until then). Backing off
             # exponentially instead stalled a 10,000-order burst for minutes after
-            # each run of 429s (BENCHMARKS.md, scale).
-            return max(exc.retry_after, 0.0)
+            # each run of 429s (BENCHMARKS.md, scale). Never below a second, like any
+            # retry: a mall answering "Retry-After: 0" must not be spun on.
+            return max(exc.retry_after, 1.0)
         return _backoff(attempt, self.rng, BACKOFF_MAX)
 
     def recovered(self) -> None:
