@@ -146,7 +146,7 @@ class SimParams:
     seed: int = 1
     # 10: at 20 a real millisecond of this machine's work (HTTP on loopback, SQLite)
     # costs 20 simulated ones and scheduler lag reached ~1 s at p99, which is the
-    # machine, not goqd (BENCHMARKS.md). Half the speed, a fifth of the lag.
+    # machine, not goqd (BENCHMARKS.md). At 10 it was 0.19-0.24 s.
     speed: float = 10.0
     webhooks: bool = True  # Shopify stores get order webhooks (goqd world only)
     watch_interval: str = "5s"  # goqd's sale watch (goqd world only); "0s" = off
@@ -1762,19 +1762,15 @@ class _ChildFailed(Exception):
 
 
 class _Child:
-    """A ``--scale`` child process: JSON lines out, one-word commands in."""
+    """A ``--scale`` child process: its arguments (one JSON line) and then one-word
+    commands in on stdin; JSON lines out."""
 
     def __init__(self, entry: str, args: dict[str, Any], deadline: float) -> None:
         self.err = tempfile.TemporaryFile("w+")  # noqa: SIM115  (closed in close())
         self.spawned = time.perf_counter()
         self.stamps: dict[str, float] = {}
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                f"import sys, goqd.simbench as s; s.{entry}(sys.argv[1])",
-                json.dumps(args),
-            ],
+            [sys.executable, "-c", f"import goqd.simbench as s; s.{entry}()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.err,
@@ -1782,6 +1778,9 @@ class _Child:
         )
         self.killer = threading.Timer(max(0.0, deadline - self.spawned), self.proc.kill)
         self.killer.start()
+        # The arguments go in on stdin, not argv: they carry the simulators' credentials,
+        # and argv is visible to every user of the machine.
+        self.send(json.dumps(args))
 
     def expect(self, key: str) -> dict[str, Any]:
         """Every value the child prints until one carries ``key``."""
@@ -1825,8 +1824,8 @@ class _Child:
         return tail[-1] if tail else f"exit status {self.proc.returncode}"
 
 
-def _child_setup(raw: str) -> tuple[dict[str, Any], list[tuple[str, str]], SharedClock]:
-    args = json.loads(raw)
+def _child_setup() -> tuple[dict[str, Any], list[tuple[str, str]], SharedClock]:
+    args = json.loads(sys.stdin.readline())
     from goqd.logs import configure_logging
 
     configure_logging("error", json=False, stream=sys.stderr)
@@ -1839,16 +1838,16 @@ async def _command() -> str:
     return await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
 
 
-def _scale_sims_child(raw: str) -> None:
+def _scale_sims_child() -> None:
     """The simulators' process for ``--scale``."""
-    args, stores, clock = _child_setup(raw)
+    args, stores, clock = _child_setup()
     trio.run(_scale_sims, args, stores, clock, clock=clock)
 
 
-def _scale_daemon_child(raw: str) -> None:
+def _scale_daemon_child() -> None:
     """The daemon's process for ``--scale``: ``run_daemon`` and nothing else."""
     _emit(imported=True)
-    args, stores, clock = _child_setup(raw)
+    args, stores, clock = _child_setup()
     trio.run(_scale_daemon, args, stores, clock, clock=clock)
 
 
