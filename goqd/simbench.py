@@ -1638,7 +1638,7 @@ def run_scale(
     )
     seed_s = time.perf_counter() - t0
     size = sum(os.path.getsize(path + ext) for ext in ("", "-wal") if os.path.exists(path + ext))
-    clock = SharedClock(speed, time.perf_counter())
+    clock = SharedClock(speed, time.perf_counter(), float(int(time.time())))
     args: dict[str, Any] = {
         "path": path,
         "tmp": tmp,
@@ -1649,7 +1649,7 @@ def run_scale(
         "speed": speed,
         "seed": seed,
         "origin": clock.origin,
-        "epoch": float(int(time.time())),
+        "epoch": clock.epoch,
     }
     out: dict[str, Any] = {}
     error = None
@@ -1741,11 +1741,16 @@ class SharedClock(trio.abc.Clock):
     """Simulated seconds = ``speed`` x real seconds since ``origin``, a
     ``time.perf_counter()`` reading. On Linux that is CLOCK_MONOTONIC, one clock for
     every process on the machine, so processes handed the same origin agree on the
-    simulated time. Safe to read from any thread (the ledger's worker reads it)."""
+    simulated time; ``wall`` is the matching wall clock from ``epoch``. Safe to read
+    from any thread (the ledger's worker reads it)."""
 
-    def __init__(self, speed: float, origin: float) -> None:
+    def __init__(self, speed: float, origin: float, epoch: float) -> None:
         self.speed = speed
         self.origin = origin
+        self.epoch = epoch
+
+    def wall(self) -> float:
+        return self.epoch + self.current_time()
 
     def start_clock(self) -> None:
         pass
@@ -1830,7 +1835,8 @@ def _child_setup() -> tuple[dict[str, Any], list[tuple[str, str]], SharedClock]:
 
     configure_logging("error", json=False, stream=sys.stderr)
     stores = [(str(a), str(b)) for a, b in args["stores"]]
-    return args, stores, SharedClock(float(args["speed"]), float(args["origin"]))
+    clock = SharedClock(float(args["speed"]), float(args["origin"]), float(args["epoch"]))
+    return args, stores, clock
 
 
 async def _command() -> str:
@@ -1867,11 +1873,7 @@ def _emit(**values: Any) -> None:
 async def _scale_sims(
     args: dict[str, Any], stores: list[tuple[str, str]], shared: SharedClock
 ) -> None:
-    epoch = float(args["epoch"])
-
-    def clock() -> float:
-        return epoch + shared.current_time()
-
+    clock = shared.wall
     rng = random.Random(args["seed"])
     products = int(args["products"])
     listed_in = _scale_listed_in(len(stores), int(args["per_product"]))
@@ -1920,11 +1922,7 @@ async def _scale_sims(
 async def _scale_daemon(
     args: dict[str, Any], stores: list[tuple[str, str]], shared: SharedClock
 ) -> None:
-    epoch = float(args["epoch"])
-
-    def clock() -> float:
-        return epoch + shared.current_time()
-
+    clock = shared.wall
     store_cfgs = []
     creds: dict[str, dict[str, Secret]] = {}
     for store, mall in stores:

@@ -548,7 +548,12 @@ class Ledger:
             )
             cause = "cancel" if target == 0 else "correction"
             if delta > 0:
-                self._sale_booked(store, line.listing_key, sku, delta)
+                watch = conn.execute(
+                    "SELECT held, watch_qty FROM listings WHERE store = ? AND listing_key = ?",
+                    (store, line.listing_key),
+                ).fetchone()
+                if watch is not None:
+                    self._sale_booked(store, line.listing_key, sku, delta, *watch)
             self._move(
                 sku, -delta, cause, store=store, order_id=line.order_id, line_id=line.line_id
             )
@@ -625,8 +630,7 @@ class Ledger:
             # says the imported count knew them, and booking errs on the side of not
             # overselling.
             return "before_import"
-        if listing[4] or listing[5] is not None:  # the watch knows this listing
-            self._sale_booked(store, line.listing_key, sku, target)
+        self._sale_booked(store, line.listing_key, sku, target, listing[4], listing[5])
         self._move(sku, -target, "order", store=store, order_id=line.order_id, line_id=line.line_id)
         return "booked"
 
@@ -967,17 +971,15 @@ class Ledger:
             )
         return m.Done(changed=changed)
 
-    def _sale_booked(self, store: str, listing_key: str, sku: str, sold: int) -> None:
+    def _sale_booked(
+        self, store: str, listing_key: str, sku: str, sold: int, held: int, expected: int | None
+    ) -> None:
         """A booked sale explains held units of its listing first; the rest is a sale
         the watch has not seen yet, so its expected counter drops with it. (A listing the
-        watch never read has no expectation to move: see ``stock_seen``.)"""
-        row = self.conn.execute(
-            "SELECT held, watch_qty FROM listings WHERE store = ? AND listing_key = ?",
-            (store, listing_key),
-        ).fetchone()
-        if row is None or (row[0] == 0 and row[1] is None):
-            return
-        held, expected = row
+        watch never read has no expectation to move: see ``stock_seen``.) ``held`` and
+        ``expected`` are the listing's ``held`` and ``watch_qty``, as the caller read them."""
+        if held == 0 and expected is None:
+            return  # the watch does not know this listing: nothing to write
         use = min(held, sold)
         self.conn.execute(
             "UPDATE listings SET held = ?, held_since = CASE WHEN ? = 0 THEN NULL "
