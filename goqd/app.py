@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -37,18 +39,31 @@ from goqd import messages as m
 from goqd.config import (
     Config,
     StoreConfig,
+    check_host,
+    control_group_ids,
     load_credentials,
     parse_credentials,
     write_credentials,
 )
 from goqd.control import protocol as p
 from goqd.control.server import PeerInfo, serve_control
-from goqd.csvio import parse_listings_csv, parse_stock_csv
-from goqd.errors import GoqdError, InputError, LedgerError, MallAuthError, MallError
+from goqd.csvio import ListingsReader, StockReader
+from goqd.errors import (
+    GoqdError,
+    InputError,
+    LedgerError,
+    LedgerRequestFailed,
+    MallAuthError,
+    MallError,
+    MallProtocolError,
+    UnknownListing,
+    UnknownSku,
+)
 from goqd.http import serve_http
 from goqd.ledger import LedgerClient, open_ledger_channel, run_ledger
 from goqd.malls.base import StoreContext, WebhookCheck, tls_context
 from goqd.malls.registry import MALLS
+from goqd.malls.transport import MallTransport, mall_transport, open_mall_client
 from goqd.metrics import Metrics
 from goqd.secret import Secret
 from goqd.stores.actor import StoreHandle, run_store
@@ -57,6 +72,8 @@ from goqd.supervisor import ChildSpec, supervise
 log = structlog.get_logger("goqd.app")
 
 VERSION = "0.1.0"
+# MallError.code of an import the mall answered 404: an API the shop has not enabled.
+API_NOT_ENABLED = "api_not_enabled"
 WallClock = Callable[[], float]
 Webhook = Callable[[bytes, Mapping[str, str]], Awaitable[int]]
 
@@ -74,6 +91,10 @@ class Daemon:
     started_at: float
     http_url: str = ""
     transport: httpx.AsyncBaseTransport | None = None
+    # Stock imports in progress, by request id; the nursery they run in
+    # (``run_stock_imports``), ``None`` until it is open.
+    _stock_imports: dict[str, _StockImport] = field(default_factory=dict, repr=False)
+    _import_nursery: trio.Nursery | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ status
 
@@ -91,7 +112,10 @@ class Daemon:
                     name=name,
                     mall=h.mall,
                     state=h.state,
-                    error_level=h.error_level,
+                    # The store's own state, or an open error in the ledger (an ambiguous
+                    # link, parked lines, a refused listing) while it runs: LEVEL is
+                    # never "-" while `goqctl errors` lists something for the store.
+                    error_level=max(h.error_level, ls.max_error_level if ls else 0),
                     last_poll_ok_at=h.last_poll_ok_at,
                     last_push_ok_at=h.last_push_ok_at,
                     outbox=ls.outbox if ls else 0,
@@ -101,6 +125,7 @@ class Daemon:
                     credential_expires_at=h.credential_expires_at,
                     message=h.message,
                     key_warning=self._key_warning(h),
+                    ambiguous=ls.ambiguous_listings if ls else 0,
                 )
             )
         return tuple(infos)
@@ -148,6 +173,8 @@ class Daemon:
             x = per_store.get(name)
             self.metrics.outbox_pending.labels(name).set(x.outbox if x else 0)
             self.metrics.parked_lines.labels(name).set(x.parked if x else 0)
+            self.metrics.parked_listings.labels(name).set(x.parked_listings if x else 0)
+            self.metrics.ambiguous_listings.labels(name).set(x.ambiguous_listings if x else 0)
             self.metrics.held_units.labels(name).set(x.held if x else 0)
             levels = dict(x.open_errors_by_level) if x else {}
             for level in {8, 9} | set(levels):
@@ -187,9 +214,22 @@ class Daemon:
                 hint="check the key in the mall's admin screen and try again",
             )
         except MallError as exc:
+            if exc.code == API_NOT_ENABLED:
+                return p.Err(
+                    code="unavailable",
+                    message=str(exc),
+                    hint="enable that API for the shop in the mall's admin screen (or the "
+                    "app's permissions), then run the import again",
+                )
             return p.Err(code="unavailable", message=str(exc), hint="try again shortly")
         except InputError as exc:
             return p.Err(code="bad_request", message=str(exc), hint="fix the file and run again")
+        except LedgerRequestFailed as exc:
+            return p.Err(
+                code="internal",
+                message=str(exc),
+                hint="this is a bug: see `journalctl -u goqd` (event ledger_request_failed)",
+            )
         except GoqdError as exc:
             return p.Err(code="conflict", message=str(exc))
 
@@ -205,7 +245,21 @@ class Daemon:
                 if req.store:
                     self._handle(req.store)
                 return await led.ask(
-                    m.ListErrors(store=req.store, include_cleared=req.include_cleared), m.ErrorList
+                    m.ListErrors(
+                        store=req.store,
+                        include_cleared=req.include_cleared,
+                        level=req.level,
+                        code=req.code,
+                        after=req.after,
+                        limit=req.limit,
+                    ),
+                    m.ErrorList,
+                )
+            case p.Parked():
+                if req.store:
+                    self._handle(req.store)
+                return await led.ask(
+                    m.ListParked(store=req.store, after=req.after, limit=req.limit), m.ParkedList
                 )
             case p.ErrorsClear():
                 done = await led.ask(
@@ -235,16 +289,29 @@ class Daemon:
                     m.ListingList,
                 )
             case p.LinkListing():
-                return await led.ask(
-                    m.Link(
-                        store=req.store, listing_key=req.listing_key, sku=req.sku, request_id=rid
-                    ),
-                    m.Done,
-                )
+                # A store not in the config would get a listing row nothing ever removes.
+                self._handle(req.store)
+                try:
+                    return await led.ask(
+                        m.Link(
+                            store=req.store,
+                            listing_key=req.listing_key,
+                            sku=req.sku,
+                            request_id=rid,
+                        ),
+                        m.Done,
+                    )
+                except (UnknownListing, UnknownSku) as exc:
+                    raise _NotFound(str(exc)) from None
             case p.UnlinkListing():
-                return await led.ask(
-                    m.Unlink(store=req.store, listing_key=req.listing_key, request_id=rid), m.Done
-                )
+                self._handle(req.store)
+                try:
+                    return await led.ask(
+                        m.Unlink(store=req.store, listing_key=req.listing_key, request_id=rid),
+                        m.Done,
+                    )
+                except UnknownListing as exc:
+                    raise _NotFound(str(exc)) from None
             case p.StockSet():
                 return await led.ask(
                     m.SetStock(
@@ -282,13 +349,7 @@ class Daemon:
             case p.LinkAuto():
                 return await self.link_auto(req.store)
             case p.StockImport():
-                mode, items = parse_stock_csv(req.csv_text, where="stock CSV")
-                return await led.ask(
-                    m.SetStocks(
-                        items=tuple(items), mode=mode, reason="stock import", request_id=rid
-                    ),
-                    m.Done,
-                )
+                return await self.stock_import(req.csv_text, rid)
         raise _Unsupported(type(req).__name__)
 
     async def _resume_cleared(self) -> None:
@@ -296,8 +357,8 @@ class Daemon:
         for name, handle in self.handles.items():
             if handle.state != "stopped":
                 continue
-            errors = await self.ledger.ask(m.ListErrors(store=name), m.ErrorList)
-            if not any(e.level >= 9 for e in errors.errors):
+            errors = await self.ledger.ask(m.ListErrors(store=name, level=9, limit=1), m.ErrorList)
+            if not errors.errors:
                 log.info("store_resumed", store=name, reason="level-9 errors cleared")
                 handle.resume()
 
@@ -379,46 +440,238 @@ class Daemon:
 
         Importing the base store (基本モール) creates products; any other store links its
         listings by the link condition. Re-import updates listings, never duplicates.
+
+        A CSV is read and checked whole in a worker thread (never on the event loop)
+        before its first chunk is applied, so a bad row anywhere changes nothing. Each
+        chunk of ``IMPORT_CHUNK`` listings is one ledger request: the watchdog, bookings
+        and every store are answered between chunks.
         """
         self._handle(store)
         cfg = self.config.store(store)
         base = store == self.config.daemon.base_store
-        chunks: list[list[m.MallListing]] = [[]]
-        if csv_text is not None:
-            for listing in parse_listings_csv(csv_text, where=f"import CSV for {store}"):
-                if len(chunks[-1]) >= IMPORT_CHUNK:
-                    chunks.append([])
-                chunks[-1].append(listing)
-            return await self._import_chunks(cfg, base, chunks)
         total: m.LinkReport | None = None
-        async with self._adapter(cfg, self.handles[store].credentials) as adapter:
-            chunk: list[m.MallListing] = []
-            async for listing in adapter.iter_listings():
-                chunk.append(listing)
-                if len(chunk) >= IMPORT_CHUNK:
-                    total = _add_reports(total, await self._import_chunks(cfg, base, [chunk]))
-                    chunk = []
-            total = _add_reports(total, await self._import_chunks(cfg, base, [chunk]))
+        if csv_text is not None:
+            for blob in await _read_listings_csv(csv_text, where=f"import CSV for {store}"):
+                report = await self._import_chunk(cfg, base, _listings_decoder.decode(blob))
+                total = _add_reports(total, report)
+            return total if total is not None else await self._import_chunk(cfg, base, ())
+        session = self._adapter(cfg, self.handles[store].credentials)
+        try:
+            async with session as adapter:
+                chunk: list[m.MallListing] = []
+                async for listing in adapter.iter_listings():
+                    chunk.append(listing)
+                    if len(chunk) >= IMPORT_CHUNK:
+                        report = await self._import_chunk(cfg, base, tuple(chunk))
+                        total = _add_reports(total, report)
+                        chunk = []
+                total = _add_reports(total, await self._import_chunk(cfg, base, tuple(chunk)))
+        except MallError as exc:
+            missing = session.not_found()
+            if missing is None or not isinstance(exc, MallProtocolError):
+                raise
+            # A 404 is no outage to wait out: the shop has not enabled that API (or the
+            # app lacks its scope), and every retry gets the same answer.
+            raise MallProtocolError(
+                f"{exc.message}; {missing} answered 404 Not Found: that API is not enabled "
+                f"for this shop at {MALLS[cfg.mall].title}",
+                mall=cfg.mall,
+                store=store,
+                code=API_NOT_ENABLED,
+            ) from exc
         return total
 
-    async def _import_chunks(
-        self, cfg: StoreConfig, base: bool, chunks: list[list[m.MallListing]]
+    async def _import_chunk(
+        self, cfg: StoreConfig, base: bool, listings: tuple[m.MallListing, ...]
     ) -> m.LinkReport:
-        total: m.LinkReport | None = None
-        for chunk in chunks:
-            report = await self.ledger.ask(
-                m.ImportListings(
-                    store=cfg.name,
-                    listings=tuple(chunk),
-                    base=base,
-                    rules=tuple(cfg.link_normalize),
-                    default_lead_time=cfg.default_lead_time,
-                ),
-                m.LinkReport,
+        return await self.ledger.ask(
+            m.ImportListings(
+                store=cfg.name,
+                listings=listings,
+                base=base,
+                rules=tuple(cfg.link_normalize),
+                default_lead_time=cfg.default_lead_time,
+            ),
+            m.LinkReport,
+        )
+
+    async def stock_import(self, csv_text: str, request_id: str) -> m.Done:
+        """`goqctl stock import`: set or adjust totals from a stock CSV, every row or none.
+
+        The file is read in a worker thread and staged in the ledger ``STAGE_CHUNK`` rows
+        a request; once every row has passed its checks the import is sealed and applied
+        ``APPLY_CHUNK`` rows a transaction, so the ledger goes on answering the watchdog,
+        bookings and every store throughout. A sealed import is finished even if the
+        daemon stops half-way (``run_stock_imports`` resumes it at the next start).
+
+        The work runs in the imports nursery and this only waits for it: a goqctl that
+        disconnects does not cut its import short, and a retry with the same request id
+        waits for the same import (or gets its stored reply) instead of applying the
+        file again. The same id with another file is refused.
+        """
+        nursery = self._import_nursery
+        if nursery is None:
+            raise LedgerError("the daemon is not taking stock imports yet; try again shortly")
+        digest = await trio.to_thread.run_sync(_digest, csv_text)
+        key = request_id or f"anonymous-{uuid.uuid4().hex}"
+        job = self._stock_imports.get(key)
+        if job is None:
+            job = _StockImport(digest=digest)
+            self._stock_imports[key] = job
+            work = functools.partial(self._stage_stock_import, csv_text, request_id, digest)
+            nursery.start_soon(self._run_stock_import, key, job, work)
+        elif job.digest != digest:
+            raise LedgerError(
+                f"request id {request_id!r} is already importing a different stock CSV; "
+                "nothing of this one was applied: send it with a new id"
             )
-            total = _add_reports(total, report)
-        assert total is not None
-        return total
+        await job.finished.wait()
+        if job.error is not None:
+            raise job.error
+        if job.result is None:
+            raise LedgerError(
+                "the daemon stopped before the stock import finished; if it was staged "
+                "whole it is applied at the next start, else nothing of it was applied"
+            )
+        return job.result
+
+    async def run_stock_imports(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run every stock import, and finish the ones a stop cut short.
+
+        Resource handling: opens the nursery imports run in and keeps it open until
+        cancelled. Before ``started()`` it asks the ledger for imports with work left: a
+        sealed one is applied to the end (a retry of its request waits for it); one never
+        sealed is discarded, a chunk of staged rows at a time (its request never got an
+        answer; a retry stages the file again).
+
+        Error handling: an import's failure is answered to its caller, never raised here.
+        An unexpected exception in one import is logged as ``stock_import_failed``;
+        ledger errors while applying a sealed import are retried with backoff until it is
+        done, because it must not stay half-applied. If the ledger cannot list imports at
+        start, that is logged and the next start tries again.
+        """
+        async with trio.open_nursery() as nursery:
+            pending: tuple[m.StockImportJob, ...] = ()
+            try:
+                pending = (await self.ledger.ask(m.ListStockImports(), m.StockImportList)).imports
+            except LedgerError as exc:
+                log.error("stock_imports_unlisted", error=str(exc))
+            for job in pending:
+                if job.state == "applying":
+                    key = job.request_id or f"import-{job.import_id}"
+                    entry = _StockImport(digest=job.digest)
+                    self._stock_imports[key] = entry
+                    log.info(
+                        "stock_import_resumed",
+                        import_id=job.import_id,
+                        staged=job.staged,
+                        applied=job.applied + job.skipped,
+                    )
+                    work = functools.partial(self._apply_stock_import, job.import_id)
+                    nursery.start_soon(self._run_stock_import, key, entry, work)
+                else:
+                    nursery.start_soon(self._discard_stock_import, job.import_id)
+            self._import_nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._import_nursery = None
+
+    async def _run_stock_import(
+        self, key: str, job: _StockImport, work: Callable[[], Awaitable[m.Done]]
+    ) -> None:
+        try:
+            job.result = await work()
+        except GoqdError as exc:
+            job.error = exc
+        # Broad on purpose: every import runs in one nursery with the daemon's lifetime;
+        # one import's bug is that import's error, not the daemon's end.
+        except Exception:
+            log.exception("stock_import_failed")
+            job.error = LedgerError(
+                "the stock import failed with an internal error (logged as stock_import_failed)"
+            )
+        finally:
+            job.finished.set()
+            if self._stock_imports.get(key) is job:
+                del self._stock_imports[key]
+
+    async def _stage_stock_import(self, csv_text: str, request_id: str, digest: bytes) -> m.Done:
+        where = "stock CSV"
+        led = self.ledger
+        reader = await trio.to_thread.run_sync(
+            functools.partial(StockReader, csv_text, where=where)
+        )
+        job = await led.ask(
+            m.BeginStockImport(
+                request_id=request_id, digest=digest, mode=reader.mode, reason="stock import"
+            ),
+            m.StockImportJob,
+        )
+        if job.state == "done" and job.result is not None:
+            return job.result
+        if job.state == "staging":
+            try:
+                while rows := await trio.to_thread.run_sync(reader.read, STAGE_CHUNK):
+                    await led.ask(
+                        m.StageStockRows(import_id=job.import_id, rows=tuple(rows), where=where),
+                        m.Done,
+                    )
+                await led.ask(
+                    m.SealStockImport(import_id=job.import_id, rows=reader.rows_read),
+                    m.StockImportJob,
+                )
+            except GoqdError:
+                # Refused before it was sealed: nothing was applied, and its staged rows
+                # are gone before the caller hears so.
+                await self._discard_stock_import(job.import_id)
+                raise
+            log.info("stock_import_staged", import_id=job.import_id, rows=reader.rows_read)
+        return await self._apply_stock_import(job.import_id)
+
+    async def _apply_stock_import(self, import_id: int) -> m.Done:
+        delay = APPLY_RETRY_S
+        failing = False
+        while True:
+            try:
+                job = await self.ledger.ask(
+                    m.ApplyStockImport(import_id=import_id, limit=APPLY_CHUNK), m.StockImportJob
+                )
+            except LedgerError as exc:
+                if not failing:
+                    log.error("stock_import_apply_failed", import_id=import_id, error=str(exc))
+                    failing = True
+                await trio.sleep(delay)
+                delay = min(delay * 2, APPLY_RETRY_MAX_S)
+                continue
+            if failing:
+                log.info("stock_import_apply_recovered", import_id=import_id)
+                failing, delay = False, APPLY_RETRY_S
+            if job.state == "done" and job.result is not None:
+                log.info(
+                    "stock_import_applied",
+                    import_id=import_id,
+                    applied=job.applied,
+                    skipped=job.skipped,
+                )
+                return job.result
+            if job.state != "applying":
+                raise LedgerError(f"stock import {import_id} is {job.state}; nothing to apply")
+
+    async def _discard_stock_import(self, import_id: int) -> None:
+        try:
+            while True:
+                done = await self.ledger.ask(
+                    m.DiscardStockImport(import_id=import_id, limit=DISCARD_CHUNK), m.Done
+                )
+                if not done.changed:
+                    return
+        except LedgerError as exc:
+            # Staged rows of a discarded import only take space; the next start retries.
+            log.warning("stock_import_discard_failed", import_id=import_id, error=str(exc))
 
     async def link_auto(self, store: str) -> m.LinkReport:
         """`goqctl link --auto [STORE]`: link what the link condition now matches."""
@@ -435,6 +688,60 @@ class Daemon:
 
 
 IMPORT_CHUNK = 1000
+# Stock imports: rows read (in a worker thread) and staged per ledger request; rows
+# applied per ledger transaction (about 0.1 s each, so the watchdog's ping and every
+# store's bookings wait at most that long); staged rows of a dropped import deleted per
+# request. Retry of a failed apply: first delay, doubling up to the max.
+STAGE_CHUNK = 5000
+APPLY_CHUNK = 2000
+DISCARD_CHUNK = 20_000
+APPLY_RETRY_S = 1.0
+APPLY_RETRY_MAX_S = 30.0
+# A listings CSV is read this many IMPORT_CHUNKs per worker-thread hop.
+_READ_CHUNKS = 10
+_listings_encoder = msgspec.msgpack.Encoder()
+_listings_decoder = msgspec.msgpack.Decoder(tuple[m.MallListing, ...])
+
+
+@dataclass
+class _StockImport:
+    """A stock import this daemon is working on; every request with its id waits on it."""
+
+    digest: bytes
+    finished: trio.Event = field(default_factory=trio.Event)
+    result: m.Done | None = None
+    error: GoqdError | None = None
+
+
+def _digest(text: str) -> bytes:
+    """SHA-256 of the CSV text, a slice at a time (no second full copy of a large file)."""
+    h = hashlib.sha256()
+    for start in range(0, len(text), 1 << 20):
+        h.update(text[start : start + (1 << 20)].encode("utf-8", "surrogatepass"))
+    return h.digest()
+
+
+async def _read_listings_csv(text: str, *, where: str) -> list[bytes]:
+    """Check a whole listings CSV in worker threads; its listings, IMPORT_CHUNK a blob.
+
+    msgpack blobs, not Structs: a 900,000-row file is held as about its own size in
+    bytes until each chunk is applied, not as a million Python objects.
+    """
+    reader = await trio.to_thread.run_sync(functools.partial(ListingsReader, text, where=where))
+    blobs: list[bytes] = []
+    while more := await trio.to_thread.run_sync(_encode_listings, reader):
+        blobs.extend(more)
+    return blobs
+
+
+def _encode_listings(reader: ListingsReader) -> list[bytes]:
+    out: list[bytes] = []
+    for _ in range(_READ_CHUNKS):
+        chunk = reader.read(IMPORT_CHUNK)
+        if not chunk:
+            break
+        out.append(_listings_encoder.encode(chunk))
+    return out
 
 
 def _add_reports(a: m.LinkReport | None, b: m.LinkReport) -> m.LinkReport:
@@ -451,6 +758,7 @@ def _add_reports(a: m.LinkReport | None, b: m.LinkReport) -> m.LinkReport:
         ambiguous=a.ambiguous + b.ambiguous,
         released=a.released + b.released,
         problems=(a.problems + b.problems)[:100],
+        count_unknown=a.count_unknown + b.count_unknown,
     )
 
 
@@ -462,12 +770,24 @@ class _AdapterSession:
         self.cfg = cfg
         self.creds = creds
         self.http: httpx.AsyncClient | None = None
+        self.transport: MallTransport | None = None
+
+    def not_found(self) -> str | None:
+        """The last request of this session the mall answered 404 ("GET /path")."""
+        return self.transport.not_found if self.transport is not None else None
 
     async def __aenter__(self) -> Any:
         spec = MALLS[self.cfg.mall]
-        self.http = httpx.AsyncClient(
-            timeout=self.cfg.timeout_seconds, transport=self.daemon.transport, verify=tls_context()
+        handle = self.daemon.handles[self.cfg.name]
+        # The store's own transport: the mall's clock measured (a Yahoo key test signs by
+        # it), stale pooled connections retried, 404s remembered (``not_found``).
+        self.transport = mall_transport(
+            transport=self.daemon.transport,
+            verify=tls_context(),
+            clock=self.daemon.clock,
+            mall_clock=handle.mall_clock,
         )
+        self.http = open_mall_client(self.transport, timeout=self.cfg.timeout_seconds)
         ctx = StoreContext(
             store=self.cfg.name,
             mall=self.cfg.mall,
@@ -479,7 +799,8 @@ class _AdapterSession:
             cancel_statuses=self.cfg.cancel_statuses or spec.default_cancel_statuses,
             options=dict(self.cfg.options),
             urls=dict(self.cfg.urls),
-            rate_buckets=self.daemon.handles[self.cfg.name].rate_buckets,
+            rate_buckets=handle.rate_buckets,
+            mall_clock=handle.mall_clock,
         )
         return spec.open_adapter(ctx)
 
@@ -517,8 +838,11 @@ async def run_daemon(
     """Run the daemon until cancelled. ``started()`` gets the ``Daemon`` when READY.
 
     Credentials are read (and checked) before anything starts, so a missing or
-    world-readable file refuses the start with the file's name (RELIABILITY K2).
+    world-readable file refuses the start with the file's name (RELIABILITY K2). So are
+    the control groups and the state directory (``check_host``): what ``goqd
+    check-config`` refuses, this refuses, before READY and before creating anything.
     """
+    check_host(config)
     creds = (
         dict(credentials)
         if credentials is not None
@@ -564,6 +888,7 @@ async def run_daemon(
                 metrics=metrics,
             )
         )
+        await root.start(daemon.run_stock_imports)
         # All at once: each store reads its cursor from the ledger before it is started;
         # one at a time, each read queued behind the polls of the stores already going.
         async with trio.open_nursery() as starting:
@@ -576,6 +901,9 @@ async def run_daemon(
                 daemon.handle_control,
                 allowed_uids=frozenset(),
                 allowed_gids=_group_ids(config.daemon.control_groups),
+                # The socket file belongs to the first group listed: the set above has
+                # lost the order the administrator wrote.
+                socket_gid=_first_group_id(config.daemon.control_groups),
             )
         )
         daemon.http_url = await root.start(
@@ -614,8 +942,10 @@ WEBHOOK_WAIT_S = 20.0
 
 def _webhook_handler(daemon: Daemon, store: str, check: WebhookCheck) -> Webhook:
     """``POST /webhooks/<store>``: verify the mall's signature, poll that store at once,
-    and answer 200 only after that poll committed (else 503, and the mall redelivers).
-    A duplicate delivery just causes another poll, which books nothing twice (D3)."""
+    and answer 200 only after a poll that started after the webhook arrived committed;
+    503 as soon as that poll failed, or after ``WEBHOOK_WAIT_S`` (the mall redelivers).
+    Polls that failed earlier do not count. A duplicate delivery just causes another
+    poll, which books nothing twice (D3)."""
 
     async def handle(body: bytes, headers: Mapping[str, str]) -> int:
         handle = daemon.handles[store]
@@ -658,6 +988,7 @@ async def _supervise_store(
         transport=transport,
         key_warning_days=daemon.config.daemon.key_warning_days,
         rng=random.Random(rng.random()),
+        state_dir=daemon.config.daemon.state_dir,
     )
     await supervise(
         ChildSpec(name=f"store:{store.name}"),
@@ -668,13 +999,11 @@ async def _supervise_store(
     )
 
 
-def _group_ids(names: tuple[str, ...]) -> frozenset[int]:
-    import grp
+def _first_group_id(names: tuple[str, ...]) -> int | None:
+    return min(control_group_ids(names[:1])) if names else None
 
-    ids = set()
-    for name in names:
-        try:
-            ids.add(grp.getgrnam(name).gr_gid)
-        except KeyError:
-            continue  # a group that does not exist on this host admits nobody
-    return frozenset(ids)
+
+def _group_ids(names: tuple[str, ...]) -> frozenset[int]:
+    # A group this host lacks is refused (check_host did so before anything started; a
+    # group removed since is refused too), never skipped: it would admit nobody.
+    return control_group_ids(names)

@@ -7,6 +7,9 @@ readable by group or others is refused. A credential renewed with ``goqctl key s
 written to ``<state-dir>/credentials/<store>.json`` (mode 0600) and takes precedence
 over the configured file from then on.
 
+``check_host`` checks what the file alone cannot tell (the control groups exist, the
+state directory can be written); ``goqd run`` and ``goqd check-config`` both call it.
+
 Environment overrides (for ``goqd@.service``, one instance per merchant):
 ``GOQD_STATE_DIR`` and ``GOQD_CONTROL_SOCKET`` replace ``daemon.state-dir`` and
 ``daemon.control-socket``.
@@ -14,11 +17,11 @@ Environment overrides (for ``goqd@.service``, one instance per merchant):
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
 import stat
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -53,8 +56,11 @@ class DaemonConfig(_Base, frozen=True, kw_only=True):
     ledger: str = ""
     control_socket: str = "/run/goqd/control.sock"
     # Groups (names) whose members may use the control socket besides root and the
-    # daemon's own user.
-    control_groups: tuple[str, ...] = ("goqd",)
+    # daemon's own user. Every group named must exist on the host (``check_host``): a
+    # misspelt group would otherwise admit nobody without a word. None by default, so a
+    # host without a "goqd" group can run a config that does not name one; the example
+    # config and the operator guide name "goqd".
+    control_groups: tuple[str, ...] = ()
     http_listen: str = "127.0.0.1:9464"
     # Only loopback by default: /metrics says which stores exist.
     http_public: bool = False
@@ -97,7 +103,8 @@ class StoreConfig(_Base, frozen=True, kw_only=True):
     # Empty = exact. Any of "nfkc" (full/half width), "casefold", "strip-spaces",
     # "strip-hyphens".
     link_normalize: tuple[Literal["nfkc", "casefold", "strip-spaces", "strip-hyphens"], ...] = ()
-    # Amazon: lead time given to listings imported for the first time (DESIGN §2.3).
+    # Amazon: replaces the mall's lead time for listings new to goqd at import; a lead
+    # time goqd knows is never changed by an import (Ledger.import_listings).
     default_lead_time: Annotated[int, Meta(ge=0, le=365)] | None = None
     # Mall-specific settings (link field, lookback days, location id …).
     options: dict[str, OptionValue] = {}
@@ -115,6 +122,10 @@ class StoreConfig(_Base, frozen=True, kw_only=True):
     # A hold no order has explained by then is released and reported (the count was
     # probably edited at the mall).
     hold_expiry: Duration = "30m"
+    # The mall's clock (the Date of its responses) may be this far from goqd's before the
+    # store is degraded (level 8, clock_skew) and no hold is released as unexplained.
+    # Orders are searched by the mall's clock either way.
+    clock_skew_limit: Duration = "60s"
 
     @property
     def poll_seconds(self) -> float:
@@ -127,6 +138,10 @@ class StoreConfig(_Base, frozen=True, kw_only=True):
     @property
     def hold_expiry_seconds(self) -> float:
         return seconds(self.hold_expiry)
+
+    @property
+    def clock_skew_seconds(self) -> float:
+        return seconds(self.clock_skew_limit)
 
     @property
     def push_retry_seconds(self) -> float:
@@ -171,19 +186,79 @@ def _path_and_reason(exc: msgspec.ValidationError | msgspec.DecodeError) -> tupl
     return path, text
 
 
+# A config of a thousand stores is ~200 KiB; a credential file a few hundred bytes. The
+# caps keep a mistyped path (a log, /dev/zero) from being read into memory whole.
+_MAX_CONFIG_BYTES = 4 << 20
+_MAX_CREDENTIAL_BYTES = 64 << 10
+
+
+def _read_small_file(file: str, limit: int, error: type[ConfigError], what: str) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes, or ``error`` saying why not.
+
+    O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer for ever.
+    """
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
+    except ValueError:  # an embedded NUL in the path
+        raise error(file, "$", f"cannot read {what}: the path contains a NUL character") from None
+    except OSError as exc:
+        raise error(file, "$", _open_failure(exc, file, what)) from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise error(file, "$", f"cannot read {what}: it is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise error(file, "$", f"cannot read {what}: not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise error(file, "$", _open_failure(exc, file, what)) from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise error(file, "$", f"{what} is larger than {limit >> 10} KiB; is this the right file?")
+    return data
+
+
+def _open_failure(exc: OSError, file: str, what: str) -> str:
+    """Why ``file`` could not be opened, in words an operator can act on."""
+    if isinstance(exc, PermissionError):
+        return (
+            f"permission denied reading {what} as user {running_user()}; make {file} readable "
+            f"by that user (it should own the file, mode 0600)"
+        )
+    if isinstance(exc, FileNotFoundError):
+        return f"{what} is missing: no such file"
+    if isinstance(exc, IsADirectoryError):
+        return f"cannot read {what}: it is a directory"
+    if isinstance(exc, NotADirectoryError):
+        return f"cannot read {what}: a part of its path is not a directory"
+    return f"cannot read {what}: {exc.strerror or exc}"
+
+
+def running_user() -> str:
+    """The user this process runs as, for messages: ``'goqd' (uid 998)``."""
+    import pwd
+
+    uid = os.geteuid()
+    try:
+        return f"{pwd.getpwuid(uid).pw_name!r} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
 def load_config(path: str | os.PathLike[str], *, env: dict[str, str] | None = None) -> Config:
     """Read, decode and check ``path``. Raises ``ConfigError`` naming file and key."""
     file = str(path)
     env = dict(os.environ) if env is None else env
-    try:
-        raw = Path(file).read_bytes()
-    except OSError as exc:
-        raise ConfigError(file, "$", f"cannot read the config file: {exc.strerror}") from exc
+    raw = _read_small_file(file, _MAX_CONFIG_BYTES, ConfigError, "the config file")
     try:
         config = msgspec.toml.decode(raw, type=Config)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         key, reason = _path_and_reason(exc)
         raise ConfigError(file, key, reason) from exc
+    except RecursionError:  # the TOML parser recurses into nested arrays and tables
+        raise ConfigError(file, "$", "arrays or tables nested too deeply") from None
     daemon = config.daemon
     overrides: dict[str, Any] = {}
     if env.get("GOQD_STATE_DIR"):
@@ -217,9 +292,11 @@ def check_config(config: Config) -> None:
             ("push-retry", store.push_retry),
             ("request-timeout", store.request_timeout),
             ("hold-expiry", store.hold_expiry),
+            ("watch-interval", store.watch_interval),
         ):
-            if seconds(value) <= 0:
+            if seconds(value) <= 0 and key != "watch-interval":  # "0s" turns the watch off
                 raise ConfigError(file, f"{at}.{key}", "must be more than 0")
+            _check_duration_bound(file, f"{at}.{key}", value)
         if store.poll_seconds < spec.limits.min_poll_interval:
             raise ConfigError(
                 file,
@@ -227,18 +304,173 @@ def check_config(config: Config) -> None:
                 f"{store.poll_interval} is faster than {spec.title}'s rate limit allows "
                 f"(at least {spec.limits.min_poll_interval:g}s)",
             )
+        # The mall's own options: refused here, not by a store crash-looping at run time.
+        from goqd.malls.base import option_problem
+
+        problem = option_problem(spec, store.options)
+        if problem is not None:
+            raise ConfigError(file, f"{at}.options.{problem[0]}", problem[1])
     if config.daemon.base_store and config.daemon.base_store not in names:
         raise ConfigError(
             file, "$.daemon.base-store", f"no store named {config.daemon.base_store!r}"
         )
-    if not config.daemon.http_public:
-        host = config.daemon.http_listen.rpartition(":")[0].strip("[]")
-        if host not in ("127.0.0.1", "::1", "localhost"):
+    _check_daemon(file, config.daemon)
+
+
+# Far beyond any sensible interval, and far below what socket timeouts and trio
+# deadlines can hold: a duration of 400 digits is valid and parses to infinity.
+_MAX_DURATION_S = 30 * 86400.0
+# sun_path is 108 bytes with the terminating NUL; bind() refuses anything longer.
+_MAX_SOCKET_PATH = 107
+
+
+def _check_duration_bound(file: str, key: str, value: str) -> None:
+    if not seconds(value) <= _MAX_DURATION_S:  # "not <=" also catches inf and nan
+        raise ConfigError(file, key, f"{value} is too long (at most 30d)")
+
+
+def _check_daemon(file: str, daemon: DaemonConfig) -> None:
+    """The daemon table's values that would otherwise fail at start with an OS error or a
+    traceback (a port above 65535, an unbracketed IPv6 address, a socket path too long)."""
+    if seconds(daemon.stop_timeout) <= 0:
+        raise ConfigError(file, "$.daemon.stop-timeout", "must be more than 0")
+    _check_duration_bound(file, "$.daemon.stop-timeout", daemon.stop_timeout)
+    if not daemon.state_dir:
+        raise ConfigError(file, "$.daemon.state-dir", "must not be empty")
+    for key, value in (
+        ("state-dir", daemon.state_dir),
+        ("ledger", daemon.ledger),
+        ("control-socket", daemon.control_socket),
+    ):
+        if "\x00" in value:
+            raise ConfigError(file, f"$.daemon.{key}", "a path cannot contain a NUL character")
+    if not daemon.control_socket:
+        raise ConfigError(file, "$.daemon.control-socket", "must not be empty")
+    if len(os.fsencode(daemon.control_socket)) > _MAX_SOCKET_PATH:
+        raise ConfigError(
+            file,
+            "$.daemon.control-socket",
+            f"longer than {_MAX_SOCKET_PATH} bytes, the limit of a Unix socket path",
+        )
+    for i, group in enumerate(daemon.control_groups):
+        if not group or "\x00" in group:
+            raise ConfigError(file, f"$.daemon.control-groups[{i}]", "not a group name")
+    try:
+        host, _ = listen_address(daemon.http_listen)
+    except ValueError as exc:
+        raise ConfigError(file, "$.daemon.http-listen", str(exc)) from None
+    if not daemon.http_public and not _is_loopback(host):
+        raise ConfigError(
+            file,
+            "$.daemon.http-listen",
+            f"{host} is not loopback; set http-public = true to expose /metrics there",
+        )
+
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?$")
+
+
+def listen_address(listen: str) -> tuple[str, int]:
+    """``"127.0.0.1:9464"``, ``"[::1]:9464"`` or ``"localhost:9464"`` -> (host, port).
+
+    Raises ``ValueError`` with a one-line reason that quotes the address. Port 0 asks
+    the kernel for any free port (tests and ``goqd demo`` use it).
+    """
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{listen!r} is not host:port (e.g. 127.0.0.1:9464 or [::1]:9464)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{listen!r}: {host!r} is not an IPv6 address") from None
+    elif ":" in host:
+        raise ValueError(f"{listen!r}: write an IPv6 address in brackets, e.g. [::1]:9464")
+    elif not _HOSTNAME.match(host) or len(host) > 253:
+        raise ValueError(f"{listen!r}: {host!r} is not an IP address or host name")
+    if not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
+        raise ValueError(f"{listen!r}: the port must be a number from 0 to 65535")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"{listen!r}: the port must be a number from 0 to 65535")
+    return host, port
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a host name other than localhost may resolve anywhere
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback  # ::ffff:127.0.0.1
+    return address.is_loopback
+
+
+def check_host(config: Config) -> None:
+    """What the file alone cannot tell, checked by ``goqd run`` and ``goqd check-config``
+    alike: every control group exists on this host, and the daemon can write in its
+    state directory and in the ledger's directory (or create them).
+
+    Raises ``ConfigError`` naming the key. Creates nothing that stays behind.
+    """
+    file = config.source or "<config>"
+    daemon = config.daemon
+    control_group_ids(daemon.control_groups, file)
+    _check_writable(file, "$.daemon.state-dir", daemon.state_dir)
+    ledger_dir = os.path.dirname(os.path.abspath(daemon.ledger_path))
+    if ledger_dir != os.path.abspath(daemon.state_dir):
+        _check_writable(file, "$.daemon.ledger", ledger_dir)
+
+
+def control_group_ids(names: tuple[str, ...], file: str = "<config>") -> frozenset[int]:
+    """The ids of ``daemon.control-groups``; ``ConfigError`` for a group this host lacks."""
+    import grp
+
+    ids = set()
+    for i, name in enumerate(names):
+        try:
+            ids.add(grp.getgrnam(name).gr_gid)
+        except KeyError:
             raise ConfigError(
                 file,
-                "$.daemon.http-listen",
-                f"{host} is not loopback; set http-public = true to expose /metrics there",
-            )
+                f"$.daemon.control-groups[{i}]",
+                f"there is no group {name!r} on this host, so it would admit nobody: "
+                f"create it (groupadd {name}) or remove it from the list",
+            ) from None
+    return frozenset(ids)
+
+
+def probe_writable_dir(directory: str) -> None:
+    """Create and remove a file in ``directory``; ``OSError`` if that is not possible.
+
+    A real write, not ``os.access``: root passes every access check, yet cannot write on
+    a read-only mount or in an immutable directory.
+    """
+    probe = os.path.join(directory, f".goqd-probe-{os.getpid()}-{os.urandom(4).hex()}")
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    os.unlink(probe)
+
+
+def _check_writable(file: str, key: str, directory: str) -> None:
+    """``directory`` can be written in, or created by ``os.makedirs``."""
+    existing = os.path.abspath(directory)
+    while not os.path.isdir(existing):
+        if os.path.lexists(existing):
+            raise ConfigError(file, key, f"{existing} is not a directory")
+        existing = os.path.dirname(existing)
+    try:
+        probe_writable_dir(existing)
+    except OSError as exc:
+        verb = "write in" if existing == os.path.abspath(directory) else "create directories in"
+        raise ConfigError(
+            file,
+            key,
+            f"cannot {verb} {existing}: {exc.strerror or exc}; goqd runs as user "
+            f"{running_user()} and keeps its ledger and renewed credentials there",
+        ) from None
 
 
 def credential_path(config: Config, store: StoreConfig, env: dict[str, str] | None = None) -> str:
@@ -258,18 +490,27 @@ def credential_path(config: Config, store: StoreConfig, env: dict[str, str] | No
 def load_credentials(
     config: Config, store: StoreConfig, env: dict[str, str] | None = None
 ) -> dict[str, Secret]:
-    """Read the store's credential file. Refuses group/world-readable files."""
+    """Read the store's credential file. Refuses group/world-readable files.
+
+    Each refusal says which of these it is: missing, permission denied (naming the user
+    goqd runs as), a directory or other non-file, readable by others, too large, not
+    UTF-8, not JSON (line and column only: the decoder's text could quote a secret), or
+    the wrong shape (``parse_credentials``).
+    """
     from goqd.malls.registry import MALLS
 
     path = credential_path(config, store, env)
+    what = f"the credential file of store {store.name!r}"
     try:
         st = os.stat(path)
+    except ValueError:  # an embedded NUL in the configured name
+        raise CredentialError(path, "$", f"{what}: the path contains a NUL character") from None
     except OSError as exc:
-        raise CredentialError(
-            path,
-            "$",
-            f"credential file for store {store.name!r} is missing or unreadable: {exc.strerror}",
-        ) from exc
+        raise CredentialError(path, "$", _open_failure(exc, path, what)) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CredentialError(path, "$", f"cannot read {what}: it is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise CredentialError(path, "$", f"cannot read {what}: not a regular file")
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise CredentialError(
             path,
@@ -277,18 +518,38 @@ def load_credentials(
             f"credential file for store {store.name!r} is readable by group or others "
             f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}",
         )
+    raw = _read_small_file(path, _MAX_CREDENTIAL_BYTES, CredentialError, what)
     try:
-        data = json.loads(Path(path).read_bytes())
-    except (OSError, ValueError) as exc:
-        # The decoder's message could quote the file's content: keep it out.
-        raise CredentialError(path, "$", "not a readable JSON object") from exc
+        text = raw.decode("utf-8-sig")  # tolerate the BOM some editors write
+    except UnicodeDecodeError as exc:
+        raise CredentialError(
+            path, "$", f"{what} is not UTF-8 text (invalid byte at offset {exc.start})"
+        ) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        # Only the decoder's fixed message and the position: its full text, or the
+        # document, could quote a secret.
+        raise CredentialError(
+            path,
+            "$",
+            f"{what} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
+        ) from None
+    except (ValueError, RecursionError):  # a 5,000-digit number, [[[[...]]]]
+        raise CredentialError(path, "$", f"{what} is not valid JSON") from None
     return parse_credentials(path, store.mall, data, MALLS[store.mall].credential_fields)
 
 
 def parse_credentials(
     where: str, mall: str, data: object, fields: tuple[str, ...]
 ) -> dict[str, Secret]:
-    """Check a credential object's shape; every value becomes a ``Secret``."""
+    """Check a credential object's shape; every value becomes a ``Secret``.
+
+    The values of the mall's secret fields (``MallSpec.secret_fields``; every field for
+    a mall the registry does not know) are registered with the log redactor, a second
+    line of defence: a seller id or an issue date is not, or it would mask order ids and
+    timestamps in every log line. A secret too short to mask is warned about by name.
+    """
     if not isinstance(data, dict):
         raise CredentialError(where, "$", "credentials must be a JSON object")
     missing = [f for f in fields if not isinstance(data.get(f), str) or not data.get(f)]
@@ -297,10 +558,18 @@ def parse_credentials(
     bad = [k for k, v in data.items() if not isinstance(v, str)]
     if bad:
         raise CredentialError(where, f"$.{bad[0]}", "every credential value must be a string")
-    from goqd.logs import register_secret  # logs imports nothing of config; keep it lazy
+    import structlog
 
-    for value in data.values():
-        register_secret(value)  # second line of defence: masked in any log text
+    from goqd.logs import register_secret  # logs imports nothing of config; keep it lazy
+    from goqd.malls.registry import MALLS  # the registry imports adapters; keep it lazy
+
+    spec = MALLS.get(mall)
+    for key, value in data.items():
+        secret = spec is None or spec.is_secret_field(key)
+        if secret and value and not register_secret(value):
+            structlog.get_logger("goqd.config").warning(
+                "credential_too_short_to_mask", where=where, field=key
+            )
     return {k: Secret(v) for k, v in data.items()}
 
 

@@ -15,6 +15,9 @@
         LedgerCorrupt          file unreadable / not a goqd ledger / quick_check failed
         LedgerTooNew           written by a newer schema than this goqd knows
         UnknownSku             an operator named a SKU the ledger does not have
+        UnknownListing         an operator named a listing no import or mall has shown
+        CountUnknown           a product has no known count to adjust; set one first
+        LedgerRequestFailed    one request failed unexpectedly (a bug); refused alone
       ControlError             bad control request; answered, never fatal
 
 Rules: adapters translate ``httpx`` and ``msgspec`` errors at their boundary
@@ -32,6 +35,24 @@ if TYPE_CHECKING:
 
 LEVEL_TEMPORARY = 8
 LEVEL_CREDENTIAL = 9
+
+# Every code goqd records in its error table (``goqctl errors``), with its level; the
+# operator guide's table lists exactly these. A mall's own code (IE0003, ES05-01,
+# QuotaExceeded) is kept beside one of them (``mall_code``), never instead: an operator
+# and an alert rule can rely on a short, fixed list.
+ERROR_CODES: dict[str, int] = {
+    "mall_auth": LEVEL_CREDENTIAL,
+    "mall_unavailable": LEVEL_TEMPORARY,
+    "mall_rate_limited": LEVEL_TEMPORARY,
+    "mall_protocol": LEVEL_TEMPORARY,
+    "mall_error": LEVEL_TEMPORARY,
+    "clock_skew": LEVEL_TEMPORARY,
+    "listing_rejected": LEVEL_TEMPORARY,
+    "listing_not_linked": LEVEL_TEMPORARY,
+    "multiple_links": LEVEL_TEMPORARY,
+    "bad_order_line": LEVEL_TEMPORARY,
+    "count_fell_without_order": LEVEL_TEMPORARY,
+}
 
 
 class GoqdError(Exception):
@@ -142,6 +163,20 @@ class UnknownSku(LedgerError):
     """An operator named a SKU the ledger does not have."""
 
 
+class UnknownListing(LedgerError):
+    """An operator named a listing the ledger does not have (no import or mall showed it)."""
+
+
+class CountUnknown(LedgerError):
+    """A product was created without a count (unlimited or untracked at its mall): there
+    is nothing to adjust until ``goqctl stock set SKU N`` gives one."""
+
+
+class LedgerRequestFailed(LedgerError):
+    """Applying one request raised something other than a refusal: that request alone is
+    rolled back and refused; the ledger goes on serving everyone else."""
+
+
 class ControlError(GoqdError):
     """A control request was malformed, too large, or not allowed. Answered, never fatal."""
 
@@ -149,3 +184,10 @@ class ControlError(GoqdError):
 class InputError(GoqdError):
     """Operator input (a CSV file, a row) that cannot be applied. Names the place; nothing
     of that input is applied."""
+
+
+def recorded_codes(exc: MallError) -> tuple[str, str]:
+    """``(code, mall_code)`` to record ``exc`` under: goqd's documented code for its kind
+    (the class's own ``code``), and the mall's code an adapter put on it, if different."""
+    code = type(exc).code  # the class attribute: an adapter's code= sets the instance's
+    return code, exc.code if exc.code != code else ""

@@ -1,6 +1,7 @@
 """goqd's own HTTP listener: ``/metrics``, ``/healthz`` and mall webhooks.
 
-Served by hypercorn under trio from a minimal ASGI app (no framework):
+A minimal ASGI app (no framework), spoken over HTTP/1.1 by hypercorn's connection
+handler under trio, behind goqd's own accept loop:
 
 * ``GET /metrics``  the registry in Prometheus text format;
 * ``GET /healthz``  ``health()`` as JSON, 200 when its ``"ok"`` is true, else 503;
@@ -8,24 +9,38 @@ Served by hypercorn under trio from a minimal ASGI app (no framework):
   handler registered under ``name``, whose return value is the status code.
 
 It listens on loopback unless the caller passes ``allow_public=True`` (the config's
-``http-public``): ``/metrics`` names every store and its health. This module must never
-log request bodies or headers (webhooks carry signatures and shop tokens) and must
-never let a failing handler take the daemon down.
+``http-public``): ``/metrics`` names every store and its health. Loopback is still open
+to every local user, so what one client may hold is bounded (``HttpLimits``): a cap on
+open connections, well below the process's open-files limit so the ledger, the control
+socket and the mall clients always have file handles left; idle connections and slow
+senders are dropped after seconds. This module must never log request bodies or
+headers (webhooks carry signatures and shop tokens) and must never let a failing
+handler, a hostile client or a flood of connections take the daemon down.
 """
 
 from __future__ import annotations
 
+import contextvars
+import errno
 import ipaddress
 import logging
+import os
+import resource
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import structlog
 import trio
 from hypercorn.config import Config
-from hypercorn.trio import serve
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import wrap_app
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from goqd.errors import ConfigError
 
 log = structlog.get_logger("goqd.http")
 
@@ -40,55 +55,250 @@ Webhook = Callable[[bytes, Mapping[str, str]], Awaitable[int]]
 _JSON = "application/json"
 _TEXT = "text/plain; charset=utf-8"
 
+# accept() failures that mean "out of resources for now"; trio.serve_listeners waits
+# 100 ms and tries again on the same ones.
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+# A request head larger than this is refused by h11 (431) before the app sees it.
+_MAX_HEAD_BYTES = 16 * 1024
+# Repeated warnings about the same kind of bad request are logged at most this often:
+# any local user can send them, and the journal must not become the flood.
+_WARN_EVERY_S = 60.0
+# Sending a reply to a client that has hung up: hypercorn closes its side of the socket
+# (send_eof) as soon as it reads the end of the stream, which can race our reply.
+_CLIENT_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """How much of the daemon one HTTP client may hold, and for how long.
+
+    ``max_connections``: connections open at once. ``serve_http`` lowers it to a quarter
+    of the open-files limit so the rest stays for the ledger, the control socket and
+    the mall clients. At the cap a new connection pushes out the connection that has
+    been idle longest (so a pile of idle connections never locks out a scrape); if every
+    connection is answering a request, the new one is closed at once.
+
+    ``idle_timeout``: a connection without a request in progress is closed after this
+    many seconds, whether it is between keep-alive requests or has not yet sent a whole
+    request head (a client trickling header bytes is dropped too).
+
+    ``read_timeout``: the longest silence allowed while a request is arriving.
+
+    ``body_timeout``: a webhook body must arrive whole within this (408 otherwise).
+    """
+
+    max_connections: int = 256
+    idle_timeout: float = 5.0
+    read_timeout: float = 10.0
+    body_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        for name in ("idle_timeout", "read_timeout", "body_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be more than 0")
+
 
 def parse_listen(listen: str) -> tuple[str, int]:
-    """``"127.0.0.1:9464"`` or ``"[::1]:9464"`` -> (host, port)."""
-    host, sep, port_text = listen.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"listen address needs host:port, got {listen!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"write IPv6 addresses in brackets: [{host}]:{port_text}")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"bad port in listen address {listen!r}") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"bad port in listen address {listen!r}")
-    return host, port
+    """``"127.0.0.1:9464"``, ``"localhost:9464"`` or ``"[::1]:9464"`` -> (host, port).
+
+    Raises ``ValueError`` with a one-line reason that quotes the address (callers add
+    the file and key, e.g. ``ConfigError(file, "$.daemon.http-listen", str(exc))``).
+    """
+    shown = _short(listen)
+    if listen.startswith("["):
+        inside, bracket, rest = listen[1:].partition("]")
+        if not bracket:
+            raise ValueError(f"missing ']' after the IPv6 address in {shown!r}")
+        try:
+            address = ipaddress.ip_address(inside)
+        except ValueError:
+            raise ValueError(f"{_short(inside)!r} in {shown!r} is not an IPv6 address") from None
+        if address.version != 6:
+            raise ValueError(f"brackets are for IPv6 addresses; write {_short(inside + rest)}")
+        host = inside
+        if not rest.startswith(":"):
+            raise ValueError(f"listen address needs [host]:port, got {shown!r}")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = listen.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"listen address needs host:port, got {shown!r}")
+        if ":" in host:
+            raise ValueError(f"write IPv6 addresses in brackets, e.g. [::1]:9464; got {shown!r}")
+        if not host.isascii() or not host.isprintable() or any(c.isspace() for c in host):
+            raise ValueError(f"bad host in listen address {shown!r}")
+    # int() would also take " 80", "+80", "8_0" and non-ASCII digits.
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise ValueError(f"port must be a number from 0 to 65535, got {shown!r}")
+    if len(port_text) > 5 or int(port_text) > 65535:
+        raise ValueError(f"port {_short(port_text, 12)} is out of range (0 to 65535) in {shown!r}")
+    return host, int(port_text)
+
+
+def _short(text: str, limit: int = 80) -> str:
+    # An address quoted in an error stays one readable line, however long it was.
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
+    if host.lower() in ("localhost", "localhost."):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
-        return False
+        return False  # any other host name may resolve anywhere
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback  # [::ffff:127.0.0.1]
+    return address.is_loopback
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft limit on open files to the hard limit; return the soft limit now.
+
+    The soft limit is often 1024 while the hard one is far higher: the soft limit only
+    protects programs that use ``select()``, which goqd (epoll, through trio) does not.
+    Where the limit cannot be raised, the current one is returned and used.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            # An infinite hard limit above the kernel's nr_open: keep the soft one.
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return soft
+
+
+class _Throttle:
+    """Logs a warning the first time, then at most once per ``every`` seconds per event,
+    counting in ``suppressed`` the ones it did not log."""
+
+    def __init__(self, every: float = _WARN_EVERY_S) -> None:
+        self.every = every
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, event: str, **fields: object) -> None:
+        now = trio.current_time()
+        last = self._last.get(event)
+        if last is not None and now - last < self.every:
+            self._suppressed[event] = self._suppressed.get(event, 0) + 1
+            return
+        self._last[event] = now
+        suppressed = self._suppressed.pop(event, 0)
+        if suppressed:
+            fields["suppressed"] = suppressed
+        log.warning(event, **fields)
+
+
+@dataclass(eq=False)
+class _Connection:
+    """One accepted connection: its socket, the scope its task runs in, and whether the
+    app is answering a request on it right now."""
+
+    stream: trio.SocketStream
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    busy: int = 0
+    idle_since: float = field(default_factory=trio.current_time)
+
+    def close_now(self) -> None:
+        # Closing the socket frees its file handle at once (the task blocked reading it
+        # wakes with ClosedResourceError); cancelling ends hypercorn's timers with it.
+        self.scope.cancel()
+        self.stream.socket.close()
+
+
+# The connection a request arrived on, seen by the app: hypercorn starts the app's task
+# from the connection's own task, and trio copies the context into child tasks.
+_current_connection: contextvars.ContextVar[_Connection | None] = contextvars.ContextVar(
+    "goqd_http_connection", default=None
+)
+
+
+class _Connections:
+    """The open connections and the cap on them (see ``HttpLimits.max_connections``).
+
+    Logs once when the cap is first reached and once when fewer than half of it are
+    open again, with how many connections were pushed out or refused meanwhile.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.open: set[_Connection] = set()
+        self.saturated = False
+        self.evicted = 0
+        self.refused = 0
+
+    def admit(self, stream: trio.SocketStream) -> _Connection | None:
+        if len(self.open) >= self.cap:
+            idle = [c for c in self.open if not c.busy]
+            if not idle:
+                self._saturate()
+                self.refused += 1
+                stream.socket.close()
+                return None
+            oldest = min(idle, key=lambda c: c.idle_since)
+            self._saturate()
+            self.evicted += 1
+            self.open.discard(oldest)
+            oldest.close_now()
+        conn = _Connection(stream)
+        self.open.add(conn)
+        return conn
+
+    def release(self, conn: _Connection) -> None:
+        self.open.discard(conn)
+        if self.saturated and len(self.open) <= self.cap // 2:
+            log.info(
+                "http_connections_recovered",
+                open=len(self.open),
+                evicted=self.evicted,
+                refused=self.refused,
+            )
+            self.saturated = False
+            self.evicted = self.refused = 0
+
+    def _saturate(self) -> None:
+        if not self.saturated:
+            self.saturated = True
+            log.warning("http_connections_saturated", max_connections=self.cap)
 
 
 class _App:
     """The ASGI application: three routes, no framework."""
 
     def __init__(
-        self, registry: CollectorRegistry, health: Health, webhooks: Mapping[str, Webhook]
+        self,
+        registry: CollectorRegistry,
+        health: Health,
+        webhooks: Mapping[str, Webhook],
+        limits: HttpLimits,
     ) -> None:
         self.registry = registry
         self.health = health
         self.webhooks = dict(webhooks)
+        self.limits = limits
+        self.warnings = _Throttle()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
         if scope["type"] != "http":
             return
+        conn = _current_connection.get()
+        if conn is not None:
+            conn.busy += 1
+        try:
+            await self._route(scope, receive, send)
+        finally:
+            if conn is not None:
+                conn.busy -= 1
+                conn.idle_since = trio.current_time()
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         method: str = scope["method"]
         path: str = scope["path"]
         if path == "/metrics" or path == "/healthz":
@@ -138,24 +348,17 @@ class _App:
         except ValueError:
             declared = 0
         if declared > MAX_WEBHOOK_BODY:
+            self.warnings.warning("webhook_body_too_large", webhook=name, limit=MAX_WEBHOOK_BODY)
             await _respond(send, 413, b"body too large\n", _TEXT, close=True)
             return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk: bytes = message.get("body", b"")
-            size += len(chunk)
-            if size > MAX_WEBHOOK_BODY:
-                await _respond(send, 413, b"body too large\n", _TEXT, close=True)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                break
+        body = await self._read_body(receive, name)
+        if isinstance(body, int):
+            if body:
+                reason = b"body too large\n" if body == 413 else b"body too slow\n"
+                await _respond(send, body, reason, _TEXT, close=True)
+            return
         try:
-            status = int(await handler(b"".join(chunks), headers))
+            status = int(await handler(body, headers))
         except Exception as exc:
             # The handler's bug must not become the daemon's: answer 500 (the mall
             # retries the delivery) and log the error type, never the body.
@@ -164,6 +367,31 @@ class _App:
         if not 100 <= status <= 599:
             status = 500
         await _respond(send, status, b"", _TEXT)
+
+    async def _read_body(self, receive: Receive, name: str) -> bytes | int:
+        """The whole body, or the status to refuse it with (0: the client left)."""
+        chunks: list[bytes] = []
+        size = 0
+        with trio.move_on_after(self.limits.body_timeout):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return 0
+                chunk: bytes = message.get("body", b"")
+                size += len(chunk)
+                if size > MAX_WEBHOOK_BODY:
+                    # Chunked uploads declare no length: the cap is found only here.
+                    self.warnings.warning(
+                        "webhook_body_too_large", webhook=name, limit=MAX_WEBHOOK_BODY
+                    )
+                    return 413
+                chunks.append(chunk)
+                if not message.get("more_body"):
+                    return b"".join(chunks)
+        self.warnings.warning(
+            "webhook_body_too_slow", webhook=name, timeout_s=self.limits.body_timeout
+        )
+        return 408
 
 
 async def _respond(
@@ -187,8 +415,95 @@ async def _respond(
         # Answered without reading the request body: the connection cannot carry
         # another request, and the client must not try to reuse it.
         headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": b"" if head else body})
+    try:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if head else body})
+    except _CLIENT_GONE:
+        # The client hung up before its answer went out: nobody is left to tell, and a
+        # client's leaving is not goqd's error.
+        pass
+
+
+def _hypercorn_config(limits: HttpLimits) -> Config:
+    config = Config()
+    # Per-request access logs would drown the journal (one line per scrape); errors
+    # still go through the stdlib logger that goqd.logs routes into structlog.
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    # hypercorn's idle timer runs from the accept until a whole request head has
+    # arrived, and again between keep-alive requests.
+    config.keep_alive_timeout = limits.idle_timeout
+    config.read_timeout = limits.read_timeout  # type: ignore[assignment]  # a float works
+    config.h11_max_incomplete_size = _MAX_HEAD_BYTES
+    return config
+
+
+async def _open_listener(host: str, port: int, listen: str) -> trio.SocketListener:
+    family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
+    try:
+        sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {listen}: {exc.strerror}") from exc
+    try:
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        await sock.bind((host, port))
+        # Connections waiting here cost goqd no file handle; the loop accepts promptly.
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {listen}: {exc.strerror}") from exc
+    return trio.SocketListener(sock)
+
+
+async def _serve_connection(
+    conn: _Connection,
+    connections: _Connections,
+    app: Any,
+    config: Config,
+    context: WorkerContext,
+) -> None:
+    _current_connection.set(conn)
+    try:
+        with conn.scope:
+            # hypercorn's per-connection HTTP/1.1 (and h2c) handler, the same one its
+            # own serve() runs for each accepted stream; no lifespan state to share.
+            # (Typed for its TLS stream; a plain SocketStream takes its non-TLS path.)
+            stream: Any = conn.stream
+            server = TCPServer(app, config, context, ConnectionState({}), stream)
+            await server.run()
+    except Exception as exc:
+        # One connection's failure ends that connection, never the listener.
+        log.warning("http_connection_failed", error=f"{type(exc).__name__}: {exc}")
+    finally:
+        connections.release(conn)
+        # hypercorn's own close is skipped when the task is cancelled mid-way.
+        conn.stream.socket.close()
+
+
+async def _accept_loop(
+    listener: trio.SocketListener,
+    connections: _Connections,
+    handle: Callable[[_Connection], Awaitable[None]],
+    nursery: trio.Nursery,
+) -> None:
+    failing = False
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                raise
+            if not failing:
+                log.warning("http_accept_failed", error=os.strerror(exc.errno or 0))
+                failing = True
+            await trio.sleep(0.1)
+            continue
+        if failing:
+            log.info("http_accept_recovered")
+            failing = False
+        conn = connections.admit(stream)
+        if conn is not None:
+            nursery.start_soon(handle, conn)
 
 
 async def serve_http(
@@ -198,6 +513,7 @@ async def serve_http(
     health: Health,
     webhooks: Mapping[str, Webhook] | None = None,
     allow_public: bool = False,
+    limits: HttpLimits | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``/metrics``, ``/healthz`` and webhooks on ``listen`` until cancelled.
@@ -206,53 +522,58 @@ async def serve_http(
     ``task_status.started()`` gets the base URL with the real port, e.g.
     ``"http://127.0.0.1:40123"``.
 
-    Resource handling: owns the listening socket and hypercorn's connection tasks
-    (closed on cancellation); borrows ``registry`` and the callables.
+    Resource handling: raises the process's soft open-files limit to its hard limit
+    (``raise_open_files_limit``) and caps connections at the smaller of
+    ``limits.max_connections`` and a quarter of that limit. Owns the listening socket
+    and one task per connection (all closed on cancellation); borrows ``registry`` and
+    the callables.
 
-    Error handling: a non-loopback ``listen`` without ``allow_public`` raises
-    ``ValueError`` before binding, and a bind failure (address in use) raises
-    ``OSError``; both surface from ``nursery.start``. Exceptions from ``health`` or a
-    webhook handler are answered (503 / 500) and logged, never propagated.
+    Error handling: a malformed ``listen``, or a non-loopback one without
+    ``allow_public``, raises ``ConfigError`` before binding, and a bind failure
+    (address in use) raises ``OSError`` naming the address; both surface from
+    ``nursery.start``. Exceptions from ``health`` or a webhook handler are answered
+    (503 / 500) and logged, never propagated; a connection that fails is closed and
+    logged. Running out of file handles delays new connections (``http_accept_failed``,
+    logged once) and never ends the listener.
     """
-    host, port = parse_listen(listen)
+    limits = limits or HttpLimits()
+    try:
+        host, port = parse_listen(listen)
+    except ValueError as exc:
+        raise ConfigError("daemon", "http-listen", str(exc)) from None
     if not allow_public and not is_loopback(host):
-        raise ValueError(
-            f"refusing to serve /metrics on non-loopback address {host!r}; "
-            "set http-public = true to allow it"
+        raise ConfigError(
+            "daemon",
+            "http-listen",
+            f"{host} is not loopback; set http-public = true to expose /metrics there",
         )
-    config = Config()
-    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    # Per-request access logs would drown the journal (one line per scrape); errors
-    # still go through the stdlib logger that goqd.logs routes into structlog.
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
-    config.graceful_timeout = 2.0
-    config.keep_alive_timeout = 30.0
-    # Slow clients must not hold connections forever.
-    config.read_timeout = 30
-    config.h11_max_incomplete_size = 16 * 1024
-    app = _App(registry, health, webhooks or {})
+    open_files = raise_open_files_limit()
+    connections = _Connections(min(limits.max_connections, max(1, open_files // 4)))
+    listener = await _open_listener(host, port, listen)
+    config = _hypercorn_config(limits)
+    # hypercorn's ASGI types are TypedDicts; _App works on plain dicts of the same shape.
+    app = wrap_app(
+        _App(registry, health, webhooks or {}, limits),  # type: ignore[arg-type]
+        config.wsgi_max_body_size,
+        "asgi",
+    )
+    context = WorkerContext(None)
 
-    async def _serve(*, task_status: trio.TaskStatus[list[str]]) -> None:
-        await serve(app, config, task_status=task_status)  # type: ignore[arg-type]
+    async def handle(conn: _Connection) -> None:
+        await _serve_connection(conn, connections, app, config, context)
 
-    started = False
+    name = listener.socket.getsockname()
+    url = f"http://[{name[0]}]:{name[1]}" if ":" in name[0] else f"http://{name[0]}:{name[1]}"
     try:
         async with trio.open_nursery() as nursery:
-            binds: list[str] = await nursery.start(_serve)
-            started = True
-            log.info("http_listening", url=binds[0])
-            task_status.started(binds[0])
-    except ExceptionGroup as group:
-        # A bind failure arrives wrapped in hypercorn's and our nurseries' groups;
-        # give the caller (and the operator) one plain OSError that names the address.
-        leaf = _only_leaf(group)
-        if started or not isinstance(leaf, OSError):
-            raise
-        raise OSError(leaf.errno, f"cannot listen on {listen}: {leaf.strerror}") from group
-
-
-def _only_leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
+            nursery.start_soon(_accept_loop, listener, connections, handle, nursery)
+            log.info(
+                "http_listening",
+                url=url,
+                max_connections=connections.cap,
+                open_files_limit=open_files,
+            )
+            task_status.started(url)
+    finally:
+        # Each connection's task closed its own socket when the nursery cancelled it.
+        listener.socket.close()

@@ -11,7 +11,17 @@ it also covers tracebacks and exception messages:
 * the value of any key whose name looks secret (``license_key``, ``token``,
   ``authorization``, ``password``, ...) at any depth becomes ``"***"``;
 * every value registered with ``register_secret()`` is replaced by ``"***"`` wherever
-  it appears inside a string, at any depth. goqd registers every credential it loads.
+  it appears inside a string, at any depth. goqd registers the *secret* fields of every
+  credential it loads (``MallSpec.secret_fields``: not seller ids or issue dates, which
+  would otherwise mask order ids and timestamps), the forms they take on the wire (the
+  Rakuten ESA header's base64) and the access tokens adapters obtain at run time;
+* a credential in a header-like text that was never registered (``Authorization:
+  Bearer …``, ``x-amz-access-token: …``, ``access_token=…``) loses its value too.
+
+Values shorter than ``MIN_SECRET_LENGTH`` are not registered (``register_secret``
+returns False and the loader warns): they would mask ordinary words and numbers all
+over the logs, and no real mall credential is that short. Such a value is still never
+logged as such: it lives in a ``Secret``.
 
 This module must never log, print or keep a secret anywhere but the in-memory set
 that redaction matches against.
@@ -23,6 +33,7 @@ import logging
 import re
 import sys
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any, TextIO
 from urllib.parse import quote
@@ -67,7 +78,23 @@ _SECRET_SUFFIXES = ("_secret", "_token", "_password", "_api_key", "_license_key"
 # credential is this short.
 MIN_SECRET_LENGTH = 6
 
+# Tokens minted at run time (an access token an hour per store) are kept for this many
+# registrations, not for ever: the pattern would otherwise grow without bound. An
+# access token lives an hour; 4096 is days of them for 50 stores.
+TRANSIENT_SECRETS_MAX = 4096
+
+# Credentials in header-like text nobody registered (a mall echoing our request, an
+# exception quoting a header): the name stays, the value goes.
+_WIRE_SECRET = re.compile(
+    r"(?i)(\b(?:authorization|proxy-authorization)\s*[:=]\s*\"?(?:bearer|basic|esa)\s+"
+    r"|\bbearer\s+"
+    r"|\b(?:x-amz-access-token|x-shopify-access-token|access_token|refresh_token"
+    r"|client_secret|licenseKey|serviceSecret)\"?\s*[:=]\s*\"?)"
+    r"([A-Za-z0-9._~+/|%-]{8,}=*)"
+)
+
 _secrets: set[str] = set()
+_transient: OrderedDict[str, None] = OrderedDict()
 _pattern: re.Pattern[str] | None = None
 # Compiled when the next line is masked, not at every registration: 50 stores register
 # ~190 values, and compiling an ever longer pattern at each took 1.2 s at start (one
@@ -85,18 +112,31 @@ _LEVELS = {
 }
 
 
-def register_secret(value: str | Secret) -> None:
-    """Mask ``value`` (and its URL-encoded form) in every log line from now on."""
+def register_secret(value: str | Secret, *, transient: bool = False) -> bool:
+    """Mask ``value`` (and its URL-encoded forms) in every log line from now on.
+
+    ``transient``: a token minted at run time; only the latest ``TRANSIENT_SECRETS_MAX``
+    such values are kept. Returns False for a value too short to mask (see above).
+    """
     global _pattern_stale
     raw = value.reveal() if isinstance(value, Secret) else value
     if len(raw) < MIN_SECRET_LENGTH:
-        return
+        return False
     forms = {raw, quote(raw, safe=""), quote(raw)}
     with _pattern_lock:
-        if forms <= _secrets:
-            return
-        _secrets.update(forms)
+        if transient:
+            if forms <= _secrets or forms <= _transient.keys():
+                return True
+            for form in forms:
+                _transient[form] = None
+            while len(_transient) > TRANSIENT_SECRETS_MAX:
+                _transient.popitem(last=False)
+        else:
+            if forms <= _secrets:
+                return True
+            _secrets.update(forms)
         _pattern_stale = True
+    return True
 
 
 def _current_pattern() -> re.Pattern[str] | None:
@@ -105,7 +145,7 @@ def _current_pattern() -> re.Pattern[str] | None:
         with _pattern_lock:
             if _pattern_stale:
                 # Longest first, so a secret containing another is masked whole.
-                ordered = sorted(_secrets, key=len, reverse=True)
+                ordered = sorted(_secrets | _transient.keys(), key=len, reverse=True)
                 _pattern = re.compile("|".join(re.escape(s) for s in ordered))
                 _pattern_stale = False
     return _pattern
@@ -120,7 +160,9 @@ def _is_secret_key(key: object) -> bool:
 
 def _mask_text(text: str) -> str:
     pattern = _current_pattern()
-    return pattern.sub(MASK, text) if pattern is not None else text
+    if pattern is not None:
+        text = pattern.sub(MASK, text)
+    return _WIRE_SECRET.sub(lambda m: m.group(1) + MASK, text)
 
 
 def _redact_value(value: Any, depth: int = 0) -> Any:

@@ -179,6 +179,9 @@ class UpsertProduct(_Msg, frozen=True, kw_only=True, tag="upsert_product"):
     name: str = ""
     total: int | None = None  # only used when the product is new
     store: str = ""  # the store it was first imported from
+    # False: the count is unknown (unlimited or untracked at that store): the product is
+    # created at 0 and nothing is pushed for it until a count is set.
+    count_known: bool = True
     request_id: str = ""
 
 
@@ -246,13 +249,35 @@ class GetHistory(_Msg, frozen=True, kw_only=True, tag="get_history"):
 
 
 class RecordError(_Msg, frozen=True, kw_only=True, tag="record_error"):
-    """Record (or bump the count of) an open error for a store or one listing."""
+    """Record (or bump the count of) an open error for a store or one listing.
+
+    ``code`` is one of goqd's documented codes (``goqd.errors.ERROR_CODES``); the code the
+    mall itself gave (``IE0003``, ``ES05-01``, ``QuotaExceeded``), if any, goes in
+    ``mall_code`` and is shown beside it.
+    """
 
     store: str
     level: int
     code: str
     message: str
     listing_key: str = ""
+    mall_code: str = ""
+
+
+class ResolveErrors(_Msg, frozen=True, kw_only=True, tag="resolve_errors"):
+    """The cause of these open errors went away by itself: mark them resolved.
+
+    The store actor sends it when the store recovers (a poll or push went through after
+    a failure): the store's own level-8 errors (``listing_key`` "") are resolved, kept in
+    history with the time and ``cleared_by = "healed"``. ``codes`` narrows it (empty:
+    every code); ``before`` leaves alone errors seen after that wall time (a failure
+    recorded after the recovery is a new episode). Level 9 never heals by itself.
+    """
+
+    store: str
+    listing_key: str = ""
+    codes: tuple[str, ...] = ()
+    before: float | None = None
 
 
 class ClearErrors(_Msg, frozen=True, kw_only=True, tag="clear_errors"):
@@ -265,8 +290,28 @@ class ClearErrors(_Msg, frozen=True, kw_only=True, tag="clear_errors"):
 
 
 class ListErrors(_Msg, frozen=True, kw_only=True, tag="list_errors"):
+    """Errors, highest level first, then newest first (by id).
+
+    Filters: ``store``, ``level``, ``code`` (goqd's code or the mall's own). Paging:
+    ``after`` is the id of the last error of the previous page (0: from the top).
+    """
+
     store: str = ""
     include_cleared: bool = False
+    level: int | None = None
+    code: str = ""
+    after: int = 0
+    limit: int = 500
+
+
+class ListParked(_Msg, frozen=True, kw_only=True, tag="list_parked"):
+    """Parked order lines (連携できない商品), by store, order and line.
+
+    ``after`` is ``(store, order_id, line_id)`` of the last line of the previous page.
+    """
+
+    store: str = ""
+    after: tuple[str, str, str] = ("", "", "")
     limit: int = 500
 
 
@@ -286,7 +331,8 @@ class ImportListings(_Msg, frozen=True, kw_only=True, tag="import_listings"):
 
     ``base``: the store is the 基本モール, so unmatched listings create products.
     ``rules``: the store's link normalisation (``goqd.linking``). ``default_lead_time``
-    applies only to listings new to goqd (DESIGN §2 item 3).
+    replaces the mall's lead time for listings new to goqd (never imported before); a
+    lead time goqd already knows is kept whatever the mall says.
     """
 
     store: str
@@ -335,6 +381,69 @@ class Ping(_Msg, frozen=True, kw_only=True, tag="ping"):
     """Watchdog probe: answered only if the database answers."""
 
 
+class StockImportStep(_Msg, frozen=True, kw_only=True):
+    """One step of a staged stock import (``goqctl stock import``).
+
+    A large file is never applied in one transaction: its checked rows are staged
+    (``StageStockRows``, a chunk a request), the import is sealed once every row is
+    staged, then applied a chunk a transaction (``ApplyStockImport``) with its progress
+    in the same transaction. A sealed import is finished even across a restart; one
+    never sealed is discarded. Nothing is applied before every row passed its checks.
+    """
+
+
+class BeginStockImport(StockImportStep, frozen=True, kw_only=True, tag="begin_stock_import"):
+    """Open the import for one control request, or find it again.
+
+    ``request_id`` ties the import to the goqctl command, so a retry finds the same
+    import (and its reply once applied) instead of staging the file twice; ``digest``
+    (SHA-256 of the CSV text) tells a retry from another file sent under the same id.
+    An empty ``request_id`` always opens a new import.
+    """
+
+    request_id: str = ""
+    digest: bytes
+    mode: Literal["set", "adjust"]
+    reason: str = ""
+
+
+class StageStockRows(StockImportStep, frozen=True, kw_only=True, tag="stage_stock_rows"):
+    """Checked CSV rows ``(line, sku, n)`` of an import that is still staging.
+
+    Refused with an ``InputError`` naming the line (``where`` starts the message) for a
+    SKU the ledger does not have or one this import already staged.
+    """
+
+    import_id: int
+    rows: tuple[tuple[int, str, int], ...]
+    where: str = "CSV"
+
+
+class SealStockImport(StockImportStep, frozen=True, kw_only=True, tag="seal_stock_import"):
+    """Every one of ``rows`` rows is staged: from now on the import will be applied."""
+
+    import_id: int
+    rows: int
+
+
+class ApplyStockImport(StockImportStep, frozen=True, kw_only=True, tag="apply_stock_import"):
+    """Apply the next ``limit`` staged rows of a sealed import."""
+
+    import_id: int
+    limit: int
+
+
+class DiscardStockImport(StockImportStep, frozen=True, kw_only=True, tag="discard_stock_import"):
+    """Drop an import that was never sealed, deleting up to ``limit`` staged rows a call."""
+
+    import_id: int
+    limit: int
+
+
+class ListStockImports(StockImportStep, frozen=True, kw_only=True, tag="list_stock_imports"):
+    """Imports with work left: sealed and not finished, or unsealed with staged rows."""
+
+
 LedgerRequest = (
     OrderLinesSeen
     | GetCursor
@@ -352,8 +461,10 @@ LedgerRequest = (
     | AdjustStock
     | GetHistory
     | RecordError
+    | ResolveErrors
     | ClearErrors
     | ListErrors
+    | ListParked
     | ListProducts
     | ListListings
     | ImportListings
@@ -363,6 +474,12 @@ LedgerRequest = (
     | GetLedgerStatus
     | GetStoreStats
     | Ping
+    | BeginStockImport
+    | StageStockRows
+    | SealStockImport
+    | ApplyStockImport
+    | DiscardStockImport
+    | ListStockImports
 )
 
 # --------------------------------------------------------------------------------------
@@ -406,11 +523,16 @@ class PushBatch(_Msg, frozen=True, kw_only=True, tag="push_batch"):
 
 
 class Done(_Msg, frozen=True, kw_only=True, tag="done"):
-    """Generic acknowledgement. ``changed`` counts rows the request changed."""
+    """Generic acknowledgement. ``changed`` counts rows the request changed.
+
+    ``warnings``: done, but the operator should know (a link that made a product
+    ambiguous in a store, 複数の商品が紐づいています), each with what to run next.
+    """
 
     changed: int = 0
     released: int = 0  # parked lines booked because of this request
     detail: str = ""
+    warnings: tuple[str, ...] = ()
 
 
 class StockChanged(_Msg, frozen=True, kw_only=True, tag="stock_changed"):
@@ -454,6 +576,34 @@ class ErrorRecord(_Msg, frozen=True, kw_only=True, tag="error_record"):
     last_seen: float
     count: int
     cleared_at: float | None = None
+    # Who ended it: "operator" (goqctl errors clear, key set), "healed" (the store
+    # recovered by itself), "resolved" (its cause was fixed: lines released, link made
+    # unambiguous, the listing's push accepted); "" for errors cleared before goqd said.
+    cleared_by: str = ""
+    mall_code: str = ""  # the mall's own code for it (IE0003, QuotaExceeded), if any
+
+
+class ParkedRecord(_Msg, frozen=True, kw_only=True, tag="parked_record"):
+    """One parked order line and what to run so it is booked."""
+
+    store: str
+    order_id: str
+    line_id: str
+    listing_key: str
+    link_code: str = ""
+    quantity: int
+    cancelled: bool = False
+    # The listing now: "unlinked" (no product, or its product was deleted) or
+    # "ambiguous" (its product has another listing in this store).
+    link_state: str
+    sku: str | None = None
+    parked_at: float
+    action: str  # the command(s) that get this line booked
+
+
+class ParkedList(_Msg, frozen=True, kw_only=True, tag="parked_list"):
+    lines: tuple[ParkedRecord, ...]
+    total: int = 0  # parked lines matching the filter, on every page
 
 
 class ErrorList(_Msg, frozen=True, kw_only=True, tag="error_list"):
@@ -467,6 +617,9 @@ class ProductRecord(_Msg, frozen=True, kw_only=True, tag="product_record"):
     first_store: str
     listings: int
     held: int = 0  # units held back for sales seen at a mall, not booked yet
+    # False: created without a count (unlimited or not tracked at the mall it came from);
+    # nothing is pushed for it until `goqctl stock set SKU N` gives one.
+    count_known: bool = True
 
 
 class ProductList(_Msg, frozen=True, kw_only=True, tag="product_list"):
@@ -501,6 +654,10 @@ class StoreLedgerStatus(_Msg, frozen=True, kw_only=True, tag="store_ledger_statu
     max_error_level: int
     open_errors_by_level: dict[int, int] = msgspec.field(default_factory=dict)
     held: int = 0  # units the sale watch holds at this store's listings
+    # Listings with an open listing_not_linked error (their order lines are parked) and
+    # with an open multiple_links error (複数の商品が紐づいています).
+    parked_listings: int = 0
+    ambiguous_listings: int = 0
 
 
 class StoreStats(_Msg, frozen=True, kw_only=True, tag="store_stats"):
@@ -537,6 +694,26 @@ class LinkReport(_Msg, frozen=True, kw_only=True, tag="link_report"):
     ambiguous: int = 0
     released: int = 0  # parked order lines booked because of new links
     problems: tuple[str, ...] = ()
+    # Products created without a count (the mall's was unlimited or absent): kept out of
+    # sync until `goqctl stock set SKU N`; their SKUs are in ``problems``.
+    count_unknown: int = 0
+
+
+class StockImportJob(_Msg, frozen=True, kw_only=True, tag="stock_import_job"):
+    """Where one staged stock import stands. ``result`` is its reply once ``done``."""
+
+    import_id: int
+    state: Literal["staging", "applying", "done", "discarded"]
+    request_id: str = ""
+    digest: bytes = b""
+    staged: int = 0
+    applied: int = 0
+    skipped: int = 0  # rows whose product was deleted after they were staged
+    result: Done | None = None
+
+
+class StockImportList(_Msg, frozen=True, kw_only=True, tag="stock_import_list"):
+    imports: tuple[StockImportJob, ...]
 
 
 LedgerReply = (
@@ -548,10 +725,13 @@ LedgerReply = (
     | StockChanged
     | History
     | ErrorList
+    | ParkedList
     | ProductList
     | ListingList
     | LedgerStatus
     | Pong
     | LinkReport
     | StoreStats
+    | StockImportJob
+    | StockImportList
 )

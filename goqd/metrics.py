@@ -27,6 +27,11 @@ goqd_order_lines_total{store,outcome}                  counter    booked|duplica
 goqd_pushes_total{store,outcome}                       counter    accepted|rejected|failed
 goqd_outbox_pending{store}                             gauge      pushes waiting
 goqd_parked_lines{store}                               gauge      lines with no listing yet
+goqd_parked_listings{store}                            gauge      listings whose lines are
+                                                                  parked, error still open
+                                                                  (連携できない商品)
+goqd_ambiguous_listings{store}                         gauge      listings marked 複数の商品が
+                                                                  紐づいています (open error)
 goqd_held_units{store}                                 gauge      sales seen on the mall's
                                                                   counter, orders not yet
 goqd_errors_open{store,level}                          gauge      open errors per level
@@ -37,6 +42,12 @@ goqd_ledger_inbox_waiting                              gauge      requests queue
 goqd_supervisor_restarts_total{child}                  counter    restarts by supervise()
 goqd_credential_expiry_timestamp_seconds{store}        gauge      epoch s; absent = unknown
 goqd_mall_requests_total{store,mall,outcome}           counter    outcomes as polls_total
+goqd_mall_clock_skew_seconds{store}                    gauge      the mall's clock minus
+                                                                  goqd's (its responses'
+                                                                  Date); 0 until measured
+goqd_mall_request_retries_total{store}                 counter    reads sent again on a
+                                                                  fresh connection (the
+                                                                  pooled one was closed)
 =====================================================  =========  ==========================
 
 ``touch_store`` creates every per-store series at start-up, so a dashboard or alert
@@ -144,6 +155,20 @@ class Metrics:
             ["store"],
             registry=r,
         )
+        self.parked_listings = Gauge(
+            "goqd_parked_listings",
+            "Listings with parked order lines whose listing_not_linked error is open: "
+            "their sales lower no other store until they are linked.",
+            ["store"],
+            registry=r,
+        )
+        self.ambiguous_listings = Gauge(
+            "goqd_ambiguous_listings",
+            "Listings whose product has another listing in the same store (an open "
+            "multiple_links error): their orders park and nothing is pushed to them.",
+            ["store"],
+            registry=r,
+        )
         self.held_units = Gauge(
             "goqd_held_units",
             "Units held back from every store because this store's mall counter showed "
@@ -197,6 +222,20 @@ class Metrics:
             ["store", "mall", "outcome"],
             registry=r,
         )
+        self.mall_clock_skew_seconds = Gauge(
+            "goqd_mall_clock_skew_seconds",
+            "The mall's clock minus goqd's, measured from the Date of its responses "
+            "(positive: the mall is ahead).",
+            ["store"],
+            registry=r,
+        )
+        self.mall_request_retries_total = Counter(
+            "goqd_mall_request_retries",
+            "Idempotent reads sent again on a fresh connection because the pooled one "
+            "had been closed by the mall.",
+            ["store"],
+            registry=r,
+        )
 
     def touch_store(self, store: str, mall: str) -> None:
         """Create every per-store series at 0 (see the module docstring)."""
@@ -216,9 +255,13 @@ class Metrics:
             self.pushes_total.labels(store, outcome)
         self.outbox_pending.labels(store)
         self.parked_lines.labels(store)
+        self.parked_listings.labels(store)
+        self.ambiguous_listings.labels(store)
         self.held_units.labels(store)
         for level in ERROR_LEVELS:
             self.errors_open.labels(store, level)
+        self.mall_clock_skew_seconds.labels(store)
+        self.mall_request_retries_total.labels(store)
 
     def touch_child(self, child: str) -> None:
         """Create ``goqd_supervisor_restarts_total{child}`` at 0."""

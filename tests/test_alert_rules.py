@@ -120,7 +120,13 @@ def test_every_alert_is_unit_tested_firing_and_some_not_firing() -> None:
         fired = re.search(rf"alertname: {alert}\n\s+exp_alerts:\n\s+- exp_labels:", tests)
         assert fired, f"{alert} has no promtool test in which it fires"
     quiet = re.findall(r"alertname: (\w+)\n\s+exp_alerts: \[\]", tests)
-    assert set(quiet) >= {"GoqdStoreStopped", "GoqdPollsStale", "GoqdOutboxGrowing"}
+    assert set(quiet) >= {
+        "GoqdStoreStopped",
+        "GoqdPollsStale",
+        "GoqdOutboxGrowing",
+        "GoqdOrderLinesParked",
+        "GoqdAmbiguousListings",
+    }
 
 
 def test_every_alert_has_severity_and_says_what_to_do_in_english_and_japanese() -> None:
@@ -187,3 +193,47 @@ def test_every_label_in_the_rules_is_one_goqd_exports_with_those_values() -> Non
         names = {label for label, _, _ in _MATCHER.findall(body)} - TARGET_LABELS
         known = {k for s in exported[metric] for k in s}
         assert names <= known, f"test series {metric} has labels goqd does not export"
+
+
+# -- the clock-skew alert ------------------------------------------------------------------
+
+
+def test_clock_skew_alert_fires_at_the_default_store_limit() -> None:
+    # The rule cannot read the config: its threshold is the default clock-skew-limit, and
+    # a change to one without the other would alert on a skew goqd accepts (or not on one
+    # it refuses).
+    from goqd.config import StoreConfig
+
+    limit = StoreConfig(name="s", mall="rakuten", base_url="http://x", credentials="c")
+    block = _alert_blocks(RULES.read_text(encoding="utf-8"))["GoqdMallClockSkew"]
+    threshold = re.search(r"abs\(goqd_mall_clock_skew_seconds\) > (\d+)", block)
+    assert threshold is not None
+    assert float(threshold.group(1)) == limit.clock_skew_seconds == 60.0
+    quiet = re.findall(
+        r"alertname: GoqdMallClockSkew\n\s+exp_alerts: \[\]",
+        RULE_TESTS.read_text(encoding="utf-8"),
+    )
+    assert quiet, "no promtool test shows a small or short skew staying quiet"
+
+
+@needs_promtool
+def test_promtool_unit_tests_fail_when_the_clock_skew_alert_is_broken(tmp_path: Path) -> None:
+    # An alert that needs an hour of skew would miss the nine hours of a zone read wrong
+    # for the first hour; the unit tests must see it.
+    rules = RULES.read_text(encoding="utf-8")
+    broken = rules.replace(
+        "abs(goqd_mall_clock_skew_seconds) > 60", "abs(goqd_mall_clock_skew_seconds) > 86400"
+    )
+    assert broken != rules
+    (tmp_path / RULES.name).write_text(broken, encoding="utf-8")
+    shutil.copy(RULE_TESTS, tmp_path / RULE_TESTS.name)
+    result = subprocess.run(
+        ["promtool", "test", "rules", RULE_TESTS.name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "GoqdMallClockSkew" in result.stdout + result.stderr

@@ -471,7 +471,8 @@ async def test_default_window_ends_two_minutes_ago_and_the_sim_accepts_it(
         await adapter.fetch_orders(page.cursor)
         assert statuses(sim, "getOrders") == [200, 200]
         second = sim.exchanges[1].query
-        assert second["LastUpdatedAfter"] == [format_iso(EPOCH - 125 - 600)]
+        # The default overlap is a minute (see the module docstring of goqd.malls.amazon).
+        assert second["LastUpdatedAfter"] == [format_iso(EPOCH - 125 - 60)]
         assert second["LastUpdatedBefore"] == [format_iso(EPOCH + 30 - 125)]
 
 
@@ -1082,7 +1083,7 @@ def _no_secret(error: BaseException) -> None:
 async def test_canned_orders_skip_afn_keep_lines_without_sku_and_cancel_terminally(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    async with canned() as (fake, adapter):
+    async with canned(overlap_s=600) as (fake, adapter):
         fake.on(
             "GET",
             "/orders/v0/orders",

@@ -6,9 +6,13 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import msgspec
 import pytest
 
+from goqd import limits
 from goqd import messages as m
+from goqd.cli import goqctl
+from goqd.control import protocol as p
 from goqd.csvio import decode_csv_bytes, parse_listings_csv, parse_stock_csv
 from goqd.errors import InputError, UnknownSku
 from goqd.ledger.db import _MIGRATIONS, APPLICATION_ID, SCHEMA_VERSION, Ledger, open_db
@@ -236,3 +240,138 @@ def test_stock_csv_set_and_adjust() -> None:
         parse_stock_csv("sku,quantity,delta\nA,1,1\n")
     with pytest.raises(InputError, match="line 2: quantity -1"):
         parse_stock_csv("sku,quantity\nA,-1\n")
+
+
+# ------------------------------------------------------------------ CSV: hostile and careless files
+
+PRODUCT_NAMES = [
+    "Tシャツ 赤 S",
+    "マグカップ 白",
+    "セット",
+    "ほうじ茶 100g",
+    "今治タオル バスタオル 2枚組",
+    "【送料無料】訳あり 信州りんご 5kg",
+    "有田焼 湯呑み 5客セット",
+    "南部鉄器 急須 0.6L",
+    "日本酒 大吟醸 720ml",
+]
+HALF_WIDTH_NAMES = ["ｺｰﾋｰｶｯﾌﾟ", "ﾃｨｰｼｬﾂ ｱｶ", "ﾏｸﾞｶｯﾌﾟ ｼﾛ", "ｾｯﾄ", "ｼｬﾂ", "ｺｰﾋｰ･ｶｯﾌﾟ", "ﾌﾞﾙｰ"]
+
+
+def names_csv(names: list[str]) -> str:
+    return "listing_key,name\n" + "".join(f"k{i},{n}\n" for i, n in enumerate(names))
+
+
+@pytest.mark.parametrize("name", PRODUCT_NAMES)
+def test_an_euc_jp_file_is_refused_not_read_as_shift_jis(name: str) -> None:
+    # "セット" in EUC-JP is valid cp932 too ("･ｻ･ﾃ･ﾈ"): it used to be imported garbled.
+    with pytest.raises(InputError, match="looks like EUC-JP"):
+        decode_csv_bytes(names_csv([name]).encode("euc_jp"))
+
+
+def test_a_whole_euc_jp_catalogue_is_refused() -> None:
+    with pytest.raises(InputError, match="EUC-JP"):
+        decode_csv_bytes(names_csv(PRODUCT_NAMES).encode("euc_jp"))
+
+
+@pytest.mark.parametrize(
+    "names", [PRODUCT_NAMES, HALF_WIDTH_NAMES, PRODUCT_NAMES + HALF_WIDTH_NAMES]
+)
+def test_shift_jis_names_with_half_width_katakana_are_read_as_written(names: list[str]) -> None:
+    text = names_csv(names)
+    assert decode_csv_bytes(text.encode("cp932")) == text
+    assert decode_csv_bytes(text.encode("utf-8")) == text
+
+
+@pytest.mark.parametrize("name", HALF_WIDTH_NAMES)
+def test_a_single_half_width_name_in_shift_jis_is_read_as_written(name: str) -> None:
+    text = names_csv([name])
+    assert decode_csv_bytes(text.encode("cp932")) == text
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ("sku,quantity\nA,1\n".encode("utf-16"), "UTF-16"),
+        (b"sku,quantity\nA,\xf0\x40\n", r"line 2, column 3: .*not a Shift_JIS character"),
+        (b"sku,quantity\nA,1\n\x81\x7f", r"line 3, column 1: byte 0x81 is neither"),
+    ],
+)
+def test_bytes_that_are_not_utf8_or_shift_jis_text_are_refused_with_their_place(
+    data: bytes, message: str
+) -> None:
+    with pytest.raises(InputError, match=message):
+        decode_csv_bytes(data)
+
+
+def test_goqctl_refuses_an_euc_jp_file_before_sending_it(tmp_path: Path) -> None:
+    path = tmp_path / "stock.csv"
+    path.write_bytes(("sku,quantity\nA,1\n# " + "セット\n").encode("euc_jp"))
+    with pytest.raises(goqctl._LocalError, match="EUC-JP"):
+        goqctl._read_csv(str(path))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("sku,quantity,quantity\nA,1,2\n", "line 1: column 'quantity' appears twice"),
+        ("sku,,quantity\nA,,1\n", "line 1, column 2: a column with no name"),
+        ("sku,quantity\nA,1\nB,2,3\n", "line 3: 3 field.s., but the header has 2"),
+        ("sku,quantity\nA,1\nB\n", "line 3: 1 field.s., but the header has 2"),
+        ('sku,quantity\nA,"' + "x" * 140_000 + '"\n', "line 2: a field is longer than"),
+        ('sku,quantity\nA,1\n"B,2\nC,3\n', "line 3: a quoted field is never closed"),
+        ('sku,quantity\nA,1\n"B"x,2\n', "line 3: a quote inside a quoted field"),
+        ("sku,quantity\nA,1\nB\x00,2\n", "line 3, column 1: a NUL character"),
+        ("sku,quantity\nA,1\nB,1_000\n", "line 3: quantity '1_000' is not a whole number"),
+        ("sku,quantity\n" + "S" * 256 + ",1\n", "line 2: sku is 256 characters; at most 255"),
+        ("sku,delta\nA,-1000000001\n", "line 2: delta -1000000001 is outside"),
+        ("sku,quantity\nA,1\nA,2\n", "line 3: sku 'A' already on line 2"),
+    ],
+)
+def test_a_malformed_stock_csv_is_refused_naming_line_and_column(text: str, message: str) -> None:
+    with pytest.raises(InputError, match=message) as refused:
+        parse_stock_csv(text)
+    assert len(str(refused.value)) < 300  # a huge field is never echoed back whole
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("listing_key,restock_date\nk,2026-02-30\n", "line 2: restock_date '2026-02-30'"),
+        ("listing_key,name,name\nk,a,b\n", "line 1: column 'name' appears twice"),
+        ("listing_key,restock_date\nk,２０２６-０１-０１\n", "line 2: restock_date"),
+        ("listing_key\n" + "k" * 100_000 + "\n", "line 2: listing_key is 100000 characters"),
+        ("listing_key,sku_code\nk," + "s" * 256 + "\n", "line 2: sku_code is 256 characters"),
+        ("listing_key,name\nk," + "n" * 1001 + "\n", "line 2: name is 1001 characters"),
+    ],
+)
+def test_listing_csv_values_are_held_to_the_protocols_limits(text: str, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        parse_listings_csv(text)
+
+
+def test_what_the_listing_csv_accepts_listing_set_accepts_too() -> None:
+    key = "k" * limits.MAX_LISTING_KEY
+    [row] = parse_listings_csv(f"listing_key,restock_date\n{key},2028-02-29\n")
+    request = msgspec.json.encode(
+        {
+            "type": "listing_set",
+            "store": "s",
+            "listing_key": row.listing_key,
+            "restock_date": row.attrs.restock_date,
+        }
+    )
+    assert msgspec.json.decode(request, type=p.ListingSet).restock_date == "2028-02-29"
+    for bad in ("2026-02-30", "2026-02-30\n"):
+        with pytest.raises(msgspec.ValidationError, match="calendar date"):
+            msgspec.json.decode(
+                msgspec.json.encode(
+                    {"type": "listing_set", "store": "s", "listing_key": "k", "restock_date": bad}
+                ),
+                type=p.ListingSet,
+            )
+
+
+def test_old_mac_line_endings_blank_rows_and_a_bom_are_read() -> None:
+    text = '\ufeffsku,quantity\r\rA,1\r,\r"B\rC",2\r'
+    assert parse_stock_csv(text) == ("set", [("A", 1), ("B\rC", 2)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -99,7 +100,7 @@ def test_unparseable_toml_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match="config file is missing: no such file"):
         load_config(tmp_path / "absent.toml")
 
 
@@ -167,3 +168,81 @@ def test_durations() -> None:
     assert seconds("3m") == 180 and seconds("500ms") == 0.5 and seconds("1.5h") == 5400
     with pytest.raises(ValueError):
         seconds("3 minutes")
+
+
+def _problem_credentials(tmp_path: Path, problem: str) -> None:
+    path = tmp_path / "r1.json"
+    if problem == "directory":
+        path.mkdir(mode=0o700)
+        return
+    if problem == "fifo":  # reading one would wait for a writer for ever
+        os.mkfifo(path, 0o600)
+        return
+    content = {
+        "invalid-utf8": b'{"service_secret": "s\xff\xfe", "license_key": "k"}',
+        "invalid-json": b'{"service_secret": "SP-canary-secret",\n "license_key": }',
+        "too-large": b'{"service_secret": "' + b"x" * 70_000 + b'", "license_key": "k"}',
+        "deeply-nested": b"[" * 20_000 + b"]" * 20_000,
+        "huge-number": b'{"service_secret": ' + b"9" * 5000 + b"}",
+    }[problem]
+    path.write_bytes(content)
+    path.chmod(0o600)
+
+
+@pytest.mark.parametrize(
+    ("problem", "reason"),
+    [
+        ("missing", "credential file of store 'r1' is missing: no such file"),
+        ("directory", "cannot read the credential file of store 'r1': it is a directory"),
+        ("fifo", "cannot read the credential file of store 'r1': not a regular file"),
+        ("invalid-utf8", "is not UTF-8 text (invalid byte at offset 21)"),
+        ("invalid-json", "is not valid JSON: Expecting value (line 2, column 17)"),
+        ("too-large", "larger than 64 KiB"),
+        ("deeply-nested", "is not valid JSON"),
+        ("huge-number", "is not valid JSON"),
+    ],
+)
+def test_each_credential_file_problem_is_named_for_what_it_is(
+    tmp_path: Path, problem: str, reason: str
+) -> None:
+    if problem != "missing":
+        _problem_credentials(tmp_path, problem)
+    config = load_config(write(tmp_path, GOOD))
+    with pytest.raises(CredentialError) as info:
+        load_credentials(config, config.store("r1"))
+    assert info.value.file == str(tmp_path / "r1.json")
+    assert reason in info.value.reason, info.value.reason
+    assert "canary" not in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda p: p.mkdir(), "cannot read the config file: it is a directory"),
+        (lambda p: os.mkfifo(p), "cannot read the config file: not a regular file"),
+        (lambda p: p.write_bytes(b"#" * (5 << 20)), "larger than 4096 KiB"),
+        (lambda p: p.write_bytes(b"a = " + b"[" * 50_000), "nested too deeply"),
+    ],
+)
+def test_a_config_path_that_is_no_config_file_is_refused_without_reading_it_whole(
+    tmp_path: Path, make: Any, reason: str
+) -> None:
+    path = tmp_path / "goqd.toml"
+    make(path)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.path == "$" and reason in info.value.reason, info.value.reason
+
+
+def test_a_nul_in_a_credential_path_is_refused_not_raised(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, GOOD.replace('"r1.json"', '"r1\\u0000.json"')))
+    with pytest.raises(CredentialError, match="NUL character"):
+        load_credentials(config, config.store("r1"))
+    with pytest.raises(ConfigError, match=r"\$\.daemon\.state-dir.*NUL"):
+        load_config(write(tmp_path, GOOD.replace("{state}", "{state}\\u0000x")))
+
+
+def test_durations_that_overflow_are_refused(tmp_path: Path) -> None:
+    huge = "1" + "0" * 400 + "s"  # a valid duration string that parses to infinity
+    with pytest.raises(ConfigError, match=r"\$\.stores\[0\]\.poll-interval.*too long"):
+        load_config(write(tmp_path, GOOD.replace('"90s"', f'"{huge}"')))

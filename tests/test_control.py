@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import grp
 import json
 import os
 import shutil
@@ -270,6 +271,21 @@ BAD_REQUESTS = [
     ),
     pytest.param(b"[1, 2]", "bad_request", "not a goqd request", id="not-an-object"),
     pytest.param(
+        b'{"v":1,"id":"r1","request":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        "bad_request",
+        "nested too deeply",
+        id="deep-nesting",
+    ),
+    pytest.param(
+        b'{"v":1,"id":"r1","request":{"type":"status","x":'
+        + b"[" * 100_000
+        + b"]" * 100_000
+        + b"}}",
+        "bad_request",
+        "nested too deeply",
+        id="deep-nesting-in-an-unknown-field",
+    ),
+    pytest.param(
         envelope({"type": "some_future_request"}, v=2),
         "unsupported_version",
         "version 2",
@@ -364,12 +380,13 @@ async def test_idle_connection_is_closed_after_timeout(
             assert await silent.receive_some(100) == b""  # closed by the server
             assert trio.current_time() - start >= 30.0
             await silent.aclose()
-            # A slow sender (half a frame, then nothing) is cut off the same way.
+            # A stalled sender (half a frame, then nothing) is cut off by the frame's
+            # own deadline, sooner than an idle connection.
             start = trio.current_time()
             slow = await trio.open_unix_socket(sock_path)
             await slow.send_all(struct.pack(">I", 100) + b'{"v":1')
             assert await slow.receive_some(100) == b""
-            assert trio.current_time() - start >= 30.0
+            assert 10.0 <= trio.current_time() - start < 30.0
             await slow.aclose()
             # And the server still answers.
             assert await call(sock_path, p.Status()) == m.Done()
@@ -392,7 +409,9 @@ async def test_connections_over_the_limit_get_unavailable(sock_path: str) -> Non
             holder = await trio.open_unix_socket(sock_path)
             await trio.testing.wait_all_tasks_blocked()
             with pytest.raises(RemoteError) as info:
-                await call(sock_path, p.Status())
+                # The client keeps trying while the daemon is full; past its timeout it
+                # reports the refusal.
+                await call(sock_path, p.Status(), timeout=0.5)
             assert info.value.code == "unavailable"
             await holder.aclose()
             await trio.testing.wait_all_tasks_blocked()
@@ -472,6 +491,40 @@ async def test_disallowed_peer_gets_not_allowed_and_never_reaches_the_handler(
     assert any(e["event"] == "control_peer_refused" for e in logs)
 
 
+@pytest.mark.parametrize("configured", [True, False], ids=["group", "no-group"])
+async def test_refusal_hint_names_the_configured_group_or_who_may_connect(
+    sock_path: str, configured: bool
+) -> None:
+    # The process's own primary group: one the socket can always be given to.
+    gid = os.getgid()
+    group = grp.getgrgid(gid).gr_name
+
+    async def refuse(peer: PeerInfo) -> bool:
+        return False
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            functools.partial(
+                serve_control,
+                sock_path,
+                FakeDaemon(),
+                allowed_uids=frozenset(),
+                allowed_gids=frozenset({gid}) if configured else frozenset(),
+                peer_check=refuse,
+            )
+        )
+        with trio.fail_after(10), pytest.raises(RemoteError) as info:
+            await call(sock_path, p.Status())
+        nursery.cancel_scope.cancel()
+    assert info.value.code == "not_allowed"
+    if configured:
+        assert f"{group!r} group" in info.value.hint and f"-aG {group} " in info.value.hint
+    else:
+        # No group admits anyone: joining "goqd" (or any group) would not help.
+        assert "only root and the daemon's user" in info.value.hint
+        assert "goqd" not in info.value.hint and "usermod" not in info.value.hint
+
+
 # --------------------------------------------------------------------------------------
 # Credentials never leak; every mutating request is logged with its peer
 # --------------------------------------------------------------------------------------
@@ -536,6 +589,7 @@ def test_is_mutating_covers_every_state_changing_request() -> None:
         p.Status(),
         p.Stores(),
         p.Errors(),
+        p.Parked(),
         p.Products(),
         p.Listings(store="s"),
         p.History(sku="x"),

@@ -208,9 +208,19 @@ async def test_maintenance_degrades_then_recovers_by_itself(rig: Rig) -> None:
     await rig.poll("ra")
     await eventually(lambda: rig.daemon.handles["ra"].state == "running", seconds=60)
     await eventually(lambda: b.stock(key("TS-RED-S")) == 7)
-    # The level-8 message stays until an operator clears it: it says "check for 差異".
-    errors = (await rig.daemon.ledger.ask(m.ListErrors(store="ra"), m.ErrorList)).errors
-    assert any(e.level == 8 for e in errors)
+    # The episode healed: its level-8 error is resolved by itself, kept in history.
+    await eventually(lambda: _open_errors(rig, "ra", []))
+    history = await rig.daemon.ledger.ask(
+        m.ListErrors(store="ra", include_cleared=True), m.ErrorList
+    )
+    assert [(e.level, e.code, e.cleared_by) for e in history.errors] == [
+        (8, "mall_unavailable", "healed")
+    ]
+
+
+async def _open_errors(rig: Rig, store: str, want: list[str]) -> bool:
+    errors = (await rig.daemon.ledger.ask(m.ListErrors(store=store), m.ErrorList)).errors
+    return [e.code for e in errors] == want
 
 
 async def test_metrics_and_health_are_served(rig: Rig) -> None:

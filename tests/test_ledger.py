@@ -224,7 +224,10 @@ async def test_a_rejected_listing_is_recorded_and_does_not_hold_back_the_rest(
     await ledger.call(m.PushesDone(store="r2", outcomes=outcomes))
     assert (await ledger.ask(m.TakePushes(store="r2", limit=10), m.PushBatch)).items == ()
     errors = (await ledger.ask(m.ListErrors(store="r2"), m.ErrorList)).errors
-    assert [(e.listing_key, e.code) for e in errors] == [("r2-A", "IE0003")]
+    # goqd's documented code, the mall's own beside it.
+    assert [(e.listing_key, e.code, e.mall_code) for e in errors] == [
+        ("r2-A", "listing_rejected", "IE0003")
+    ]
     now.t += 301  # retried after the back-off
     retry = (await ledger.ask(m.TakePushes(store="r2", limit=10), m.PushBatch)).items
     assert [i.listing_key for i in retry] == ["r2-A"]

@@ -11,6 +11,7 @@ keys, refresh/access tokens, API keys) plus derived forms an adapter puts on the
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import random
@@ -20,7 +21,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -206,27 +207,30 @@ while len(data) < 4 or len(data) < 4 + struct.unpack(">I", data[:4])[0]:
     if not chunk:
         break
     data += chunk
-print(json.loads(data[4:])["reply"]["code"])
+reply = json.loads(data[4:])["reply"]
+print(reply.get("code", reply["type"]))
 """
 
 
-def _as_nobody(sock: str) -> str:
+def _as_nobody(sock: str, gid: int = 65534) -> str:
+    """The probe's answer for user nobody with primary group ``gid``: a reply's code,
+    ``ok``, or ``EACCES`` when the socket file's mode refuses the connection."""
     out = subprocess.run(
         ["/usr/bin/python3", "-c", _PEER_PROBE, sock],
         capture_output=True,
         text=True,
         timeout=30,
         cwd="/",
-        preexec_fn=_drop_to_nobody,
+        preexec_fn=lambda: _drop_to_nobody(gid),
         env={"PATH": "/usr/bin:/bin"},
     )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
 
-def _drop_to_nobody() -> None:
+def _drop_to_nobody(gid: int = 65534) -> None:
     os.setgroups([])
-    os.setgid(65534)
+    os.setgid(gid)
     os.setuid(65534)
 
 
@@ -255,6 +259,144 @@ async def test_control_socket_is_0660_and_refuses_peers_outside_the_allowed_set(
     shutil.rmtree(tmp, ignore_errors=True)
     refused = [e for e in logs if e.get("event") == "control_peer_refused"]
     assert refused and refused[0]["peer_uid"] == 65534
+
+
+def _existing_group(name: str) -> int | None:
+    import grp
+
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
+async def _done(req: p.ControlRequest, peer: Any) -> p.Ok | p.Err:
+    from goqd import messages as m
+
+    return p.Ok(result=m.Done())
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0
+    or not os.path.exists("/usr/bin/python3")
+    or _existing_group("daemon") is None,
+    reason="needs root to act as another user, and a group named daemon",
+)
+async def test_the_socket_belongs_to_the_control_group_so_its_members_can_connect() -> None:
+    import functools
+
+    from goqd.control.server import serve_control
+
+    group = _existing_group("daemon")
+    assert group is not None and group != os.getgid()
+    tmp = tempfile.mkdtemp(prefix="gqg-", dir="/tmp")
+    os.chmod(tmp, 0o755)
+    sock = os.path.join(tmp, "c.sock")
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    functools.partial(
+                        serve_control,
+                        sock,
+                        _done,
+                        allowed_uids=frozenset(),
+                        allowed_gids=frozenset({group}),
+                    )
+                )
+                st = os.stat(sock)
+                assert st.st_gid == group and stat.S_IMODE(st.st_mode) == 0o660
+                # A member of the configured group passes both the file mode and the
+                # SO_PEERCRED check; a user outside it is stopped by the mode.
+                assert await trio.to_thread.run_sync(_as_nobody, sock, group) == "ok"
+                assert await trio.to_thread.run_sync(_as_nobody, sock) == "EACCES"
+                nursery.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _effectively_nobody() -> Iterator[None]:
+    """Run the block as user nobody (effective ids, so root can come back after)."""
+    groups = os.getgroups()
+    os.setgroups([])
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+        os.setgroups(groups)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or _existing_group("daemon") is None,
+    reason="needs root to act as another user, and a group named daemon",
+)
+def test_a_control_group_the_daemon_is_not_in_refuses_the_start_naming_it() -> None:
+    import functools
+
+    from goqd.control.server import serve_control
+    from goqd.errors import ControlError
+
+    tmp = tempfile.mkdtemp(prefix="gqg-", dir="/tmp")
+    os.chmod(tmp, 0o777)  # nobody creates the socket here
+    sock = os.path.join(tmp, "c.sock")
+    group = _existing_group("daemon")
+    assert group is not None
+    try:
+        serve = functools.partial(
+            serve_control,
+            sock,
+            _done,
+            allowed_uids=frozenset(),
+            allowed_gids=frozenset({group}),
+        )
+
+        async def start_bounded() -> None:
+            # A server that did start would serve for ever, as nobody: bound it.
+            with trio.fail_after(10):
+                await serve()
+
+        with _effectively_nobody(), pytest.raises(ControlError) as info:
+            trio.run(start_bounded)
+        message = str(info.value)
+        assert "group 'daemon'" in message and "not a member" in message
+        assert "usermod -aG daemon nobody" in message
+        assert not os.path.exists(sock)  # nothing half set up is left behind
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or _existing_group("daemon") is None,
+    reason="needs root to act as another user, and a group named daemon",
+)
+def test_goqctl_refused_by_the_socket_mode_names_the_sockets_group(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import socket
+
+    from goqd.cli.goqctl import main
+
+    tmp = tempfile.mkdtemp(prefix="gqg-", dir="/tmp")
+    os.chmod(tmp, 0o755)
+    sock_path = os.path.join(tmp, "c.sock")
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listening.bind(sock_path)
+        listening.listen(1)
+        os.chmod(sock_path, 0o660)
+        os.chown(sock_path, -1, _existing_group("daemon") or 0)
+        with _effectively_nobody():
+            code = main(["--socket", sock_path, "status"])
+    finally:
+        listening.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    err = capsys.readouterr().err
+    assert code == 3 and "permission denied" in err
+    assert "'daemon' group" in err and "-aG goqd" not in err
 
 
 # ------------------------------------------------------------------ hostile XML

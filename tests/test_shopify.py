@@ -820,6 +820,9 @@ async def test_orders_fixture_maps_current_quantity_removals_and_custom_lines(
         sent.append(json.loads(request.content))
         return httpx.Response(200, content=fixture("orders_page.json"))
 
+    # The wall clock at 2026-05-01T03:30Z, after the fixture's orders: a cursor later than
+    # the mall's clock would not be trusted (goqd.malls.clock).
+    await trio.sleep(1_777_606_200 - wall())
     with trio.fail_after(60):
         async with mock_adapter(handler) as adapter:
             page = await adapter.fetch_orders("2026-05-01T03:00:00Z")

@@ -163,6 +163,63 @@ async def test_a_hold_no_poll_explains_is_released_and_reported(
     assert "r1-A" in errors.errors[0].message
 
 
+def hms(clock_time: str) -> float:
+    """Seconds of the day: readings and bookings at the times of a real run."""
+    h, mi, s = (int(x) for x in clock_time.split(":"))
+    return float(h * 3600 + mi * 60 + s)
+
+
+async def _codes(ledger: LedgerClient, store: str = "r1") -> list[str]:
+    return [e.code for e in (await ledger.ask(m.ListErrors(store=store), m.ErrorList)).errors]
+
+
+async def test_a_unit_held_for_a_second_sale_is_as_old_as_that_sale(
+    ledger: LedgerClient, now: FakeNow
+) -> None:
+    """The sequence of a SIGKILL soak (Amazon, run 2): a hold at 07:03:01, a second sale
+    at 07:03:14, the first sale booked by a poll that began 07:03:08. The unit still held
+    is the second sale's: it stays held at 07:03:22 (no poll could have returned its
+    order yet) until its order is booked at 07:03:29, and nothing is reported."""
+    await seen_at(ledger, now, hms("07:02:50"), 10)  # the baseline
+    assert await seen_at(ledger, now, hms("07:03:01"), 9) == 1  # first sale: 1 held
+    assert await seen_at(ledger, now, hms("07:03:14"), 8) == 1  # second sale: 2 held
+    assert await held(ledger) == 2
+    now.t = hms("07:03:16")
+    await see(ledger, line(order="first", qty=1, at=hms("07:03:00")))
+    assert (await total(ledger, "A"), await held(ledger)) == (9, 1)
+    # The poll that booked it began at 07:03:08: sales before 07:03:03 are all booked.
+    covered = hms("07:03:08") - 5.0
+    assert await seen_at(ledger, now, hms("07:03:22"), 8, explained_before=covered) == 0
+    assert await held(ledger) == 1
+    assert await values(ledger, "r2") == {"r2-A": 8}  # not 9: the unit is still held
+    assert await _codes(ledger) == []
+    now.t = hms("07:03:29")
+    await see(ledger, line(order="second", qty=1, at=hms("07:03:13")))
+    assert (await total(ledger, "A"), await held(ledger)) == (8, 0)
+    assert await values(ledger, "r2") == {"r2-A": 8}
+    assert await _codes(ledger) == []
+
+
+async def test_only_the_hold_layers_no_poll_explained_are_released(
+    ledger: LedgerClient, now: FakeNow
+) -> None:
+    await seen_at(ledger, now, 10, 10)
+    await seen_at(ledger, now, 20, 9)  # an edit at the mall: no order will come
+    await seen_at(ledger, now, 40, 8)  # a sale
+    assert await held(ledger) == 2
+    # A poll covering everything before 30 booked nothing: the fall at 20 is released
+    # and reported; the one at 40 is not due.
+    assert await seen(ledger, 8, at=60, explained_before=30) == 1
+    assert await held(ledger) == 1
+    errors = (await ledger.ask(m.ListErrors(store="r1"), m.ErrorList)).errors
+    assert [e.code for e in errors] == ["count_fell_without_order"]
+    assert "fell by 1 " in errors[0].message
+    now.t = 70
+    await see(ledger, line(qty=1, at=39))
+    assert (await total(ledger, "A"), await held(ledger)) == (9, 0)
+    assert await values(ledger, "r3") == {"r3-A": 9}
+
+
 async def test_a_counter_above_goqds_count_is_pushed_again(
     ledger: LedgerClient, now: FakeNow
 ) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import getpass
+import math
 import os
 import shlex
 import sys
@@ -30,7 +31,8 @@ from goqd import expiry
 from goqd import messages as m
 from goqd.control import protocol as p
 from goqd.control.client import DaemonUnreachable, RemoteError, call_sync, new_request_id
-from goqd.errors import ControlError
+from goqd.csvio import decode_csv_bytes
+from goqd.errors import ControlError, InputError
 
 DEFAULT_SOCKET = "/run/goqd/control.sock"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -64,6 +66,28 @@ class _Usage(Exception):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        # Flushed here, not at interpreter exit, where a closed pipe is a traceback.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`goqctl listings S | head`): nothing is left to say, and
+        # Python's own flush at exit must not fail on the same pipe again.
+        _stdout_to_devnull()
+        return EXIT_ERROR
+    return code
+
+
+def _stdout_to_devnull() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass  # stdout is not a real file (tests capture it): nothing will flush it
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _build_parser()
     args_in = list(sys.argv[1:] if argv is None else argv)
     if args_in[:1] == ["completion"]:
@@ -104,10 +128,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ControlError as exc:
         _report(args, "client", str(exc), "")
         return EXIT_ERROR
-    if args.json:
-        print(msgspec.json.encode(result).decode())
-    else:
-        print(_render(result, request, args))
+    try:
+        text = msgspec.json.encode(result).decode() if args.json else _render(result, request, args)
+    except (ValueError, OverflowError, OSError) as exc:
+        # A reply with values no table can show (a timestamp of 1e300): say so, don't crash.
+        _report(args, "client", f"cannot show the daemon's reply: {exc}", "try --json")
+        return EXIT_ERROR
+    print(text)
     return EXIT_OK
 
 
@@ -172,9 +199,10 @@ def _report(args: argparse.Namespace, code: str, message: str, hint: str) -> Non
 
 def _fallback_hint(code: str, request: p.ControlRequest) -> str:
     if code == "not_allowed":
+        # Only an older daemon answers without a hint; it alone knows its admin group.
         return (
-            "ask an administrator to add your user to the goqd group "
-            "(sudo usermod -aG goqd $USER), or run goqctl as root"
+            "ask an administrator to add your user to a group listed in the daemon's "
+            "daemon.control-groups, or run goqctl as root"
         )
     if code == "unsupported_version":
         return "goqctl and goqd differ in version: use the goqctl installed with this goqd"
@@ -207,6 +235,7 @@ def _validate(request: p.ControlRequest, parser: argparse.ArgumentParser) -> Non
     msgspec validates only when decoding, so a round trip is the check; it makes a bad
     argument a usage error here instead of a ``bad_request`` from the daemon.
     """
+    _check_text(request, parser)
     body = msgspec.json.encode(request)
     if len(body) > p.MAX_REQUEST_BYTES - 1024:
         raise _LocalError(
@@ -218,6 +247,48 @@ def _validate(request: p.ControlRequest, parser: argparse.ArgumentParser) -> Non
         _request_checker.decode(body)
     except msgspec.ValidationError as exc:
         raise _Usage(parser, f"invalid argument: {exc}") from None
+
+
+def _check_text(request: p.ControlRequest, parser: argparse.ArgumentParser) -> None:
+    """Refuse text that is not valid Unicode before it reaches the encoder.
+
+    Python hands a command-line argument that is not valid UTF-8 over with its bad bytes
+    as lone surrogates (surrogateescape); the request is UTF-8 JSON, so such a value
+    cannot be sent. File names are not checked: they are opened here, never sent.
+    """
+    for name in request.__struct_fields__:
+        value = getattr(request, name)
+        if isinstance(value, dict):
+            texts = [*value.keys(), *value.values()]
+        elif isinstance(value, tuple):
+            texts = list(value)
+        else:
+            texts = [value]
+        for text in texts:
+            if isinstance(text, str) and not _is_utf8(text):
+                shown = "(not shown)" if name == "credentials" else _shown(text)
+                raise _Usage(
+                    parser,
+                    f"invalid argument: {name} {shown} is not valid UTF-8 text; "
+                    "check the terminal's or the script's encoding",
+                )
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(text: str) -> str:
+    """``text`` with its undecodable bytes as ``\\xff`` escapes, quoted and clipped."""
+    try:
+        shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that was no byte (from JSON "\\ud800")
+        shown = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return f"'{_clip(shown, 80)}'"
 
 
 # --------------------------------------------------------------------------------------
@@ -270,15 +341,37 @@ def _build_parser() -> argparse.ArgumentParser:
     errors = add(
         cmds,
         "errors",
-        "open errors (エラー), newest first",
-        usage="goqctl errors [--store S] [--all]\n       goqctl errors clear (ID ...|--store S)",
+        "open errors (エラー), highest level first, then newest",
+        usage="goqctl errors [--store S] [--level 8|9] [--code C] [--all] [--after ID] "
+        "[--limit N]\n       goqctl errors clear (ID ...|--store S)",
     )
     errors.add_argument("--store", default="", help="only this store")
-    errors.add_argument("--all", action="store_true", help="include cleared errors")
+    errors.add_argument("--level", type=int, choices=(8, 9), help="only this error level")
+    errors.add_argument(
+        "--code", default="", help="only this code (goqd's, or the mall's own, e.g. IE0003)"
+    )
+    errors.add_argument("--all", action="store_true", help="include cleared and resolved errors")
+    errors.add_argument("--after", type=int, default=0, metavar="ID", help="the page after ID")
+    errors.add_argument("--limit", type=int, default=500)
     errors_sub = errors.add_subparsers(dest="errors_command", metavar="clear")
     clear = add(errors_sub, "clear", "clear errors by id, or every open error of a store")
     clear.add_argument("ids", nargs="*", type=int, metavar="ID")
     clear.add_argument("--store", dest="clear_store", default="", help="every error of STORE")
+
+    parked = add(
+        cmds,
+        "parked",
+        "parked order lines (連携できない商品): sales that lower no other store yet",
+    )
+    parked.add_argument("--store", default="", help="only this store")
+    parked.add_argument(
+        "--after",
+        nargs=3,
+        default=("", "", ""),
+        metavar=("STORE", "ORDER", "LINE"),
+        help="the page after this line",
+    )
+    parked.add_argument("--limit", type=int, default=500)
 
     key = add(cmds, "key", "credentials")
     key_sub = key.add_subparsers(dest="key_command", metavar="set", required=True)
@@ -389,7 +482,16 @@ def _request_from(args: argparse.Namespace) -> p.ControlRequest:
             if bool(args.ids) == bool(args.clear_store):
                 raise _Usage(sp, "give error IDs or --store STORE (not both)")
             return p.ErrorsClear(ids=tuple(args.ids), store=args.clear_store)
-        return p.Errors(store=args.store, include_cleared=args.all)
+        return p.Errors(
+            store=args.store,
+            include_cleared=args.all,
+            level=args.level,
+            code=args.code,
+            after=args.after,
+            limit=args.limit,
+        )
+    if cmd == "parked":
+        return p.Parked(store=args.store, after=tuple(args.after), limit=args.limit)
     if cmd == "key":
         return p.KeySet(store=args.store, credentials=_read_credentials(args.file, args.store))
     if cmd == "pause":
@@ -484,17 +586,11 @@ def _read_csv(file: str) -> str:
             f"{file} contains NUL bytes: not a CSV text file",
             "export it from your spreadsheet as CSV (UTF-8 or Shift_JIS)",
         )
-    offset = 0
-    for encoding in ("utf-8-sig", "cp932"):
-        try:
-            return data.decode(encoding)
-        except UnicodeDecodeError as exc:
-            offset = max(offset, exc.start)
-    raise _LocalError(
-        f"{file} is neither UTF-8 nor Shift_JIS (cp932) text (undecodable bytes near "
-        f"offset {offset})",
-        "save it as CSV UTF-8 or CSV Shift_JIS and try again",
-    )
+    # The daemon's own rules (goqd.csvio): EUC-JP is refused, never read as cp932.
+    try:
+        return decode_csv_bytes(data, where=file)
+    except InputError as exc:
+        raise _LocalError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------
@@ -513,7 +609,9 @@ def _render(result: p.ControlResult, request: p.ControlRequest, args: argparse.N
     if isinstance(result, p.StoreList):
         return _render_stores(result.stores, now)
     if isinstance(result, m.ErrorList):
-        return _render_errors(result, include_cleared=getattr(request, "include_cleared", False))
+        return _render_errors(result, request)
+    if isinstance(result, m.ParkedList):
+        return _render_parked(result, request)
     if isinstance(result, m.Done):
         return _render_done(result, request)
     if isinstance(result, m.StockChanged):
@@ -567,7 +665,12 @@ def _store_note(s: p.StoreInfo, now: float) -> str:
     if s.key_warning and s.state != "stopped":
         notes.append(s.key_warning)
     if s.parked:
-        notes.append(f"{s.parked} order line(s) parked → goqctl errors --store {s.name}")
+        notes.append(f"{s.parked} order line(s) parked → goqctl parked --store {s.name}")
+    if s.ambiguous:
+        notes.append(
+            f"{s.ambiguous} listing(s) 複数の商品が紐づいています → "
+            f"goqctl errors --store {s.name} --code multiple_links"
+        )
     if s.held:
         notes.append(f"{s.held} unit(s) held: sold at the mall, order not fetched yet")
     return "; ".join(notes)
@@ -599,19 +702,22 @@ def _render_stores(stores: Sequence[p.StoreInfo], now: float) -> str:
     )
 
 
-def _render_errors(result: m.ErrorList, *, include_cleared: bool) -> str:
+def _render_errors(result: m.ErrorList, request: p.ControlRequest) -> str:
+    include_cleared = getattr(request, "include_cleared", False)
     if not result.errors:
+        if getattr(request, "after", 0):
+            return "no more errors"
         return "no cleared or open errors" if include_cleared else "no open errors"
     rows = [
         [
             str(e.id),
             e.store,
             str(e.level),
-            e.code,
+            e.code + (f" ({e.mall_code})" if e.mall_code else ""),
             e.listing_key or "-",
             str(e.count),
             _when(e.last_seen),
-            ("cleared " + _when(e.cleared_at)) if e.cleared_at is not None else "open",
+            _error_state(e),
             e.message,
         ]
         for e in result.errors
@@ -629,6 +735,70 @@ def _render_errors(result: m.ErrorList, *, include_cleared: bool) -> str:
         out.append(f"→ level 9 (credential) for {store}: goqctl key set {store}")
     if any(e.cleared_at is None for e in result.errors):
         out.append("→ after fixing the cause: goqctl errors clear ID ...")
+    limit = getattr(request, "limit", 0)
+    if limit and len(result.errors) >= limit:
+        out.append(f"→ more: {_errors_command(request)} --after {result.errors[-1].id}")
+    return "\n".join(out)
+
+
+def _error_state(e: m.ErrorRecord) -> str:
+    if e.cleared_at is None:
+        return "open"
+    # healed: the store recovered by itself; resolved: its cause was fixed (lines
+    # booked, link made unambiguous, the listing accepted); cleared: by an operator.
+    verb = {"healed": "healed", "resolved": "resolved"}.get(e.cleared_by, "cleared")
+    return f"{verb} {_when(e.cleared_at)}"
+
+
+def _errors_command(request: p.ControlRequest) -> str:
+    """The `goqctl errors` command that asked for this page, without --after."""
+    words = ["goqctl", "errors"]
+    if isinstance(request, p.Errors):
+        if request.store:
+            words += ["--store", shlex.quote(request.store)]
+        if request.level is not None:
+            words += ["--level", str(request.level)]
+        if request.code:
+            words += ["--code", shlex.quote(request.code)]
+        if request.include_cleared:
+            words.append("--all")
+        if request.limit != 500:
+            words += ["--limit", str(request.limit)]
+    return " ".join(words)
+
+
+def _render_parked(pl: m.ParkedList, request: p.ControlRequest) -> str:
+    if not pl.lines:
+        paging = any(getattr(request, "after", ()))
+        return "no more parked order lines" if paging else "no parked order lines"
+    rows = [
+        [
+            x.store,
+            x.order_id,
+            x.line_id,
+            x.listing_key,
+            ("cancelled " if x.cancelled else "") + str(x.quantity),
+            _when(x.parked_at),
+            x.link_state,
+            x.action,
+        ]
+        for x in pl.lines
+    ]
+    out = [
+        f"{pl.total} order line(s) parked: these sales lower no other store until their "
+        "listing is linked (連携できない商品)",
+        _table(
+            ["STORE", "ORDER", "LINE", "LISTING", "QTY", "SINCE", "LISTING IS", "TO BOOK THEM"],
+            rows,
+            right={4},
+        ),
+    ]
+    limit = getattr(request, "limit", 0)
+    if limit and len(pl.lines) >= limit:
+        last = pl.lines[-1]
+        where = f" --store {shlex.quote(last.store)}" if getattr(request, "store", "") else ""
+        after = " ".join(shlex.quote(x) for x in (last.store, last.order_id, last.line_id))
+        out.append(f"→ more: goqctl parked{where} --after {after}")
     return "\n".join(out)
 
 
@@ -636,6 +806,8 @@ def _render_done(d: m.Done, request: p.ControlRequest) -> str:
     text = d.detail or f"{p.request_tag(request).replace('_', ' ')}: {d.changed} changed"
     if d.released:
         text += f"; {d.released} parked order line(s) booked"
+    for warning in d.warnings:
+        text += f"\nwarning: {warning}"
     return text
 
 
@@ -671,12 +843,21 @@ def _render_products(pl: m.ProductList, limit: int) -> str:
     if not pl.products:
         return "no products"
     rows = [
-        [x.sku, x.name, str(x.total), str(x.listings), x.first_store or "-"] for x in pl.products
+        [
+            x.sku,
+            x.name,
+            str(x.total) if x.count_known else "unknown",
+            str(x.listings),
+            x.first_store or "-",
+        ]
+        for x in pl.products
     ]
     headers = ["SKU", "NAME", "TOTAL", "LISTINGS", "FIRST STORE"]
     out = _table(headers, rows, right={2, 3}, clip={1: NAME_WIDTH})
     if limit and len(pl.products) >= limit:
         out += f"\n→ more: goqctl products --after {shlex.quote(pl.products[-1].sku)}"
+    if any(not x.count_known for x in pl.products):
+        out += "\n→ TOTAL unknown: not synced until you set it: goqctl stock set SKU N"
     return out
 
 
@@ -736,12 +917,19 @@ def _render_import(r: m.LinkReport) -> str:
     )
     if r.released:
         out += f"\n{r.released} parked order line(s) booked"
+    if r.count_unknown:
+        out += (
+            f"\n{r.count_unknown} product(s) created without a count (unlimited or not "
+            "tracked at the mall): nothing is pushed for them until you set one"
+        )
     for problem in r.problems[:20]:
         out += f"\n  {problem}"
     if r.unlinked:
         out += f"\n→ link them: goqctl link --auto {r.store}, or goqctl link {r.store} LISTING SKU"
     if r.ambiguous:
         out += f"\n→ ambiguous listings: goqctl listings {r.store}, then unlink the wrong one"
+    if r.count_unknown:
+        out += "\n→ give them a count: goqctl stock set SKU N (see goqctl products)"
     return out
 
 
@@ -814,10 +1002,15 @@ def _opt(value: int | None, none: str = "-") -> str:
 def _when(ts: float | None) -> str:
     if ts is None:
         return "-"
-    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    except (ValueError, OverflowError, OSError):
+        return "?"  # no calendar date (nan, 1e300): the reply is odd, the table still shows
 
 
 def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
     s = max(0, int(seconds))
     days, s = divmod(s, 86400)
     hours, s = divmod(s, 3600)
@@ -836,6 +1029,8 @@ def _ago(ts: float | None, now: float) -> str:
 
 
 def _days_left(ts: float | None, now: float) -> str:
+    if ts is not None and not math.isfinite(ts):
+        return "?"
     days = expiry.days_left(ts, now)
     if days is None:
         return "-"

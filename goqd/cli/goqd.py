@@ -7,6 +7,7 @@ converged); 2 usage.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -86,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         for error in known:
             prefix = "config error: " if isinstance(error, ConfigError) else ""
-            print(f"goqd: {prefix}{error}", file=sys.stderr)
+            print(f"goqd: {prefix}{_one_line(str(error))}", file=sys.stderr)
         return 1
     return 2
 
@@ -111,13 +112,39 @@ def _goqd_errors(exc: BaseException) -> list[GoqdError | OSError]:
     return []
 
 
+def _one_line(text: str) -> str:
+    """``text`` with control characters escaped: a key or a path in a config file may
+    hold a newline, and a refusal is one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _check(file: str) -> int:
-    from goqd.config import load_config, load_credentials
+    """Refuse what ``goqd run`` would refuse, and change nothing.
+
+    The config file, the host (control groups, state directory), every store's
+    credential file (its values are never printed) and the ledger: an existing one is
+    opened read-only and checked as ``run`` checks it (SQLite header, application id,
+    schema version, quick_check, write access); a missing one is not created.
+    """
+    from goqd.config import check_host, load_config, load_credentials
+    from goqd.errors import LedgerError
+    from goqd.ledger.db import open_db
 
     config = load_config(file)
+    check_host(config)
     for store in config.stores:
         load_credentials(config, store)
-    print(f"{file}: ok ({len(config.stores)} stores)")
+    ledger = config.daemon.ledger_path
+    if os.path.exists(ledger) and os.path.getsize(ledger) > 0:
+        try:
+            open_db(ledger, read_only=True).close()
+        except LedgerError as exc:
+            key = "$.daemon.ledger" if config.daemon.ledger else "$.daemon.state-dir"
+            raise ConfigError(config.source, key, str(exc)) from None
+        state = f"ledger {ledger} checked"
+    else:
+        state = f"ledger {ledger} will be created"
+    print(f"{file}: ok ({len(config.stores)} stores), {state}")
     return 0
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import grp
+import os
 import uuid
 
 import trio
@@ -70,6 +72,16 @@ _MAYBE = (
 )
 
 
+_BUSY_FIRST_WAIT = 0.05
+_BUSY_MAX_WAIT = 1.0
+
+
+def _refused_before_reading(reply_id: str, reply: Reply) -> bool:
+    """A connection-level refusal: answered with no request id, before any request was
+    read, because the daemon was at a connection or memory limit."""
+    return isinstance(reply, Err) and reply.code == "unavailable" and not reply_id
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
 
@@ -99,9 +111,21 @@ async def call(
         )
     reply: Reply | None = None
     with trio.move_on_after(timeout):
-        for attempt in range(1, attempts + 1):
+        attempt = 0
+        busy_wait = _BUSY_FIRST_WAIT
+        while attempt < attempts:
+            attempt += 1
             try:
-                reply = await _exchange(path, frame, rid)
+                reply_id, reply = await _exchange(path, frame, rid)
+                if _refused_before_reading(reply_id, reply):
+                    # The daemon turned the connection away before reading the request
+                    # (too many connections of this user, or the frame budget is spent):
+                    # nothing was applied, so waiting and sending again is safe, and it is
+                    # what a script that runs many goqctl at once needs.
+                    attempt -= 1
+                    await trio.sleep(busy_wait)
+                    busy_wait = min(busy_wait * 2, _BUSY_MAX_WAIT)
+                    continue
                 break
             except _ConnectionLost:
                 if attempt == attempts:
@@ -141,7 +165,7 @@ def call_sync(
     )
 
 
-async def _exchange(path: str, frame: bytes, rid: str) -> Reply:
+async def _exchange(path: str, frame: bytes, rid: str) -> tuple[str, Reply]:
     stream = await _connect(path)
     async with stream:
         # The daemon may have answered before reading everything (not_allowed,
@@ -154,8 +178,9 @@ async def _exchange(path: str, frame: bytes, rid: str) -> Reply:
             raise _ConnectionLost from None
     envelope = decode_reply(body)
     if envelope.id not in (rid, ""):
-        raise ControlError(f"the daemon answered request {envelope.id!r}, not {rid!r}")
-    return envelope.reply
+        other = envelope.id if len(envelope.id) <= 128 else envelope.id[:127] + "…"
+        raise ControlError(f"the daemon answered request {other!r}, not {rid!r}")
+    return envelope.id, envelope.reply
 
 
 async def _receive_frame(stream: trio.SocketStream) -> bytes:
@@ -186,11 +211,22 @@ async def _connect(path: str) -> trio.SocketStream:
             hint="start goqd (`systemctl start goqd`)",
         ) from None
     except PermissionError:
-        raise DaemonUnreachable(
-            path,
-            "permission denied",
-            hint="add your user to the goqd group (sudo usermod -aG goqd $USER) and log "
-            "in again, or run goqctl as root",
-        ) from None
+        raise DaemonUnreachable(path, "permission denied", hint=_permission_hint(path)) from None
     except OSError as exc:
         raise DaemonUnreachable(path, exc.strerror or str(exc)) from None
+
+
+def _permission_hint(path: str) -> str:
+    # The socket's group is the one the daemon admits (daemon.control-groups); naming
+    # it beats naming a default the administrator may have changed.
+    try:
+        group = grp.getgrgid(os.stat(path).st_gid).gr_name
+    except (OSError, KeyError):
+        return (
+            "ask an administrator to add your user to the group the daemon admits "
+            "(daemon.control-groups) and log in again, or run goqctl as root"
+        )
+    return (
+        f"add your user to the {group!r} group (sudo usermod -aG {group} $USER) and log "
+        "in again, or run goqctl as root"
+    )

@@ -23,7 +23,6 @@ reply ever echoes), and it must never read more than the announced, capped frame
 
 from __future__ import annotations
 
-import datetime
 import struct
 from typing import Annotated, Any, Literal
 
@@ -31,6 +30,7 @@ import msgspec
 import trio
 from msgspec import Meta
 
+from goqd import limits
 from goqd import messages as m
 from goqd.errors import ControlError
 
@@ -62,19 +62,22 @@ ERROR_CODES = frozenset(
 # request cannot make the daemon allocate much more than its frame.
 # --------------------------------------------------------------------------------------
 
-StoreName = Annotated[str, Meta(min_length=1, max_length=100)]
-OptStoreName = Annotated[str, Meta(max_length=100)]  # "" means every store
-Sku = Annotated[str, Meta(min_length=1, max_length=255)]
-ListingKey = Annotated[str, Meta(min_length=1, max_length=512)]
+# The caps and the date rule are goqd.limits', shared with the CSV readers.
+StoreName = Annotated[str, Meta(min_length=1, max_length=limits.MAX_STORE_NAME)]
+OptStoreName = Annotated[str, Meta(max_length=limits.MAX_STORE_NAME)]  # "" means every store
+Sku = Annotated[str, Meta(min_length=1, max_length=limits.MAX_SKU)]
+ListingKey = Annotated[str, Meta(min_length=1, max_length=limits.MAX_LISTING_KEY)]
 Reason = Annotated[str, Meta(max_length=1000)]
 Cursor = Annotated[str, Meta(max_length=512)]
 PageLimit = Annotated[int, Meta(ge=1, le=10_000)]
 HistoryLimit = Annotated[int, Meta(ge=0, le=10_000)]
-Quantity = Annotated[int, Meta(ge=0, le=1_000_000_000)]
-Delta = Annotated[int, Meta(ge=-1_000_000_000, le=1_000_000_000)]
-LeadTimeDays = Annotated[int, Meta(ge=0, le=365)]
-IsoDate = Annotated[str, Meta(pattern=r"^\d{4}-\d{2}-\d{2}$")]
-ErrorId = Annotated[int, Meta(ge=1)]
+Quantity = Annotated[int, Meta(ge=0, le=limits.MAX_QUANTITY)]
+Delta = Annotated[int, Meta(ge=-limits.MAX_DELTA, le=limits.MAX_DELTA)]
+LeadTimeDays = Annotated[int, Meta(ge=0, le=limits.MAX_LEAD_TIME_DAYS)]
+IsoDate = Annotated[str, Meta(pattern=limits.DATE_PATTERN)]
+# A row id. SQLite binds only signed 64-bit integers, so every int in this block has an
+# upper bound: a bigger value is a bad_request here, never an error inside the ledger.
+ErrorId = Annotated[int, Meta(ge=1, le=2**63 - 1)]
 RequestId = Annotated[str, Meta(max_length=128)]
 CredentialField = Annotated[str, Meta(min_length=1, max_length=100)]
 CredentialValue = Annotated[str, Meta(max_length=8192)]
@@ -107,8 +110,24 @@ class Stores(_Request, frozen=True, kw_only=True, tag="stores"):
 
 
 class Errors(_Request, frozen=True, kw_only=True, tag="errors"):
+    """Errors, highest level first, then newest first; filtered by store, level and code
+    (goqd's, or the mall's own such as ``IE0003``), paged by ``after`` (the last id shown)."""
+
     store: OptStoreName = ""
     include_cleared: bool = False
+    level: Annotated[int, Meta(ge=1, le=9)] | None = None
+    code: Annotated[str, Meta(max_length=100)] = ""
+    after: Annotated[int, Meta(ge=0, le=2**63 - 1)] = 0
+    limit: PageLimit = 500
+
+
+class Parked(_Request, frozen=True, kw_only=True, tag="parked"):
+    """Parked order lines (連携できない商品): store, order, line, listing, quantity, since
+    when, and what to run. ``after`` is the last (store, order, line) of the page before."""
+
+    store: OptStoreName = ""
+    after: tuple[OptStoreName, Cursor, Cursor] = ("", "", "")
+    limit: PageLimit = 500
 
 
 class ErrorsClear(_Mutating, frozen=True, kw_only=True, tag="errors_clear"):
@@ -208,13 +227,10 @@ class ListingSet(_Mutating, frozen=True, kw_only=True, tag="listing_set"):
     allow_overdraft: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.restock_date is not None:
-            try:
-                datetime.date.fromisoformat(self.restock_date)
-            except ValueError:
-                raise ValueError(
-                    f"restock_date {self.restock_date!r} is not a calendar date (YYYY-MM-DD)"
-                ) from None
+        if self.restock_date is not None and not limits.is_calendar_date(self.restock_date):
+            raise ValueError(
+                f"restock_date {self.restock_date!r} is not a calendar date (YYYY-MM-DD)"
+            )
 
 
 class DeleteProduct(_Mutating, frozen=True, kw_only=True, tag="delete_product"):
@@ -253,6 +269,7 @@ ControlRequest = (
     Status
     | Stores
     | Errors
+    | Parked
     | ErrorsClear
     | KeySet
     | Pause
@@ -314,6 +331,8 @@ class StoreInfo(_Result, frozen=True, kw_only=True, tag="store_info"):
     # Set when the credential expires within daemon.key-warning-days (or has expired):
     # one sentence saying when and how to renew it.
     key_warning: str = ""
+    # Listings of this store marked 複数の商品が紐づいています (their orders park).
+    ambiguous: int = 0
 
 
 class StoreList(_Result, frozen=True, kw_only=True, tag="store_list"):
@@ -346,6 +365,7 @@ ControlResult = (
     | m.StockChanged
     | m.History
     | m.ErrorList
+    | m.ParkedList
     | m.ProductList
     | m.ListingList
     | m.LedgerStatus
@@ -434,13 +454,19 @@ def encode_frame(obj: Envelope | ReplyEnvelope) -> bytes:
 
 
 def decode_request(body: bytes) -> Envelope:
-    """Decode one request body, or raise ``BadEnvelope`` with the reply to send."""
+    """Decode one request body, or raise ``BadEnvelope`` with the reply to send.
+
+    Whatever the bytes, the outcome is an ``Envelope`` or a ``BadEnvelope``: the body
+    comes from another user's process and is the first thing the daemon parses.
+    """
     try:
         header = _header_decoder.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise BadEnvelope(
             Err(code="bad_request", message=_clip(f"not a goqd request: {exc}")), ""
         ) from exc
+    except Exception as exc:
+        raise BadEnvelope(_bad_request(f"not a goqd request: {_problem(exc)}"), "") from exc
     rid = header.id[:128]
     if header.v != PROTOCOL_VERSION:
         raise BadEnvelope(
@@ -460,6 +486,21 @@ def decode_request(body: bytes) -> Envelope:
         raise BadEnvelope(
             Err(code="bad_request", message=_clip(f"invalid request: {exc}")), rid
         ) from exc
+    except Exception as exc:
+        raise BadEnvelope(_bad_request(f"not a goqd request: {_problem(exc)}"), rid) from exc
+
+
+def _problem(exc: Exception) -> str:
+    # msgspec raises RecursionError for deeply nested JSON (even inside a field it would
+    # skip); anything else it raises is answered the same way rather than dropping the
+    # connection without a reply. The text names the problem, never the content.
+    if isinstance(exc, RecursionError):
+        return "JSON nested too deeply"
+    return f"undecodable ({type(exc).__name__})"
+
+
+def _bad_request(message: str) -> Err:
+    return Err(code="bad_request", message=message)
 
 
 def _clip(text: str, limit: int = 400) -> str:
@@ -468,13 +509,19 @@ def _clip(text: str, limit: int = 400) -> str:
 
 
 def decode_reply(body: bytes) -> ReplyEnvelope:
+    """Decode one reply body, or raise ``ControlError`` saying it could not be read."""
     try:
         return _reply_decoder.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ControlError(f"the daemon sent a reply goqctl cannot read: {exc}") from exc
+        raise ControlError(_clip(f"the daemon sent a reply goqctl cannot read: {exc}")) from exc
+    except Exception as exc:
+        # Whatever is on the other end of the socket, goqctl reports, never crashes.
+        raise ControlError(f"the daemon sent a reply goqctl cannot read: {_problem(exc)}") from exc
 
 
-async def _receive_exactly(stream: trio.abc.ReceiveStream, n: int, *, started: bool) -> bytes:
+async def receive_exactly(stream: trio.abc.ReceiveStream, n: int, *, started: bool) -> bytes:
+    """Read exactly ``n`` bytes; ``ConnectionClosed`` if the stream ends first
+    (``partial`` when ``started`` or when some of the ``n`` bytes had come)."""
     buf = bytearray()
     while len(buf) < n:
         chunk = await stream.receive_some(min(n - len(buf), 1 << 16))
@@ -487,8 +534,8 @@ async def _receive_exactly(stream: trio.abc.ReceiveStream, n: int, *, started: b
 async def receive_frame(stream: trio.abc.ReceiveStream, max_bytes: int) -> bytes:
     """Read one frame body. Raises ``ConnectionClosed`` or ``FrameTooLarge`` (before
     reading the body, so an oversized announcement costs no memory)."""
-    header = await _receive_exactly(stream, HEADER.size, started=False)
+    header = await receive_exactly(stream, HEADER.size, started=False)
     (size,) = HEADER.unpack(header)
     if size > max_bytes:
         raise FrameTooLarge(size, max_bytes)
-    return await _receive_exactly(stream, size, started=True)
+    return await receive_exactly(stream, size, started=True)

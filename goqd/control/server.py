@@ -4,10 +4,11 @@
 checks every request, asks the daemon's handler for the answer and sends it back. It
 never interprets a request itself: what a request *does* is the handler's business.
 
-It must never let a client crash or stall the daemon (DESIGN §6, RELIABILITY X3): a
-malformed, oversized, slow or unauthorised request gets an ``Err`` reply or a closed
-connection, and a handler that raises gets ``Err("internal")``. It must never log a
-credential: ``KeySet`` is logged by its store only.
+It must never let a client crash or stall the daemon, nor let one operator lock out the
+others: a malformed, oversized, slow or unauthorised request gets an ``Err`` reply or a
+closed connection, a handler that raises gets ``Err("internal")``, and connections and
+the memory of frames being received are limited per peer user as well as in total. It
+must never log a credential: ``KeySet`` is logged by its store only.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import socket
 import stat
 import struct
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 import structlog
 import trio
 
 from goqd.control.protocol import (
+    HEADER,
     MAX_REPLY_BYTES,
     MAX_REQUEST_BYTES,
     PROTOCOL_VERSION,
@@ -35,13 +37,12 @@ from goqd.control.protocol import (
     ControlRequest,
     Envelope,
     Err,
-    FrameTooLarge,
     Ok,
     ReplyEnvelope,
     decode_request,
     encode_frame,
     is_mutating,
-    receive_frame,
+    receive_exactly,
     request_tag,
 )
 from goqd.errors import ControlError
@@ -58,6 +59,14 @@ _UCRED = struct.Struct("3i")
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 # Fields that never go into a log line: a credential, or a payload too big to be useful.
 _UNLOGGED_FIELDS = frozenset({"credentials", "csv_text", "listing_keys", "request_id"})
+# Frames up to this size are received without drawing on the byte budgets: every
+# request but a CSV import is far smaller, so `status` gets through however much of
+# the budget others hold, and the connection caps bound their memory (64 x 64 KiB).
+SMALL_FRAME_BYTES = 64 << 10
+# A refused peer is logged once at warning, then as one summary line per period.
+REFUSAL_LOG_PERIOD = 60.0
+# Peers whose refusals are remembered for the summary; the oldest is forgotten first.
+_REFUSAL_LOG_KEYS = 1024
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,7 @@ class PeerInfo:
 
 Handler = Callable[[ControlRequest, PeerInfo], Awaitable[Ok | Err]]
 PeerCheck = Callable[[PeerInfo], Awaitable[bool]]
+PeerCredentials = Callable[[trio.SocketStream], PeerInfo]
 
 
 def peer_allowed(
@@ -106,25 +116,179 @@ def groups_of(uid: int, gid: int) -> frozenset[int]:
         return frozenset({gid})
 
 
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
 def _group_names(gids: frozenset[int]) -> list[str]:
-    names = []
-    for gid in sorted(gids):
-        try:
-            names.append(grp.getgrgid(gid).gr_name)
-        except KeyError:
-            names.append(str(gid))
-    return names
+    return [_group_name(gid) for gid in sorted(gids)]
+
+
+@dataclass
+class _Limits:
+    """Connections and buffered frame bytes, in total and per peer user.
+
+    Every limit is checked and taken in one synchronous step (no await in between), so
+    concurrent connections cannot both squeeze under the same limit.
+    """
+
+    max_connections: int
+    max_connections_per_peer: int
+    max_buffered_bytes: int
+    max_buffered_bytes_per_peer: int
+    # Root and the daemon's own user can stop the daemon outright; a per-user cap would
+    # protect nobody from them and would only turn away an administrator's script that
+    # runs many goqctl at once. They still count against the global caps.
+    uncapped_uids: frozenset[int] = frozenset()
+    connections: int = 0
+    buffered: int = 0
+    connections_of: dict[int, int] = field(default_factory=dict)
+    buffered_of: dict[int, int] = field(default_factory=dict)
+
+    def admit(self, uid: int) -> str | None:
+        """Take a connection slot for ``uid``, or say why not."""
+        mine = self.connections_of.get(uid, 0)
+        if mine >= self.max_connections_per_peer and uid not in self.uncapped_uids:
+            return (
+                f"user id {uid} already has {mine} control connections open "
+                f"(at most {self.max_connections_per_peer} per user)"
+            )
+        if self.connections >= self.max_connections:
+            return f"the daemon is serving {self.connections} control connections already"
+        self.connections += 1
+        self.connections_of[uid] = mine + 1
+        return None
+
+    def leave(self, uid: int) -> None:
+        self.connections -= 1
+        _decrement(self.connections_of, uid, 1)
+
+    def reserve(self, uid: int, size: int) -> str | None:
+        """Take ``size`` bytes of the frame budgets for ``uid``, or say why not."""
+        if size <= SMALL_FRAME_BYTES:
+            return None
+        mine = self.buffered_of.get(uid, 0)
+        if mine + size > self.max_buffered_bytes_per_peer:
+            return (
+                f"user id {uid} is already sending or running {mine} bytes of other "
+                f"requests; this one of {size} bytes would exceed the "
+                f"{self.max_buffered_bytes_per_peer}-byte limit per user"
+            )
+        if self.buffered + size > self.max_buffered_bytes:
+            return (
+                f"the daemon is already receiving or running {self.buffered} bytes of "
+                f"requests; this one of {size} bytes would exceed its "
+                f"{self.max_buffered_bytes}-byte limit"
+            )
+        self.buffered += size
+        self.buffered_of[uid] = mine + size
+        return None
+
+    def unreserve(self, uid: int, size: int) -> None:
+        if size <= SMALL_FRAME_BYTES:
+            return
+        self.buffered -= size
+        _decrement(self.buffered_of, uid, size)
+
+
+def _decrement(counts: dict[int, int], key: int, n: int) -> None:
+    left = counts[key] - n
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]  # the dict holds only peers with something open
+
+
+@dataclass
+class _Refusals:
+    """Warnings about refused connections, at most one per peer user and period.
+
+    A refused peer that keeps connecting would otherwise write one warning per attempt
+    (a local user can flood the journal). The first refusal of a user is logged at once;
+    later ones are counted and logged as one line with ``count`` (refusals since the
+    previous line) once ``period`` has passed since that line. ``refused_total`` counts
+    every refusal since start.
+    """
+
+    event: str
+    period: float = REFUSAL_LOG_PERIOD
+    total: int = 0
+    # uid -> (time of its last line, refusals not logged since, fields of the latest)
+    _seen: dict[int, tuple[float, int, dict[str, object]]] = field(
+        default_factory=dict, init=False, repr=False
+    )
+    _pending: trio.Event = field(default_factory=trio.Event, init=False, repr=False)
+
+    def note(self, uid: int, **fields: object) -> None:
+        self.total += 1
+        now = trio.current_time()
+        seen = self._seen.get(uid)
+        if seen is None:
+            if len(self._seen) >= _REFUSAL_LOG_KEYS:
+                oldest = next(iter(self._seen))
+                self._emit(oldest, now)
+                del self._seen[oldest]
+            self._seen[uid] = (now, 0, fields)
+            log.warning(self.event, count=1, refused_total=self.total, **fields)
+            return
+        last, pending, _ = seen
+        self._seen[uid] = (last, pending + 1, fields)
+        if now - last >= self.period:
+            self._emit(uid, now)
+        else:
+            self._pending.set()
+
+    def _emit(self, uid: int, now: float) -> None:
+        last, pending, fields = self._seen[uid]
+        if pending:
+            log.warning(
+                self.event,
+                count=pending,
+                since_s=round(now - last, 1),
+                refused_total=self.total,
+                **fields,
+            )
+        self._seen[uid] = (now, 0, fields)
+
+    async def run_summaries(self) -> None:
+        """Write each pending summary when its period is up, so the count of a burst
+        that stopped is logged too. Sleeps on an event, not a timer, while nothing is
+        pending."""
+        while True:
+            await self._pending.wait()
+            self._pending = trio.Event()
+            while due := [last + self.period for last, n, _ in self._seen.values() if n]:
+                await trio.sleep_until(min(due))
+                now = trio.current_time()
+                for uid, (last, n, _) in list(self._seen.items()):
+                    if n and now - last >= self.period:
+                        self._emit(uid, now)
 
 
 @dataclass
 class _Conf:
     handler: Handler
     check: PeerCheck
+    peer_of: PeerCredentials
     idle_timeout: float
-    max_connections: int
+    frame_timeout: float
     max_request_bytes: int
     refusal_hint: str
-    active: int = 0
+    limits: _Limits
+    refused_peers: _Refusals = field(default_factory=lambda: _Refusals("control_peer_refused"))
+    refused_connections: _Refusals = field(
+        default_factory=lambda: _Refusals("control_connection_refused")
+    )
 
 
 async def serve_control(
@@ -133,36 +297,57 @@ async def serve_control(
     *,
     allowed_uids: frozenset[int],
     allowed_gids: frozenset[int],
+    socket_gid: int | None = None,
     idle_timeout: float = 30.0,
+    frame_timeout: float = 10.0,
     max_connections: int = 64,
+    max_connections_per_peer: int = 8,
     max_request_bytes: int = MAX_REQUEST_BYTES,
+    max_buffered_bytes: int = 4 * MAX_REQUEST_BYTES,
+    max_buffered_bytes_per_peer: int = 2 * MAX_REQUEST_BYTES,
     peer_check: PeerCheck | None = None,
+    peer_credentials: PeerCredentials | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the control socket at ``path`` until cancelled.
 
-    ``started()`` is called once the socket is bound (mode 0660) and listening, so a
-    goqctl started after ``nursery.start(serve_control, ...)`` returns can connect.
+    ``started()`` is called once the socket is bound (mode 0660, group ``socket_gid``)
+    and listening, so a goqctl started after ``nursery.start(serve_control, ...)``
+    returns can connect.
 
     Resource handling:
         Creates the socket's parent directory if it is missing. Removes a leftover
         socket file at ``path`` only if it is a socket nobody listens on; a live one
         (another daemon) or a non-socket file refuses the start with ``ControlError``.
-        Owns the listening socket and one task per connection, and removes the socket
-        file on exit if it is still the one it created. At most ``max_connections``
-        connections are served at once; the next gets ``Err("unavailable")``.
+        The socket file is given to group ``socket_gid`` (default: the lowest of
+        ``allowed_gids``; none: the daemon's primary group), so that its members pass
+        the file mode. Owns the listening socket and one task per connection, and
+        removes the socket file on exit if it is still the one it created.
+
+        At most ``max_connections`` connections are served at once, and at most
+        ``max_connections_per_peer`` of one peer user, so one operator cannot take
+        every slot; a connection over either limit gets ``Err("unavailable")``. Frames
+        over ``SMALL_FRAME_BYTES`` draw their announced size from a budget of
+        ``max_buffered_bytes`` in total and ``max_buffered_bytes_per_peer`` per user,
+        held until the request has been answered; a frame that does not fit gets
+        ``Err("unavailable")`` before its body is read, and the connection is closed.
 
     Error handling:
         Peers are checked with ``SO_PEERCRED`` (``peer_allowed``; ``peer_check``
-        replaces that rule, for tests); a refused peer gets ``Err("not_allowed")``. A
+        replaces that rule and ``peer_credentials`` the ``SO_PEERCRED`` read, for
+        tests); a refused peer gets ``Err("not_allowed")`` with a hint naming the
+        group to join. Refusals are logged once per peer user and then as one summary
+        line a minute (``control_peer_refused``, ``control_connection_refused``). A
         frame larger than ``max_request_bytes`` gets ``Err("too_large")`` and the
         connection is closed (the stream can no longer be framed). An undecodable
         request, an unknown type or a bad field gets ``Err("bad_request")``, a foreign
         protocol version ``Err("unsupported_version")``; the connection stays usable.
-        A connection silent for ``idle_timeout`` seconds (or a reply the peer does not
-        read within it) is closed. An exception from ``handler`` is logged as
-        ``control_request_failed`` and answered with ``Err("internal")``. Nothing a
-        client does ends this function; only bind failures and cancellation do.
+        A connection silent for ``idle_timeout`` seconds between frames, a frame not
+        complete ``frame_timeout`` seconds after its first byte (a sender trickling
+        bytes), or a reply the peer does not read within ``idle_timeout`` is closed. An
+        exception from ``handler`` is logged as ``control_request_failed`` and answered
+        with ``Err("internal")``. Nothing a client does ends this function; only bind
+        failures and cancellation do.
     """
     own_uid = os.getuid()
     group_names = _group_names(allowed_gids)
@@ -183,24 +368,37 @@ async def serve_control(
             peer_groups=groups,
         )
 
-    group = group_names[0] if group_names else "goqd"
+    if socket_gid is None and allowed_gids:
+        socket_gid = min(allowed_gids)
     conf = _Conf(
         handler=handler,
         check=peer_check or default_check,
+        peer_of=peer_credentials or _peer_of,
         idle_timeout=idle_timeout,
-        max_connections=max_connections,
+        frame_timeout=frame_timeout,
         max_request_bytes=max_request_bytes,
-        refusal_hint=(
-            f"ask an administrator to add your user to the {group!r} group "
-            f"(sudo usermod -aG {group} $USER), or run goqctl as root"
+        refusal_hint=_refusal_hint(socket_gid if allowed_gids else None, own_uid),
+        limits=_Limits(
+            max_connections=max_connections,
+            max_connections_per_peer=max_connections_per_peer,
+            max_buffered_bytes=max_buffered_bytes,
+            max_buffered_bytes_per_peer=max_buffered_bytes_per_peer,
+            uncapped_uids=frozenset({0, own_uid}),
         ),
     )
-    sock = _bind(path)
+    sock = _bind(path, socket_gid)
     inode = os.stat(path).st_ino
     try:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         async with listener, trio.open_nursery() as nursery:
-            log.info("control_listening", path=path, groups=group_names)
+            nursery.start_soon(conf.refused_peers.run_summaries)
+            nursery.start_soon(conf.refused_connections.run_summaries)
+            log.info(
+                "control_listening",
+                path=path,
+                groups=group_names,
+                socket_group=_group_name(os.stat(path).st_gid),
+            )
             task_status.started()
             while True:
                 try:
@@ -217,7 +415,21 @@ async def serve_control(
         _unlink_if_ours(path, inode)
 
 
-def _bind(path: str) -> socket.socket:
+def _refusal_hint(group: int | None, own_uid: int) -> str:
+    if group is None:
+        return (
+            f"only root and the daemon's user ({_user_name(own_uid)}) may use this control "
+            "socket: run goqctl as one of them, or ask an administrator to list a group "
+            "in daemon.control-groups"
+        )
+    name = _group_name(group)
+    return (
+        f"ask an administrator to add your user to the {name!r} group "
+        f"(sudo usermod -aG {name} $USER, then log in again), or run goqctl as root"
+    )
+
+
+def _bind(path: str, gid: int | None) -> socket.socket:
     parent = os.path.dirname(path)
     if parent:
         # 0755, not 0750: members of the admin group must reach the socket even when the
@@ -234,12 +446,40 @@ def _bind(path: str) -> socket.socket:
             sock.bind(path)
         finally:
             os.umask(old)
-        sock.listen(128)
     except OSError as exc:
         sock.close()
         reason = exc.strerror or str(exc)
         raise ControlError(f"cannot listen on control socket {path}: {reason}") from exc
+    try:
+        if gid is not None:
+            _chgrp(path, gid)
+        # listen() only after the group is right: nobody connects to a half-set-up socket.
+        sock.listen(128)
+    except ControlError:
+        sock.close()
+        os.unlink(path)
+        raise
+    except OSError as exc:
+        sock.close()
+        os.unlink(path)
+        reason = exc.strerror or str(exc)
+        raise ControlError(f"cannot listen on control socket {path}: {reason}") from exc
     return sock
+
+
+def _chgrp(path: str, gid: int) -> None:
+    """Give the socket file to the admin group: the file is created with the daemon's
+    primary group, whose members are not the ones the 0660 mode is meant to admit."""
+    try:
+        os.chown(path, -1, gid)
+    except PermissionError as exc:
+        name = _group_name(gid)
+        user = _user_name(os.geteuid())  # chown checks the effective user
+        raise ControlError(
+            f"cannot give the control socket {path} to group {name!r} "
+            f"(daemon.control-groups): the daemon's user {user!r} is not a member of it; "
+            f"add it (sudo usermod -aG {name} {user}) or change daemon.control-groups"
+        ) from exc
 
 
 def _remove_stale(path: str) -> None:
@@ -281,83 +521,127 @@ def _peer_of(stream: trio.SocketStream) -> PeerInfo:
 
 async def _connection(stream: trio.SocketStream, conf: _Conf) -> None:
     """One connection. A supervisor boundary: nothing escapes into the server's nursery."""
-    conf.active += 1
     try:
         async with stream:
-            if conf.active > conf.max_connections:
-                log.warning("control_connection_refused", reason="too many connections")
+            peer = conf.peer_of(stream)
+            # Checked before a slot is taken: a refused peer never holds one.
+            if not await conf.check(peer):
+                conf.refused_peers.note(
+                    peer.uid, peer_pid=peer.pid, peer_uid=peer.uid, peer_gid=peer.gid
+                )
                 await _send(
                     stream,
                     conf,
                     "",
                     Err(
-                        code="unavailable",
-                        message=f"the daemon is serving {conf.max_connections} control "
-                        "connections already",
-                        hint="try again in a moment",
+                        code="not_allowed",
+                        message=f"user id {peer.uid} may not use the goqd control socket",
+                        hint=conf.refusal_hint,
                     ),
                 )
                 return
-            await _converse(stream, conf)
+            full = conf.limits.admit(peer.uid)
+            if full is not None:
+                conf.refused_connections.note(
+                    peer.uid, peer_pid=peer.pid, peer_uid=peer.uid, reason=full
+                )
+                await _send(
+                    stream,
+                    conf,
+                    "",
+                    Err(code="unavailable", message=full, hint="try again in a moment"),
+                )
+                return
+            try:
+                await _converse(stream, peer, conf)
+            finally:
+                conf.limits.leave(peer.uid)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the client went away; nothing to answer
     except Exception:
         log.exception("control_connection_failed")
-    finally:
-        conf.active -= 1
 
 
-async def _converse(stream: trio.SocketStream, conf: _Conf) -> None:
-    peer = _peer_of(stream)
-    if not await conf.check(peer):
-        log.warning("control_peer_refused", peer_pid=peer.pid, peer_uid=peer.uid, peer_gid=peer.gid)
+async def _converse(stream: trio.SocketStream, peer: PeerInfo, conf: _Conf) -> None:
+    while True:
+        # Between frames a connection may stay quiet up to idle_timeout.
+        first: bytes | None = None
+        with trio.move_on_after(conf.idle_timeout):
+            first = await stream.receive_some(HEADER.size)
+        if first is None:
+            log.info("control_connection_idle", peer_pid=peer.pid, peer_uid=peer.uid)
+            return
+        if not first:
+            return  # closed cleanly between frames
+        # From its first byte, a whole frame must arrive within frame_timeout: a sender
+        # that trickles a byte now and then is cut off, however short its pauses.
+        with trio.move_on_after(conf.frame_timeout) as frame_deadline:
+            if not await _receive_and_answer(stream, peer, conf, first, frame_deadline):
+                return
+        if frame_deadline.cancelled_caught:
+            log.info(
+                "control_frame_timed_out",
+                timeout_s=conf.frame_timeout,
+                peer_pid=peer.pid,
+                peer_uid=peer.uid,
+            )
+            return
+
+
+async def _receive_and_answer(
+    stream: trio.SocketStream,
+    peer: PeerInfo,
+    conf: _Conf,
+    first: bytes,
+    frame_deadline: trio.CancelScope,
+) -> bool:
+    """Receive the rest of one frame, answer it; False if the connection must close."""
+    try:
+        header = first + await receive_exactly(stream, HEADER.size - len(first), started=True)
+    except ConnectionClosed:
+        log.info("control_frame_truncated", peer_pid=peer.pid, peer_uid=peer.uid)
+        return False
+    (size,) = HEADER.unpack(header)
+    if size > conf.max_request_bytes:
+        log.warning(
+            "control_request_too_large",
+            size=size,
+            limit=conf.max_request_bytes,
+            peer_pid=peer.pid,
+            peer_uid=peer.uid,
+        )
+        # The unread body leaves the stream unframeable: answer, then close.
         await _send(
             stream,
             conf,
             "",
             Err(
-                code="not_allowed",
-                message=f"user id {peer.uid} may not use the goqd control socket",
-                hint=conf.refusal_hint,
+                code="too_large",
+                message=f"request of {size} bytes exceeds the limit of "
+                f"{conf.max_request_bytes} bytes",
+                hint="split the input (for CSV files: several smaller files)",
             ),
         )
-        return
-    while True:
-        body: bytes | None = None
-        too_large: FrameTooLarge | None = None
-        with trio.move_on_after(conf.idle_timeout):
-            try:
-                body = await receive_frame(stream, conf.max_request_bytes)
-            except ConnectionClosed as exc:
-                if exc.partial:
-                    log.info("control_frame_truncated", peer_pid=peer.pid, peer_uid=peer.uid)
-                return
-            except FrameTooLarge as exc:
-                too_large = exc
-        if too_large is not None:
-            log.warning(
-                "control_request_too_large",
-                size=too_large.size,
-                limit=too_large.limit,
-                peer_pid=peer.pid,
-                peer_uid=peer.uid,
-            )
-            # The unread body leaves the stream unframeable: answer, then close.
-            await _send(
-                stream,
-                conf,
-                "",
-                Err(
-                    code="too_large",
-                    message=f"request of {too_large.size} bytes exceeds the limit of "
-                    f"{too_large.limit} bytes",
-                    hint="split the input (for CSV files: several smaller files)",
-                ),
-            )
-            return
-        if body is None:
-            log.info("control_connection_idle", peer_pid=peer.pid, peer_uid=peer.uid)
-            return
+        return False
+    busy = conf.limits.reserve(peer.uid, size)
+    if busy is not None:
+        conf.refused_connections.note(peer.uid, peer_pid=peer.pid, peer_uid=peer.uid, reason=busy)
+        await _send(
+            stream,
+            conf,
+            "",
+            Err(code="unavailable", message=busy, hint="try again in a moment"),
+        )
+        return False  # the body stays unread: the stream cannot be framed any more
+    try:
+        try:
+            body = await receive_exactly(stream, size, started=True)
+        except ConnectionClosed:
+            log.info("control_frame_truncated", peer_pid=peer.pid, peer_uid=peer.uid)
+            return False
+        # The frame is in: answering (the handler may take minutes) is not the
+        # sender's slowness, so it runs outside the frame's deadline.
+        frame_deadline.deadline = float("inf")
         try:
             envelope = decode_request(body)
         except BadEnvelope as exc:
@@ -368,12 +652,12 @@ async def _converse(stream: trio.SocketStream, conf: _Conf) -> None:
                 peer_pid=peer.pid,
                 peer_uid=peer.uid,
             )
-            if not await _send(stream, conf, exc.request_id, exc.err):
-                return
-            continue
+            return await _send(stream, conf, exc.request_id, exc.err)
+        del body
         reply = await _answer(envelope, peer, conf)
-        if not await _send(stream, conf, envelope.id, reply):
-            return
+    finally:
+        conf.limits.unreserve(peer.uid, size)
+    return await _send(stream, conf, envelope.id, reply)
 
 
 async def _answer(envelope: Envelope, peer: PeerInfo, conf: _Conf) -> Ok | Err:

@@ -125,10 +125,14 @@ async def run_ledger(
     ``wakeups.notify`` after each commit.
 
     Error handling: a request the ledger refuses (a ``GoqdError``) is answered with that
-    error and costs nobody else anything. A database error during a batch (disk full,
-    I/O error) rolls the whole batch back and answers every caller in it with a
-    ``LedgerError``: nothing is acknowledged that is not durable, callers retry. Any
-    other exception propagates and stops the daemon (systemd restarts it).
+    error and costs nobody else anything. So is a request whose handling raises anything
+    else (an int SQLite cannot store, a bug): it is rolled back alone, its caller gets a
+    ``LedgerError`` naming the request type, it is logged once as
+    ``ledger_request_failed`` with its traceback, and the rest of its batch commits. A
+    database error during a batch (disk full, I/O error) rolls the whole batch back and
+    answers every caller in it with a ``LedgerError``: nothing is acknowledged that is
+    not durable, callers retry. No request ends the ledger: only the inbox closing or
+    cancellation does.
     """
     limiter = trio.CapacityLimiter(1)
     conn = await trio.to_thread.run_sync(
@@ -168,11 +172,28 @@ async def _apply(
             )
     except sqlite3.Error as exc:
         log.error("ledger_batch_failed", error=str(exc), requests=len(calls))
-        failure = LedgerError(f"the ledger could not commit: {exc}; nothing was applied")
-        for call in calls:
-            call.reply = failure
-            call.done.set()
+        _fail_all(calls, LedgerError(f"the ledger could not commit: {exc}; nothing was applied"))
         return
+    # Broad on purpose: the ledger serves every actor, so whatever a batch raises is
+    # answered and logged here and the ledger goes on with the next batch.
+    except Exception:
+        log.exception(
+            "ledger_batch_failed",
+            requests=len(calls),
+            request_types=sorted({type(c.msg).__name__ for c in calls}),
+        )
+        _fail_all(
+            calls,
+            LedgerError(
+                "the ledger could not apply this batch (an internal error, logged as "
+                "ledger_batch_failed); nothing was applied"
+            ),
+        )
+        return
+    for index, failure in result.failures:
+        log.error(
+            "ledger_request_failed", request=type(calls[index].msg).__name__, exc_info=failure
+        )
     for call, reply in zip(calls, result.replies, strict=True):
         call.reply = reply
         call.done.set()
@@ -180,6 +201,12 @@ async def _apply(
         wakeups.notify(store)
     if metrics is not None:
         metrics.observe_ledger_batch(len(calls), time.perf_counter() - started, result.oversold)
+
+
+def _fail_all(calls: list[_Call], failure: LedgerError) -> None:
+    for call in calls:
+        call.reply = failure
+        call.done.set()
 
 
 @asynccontextmanager

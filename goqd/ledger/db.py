@@ -20,7 +20,9 @@ one from a newer schema raises and the daemon refuses to start.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shlex
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,19 +32,25 @@ import msgspec
 
 from goqd import messages as m
 from goqd.crashpoints import crashpoint
+from goqd.csvio import duplicate_sku
 from goqd.errors import (
+    CountUnknown,
     GoqdError,
+    InputError,
     LedgerCorrupt,
     LedgerError,
+    LedgerRequestFailed,
     LedgerTooNew,
+    UnknownListing,
     UnknownSku,
 )
 from goqd.linking import Rule, fold, normalize
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 7
 APPLICATION_ID = 0x676F7164  # "goqd": marks the file as ours
 MAX_LINE_QUANTITY = 100_000  # a line above this is a data error, not an order
 MULTIPLE_LINKS = "multiple_links"  # 複数の商品が紐づいています
+NOT_LINKED = "listing_not_linked"  # 連携できない商品: order lines parked for the listing
 REJECT_RETRY_S = 300.0  # a listing the mall refused is retried after this, or on change
 WAL_AUTOCHECKPOINT_PAGES = 10_000
 # A base-store sale counts as "before the import" only if the mall's time for it is this
@@ -185,6 +193,71 @@ _MIGRATIONS: list[str] = [
     ALTER TABLE outbox ADD COLUMN sent_min INTEGER;
     CREATE INDEX listings_holding ON listings (store) WHERE held > 0;
     """,
+    # version 4: what each operator request asked for (``request_digest``), so an id
+    # reused for a different request is refused instead of answered with the old reply.
+    # Rows written before have none and keep answering by id alone.
+    """
+    ALTER TABLE requests ADD COLUMN digest BLOB;
+    """,
+    # version 5: staged stock imports (``Ledger.stock_import``). A large stock CSV is
+    # staged in chunks, sealed, then applied a chunk a transaction; applied rows are
+    # deleted in the transaction that applies them, so what is left is what is to do.
+    """
+    CREATE TABLE stock_imports (
+        id INTEGER PRIMARY KEY,
+        request_id TEXT NOT NULL DEFAULT '',
+        digest BLOB NOT NULL,
+        mode TEXT NOT NULL CHECK (mode IN ('set', 'adjust')),
+        reason TEXT NOT NULL DEFAULT '',
+        state TEXT NOT NULL CHECK (state IN ('staging', 'applying', 'done', 'discarded')),
+        staged INTEGER NOT NULL DEFAULT 0,
+        applied INTEGER NOT NULL DEFAULT 0,
+        skipped INTEGER NOT NULL DEFAULT 0,
+        reply BLOB,
+        created_at REAL NOT NULL,
+        finished_at REAL
+    );
+    CREATE UNIQUE INDEX stock_imports_by_request ON stock_imports (request_id)
+        WHERE request_id != '' AND state != 'discarded';
+    CREATE TABLE stock_import_rows (
+        import_id INTEGER NOT NULL,
+        line INTEGER NOT NULL,
+        sku TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (import_id, line)
+    ) WITHOUT ROWID;
+    CREATE UNIQUE INDEX stock_import_rows_by_sku ON stock_import_rows (import_id, sku);
+    """,
+    # version 6: a listing's hold kept as layers, ``[[since, units], ...]`` oldest first,
+    # so units held for a later sale are as old as that sale and not as the first hold
+    # (``Ledger.stock_seen``). ``held`` stays their sum and ``held_since`` the oldest
+    # layer's time. A hold from before has no layers and reads as one layer.
+    """
+    ALTER TABLE listings ADD COLUMN hold_layers TEXT;
+    """,
+    # version 7: errors an operator can work with, and counts goqd does not know.
+    # ``errors.mall_code``: the mall's own code beside goqd's; ``errors.cleared_by``:
+    # operator, healed (the store recovered) or resolved (the cause was fixed). Two
+    # indexes page through errors: the open ones by level (``goqctl errors``), and a
+    # store's by level, history included. ``products.count_known``:
+    # 0 for a product created without a count (unlimited at its mall): nothing is pushed
+    # for it until one is set. Lines parked before this version get their
+    # listing_not_linked error here, so none stays invisible.
+    """
+    ALTER TABLE errors ADD COLUMN mall_code TEXT NOT NULL DEFAULT '';
+    ALTER TABLE errors ADD COLUMN cleared_by TEXT NOT NULL DEFAULT '';
+    ALTER TABLE products ADD COLUMN count_known INTEGER NOT NULL DEFAULT 1;
+    CREATE INDEX errors_open_by_level ON errors (level, id) WHERE cleared_at IS NULL;
+    CREATE INDEX errors_by_store ON errors (store, level, id);
+    INSERT INTO errors (store, level, code, message, listing_key, first_seen, last_seen)
+        SELECT store, 8, 'listing_not_linked',
+            '連携できない商品: ' || count(*) || ' order line(s) of listing ' || listing_key
+            || ' in store ' || store || ' are parked: the listing is not linked to one '
+            || 'product, so these sales lower no other store. See `goqctl parked --store '
+            || store || '`',
+            listing_key, min(parked_at), max(parked_at)
+        FROM parked_lines GROUP BY store, listing_key;
+    """,
 ]
 
 _attrs_encoder = msgspec.msgpack.Encoder()
@@ -192,6 +265,31 @@ _attrs_decoder = msgspec.msgpack.Decoder(m.ListingAttrs)
 _line_decoder = msgspec.msgpack.Decoder(m.OrderLine)
 _reply_decoder: msgspec.msgpack.Decoder[m.LedgerReply] = msgspec.msgpack.Decoder(m.LedgerReply)
 _EMPTY_ATTRS = m.ListingAttrs()
+# Deterministic: a dict inside a request encodes the same whatever its insertion order.
+_digest_encoder = msgspec.msgpack.Encoder(order="deterministic")
+
+# SQLite primary result codes that mean the database, the disk or the lock failed, not
+# the request being applied: the whole batch is rolled back and every caller retries.
+# Any other error while applying one request (a constraint, a value SQLite cannot bind,
+# a bug) refuses that request alone.
+_BATCH_FAILURES = frozenset(
+    {
+        sqlite3.SQLITE_PERM,
+        sqlite3.SQLITE_ABORT,
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_INTERRUPT,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+        sqlite3.SQLITE_NOTADB,
+        sqlite3.SQLITE_NOLFS,
+    }
+)
 
 
 def _encode_attrs(attrs: m.ListingAttrs) -> bytes:
@@ -202,38 +300,154 @@ def _decode_attrs(blob: bytes | None) -> m.ListingAttrs:
     return _attrs_decoder.decode(blob) if blob else _EMPTY_ATTRS
 
 
+def request_digest(msg: m.LedgerRequest) -> bytes:
+    """A stable digest of what an operator request asks for, its ``request_id`` left out.
+
+    Stored with the id: a retry (same id, same content) gets the stored reply, while the
+    same id with other content is refused. The encoding includes the message's tag, so
+    ``SetStock`` and ``AdjustStock`` with the same fields differ.
+    """
+    blank = msgspec.structs.replace(msg, request_id="")
+    return hashlib.sha256(_digest_encoder.encode(blank)).digest()
+
+
+def _fails_batch(exc: Exception, conn: sqlite3.Connection) -> bool:
+    """True when ``exc``, raised while applying one request, means the batch is lost."""
+    if not conn.in_transaction:
+        # SQLite rolled the whole transaction back itself: the earlier requests are gone.
+        return True
+    if not isinstance(exc, sqlite3.Error):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        # Raised without an SQLite result code: binding, API misuse, a closed connection.
+        return isinstance(exc, sqlite3.OperationalError | sqlite3.InternalError)
+    return (code & 0xFF) in _BATCH_FAILURES
+
+
+def _refusal(msg: m.LedgerRequest, exc: Exception) -> LedgerRequestFailed:
+    """The answer to a request that failed with something other than a refusal."""
+    detail = f"{type(exc).__name__}: {exc}"
+    if len(detail) > 200:  # a KeyError may quote a huge key; the log has it all
+        detail = detail[:199] + "…"
+    return LedgerRequestFailed(
+        f"the ledger could not apply {type(msg).__name__} ({detail}); nothing of it was "
+        "applied (logged as ledger_request_failed)"
+    )
+
+
 def open_db(
-    path: str, *, synchronous: Synchronous = "full", check: bool = True
+    path: str, *, synchronous: Synchronous = "full", check: bool = True, read_only: bool = False
 ) -> sqlite3.Connection:
     """Open (or create) the ledger at ``path`` and bring its schema up to date.
 
-    Raises ``LedgerCorrupt`` for a file that is not a readable goqd ledger and
-    ``LedgerTooNew`` for a newer schema. An existing file is never recreated.
+    Raises ``LedgerCorrupt`` for a file that is not a readable goqd ledger,
+    ``LedgerTooNew`` for a newer schema, and ``LedgerError`` for a ledger this process
+    could read but not write (the file, its directory or the mount is read-only): SQLite
+    would open such a file read-only without a word, and every booking would fail after
+    READY. An existing file is never recreated.
+
+    ``read_only`` (``goqd check-config``): the same refusals for an existing file, but
+    nothing is written: no migration, and no -wal/-shm is left beside a file that had
+    none.
     """
-    exists = path != ":memory:" and os.path.exists(path) and os.path.getsize(path) > 0
-    if exists:
-        try:
-            with open(path, "rb") as f:
-                header = f.read(16)
-        except OSError as exc:
-            raise LedgerCorrupt(f"{path}: cannot read the ledger: {exc.strerror}") from exc
-        if header != b"SQLite format 3\x00":
-            raise LedgerCorrupt(f"{path}: not an SQLite database; refusing to touch it")
+    memory = path == ":memory:"
+    exists = not memory and os.path.exists(path) and os.path.getsize(path) > 0
+    header = b"" if memory else _check_access(path, exists=exists)
+    if exists and header != b"SQLite format 3\x00":
+        raise LedgerCorrupt(f"{path}: not an SQLite database; refusing to touch it")
+    if read_only and not exists:
+        raise LedgerError(f"{path}: there is no ledger here yet")
     try:
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction a batch.
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        if read_only:
+            # immutable=1 when there is no -wal or -journal: the file is then complete on
+            # its own, and SQLite reads it without creating a -wal and -shm it could not
+            # remove. With them, mode=ro reads through the journal as the daemon would.
+            journal = any(os.path.exists(path + s) for s in ("-wal", "-journal"))
+            from urllib.parse import quote
+
+            uri = f"file:{quote(os.path.abspath(path))}?{'mode=ro' if journal else 'immutable=1'}"
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        else:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction a batch.
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
         raise LedgerCorrupt(f"{path}: cannot open the ledger: {exc}") from exc
     try:
-        _configure(conn, path, synchronous, exists=exists, check=check)
+        _configure(conn, path, synchronous, exists=exists, check=check, read_only=read_only)
+        if not (memory or read_only):
+            _probe_write(conn, path)
     except BaseException:
         conn.close()
         raise
     return conn
 
 
+def _check_access(path: str, *, exists: bool) -> bytes:
+    """Refuse, before SQLite sees it, a ledger this process cannot write; return the
+    first 16 bytes of an existing file.
+
+    SQLite needs the file and its directory (for -wal, -shm and -journal) writable. The
+    checks write for real (``os.access`` lets root pass where a read-only mount or an
+    immutable file stops it).
+    """
+    from goqd.config import probe_writable_dir, running_user  # config imports no ledger
+
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        probe_writable_dir(directory)
+    except OSError as exc:
+        raise LedgerError(
+            f"{path}: cannot write in {directory}: {exc.strerror or exc}; SQLite keeps the "
+            f"ledger's journal (-wal, -shm) there: let user {running_user()} write in it"
+        ) from None
+    if not exists:
+        return b""
+    fix = f"it must be owned by user {running_user()}, mode 0600, on a writable file system"
+    for side in (path + "-wal", path + "-shm"):
+        if os.path.exists(side) and not os.access(side, os.R_OK | os.W_OK):
+            raise LedgerError(f"{side}: goqd cannot write this journal file of its ledger; {fix}")
+    try:
+        # Opened for writing (never created or truncated): this is the write check.
+        with open(path, "r+b") as f:
+            return f.read(16)
+    except IsADirectoryError:
+        raise LedgerCorrupt(f"{path}: a directory, not a ledger file") from None
+    except OSError as exc:
+        raise LedgerError(
+            f"{path}: cannot open the ledger for writing: {exc.strerror or exc}; {fix}"
+        ) from None
+
+
+def _probe_write(conn: sqlite3.Connection, path: str) -> None:
+    """A write rolled back at once: SQLite opens a file it may not write read-only,
+    silently, and the checks before it cannot see every reason (an immutable -shm)."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(f"PRAGMA user_version={version}")
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            raise LedgerError(
+                f"{path}: another process holds the ledger's write lock; is another goqd "
+                f"running on this file?"
+            ) from exc
+        raise LedgerError(f"{path}: SQLite cannot write the ledger: {exc}") from exc
+
+
 def _configure(
-    conn: sqlite3.Connection, path: str, synchronous: Synchronous, *, exists: bool, check: bool
+    conn: sqlite3.Connection,
+    path: str,
+    synchronous: Synchronous,
+    *,
+    exists: bool,
+    check: bool,
+    read_only: bool = False,
 ) -> None:
     try:
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
@@ -255,6 +469,8 @@ def _configure(
             raise LedgerCorrupt(f"{path}: integrity check failed: {exc}") from exc
         if result != "ok":
             raise LedgerCorrupt(f"{path}: integrity check failed: {result}")
+    if read_only:
+        return
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
     conn.execute("PRAGMA busy_timeout=5000")
@@ -267,16 +483,22 @@ def _configure(
     conn.execute("PRAGMA journal_size_limit=67108864")
     conn.create_function("goqd_fold", 1, fold, deterministic=True)
     for target in range(version + 1, SCHEMA_VERSION + 1):
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _split_sql(_MIGRATIONS[target - 1]):
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version={target}")
-            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _split_sql(_MIGRATIONS[target - 1]):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={target}")
+                conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:  # a start-up refusal in one line, not a traceback
+            raise LedgerError(
+                f"{path}: could not migrate the ledger to schema {target}: {exc}"
+            ) from exc
 
 
 def _split_sql(script: str) -> list[str]:
@@ -291,6 +513,9 @@ class BatchResult:
     woken: set[str] = field(default_factory=set)
     lines: int = 0
     oversold: int = 0
+    # Requests refused because applying them raised something other than a refusal: their
+    # index in the batch and the exception, for the actor to log with its traceback.
+    failures: list[tuple[int, Exception]] = field(default_factory=list)
 
 
 class Ledger:
@@ -315,30 +540,45 @@ class Ledger:
         """Apply every message in one transaction; one reply or refusal per message.
 
         A refusal (a ``GoqdError``) rolls back that message only (a savepoint each), so
-        one bad request never costs the others. Anything else aborts the transaction.
+        one bad request never costs the others. So does any other exception raised while
+        applying one message (a value SQLite cannot bind, a constraint, a bug): that
+        message is answered with a ``LedgerError`` naming its type and listed in
+        ``failures``. Only a failure of the database itself (disk full, I/O error, see
+        ``_BATCH_FAILURES``) aborts the transaction and raises.
         """
         replies: list[m.LedgerReply | GoqdError] = []
+        failures: list[tuple[int, Exception]] = []
         self._woken = set()
         self._batch_oversold = 0
         self._batch_lines = 0
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for msg in msgs:
+            for index, msg in enumerate(msgs):
                 conn.execute("SAVEPOINT msg")
                 version_before = self._version
                 oversold_before = self._batch_oversold
+                lines_before = self._batch_lines
                 try:
                     reply = self._apply(msg)
                     conn.execute("RELEASE msg")
-                except GoqdError as exc:
+                # Broad on purpose: this is the boundary that keeps one request's failure
+                # from costing the rest of the batch (and the ledger) anything.
+                except Exception as exc:
+                    if not isinstance(exc, GoqdError) and _fails_batch(exc, conn):
+                        raise
                     conn.execute("ROLLBACK TO msg")
                     conn.execute("RELEASE msg")
                     # Keep ``_dirty``: flushing a SKU whose change was rolled back just
                     # queues its (correct) current count once more.
                     self._version = version_before
                     self._batch_oversold = oversold_before
-                    replies.append(exc)
+                    self._batch_lines = lines_before
+                    if isinstance(exc, GoqdError):
+                        replies.append(exc)
+                    else:
+                        replies.append(_refusal(msg, exc))
+                        failures.append((index, exc))
                     continue
                 replies.append(reply)
             self._flush_dirty()
@@ -352,7 +592,7 @@ class Ledger:
             self._dirty.clear()
             raise
         crashpoint("ledger.after_commit")
-        return BatchResult(replies, self._woken, self._batch_lines, self._batch_oversold)
+        return BatchResult(replies, self._woken, self._batch_lines, self._batch_oversold, failures)
 
     def _apply(self, msg: m.LedgerRequest) -> m.LedgerReply:
         match msg:
@@ -385,28 +625,46 @@ class Ledger:
                 return self.store_stats()
             case m.RecordError():
                 return self.record_error(msg)
+            case m.ResolveErrors():
+                return self.resolve_errors(msg)
+            case m.ListParked():
+                return self.list_parked(msg)
             case m.ImportListings():
                 return self.import_listings(msg)
             case m.AutoLink():
                 return self.auto_link(msg.store, msg.rules)
+            case m.StockImportStep():
+                return self.stock_import(msg)
             case _:
                 return self._idempotent(msg)
 
     def _idempotent(self, msg: m.LedgerRequest) -> m.LedgerReply:
-        """Operator requests: the same ``request_id`` twice is applied once, same reply."""
+        """Operator requests: the same ``request_id`` twice is applied once, same reply.
+
+        The id is bound to what the request asked for: the same id with different
+        content is refused and nothing is applied (a client reusing an id by mistake
+        must not be told "done" about a request that never happened).
+        """
         request_id = cast(str, getattr(msg, "request_id", ""))
-        if request_id:
-            row = self.conn.execute(
-                "SELECT reply FROM requests WHERE request_id = ?", (request_id,)
-            ).fetchone()
-            if row is not None:
-                return _reply_decoder.decode(row[0])
+        if not request_id:
+            return self._operator(msg)
+        digest = request_digest(msg)
+        row = self.conn.execute(
+            "SELECT reply, digest FROM requests WHERE request_id = ?", (request_id,)
+        ).fetchone()
+        if row is not None:
+            # A row from before digests were stored (NULL) answers by id alone, as then.
+            if row[1] is not None and row[1] != digest:
+                raise LedgerError(
+                    f"request id {request_id!r} was already used for a different request; "
+                    "nothing was applied: send this request with a new id"
+                )
+            return _reply_decoder.decode(row[0])
         reply = self._operator(msg)
-        if request_id:
-            self.conn.execute(
-                "INSERT INTO requests VALUES (?, ?, ?)",
-                (request_id, msgspec.msgpack.encode(reply), self.now()),
-            )
+        self.conn.execute(
+            "INSERT INTO requests (request_id, reply, at, digest) VALUES (?, ?, ?, ?)",
+            (request_id, msgspec.msgpack.encode(reply), self.now(), digest),
+        )
         return reply
 
     def _operator(self, msg: m.LedgerRequest) -> m.LedgerReply:
@@ -603,6 +861,8 @@ class Ledger:
                     self.now(),
                 ),
             )
+            # A parked sale lowers no other store: it must be seen (an error per listing).
+            self._parked_error(store, line.listing_key)
             return "parked"
         sku = listing[0]
         conn.execute(
@@ -621,7 +881,11 @@ class Ledger:
             ),
         )
         if target == 0:
-            return "booked"  # first seen cancelled: recorded, books nothing
+            # First seen cancelled: books nothing. But the mall counted the sale and has
+            # now put the units back, and a push since the sale may have overwritten
+            # the counter that had them off: goqd's count goes out again.
+            self._queue_listing(store, line.listing_key)
+            return "booked"
         if line.updated_at < listing[2] - BEFORE_IMPORT_MARGIN_S and store == listing[3]:
             # A sale in the store the product was imported from, older than the import:
             # the imported count already reflects it (a first poll looks back a day).
@@ -647,7 +911,8 @@ class Ledger:
     ) -> tuple[int, int]:
         """Change a SKU's total by ``delta``, record the movement, queue the pushes."""
         row = self.conn.execute(
-            "UPDATE products SET total = total + ? WHERE sku = ? RETURNING total, held",
+            "UPDATE products SET total = total + ? WHERE sku = ? RETURNING total, held, "
+            "count_known",
             (delta, sku),
         ).fetchone()
         if row is None:
@@ -656,7 +921,9 @@ class Ledger:
         held = int(row[1])
         before = after - delta
         oversold = 0
-        if cause in ("order", "correction") and delta < 0:
+        # A product without a known count has no stock to sell below: its total only
+        # keeps the movements until `goqctl stock set` gives the count.
+        if cause in ("order", "correction") and delta < 0 and row[2]:
             oversold = max(0, -after) - max(0, -before)
         if oversold:
             self._batch_oversold += oversold
@@ -696,6 +963,8 @@ class Ledger:
             "attempts) SELECT l.store, l.listing_key, l.sku, max(0, p.total - p.held), ?, 0, 0 "
             "FROM json_each(?) j JOIN listings l ON l.sku = j.value "
             "JOIN products p ON p.sku = l.sku WHERE l.link_state = 'linked' "
+            # Unknown count (unlimited at its mall): pushing 0 would show it sold out.
+            "AND p.count_known = 1 "
             "ON CONFLICT (store, listing_key) DO UPDATE SET quantity = excluded.quantity, "
             "version = excluded.version, sku = excluded.sku, not_before = 0, attempts = 0 "
             "RETURNING store",
@@ -712,6 +981,7 @@ class Ledger:
             "SELECT l.store, l.listing_key, l.sku, max(0, p.total - p.held), ?, 0, 0 "
             "FROM listings l JOIN products p ON p.sku = l.sku "
             "WHERE l.store = ? AND l.listing_key = ? AND l.link_state = 'linked' "
+            "AND p.count_known = 1 "
             "ON CONFLICT (store, listing_key) DO UPDATE SET quantity = excluded.quantity, "
             "version = excluded.version, sku = excluded.sku, not_before = 0, attempts = 0 "
             "RETURNING store",
@@ -754,6 +1024,15 @@ class Ledger:
         conn = self.conn
         changed = 0
         now = self.now()
+        accepted = [o.listing_key for o in msg.outcomes if o.accepted]
+        if accepted:
+            # The mall took these listings' counts: an earlier refusal of them is over.
+            conn.execute(
+                "UPDATE errors SET cleared_at = ?, cleared_by = 'resolved' WHERE store = ? "
+                "AND code = 'listing_rejected' AND cleared_at IS NULL AND listing_key IN "
+                "(SELECT value FROM json_each(?))",
+                (now, msg.store, msgspec.json.encode(accepted).decode()),
+            )
         for out in msg.outcomes:
             if out.accepted:
                 cur = conn.execute(
@@ -798,13 +1077,18 @@ class Ledger:
                     "WHERE store = ? AND listing_key = ? AND version = ?",
                     (now + REJECT_RETRY_S, msg.store, out.listing_key, out.version),
                 )
+                mall_code = out.code if out.code != "listing_rejected" else ""
+                message = out.message or "the mall refused this listing's stock update"
+                if mall_code and mall_code not in message:
+                    message = f"{mall_code}: {message}"  # read in a log or a mail, too
                 self.record_error(
                     m.RecordError(
                         store=msg.store,
                         level=8,
-                        code=out.code or "listing_rejected",
-                        message=out.message or "the mall refused this listing's stock update",
+                        code="listing_rejected",
+                        message=message,
                         listing_key=out.listing_key,
+                        mall_code=mall_code,
                     )
                 )
         return m.Done(changed=changed)
@@ -892,6 +1176,12 @@ class Ledger:
         it. A hold that a later poll did not explain with an order, or older than
         ``hold_expiry``, is released and reported: the counter fell for another reason
         (an edit at the mall, an increase the mall acknowledged but did not apply).
+
+        Each fall is held as a layer of its own, as old as the reading that found it
+        (``_hold_layers``): a booked sale explains the oldest layer first and only the
+        layers no poll explained are released. One age for the whole hold let units held
+        for a second sale inherit the first sale's age and be released as unexplained
+        before any poll could have returned their order.
         """
         conn = self.conn
         now = self.now()
@@ -899,7 +1189,8 @@ class Ledger:
         for seen in msg.counts:
             row = conn.execute(
                 "SELECT l.sku, l.link_state, l.held, l.last_pushed_qty, "
-                "l.watch_at, o.sent_min, o.version IS NOT NULL, l.watch_qty "
+                "l.watch_at, o.sent_min, o.version IS NOT NULL, l.watch_qty, "
+                "l.hold_layers, l.held_since "
                 "FROM listings l LEFT JOIN outbox o ON o.store = l.store "
                 "AND o.listing_key = l.listing_key WHERE l.store = ? AND l.listing_key = ?",
                 (msg.store, seen.listing_key),
@@ -910,7 +1201,7 @@ class Ledger:
             # read for the first time is expected at the last count the mall accepted,
             # unless a push is queued for it: then a booking came after that count
             # (and is not in it), so this reading is only the starting point.
-            sku, _, held, pushed, _, sent, queued, last_seen = row
+            sku, _, held, pushed, _, sent, queued, last_seen, raw_layers, since = row
             expected = last_seen if last_seen is not None else None if queued else pushed
             if expected is not None and sent is not None:
                 # A push sent but not acknowledged may have landed (a timeout after the
@@ -927,11 +1218,23 @@ class Ledger:
                     self._queue_listing(msg.store, seen.listing_key)
             if seen.quantity == last_seen and new_held == held:
                 continue  # the usual case: nothing moved, nothing to write
+            layers = self._hold_layers(raw_layers, held, since)
+            if new_held > held:
+                layers.append((now, new_held - held))
+            elif new_held < held:
+                # Units came back (a cancellation at the mall) and which sale's they were
+                # is unknown: off the oldest layers, so what stays held stays longest.
+                layers = self._explain_oldest(layers, held - new_held)
             conn.execute(
-                "UPDATE listings SET watch_qty = ?, held = ?, held_since = CASE "
-                "WHEN ? = 0 THEN NULL ELSE coalesce(held_since, ?) END "
+                "UPDATE listings SET watch_qty = ?, held = ?, held_since = ?, hold_layers = ? "
                 "WHERE store = ? AND listing_key = ?",
-                (seen.quantity, new_held, new_held, now, msg.store, seen.listing_key),
+                (
+                    seen.quantity,
+                    new_held,
+                    *self._layer_columns(layers),
+                    msg.store,
+                    seen.listing_key,
+                ),
             )
             if new_held != held:
                 conn.execute(
@@ -947,14 +1250,17 @@ class Ledger:
                     f"without a booked order; {new_held} held",
                 )
                 changed += 1
+        # ``held_since`` is the oldest layer's time: the listings with a layer due.
+        due = max(now - msg.hold_expiry, msg.explained_before)
         expired = conn.execute(
-            "SELECT listing_key, held FROM listings INDEXED BY listings_holding "
-            "WHERE store = ? AND held > 0 "
-            "AND held_since < ?",
-            (msg.store, max(now - msg.hold_expiry, msg.explained_before)),
+            "SELECT listing_key FROM listings INDEXED BY listings_holding "
+            "WHERE store = ? AND held > 0 AND held_since < ?",
+            (msg.store, due),
         ).fetchall()
-        for key, held in expired:
-            self._release_hold(msg.store, key)
+        for (key,) in expired:
+            released = self._release_hold(msg.store, key, before=due)
+            if not released:
+                continue
             changed += 1
             self.record_error(
                 m.RecordError(
@@ -962,7 +1268,7 @@ class Ledger:
                     level=8,
                     code="count_fell_without_order",
                     message=(
-                        f"listing {key}: the mall's count fell by {held} but no order "
+                        f"listing {key}: the mall's count fell by {released} but no order "
                         "explains it (edited at the mall, or an update the mall did not "
                         "apply); goqd's count is pushed again"
                     ),
@@ -974,42 +1280,98 @@ class Ledger:
     def _sale_booked(
         self, store: str, listing_key: str, sku: str, sold: int, held: int, expected: int | None
     ) -> None:
-        """A booked sale explains held units of its listing first; the rest is a sale
-        the watch has not seen yet, so its expected counter drops with it. (A listing the
-        watch never read has no expectation to move: see ``stock_seen``.) ``held`` and
-        ``expected`` are the listing's ``held`` and ``watch_qty``, as the caller read them."""
+        """A booked sale explains held units of its listing first, the oldest layer first
+        (orders come in the order they were placed); the rest is a sale the watch has not
+        seen yet, so its expected counter drops with it. (A listing the watch never read
+        has no expectation to move: see ``stock_seen``.) ``held`` and ``expected`` are the
+        listing's ``held`` and ``watch_qty``, as the caller read them."""
         if held == 0 and expected is None:
             return  # the watch does not know this listing: nothing to write
         use = min(held, sold)
+        watch_qty = None if expected is None else expected - (sold - use)
+        if not use:
+            self.conn.execute(
+                "UPDATE listings SET watch_qty = ?, watch_at = ? "
+                "WHERE store = ? AND listing_key = ?",
+                (watch_qty, self.now(), store, listing_key),
+            )
+            return
+        raw, since = self.conn.execute(
+            "SELECT hold_layers, held_since FROM listings WHERE store = ? AND listing_key = ?",
+            (store, listing_key),
+        ).fetchone()
+        layers = self._explain_oldest(self._hold_layers(raw, held, since), use)
         self.conn.execute(
-            "UPDATE listings SET held = ?, held_since = CASE WHEN ? = 0 THEN NULL "
-            "ELSE held_since END, watch_qty = ?, watch_at = ? "
-            "WHERE store = ? AND listing_key = ?",
+            "UPDATE listings SET held = ?, held_since = ?, hold_layers = ?, watch_qty = ?, "
+            "watch_at = ? WHERE store = ? AND listing_key = ?",
             (
                 held - use,
-                held - use,
-                None if expected is None else expected - (sold - use),
+                *self._layer_columns(layers),
+                watch_qty,
                 self.now(),
                 store,
                 listing_key,
             ),
         )
-        if use:
-            self.conn.execute("UPDATE products SET held = held - ? WHERE sku = ?", (use, sku))
+        self.conn.execute("UPDATE products SET held = held - ? WHERE sku = ?", (use, sku))
 
-    def _release_hold(self, store: str, listing_key: str) -> None:
+    def _release_hold(self, store: str, listing_key: str, *, before: float | None = None) -> int:
+        """Release the listing's hold layers older than ``before`` (all of them if None);
+        returns the units released."""
         row = self.conn.execute(
-            "SELECT sku, held FROM listings WHERE store = ? AND listing_key = ?",
+            "SELECT sku, held, hold_layers, held_since FROM listings "
+            "WHERE store = ? AND listing_key = ?",
             (store, listing_key),
         ).fetchone()
         if row is None or not row[1]:
-            return
+            return 0
+        sku, held, raw, since = row
+        layers = self._hold_layers(raw, held, since)
+        keep = [] if before is None else [x for x in layers if x[0] >= before]
+        released = int(held) - sum(units for _, units in keep)
+        if not released:
+            return 0
         self.conn.execute(
-            "UPDATE listings SET held = 0, held_since = NULL WHERE store = ? AND listing_key = ?",
-            (store, listing_key),
+            "UPDATE listings SET held = ?, held_since = ?, hold_layers = ? "
+            "WHERE store = ? AND listing_key = ?",
+            (held - released, *self._layer_columns(keep), store, listing_key),
         )
-        self.conn.execute("UPDATE products SET held = held - ? WHERE sku = ?", (row[1], row[0]))
-        self._move(row[0], 0, "hold", store=store, reason=f"{listing_key}: {row[1]} released")
+        self.conn.execute("UPDATE products SET held = held - ? WHERE sku = ?", (released, sku))
+        self._move(sku, 0, "hold", store=store, reason=f"{listing_key}: {released} released")
+        return released
+
+    @staticmethod
+    def _hold_layers(raw: str | None, held: int, since: float | None) -> list[tuple[float, int]]:
+        """A listing's hold as ``(since, units)`` layers, oldest first, summing to ``held``.
+
+        A hold written before layers existed has none: it reads as one layer as old as
+        its ``held_since``, which is what it was.
+        """
+        if held <= 0:
+            return []
+        if raw is not None:
+            layers = msgspec.json.decode(raw, type=list[tuple[float, int]])
+            if sum(units for _, units in layers) == held:
+                return layers
+        return [(since if since is not None else 0.0, held)]
+
+    @staticmethod
+    def _explain_oldest(layers: list[tuple[float, int]], units: int) -> list[tuple[float, int]]:
+        """``layers`` less ``units`` units, taken off the oldest layers first."""
+        left: list[tuple[float, int]] = []
+        for since, held in layers:
+            use = min(units, held)
+            units -= use
+            if held > use:
+                left.append((since, held - use))
+        return left
+
+    @staticmethod
+    def _layer_columns(layers: list[tuple[float, int]]) -> tuple[float | None, str | None]:
+        """``held_since`` and ``hold_layers`` for ``layers``: both NULL when nothing is held."""
+        if not layers:
+            return None, None
+        return layers[0][0], msgspec.json.encode(layers).decode()
 
     # ---------------------------------------------------------------- operator stock
 
@@ -1023,13 +1385,27 @@ class Ledger:
         if quantity < 0:
             raise LedgerError(f"stock for {sku!r} cannot be set below 0 (got {quantity})")
         delta = quantity - self._total(sku)
+        # A count given by the operator is known from now on: its pushes go out (a move
+        # of 0 still marks the SKU, so every linked listing is queued).
+        self.conn.execute(
+            "UPDATE products SET count_known = 1 WHERE sku = ? AND count_known = 0", (sku,)
+        )
         after, mid = self._move(sku, delta, "set", reason=reason)
         return m.StockChanged(sku=sku, total=after, delta=delta, movement_id=mid)
 
     def adjust_stock(self, sku: str, delta: int, reason: str) -> m.StockChanged:
         self._total(sku)
+        if not self._count_known(sku):
+            raise CountUnknown(
+                f"{sku!r} has no known count to adjust (it was imported without one: "
+                f"unlimited or untracked at its mall); set it: `goqctl stock set {sku} N`"
+            )
         after, mid = self._move(sku, delta, "adjust", reason=reason)
         return m.StockChanged(sku=sku, total=after, delta=delta, movement_id=mid)
+
+    def _count_known(self, sku: str) -> bool:
+        row = self.conn.execute("SELECT count_known FROM products WHERE sku = ?", (sku,)).fetchone()
+        return row is not None and bool(row[0])
 
     def history(self, sku: str, limit: int) -> m.History:
         total = self._total(sku)
@@ -1069,13 +1445,13 @@ class Ledger:
                 self.conn.execute("UPDATE products SET name = ? WHERE sku = ?", (msg.name, msg.sku))
                 return m.Done(changed=1)
             return m.Done(changed=0)
-        total = msg.total or 0
+        total = (msg.total or 0) if msg.count_known else 0
         if total < 0:
             raise LedgerError(f"initial stock for {msg.sku!r} cannot be negative")
         self.conn.execute(
-            "INSERT INTO products (sku, name, total, first_store, created_at, code_fold) "
-            "VALUES (?, ?, 0, ?, ?, ?)",
-            (msg.sku, msg.name, msg.store, self.now(), fold(msg.sku)),
+            "INSERT INTO products (sku, name, total, first_store, created_at, code_fold, "
+            "count_known) VALUES (?, ?, 0, ?, ?, ?, ?)",
+            (msg.sku, msg.name, msg.store, self.now(), fold(msg.sku), int(msg.count_known)),
         )
         self._move(msg.sku, total, "import", store=msg.store)
         released = self._release_for_sku(msg.sku)
@@ -1118,9 +1494,10 @@ class Ledger:
                 ),
             )
         released = 0
+        warnings: tuple[str, ...] = ()
         if msg.sku is not None and (row is None or row[0] != msg.sku):
             done = self.link(msg.store, msg.listing_key, msg.sku)
-            released = done.released
+            released, warnings = done.released, done.warnings
         elif (
             row is not None
             and row[1] == "linked"
@@ -1129,7 +1506,7 @@ class Ledger:
         ):
             # Mall attributes go out with the next push; queue one so they do.
             self._queue_listing(msg.store, msg.listing_key)
-        return m.Done(changed=1, released=released)
+        return m.Done(changed=1, released=released, warnings=warnings)
 
     def set_listing_attrs(self, msg: m.SetListingAttrs) -> m.Done:
         row = self.conn.execute(
@@ -1157,17 +1534,24 @@ class Ledger:
         return m.Done(changed=1)
 
     def link(self, store: str, listing_key: str, sku: str) -> m.Done:
+        """Link a listing goqd has seen (imported, or named by a polled order) to a product.
+
+        A listing nobody has shown is refused, never created: a mistyped key would
+        otherwise become a second listing of the product, make both ambiguous and park
+        their orders.
+        """
         conn = self.conn
-        self._total(sku)
         row = conn.execute(
             "SELECT sku FROM listings WHERE store = ? AND listing_key = ?", (store, listing_key)
         ).fetchone()
         if row is None:
-            conn.execute(
-                "INSERT INTO listings (store, listing_key, link_code) VALUES (?, ?, ?)",
-                (store, listing_key, sku),
+            raise UnknownListing(
+                f"no listing {listing_key!r} in store {store!r}: goqd links only listings "
+                f"an import or the mall has shown; run `goqctl import {store}` first "
+                f"(see `goqctl listings {store}`)"
             )
-        old_sku = row[0] if row is not None else None
+        self._total(sku)
+        old_sku = row[0]
         conn.execute(
             "UPDATE listings SET sku = ?, link_state = 'linked' "
             "WHERE store = ? AND listing_key = ?",
@@ -1176,14 +1560,46 @@ class Ledger:
         released = self._resolve_links(store, sku)
         if old_sku is not None and old_sku != sku:
             released += self._resolve_links(store, old_sku)
-        return m.Done(changed=1, released=released)
+        return m.Done(
+            changed=1, released=released, warnings=self._ambiguity_warnings(store, listing_key)
+        )
+
+    def _ambiguity_warnings(self, store: str, listing_key: str) -> tuple[str, ...]:
+        """What to tell the operator when a link left ``listing_key`` ambiguous."""
+        row = self.conn.execute(
+            "SELECT sku, link_state FROM listings WHERE store = ? AND listing_key = ?",
+            (store, listing_key),
+        ).fetchone()
+        if row is None or row[1] != "ambiguous":
+            return ()
+        keys = self._listings_of(store, row[0])
+        other = next(k for k in keys if k != listing_key)
+        return (
+            f"複数の商品が紐づいています: product {row[0]!r} now has {len(keys)} listings in "
+            f"store {store!r} ({', '.join(keys)}): orders for them are parked and none of "
+            f"them is pushed until one is left. Unlink the wrong one: "
+            f"`goqctl unlink {shlex.quote(store)} {shlex.quote(other)}` (or "
+            f"`goqctl unlink {shlex.quote(store)} {shlex.quote(listing_key)}`), then check "
+            f"差異商品: `goqctl diff {shlex.quote(store)}`",
+        )
+
+    def _listings_of(self, store: str, sku: str) -> list[str]:
+        return [
+            r[0]
+            for r in self.conn.execute(
+                "SELECT listing_key FROM listings WHERE store = ? AND sku = ? ORDER BY listing_key",
+                (store, sku),
+            )
+        ]
 
     def unlink(self, store: str, listing_key: str) -> m.Done:
         row = self.conn.execute(
             "SELECT sku FROM listings WHERE store = ? AND listing_key = ?", (store, listing_key)
         ).fetchone()
         if row is None:
-            raise LedgerError(f"no listing {listing_key!r} in store {store!r}")
+            raise UnknownListing(
+                f"no listing {listing_key!r} in store {store!r}; see `goqctl listings {store}`"
+            )
         self._release_hold(store, listing_key)
         self.conn.execute(
             "UPDATE listings SET sku = NULL, link_state = 'unlinked', watch_qty = NULL "
@@ -1194,6 +1610,8 @@ class Ledger:
             "DELETE FROM outbox WHERE store = ? AND listing_key = ?", (store, listing_key)
         )
         released = self._resolve_links(store, row[0]) if row[0] is not None else 0
+        if store in self._parked_stores:
+            self._parked_error(store, listing_key, bump=False)
         return m.Done(changed=1, released=released)
 
     def _resolve_links(self, store: str, sku: str) -> int:
@@ -1205,13 +1623,7 @@ class Ledger:
         and its count queued for a push.
         """
         conn = self.conn
-        keys = [
-            r[0]
-            for r in conn.execute(
-                "SELECT listing_key FROM listings WHERE store = ? AND sku = ? ORDER BY listing_key",
-                (store, sku),
-            )
-        ]
+        keys = self._listings_of(store, sku)
         now = self.now()
         if len(keys) > 1:
             conn.execute(
@@ -1233,6 +1645,8 @@ class Ledger:
                         ),
                     )
                 )
+                if store in self._parked_stores:
+                    self._parked_error(store, key, bump=False)
             return 0
         released = 0
         for key in keys:
@@ -1245,8 +1659,8 @@ class Ledger:
                     (store, key),
                 )
             conn.execute(
-                "UPDATE errors SET cleared_at = ? WHERE store = ? AND code = ? AND "
-                "listing_key = ? AND cleared_at IS NULL",
+                "UPDATE errors SET cleared_at = ?, cleared_by = 'resolved' WHERE store = ? "
+                "AND code = ? AND listing_key = ? AND cleared_at IS NULL",
                 (now, store, MULTIPLE_LINKS, key),
             )
             released += self._release_parked(store, key)
@@ -1255,7 +1669,8 @@ class Ledger:
         # Per open error row (few), a primary-key lookup: never a scan of the store's
         # listings, which made a 100,000-listing import quadratic.
         conn.execute(
-            "UPDATE errors SET cleared_at = ? WHERE store = ? AND code = ? AND cleared_at IS NULL "
+            "UPDATE errors SET cleared_at = ?, cleared_by = 'resolved' WHERE store = ? "
+            "AND code = ? AND cleared_at IS NULL "
             "AND EXISTS (SELECT 1 FROM listings l WHERE l.store = errors.store "
             "AND l.listing_key = errors.listing_key "
             "AND (l.sku IS NULL OR l.link_state = 'linked'))",
@@ -1275,7 +1690,57 @@ class Ledger:
         )
         for (blob,) in rows:
             self._book_one(store, _line_decoder.decode(blob))
+        # Booked (a line that parked again has refreshed the error instead): the listing's
+        # error is resolved, kept in history.
+        if not self.conn.execute(
+            "SELECT 1 FROM parked_lines WHERE store = ? AND listing_key = ? LIMIT 1",
+            (store, listing_key),
+        ).fetchone():
+            self.conn.execute(
+                "UPDATE errors SET cleared_at = ?, cleared_by = 'resolved' WHERE store = ? "
+                "AND code = ? AND listing_key = ? AND cleared_at IS NULL",
+                (self.now(), store, NOT_LINKED, listing_key),
+            )
         return len(rows)
+
+    def _parked_error(self, store: str, listing_key: str, *, bump: bool = True) -> None:
+        """Record (``bump``) or just reword the listing_not_linked error of a listing with
+        parked lines: how many, why, and the command that gets them booked."""
+        conn = self.conn
+        (n,) = conn.execute(
+            "SELECT count(*) FROM parked_lines WHERE store = ? AND listing_key = ?",
+            (store, listing_key),
+        ).fetchone()
+        if not n:
+            return
+        row = conn.execute(
+            "SELECT sku, link_state FROM listings WHERE store = ? AND listing_key = ?",
+            (store, listing_key),
+        ).fetchone()
+        sku, state = row if row is not None else (None, "unlinked")
+        others = self._listings_of(store, sku) if state == "ambiguous" and sku else []
+        message = (
+            f"連携できない商品: {n} order line(s) of listing {listing_key!r} in store "
+            f"{store!r} are parked: {_park_reason(state, sku, others)}, so these sales lower "
+            f"no other store. To book them: {_park_action(store, listing_key, state, others)}"
+            f" (list them: goqctl parked --store {shlex.quote(store)})"
+        )
+        if bump:
+            self.record_error(
+                m.RecordError(
+                    store=store,
+                    level=8,
+                    code=NOT_LINKED,
+                    message=message,
+                    listing_key=listing_key,
+                )
+            )
+        else:
+            conn.execute(
+                "UPDATE errors SET message = ? WHERE store = ? AND code = ? AND listing_key = ? "
+                "AND cleared_at IS NULL",
+                (message, store, NOT_LINKED, listing_key),
+            )
 
     def _release_for_sku(self, sku: str) -> int:
         released = 0
@@ -1362,19 +1827,23 @@ class Ledger:
             attrs = listing.attrs
             if row is None:
                 report["new_listings"] += 1
-                if msg.default_lead_time is not None and attrs.lead_time_days is None:
+            # As GoQSystem's 在庫連携 does (在庫連携へ未登録の商品のみ…置き換わります): a
+            # listing new to goqd (never imported: no attributes yet, even if an order
+            # named it) takes the store's default lead time instead of the mall's; a
+            # lead time goqd already knows is never changed by an import. Either way the
+            # mall gets goqd's value with the next push.
+            old = _decode_attrs(row[2]) if row is not None else _EMPTY_ATTRS
+            if row is None or row[2] is None:
+                if msg.default_lead_time is not None:
                     attrs = msgspec.structs.replace(attrs, lead_time_days=msg.default_lead_time)
-            else:
-                old = _decode_attrs(row[2])
-                # A lead time set in goqd survives re-import (the mall's may be absent).
-                if attrs.lead_time_days is None and old.lead_time_days is not None:
-                    attrs = msgspec.structs.replace(attrs, lead_time_days=old.lead_time_days)
-                if (
-                    _encode_attrs(attrs) != (row[2] or _encode_attrs(_EMPTY_ATTRS))
-                    or listing.name != row[3]
-                    or listing.link_code != row[4]
-                ):
-                    report["updated"] += 1
+            elif old.lead_time_days is not None:
+                attrs = msgspec.structs.replace(attrs, lead_time_days=old.lead_time_days)
+            if row is not None and (
+                _encode_attrs(attrs) != (row[2] or _encode_attrs(_EMPTY_ATTRS))
+                or listing.name != row[3]
+                or listing.link_code != row[4]
+            ):
+                report["updated"] += 1
             self.upsert_listing(
                 m.UpsertListing(
                     store=msg.store,
@@ -1391,15 +1860,27 @@ class Ledger:
                 if not listing.link_code:
                     report["unlinked"] += 1
                     continue
+                known = listing.quantity is not None
                 self.upsert_product(
                     m.UpsertProduct(
                         sku=listing.link_code,
                         name=listing.name,
                         total=max(0, listing.quantity or 0),
                         store=msg.store,
+                        count_known=known,
                     )
                 )
                 report["created"] += 1
+                if not known:
+                    # Unlimited (or untracked) at the base mall: 0 pushed everywhere would
+                    # show it sold out at every mall. Out of sync until given a count.
+                    report["count_unknown"] += 1
+                    report["problems"].append(
+                        f"{msg.store}/{listing.listing_key}: product {listing.link_code} was "
+                        "created without a count (unlimited or not tracked at the mall); "
+                        "nothing is pushed for it until you set one: "
+                        f"goqctl stock set {shlex.quote(listing.link_code)} N"
+                    )
             self._link_by_code(msg.store, listing.listing_key, listing.link_code, msg.rules, report)
         return _link_report(msg.store, report)
 
@@ -1450,23 +1931,265 @@ class Ledger:
                 self.adjust_stock(sku, n, msg.reason)
         return m.Done(changed=len(msg.items))
 
+    # ---------------------------------------------------------------- staged stock imports
+
+    def stock_import(self, msg: m.StockImportStep) -> m.LedgerReply:
+        """One step of a staged stock import (``messages.StockImportStep``).
+
+        Not deduplicated by ``_idempotent``: the import row itself carries the request
+        id, and every step is safe to repeat (a chunk applied is deleted from staging in
+        its own transaction, so it is never applied again).
+        """
+        match msg:
+            case m.BeginStockImport():
+                return self._begin_stock_import(msg)
+            case m.StageStockRows():
+                return self._stage_stock_rows(msg)
+            case m.SealStockImport():
+                return self._seal_stock_import(msg)
+            case m.ApplyStockImport():
+                return self._apply_stock_import(msg)
+            case m.DiscardStockImport():
+                return self._discard_stock_import(msg)
+            case m.ListStockImports():
+                rows = self.conn.execute(
+                    f"SELECT {_IMPORT_COLUMNS} FROM stock_imports i "
+                    "WHERE state IN ('staging', 'applying') OR (state = 'discarded' AND "
+                    "EXISTS (SELECT 1 FROM stock_import_rows r WHERE r.import_id = i.id)) "
+                    "ORDER BY id"
+                ).fetchall()
+                return m.StockImportList(imports=tuple(_import_job(r) for r in rows))
+        raise LedgerError(f"unknown stock import step {type(msg).__name__}")
+
+    def _import_row(self, import_id: int) -> tuple[Any, ...]:
+        row = self.conn.execute(
+            f"SELECT {_IMPORT_COLUMNS} FROM stock_imports WHERE id = ?", (import_id,)
+        ).fetchone()
+        if row is None:
+            raise LedgerError(f"no stock import {import_id}")
+        return cast(tuple[Any, ...], row)
+
+    def _begin_stock_import(self, msg: m.BeginStockImport) -> m.StockImportJob:
+        conn = self.conn
+        if msg.request_id:
+            row = conn.execute(
+                f"SELECT {_IMPORT_COLUMNS} FROM stock_imports "
+                "WHERE request_id = ? AND state != 'discarded'",
+                (msg.request_id,),
+            ).fetchone()
+            if row is not None:
+                if row[3] != msg.digest:
+                    raise LedgerError(
+                        f"request id {msg.request_id!r} was already used for a different "
+                        "stock CSV; nothing was applied: send this file with a new id"
+                    )
+                if row[1] != "staging":
+                    return _import_job(row)
+                # Left half-staged by a daemon that stopped: its rows may be incomplete,
+                # so it is dropped (its rows are purged later, a chunk at a time) and the
+                # file is staged again from the top.
+                conn.execute(
+                    "UPDATE stock_imports SET state = 'discarded', finished_at = ? WHERE id = ?",
+                    (self.now(), row[0]),
+                )
+        (import_id,) = conn.execute(
+            "INSERT INTO stock_imports (request_id, digest, mode, reason, state, created_at) "
+            "VALUES (?, ?, ?, ?, 'staging', ?) RETURNING id",
+            (msg.request_id, msg.digest, msg.mode, msg.reason, self.now()),
+        ).fetchone()
+        return m.StockImportJob(
+            import_id=import_id, state="staging", request_id=msg.request_id, digest=msg.digest
+        )
+
+    def _stage_stock_rows(self, msg: m.StageStockRows) -> m.Done:
+        conn = self.conn
+        row = self._import_row(msg.import_id)
+        if row[1] != "staging":
+            raise LedgerError(f"stock import {msg.import_id} is {row[1]}, no longer staging")
+        rows = msg.rows
+        if not rows:
+            return m.Done()
+        (missing,) = conn.execute(
+            "SELECT min(j.key) FROM json_each(?) j LEFT JOIN products p ON p.sku = j.value "
+            "WHERE p.sku IS NULL",
+            (msgspec.json.encode([r[1] for r in rows]).decode(),),
+        ).fetchone()
+        if missing is not None:
+            line, sku, _ = rows[missing]
+            raise InputError(
+                f"{msg.where}: line {line}: sku {sku!r} is not a product goqd has "
+                "(see `goqctl products`)"
+            )
+        if row[8] == "adjust":
+            (unknown,) = conn.execute(
+                "SELECT min(j.key) FROM json_each(?) j JOIN products p ON p.sku = j.value "
+                "WHERE p.count_known = 0",
+                (msgspec.json.encode([r[1] for r in rows]).decode(),),
+            ).fetchone()
+            if unknown is not None:
+                line, sku, _ = rows[unknown]
+                raise InputError(
+                    f"{msg.where}: line {line}: sku {sku!r} has no known count to adjust "
+                    "(imported without one); set it with a sku,quantity CSV or "
+                    f"`goqctl stock set {sku} N`"
+                )
+        try:
+            conn.executemany(
+                "INSERT INTO stock_import_rows (import_id, line, sku, n) VALUES (?, ?, ?, ?)",
+                ((msg.import_id, line, sku, n) for line, sku, n in rows),
+            )
+        except sqlite3.IntegrityError:
+            # The unique index found a SKU twice; name the first repeat and its first
+            # line (the rows before it in this chunk are in, the savepoint drops them).
+            for line, sku, _ in rows:
+                (first,) = conn.execute(
+                    "SELECT min(line) FROM stock_import_rows WHERE import_id = ? AND sku = ?",
+                    (msg.import_id, sku),
+                ).fetchone()
+                if first is not None and first < line:
+                    raise duplicate_sku(msg.where, line, sku, first) from None
+            raise
+        conn.execute(
+            "UPDATE stock_imports SET staged = staged + ? WHERE id = ?",
+            (len(rows), msg.import_id),
+        )
+        return m.Done(changed=len(rows))
+
+    def _seal_stock_import(self, msg: m.SealStockImport) -> m.StockImportJob:
+        row = self._import_row(msg.import_id)
+        if row[1] == "discarded":
+            raise LedgerError(f"stock import {msg.import_id} was discarded; nothing was applied")
+        if row[1] == "staging":
+            if row[4] != msg.rows:
+                raise LedgerError(
+                    f"stock import {msg.import_id}: {row[4]} rows staged but {msg.rows} "
+                    "read; nothing was applied"
+                )
+            self.conn.execute(
+                "UPDATE stock_imports SET state = 'applying' WHERE id = ?", (msg.import_id,)
+            )
+            row = self._import_row(msg.import_id)
+        return _import_job(row)
+
+    def _apply_stock_import(self, msg: m.ApplyStockImport) -> m.StockImportJob:
+        conn = self.conn
+        row = self._import_row(msg.import_id)
+        if row[1] == "done":
+            return _import_job(row)
+        if row[1] != "applying":
+            # Answered, not refused: the caller tells this lasting state from a failed
+            # transaction, which it retries.
+            return _import_job(row)
+        mode, reason = row[8], row[9]
+        limit = max(1, msg.limit)
+        rows = conn.execute(
+            "SELECT line, sku, n FROM stock_import_rows WHERE import_id = ? ORDER BY line LIMIT ?",
+            (msg.import_id, limit),
+        ).fetchall()
+        applied = skipped = 0
+        for _line, sku, n in rows:
+            try:
+                if mode == "set":
+                    self.set_stock(sku, n, reason)
+                else:
+                    self.adjust_stock(sku, n, reason)
+            except (UnknownSku, CountUnknown):
+                # Deleted (`goqctl delete`) after its row was staged, or deleted and
+                # imported again without a count: nothing to set or adjust.
+                skipped += 1
+                continue
+            applied += 1
+        if rows:
+            conn.execute(
+                "DELETE FROM stock_import_rows WHERE import_id = ? AND line <= ?",
+                (msg.import_id, rows[-1][0]),
+            )
+        conn.execute(
+            "UPDATE stock_imports SET applied = applied + ?, skipped = skipped + ? WHERE id = ?",
+            (applied, skipped, msg.import_id),
+        )
+        if len(rows) < limit:  # nothing left: the import is done
+            total, skipped_total = row[5] + applied, row[6] + skipped
+            detail = ""
+            if skipped_total:
+                detail = (
+                    f"{total} stock count(s) imported; {skipped_total} row(s) skipped: "
+                    "their product was deleted while the import ran"
+                )
+            conn.execute(
+                "UPDATE stock_imports SET state = 'done', reply = ?, finished_at = ? WHERE id = ?",
+                (
+                    msgspec.msgpack.encode(m.Done(changed=total, detail=detail)),
+                    self.now(),
+                    msg.import_id,
+                ),
+            )
+        crashpoint("stock_import.chunk_applied")
+        return _import_job(self._import_row(msg.import_id))
+
+    def _discard_stock_import(self, msg: m.DiscardStockImport) -> m.Done:
+        row = self._import_row(msg.import_id)
+        if row[1] in ("applying", "done"):
+            raise LedgerError(
+                f"stock import {msg.import_id} is sealed: it is applied, never discarded"
+            )
+        if row[1] == "staging":
+            self.conn.execute(
+                "UPDATE stock_imports SET state = 'discarded', finished_at = ? WHERE id = ?",
+                (self.now(), msg.import_id),
+            )
+        cur = self.conn.execute(
+            "DELETE FROM stock_import_rows WHERE import_id = ?1 AND line IN "
+            "(SELECT line FROM stock_import_rows WHERE import_id = ?1 ORDER BY line LIMIT ?2)",
+            (msg.import_id, max(1, msg.limit)),
+        )
+        return m.Done(changed=cur.rowcount)
+
     # ---------------------------------------------------------------- errors
 
     def record_error(self, msg: m.RecordError) -> m.Done:
+        """Open an error, or bump the open one of the same store, code and listing (its
+        count, last time, message and mall code follow the latest occurrence)."""
         now = self.now()
         cur = self.conn.execute(
-            "UPDATE errors SET last_seen = ?, count = count + 1, message = ?, level = ? "
-            "WHERE store = ? AND code = ? AND listing_key = ? AND cleared_at IS NULL",
-            (now, msg.message, msg.level, msg.store, msg.code, msg.listing_key),
+            "UPDATE errors SET last_seen = ?, count = count + 1, message = ?, level = ?, "
+            "mall_code = ? WHERE store = ? AND code = ? AND listing_key = ? "
+            "AND cleared_at IS NULL",
+            (now, msg.message, msg.level, msg.mall_code, msg.store, msg.code, msg.listing_key),
         )
         if cur.rowcount == 0:
             self.conn.execute(
                 "INSERT INTO errors (store, level, code, message, listing_key, first_seen, "
-                "last_seen) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (msg.store, msg.level, msg.code, msg.message, msg.listing_key, now, now),
+                "last_seen, mall_code) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    msg.store,
+                    msg.level,
+                    msg.code,
+                    msg.message,
+                    msg.listing_key,
+                    now,
+                    now,
+                    msg.mall_code,
+                ),
             )
             return m.Done(changed=1)
         return m.Done(changed=0)
+
+    def resolve_errors(self, msg: m.ResolveErrors) -> m.Done:
+        """Mark open errors whose cause went away by itself resolved (``cleared_by``
+        "healed"), kept in history. Never level 9: a credential needs the operator."""
+        sql = (
+            "UPDATE errors SET cleared_at = ?, cleared_by = 'healed' WHERE store = ? "
+            "AND listing_key = ? AND cleared_at IS NULL AND level < 9"
+        )
+        args: list[Any] = [self.now(), msg.store, msg.listing_key]
+        if msg.codes:
+            sql += " AND code IN (SELECT value FROM json_each(?))"
+            args.append(msgspec.json.encode(msg.codes).decode())
+        if msg.before is not None:
+            sql += " AND last_seen <= ?"
+            args.append(msg.before)
+        return m.Done(changed=self.conn.execute(sql, args).rowcount)
 
     def clear_errors(self, msg: m.ClearErrors) -> m.Done:
         now = self.now()
@@ -1474,11 +2197,15 @@ class Ledger:
         if msg.ids:
             for error_id in msg.ids:
                 changed += self.conn.execute(
-                    "UPDATE errors SET cleared_at = ? WHERE id = ? AND cleared_at IS NULL",
+                    "UPDATE errors SET cleared_at = ?, cleared_by = 'operator' "
+                    "WHERE id = ? AND cleared_at IS NULL",
                     (now, error_id),
                 ).rowcount
         elif msg.store:
-            sql = "UPDATE errors SET cleared_at = ? WHERE store = ? AND cleared_at IS NULL"
+            sql = (
+                "UPDATE errors SET cleared_at = ?, cleared_by = 'operator' "
+                "WHERE store = ? AND cleared_at IS NULL"
+            )
             args: tuple[Any, ...] = (now, msg.store)
             if msg.level is not None:
                 sql += " AND level = ?"
@@ -1489,17 +2216,34 @@ class Ledger:
         return m.Done(changed=changed)
 
     def list_errors(self, msg: m.ListErrors) -> m.ErrorList:
+        """Errors, highest level first, then newest (by id) first; filtered by store,
+        level and code (goqd's or the mall's own) and paged by ``after``, the last id of
+        the previous page: ``(level, id)`` is a stable order, whatever recurs meanwhile."""
         sql = (
             "SELECT id, store, level, code, message, listing_key, first_seen, last_seen, count, "
-            "cleared_at FROM errors WHERE 1=1"
+            "cleared_at, cleared_by, mall_code FROM errors WHERE 1=1"
         )
         args: list[Any] = []
         if msg.store:
             sql += " AND store = ?"
             args.append(msg.store)
+        if msg.level is not None:
+            sql += " AND level = ?"
+            args.append(msg.level)
+        if msg.code:
+            sql += " AND (code = ? OR mall_code = ?)"
+            args += [msg.code, msg.code]
         if not msg.include_cleared:
             sql += " AND cleared_at IS NULL"
-        sql += " ORDER BY level DESC, last_seen DESC LIMIT ?"
+        if msg.after:
+            last = self.conn.execute(
+                "SELECT level FROM errors WHERE id = ?", (msg.after,)
+            ).fetchone()
+            if last is None:
+                raise LedgerError(f"no error {msg.after}: page on from an id the list showed")
+            sql += " AND (level < ? OR (level = ? AND id < ?))"
+            args += [last[0], last[0], msg.after]
+        sql += " ORDER BY level DESC, id DESC LIMIT ?"
         args.append(msg.limit)
         return m.ErrorList(
             errors=tuple(
@@ -1514,24 +2258,80 @@ class Ledger:
                     last_seen=r[7],
                     count=r[8],
                     cleared_at=r[9],
+                    cleared_by=r[10],
+                    mall_code=r[11],
                 )
                 for r in self.conn.execute(sql, args)
             )
         )
+
+    def list_parked(self, msg: m.ListParked) -> m.ParkedList:
+        """Parked lines in key order from ``after``, each with its listing's state now
+        and the command that gets it booked."""
+        where = "WHERE (pl.store, pl.order_id, pl.line_id) > (?, ?, ?)"
+        args: list[Any] = list(msg.after)
+        count_sql = "SELECT count(*) FROM parked_lines"
+        count_args: list[Any] = []
+        if msg.store:
+            where += " AND pl.store = ?"
+            args.append(msg.store)
+            count_sql += " WHERE store = ?"
+            count_args.append(msg.store)
+        rows = self.conn.execute(
+            "SELECT pl.store, pl.order_id, pl.line_id, pl.listing_key, pl.line, pl.parked_at, "
+            "l.sku, l.link_state, l.link_code FROM parked_lines pl LEFT JOIN listings l "
+            f"ON l.store = pl.store AND l.listing_key = pl.listing_key {where} "
+            "ORDER BY pl.store, pl.order_id, pl.line_id LIMIT ?",
+            [*args, msg.limit],
+        ).fetchall()
+        others: dict[tuple[str, str], list[str]] = {}
+        lines = []
+        for store, order_id, line_id, key, blob, parked_at, sku, state, code in rows:
+            line = _line_decoder.decode(blob)
+            # A linked listing's lines are booked when it links; one seen here lost its
+            # product (deleted) since, and its SKU means nothing now.
+            state = "ambiguous" if state == "ambiguous" else "unlinked"
+            if state == "ambiguous":
+                keys = others.setdefault((store, sku), self._listings_of(store, sku))
+            else:
+                sku, keys = None, []
+            lines.append(
+                m.ParkedRecord(
+                    store=store,
+                    order_id=order_id,
+                    line_id=line_id,
+                    listing_key=key,
+                    link_code=code or line.link_code,
+                    quantity=line.quantity,
+                    cancelled=line.cancelled,
+                    link_state=state,
+                    sku=sku,
+                    parked_at=parked_at,
+                    action=_park_action(store, key, state, keys),
+                )
+            )
+        (total,) = self.conn.execute(count_sql, count_args).fetchone()
+        return m.ParkedList(lines=tuple(lines), total=total)
 
     # ---------------------------------------------------------------- reads
 
     def list_products(self, msg: m.ListProducts) -> m.ProductList:
         rows = self.conn.execute(
             "SELECT p.sku, p.name, p.total, p.first_store, "
-            "(SELECT count(*) FROM listings l WHERE l.sku = p.sku), p.held "
+            "(SELECT count(*) FROM listings l WHERE l.sku = p.sku), p.held, p.count_known "
             "FROM products p WHERE p.sku > ? ORDER BY p.sku LIMIT ?",
             (msg.after, msg.limit),
         ).fetchall()
         return m.ProductList(
             products=tuple(
                 m.ProductRecord(
-                    sku=r[0], name=r[1], total=r[2], first_store=r[3], listings=r[4], held=r[5]
+                    sku=r[0],
+                    name=r[1],
+                    total=r[2],
+                    first_store=r[3],
+                    listings=r[4],
+                    held=r[5],
+                    count_known=bool(r[6]),
                 )
                 for r in rows
             )
@@ -1555,7 +2355,16 @@ class Ledger:
 
         def bucket(store: str) -> dict[str, Any]:
             return per_store.setdefault(
-                store, {"cursor": None, "outbox": 0, "parked": 0, "by_level": {}, "held": 0}
+                store,
+                {
+                    "cursor": None,
+                    "outbox": 0,
+                    "parked": 0,
+                    "by_level": {},
+                    "held": 0,
+                    NOT_LINKED: 0,
+                    MULTIPLE_LINKS: 0,
+                },
             )
 
         for store, cur in conn.execute("SELECT store, cursor FROM cursors"):
@@ -1575,6 +2384,13 @@ class Ledger:
             "GROUP BY store, level"
         ):
             bucket(store)["by_level"][level] = n
+        for store, code, n in conn.execute(
+            # The open-errors index (store, code, listing_key): no scan of the history.
+            "SELECT store, code, count(*) FROM errors WHERE cleared_at IS NULL "
+            "AND code IN (?, ?) GROUP BY store, code",
+            (NOT_LINKED, MULTIPLE_LINKS),
+        ):
+            bucket(store)[code] = n
         return m.StoreStats(
             stores=tuple(
                 m.StoreLedgerStatus(
@@ -1586,6 +2402,8 @@ class Ledger:
                     max_error_level=max(v["by_level"], default=0),
                     open_errors_by_level=v["by_level"],
                     held=v["held"],
+                    parked_listings=v[NOT_LINKED],
+                    ambiguous_listings=v[MULTIPLE_LINKS],
                 )
                 for s, v in sorted(per_store.items())
             ),
@@ -1623,6 +2441,7 @@ def _new_report() -> dict[str, Any]:
             "unlinked",
             "ambiguous",
             "released",
+            "count_unknown",
         ),
         0,
     )
@@ -1632,6 +2451,42 @@ def _new_report() -> dict[str, Any]:
 
 def _link_report(store: str, report: dict[str, Any]) -> m.LinkReport:
     return m.LinkReport(store=store, **{**report, "problems": tuple(report["problems"][:100])})
+
+
+def _park_reason(state: str, sku: str | None, others: Sequence[str]) -> str:
+    if state == "ambiguous":
+        return (
+            f"its product {sku!r} has {len(others)} listings in this store "
+            f"({', '.join(others)}: 複数の商品が紐づいています)"
+        )
+    return "the listing is not linked to a product"
+
+
+def _park_action(store: str, listing_key: str, state: str, others: Sequence[str]) -> str:
+    """The command(s) that get a parked line of this listing booked."""
+    s = shlex.quote(store)
+    if state == "ambiguous":
+        return f"goqctl unlink {s} LISTING (the wrong one of {', '.join(others)})"
+    return f"goqctl import {s} (links by the link condition), or goqctl link {s} " + (
+        f"{shlex.quote(listing_key)} SKU"
+    )
+
+
+_IMPORT_COLUMNS = "id, state, request_id, digest, staged, applied, skipped, reply, mode, reason"
+_done_decoder = msgspec.msgpack.Decoder(m.Done)
+
+
+def _import_job(r: Sequence[Any]) -> m.StockImportJob:
+    return m.StockImportJob(
+        import_id=r[0],
+        state=r[1],
+        request_id=r[2],
+        digest=r[3],
+        staged=r[4],
+        applied=r[5],
+        skipped=r[6],
+        result=_done_decoder.decode(r[7]) if r[7] is not None else None,
+    )
 
 
 def _listing_record(r: Sequence[Any]) -> m.ListingRecord:

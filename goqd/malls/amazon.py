@@ -21,10 +21,16 @@ cause of InvalidInput]. Only ``MarketplaceIds`` and ``NextToken`` are sent for t
 pages [I: developers report InvalidInput when filters go with the token]. Only MFN orders
 are asked for (``FulfillmentChannels=MFN``) and any AFN order that comes anyway is
 skipped: FBA stock is Amazon's, not the merchant's [I]. ``getOrderItems`` is called per
-order; the items of an order whose ``LastUpdateDate`` has not changed since the previous
-poll are reused from memory, so the overlap costs no extra ``getOrderItems`` calls (0.5
-per second [V]). Amazon never changes an item without touching ``LastUpdateDate``, which
-is defined as "any change in order status" [V]. Line id ``OrderItemId``; listing key and
+order; the items of an order whose ``LastUpdateDate`` has not changed since they were read
+are reused from the adapter's state (``ctx.state``, kept across restarts), so neither the
+overlap nor a restart costs extra ``getOrderItems`` calls (0.5 per second [V]). Amazon
+never changes an item without touching ``LastUpdateDate``, which is defined as "any
+change in order status" [V]. The overlap (``overlap_s``, 60 s) is for updates Amazon
+shows later than ``lag_s`` after they happen: one shown up to ``lag_s + overlap_s``
+(185 s) late is still read. Every poll pages through every order of its window again
+(getOrders cannot leave out the known ones), so the overlap is kept that short: with
+600 s and pages of two, a burst of orders spent getOrders' burst of 20 on re-reading and
+then came in at one page a minute. Line id ``OrderItemId``; listing key and
 link code ``SellerSKU`` (option ``link_field = "asin"`` links by ASIN instead);
 ``updated_at`` is ``LastUpdateDate``.
 
@@ -39,10 +45,10 @@ Stock. ``patchListingsItem`` replaces ``/attributes/fulfillment_availability`` w
 ``lead_time_to_ship_max_days`` and ``restock_date`` when goqd has them (Amazon drops the
 keys a replace leaves out [V: amzn/selling-partner-api-models#4406], which is why they
 go with every push). One call per listing under the 5-per-second plan [V], paced at 90 %
-of it (``RATE_MARGIN``); ``push_batch`` is 20 so one batch takes about four seconds. HTTP
-200 with status ``INVALID`` (or a 400 for that listing) is a per-listing refusal;
-``ACCEPTED`` is asynchronous and may never apply [V], which ``read_stock`` reveals in
-the discrepancy check.
+of it (``RATE_MARGIN``) from each answer; ``push_batch`` is 20 so one batch takes about
+four seconds. HTTP 200 with status ``INVALID`` (or a 400 for that listing) is a
+per-listing refusal; ``ACCEPTED`` is asynchronous and may never apply [V], which
+``read_stock`` reveals in the discrepancy check.
 
 Reading counts. ``read_stock`` asks ``searchListingsItems`` for up to 20 SKUs at once
 (``identifiers`` + ``identifiersType=SKU`` [V]) with ``fulfillmentAvailability``: the
@@ -55,10 +61,10 @@ Listings. ``searchListingsItems`` (in the 2021-08-01 model [V]) pages through ev
 listing with summaries, attributes and fulfillment availability, 20 per page. Listings
 without a ``DEFAULT`` fulfillment channel (FBA) are left out of sync.
 
-Options (``ctx.options``): ``overlap_s`` (600), ``initial_lookback_s`` (86400), ``lag_s``
-(125; the real SP-API refuses less than 120, lower it only against the simulator),
-``link_field`` (``"sku"`` or ``"asin"``), ``marketplace_id`` (``A1VC38T7YXB528``),
-``page_size`` (getOrders ``MaxResultsPerPage``, 1-100, default 100).
+Options (checked against ``SPEC.options``): ``overlap_s`` (60), ``initial_lookback_s``
+(86400), ``lag_s`` (125; the real SP-API refuses less than 120, lower it only against the
+simulator), ``link_field`` (``"sku"`` or ``"asin"``), ``marketplace_id``
+(``A1VC38T7YXB528``), ``page_size`` (getOrders ``MaxResultsPerPage``, 1-100, default 100).
 Credentials: ``client_id``, ``client_secret``, ``refresh_token``, ``seller_id`` and
 optionally ``authorized_at`` (YYYY-MM-DD, the day the seller authorized the app).
 
@@ -89,7 +95,21 @@ from goqd.errors import (
     MallRateLimited,
     MallUnavailable,
 )
-from goqd.malls.base import MallLimits, MallSpec, OrderPage, StoreContext, number_option
+from goqd.logs import register_secret
+from goqd.malls.base import (
+    DECODE_ERRORS,
+    MallLimits,
+    MallSpec,
+    OrderPage,
+    StoreContext,
+    header_safe,
+    opt_choice,
+    opt_integer,
+    opt_number,
+    opt_text,
+    parse_retry_after,
+    read_options,
+)
 from goqd.malls.ratelimit import shared_bucket
 from goqd.messages import ListingAttrs, MallListing, OrderLine, PushItem, PushOutcome
 from goqd.secret import Secret
@@ -121,13 +141,14 @@ RATES: dict[str, tuple[float, float]] = {
     "patchListingsItem": (5.0, 5.0),
     "searchListingsItems": (5.0, 5.0),
 }
-# Requests are spaced 10 % wider than the usage plan's rate: a call delayed on its way
-# otherwise arrives less than one token after the next, and Amazon, which counts on
-# arrival, answers 429 (patchListingsItem once its burst of 5 was used up, in
-# BENCHMARKS.md, finding 5). Bursts stay as documented: those 429s came after the
-# burst was spent, never from it. getOrders is the exception: one call a minute is the
-# poll itself, its burst of 20 absorbs any jitter, and 90 % would stretch a 60 s poll
-# interval to 66.5 s once the burst is spent.
+# Amazon counts a call on arrival, so every call is paced from its answer
+# (``TokenBucket.slot``), which no delay on the way can undercut: spacing sends 10 %
+# wider alone left the first token after a spent burst 22 ms of slack, and six patches
+# once arrived within 184 ms (429). The 10 % stays for Amazon's own timekeeping (how it
+# refills and rounds its buckets is not documented). Bursts stay as documented: the
+# 429s came after the burst was spent, never from it. getOrders is the exception: one
+# call a minute is the poll itself, its burst of 20 absorbs any jitter, and 90 % would
+# stretch a 60 s poll interval to 66.5 s once the burst is spent.
 RATE_MARGIN = 0.9
 FULL_RATE = frozenset({"getOrders"})
 
@@ -301,12 +322,15 @@ class _Reply:
     headers: httpx.Headers
 
 
-@dataclass(frozen=True)
-class _SeenOrder:
-    """Items of one order as of one ``LastUpdateDate``."""
+class _SeenOrder(msgspec.Struct, frozen=True):
+    """Items of one order as of one ``LastUpdateDate`` (kept in ``ctx.state``)."""
 
     last_update_date: str
     items: tuple[_OrderItem, ...]
+
+
+# The adapter's records of items already read: "items/<AmazonOrderId>".
+_SEEN_KEY = "items/"
 
 
 # --------------------------------------------------------------------------------------
@@ -352,19 +376,13 @@ class AmazonAdapter:
             if value is None or not value.reveal():
                 raise ConfigError(f"store {ctx.store}", "credentials", f"{name} is missing")
         self._ctx = ctx
-        self._overlap_s = number_option(ctx, "overlap_s", 600, 0, 30 * 86400)
-        self._initial_lookback_s = number_option(ctx, "initial_lookback_s", 86400, 0, 730 * 86400)
-        self._lag_s = number_option(ctx, "lag_s", 125, 0, 86400)
-        self._page_size = int(number_option(ctx, "page_size", ORDERS_PAGE_MAX, 1, ORDERS_PAGE_MAX))
-        self._marketplace = str(ctx.options.get("marketplace_id", MARKETPLACE_JP))
-        link_field = ctx.options.get("link_field", "sku")
-        if link_field not in LINK_FIELDS:
-            raise ConfigError(
-                f"store {ctx.store}",
-                "options.link_field",
-                f"{link_field!r} is not one of {', '.join(LINK_FIELDS)}",
-            )
-        self._link_field: str = link_field
+        opts = read_options(SPEC, ctx)
+        self._overlap_s: float = opts["overlap_s"]
+        self._initial_lookback_s: float = opts["initial_lookback_s"]
+        self._lag_s: float = opts["lag_s"]
+        self._page_size: int = opts["page_size"]
+        self._marketplace: str = opts["marketplace_id"]
+        self._link_field: str = opts["link_field"]
         self._live = frozenset(ctx.live_statuses or LIVE_STATUSES)
         self._cancel = frozenset(ctx.cancel_statuses or CANCEL_STATUSES)
         unknown = (self._live | self._cancel) - ORDER_STATUSES
@@ -386,7 +404,8 @@ class AmazonAdapter:
         self._token_lock = trio.Lock()
         self._access_token: Secret | None = None
         self._access_expires_at = 0.0
-        self._seen: dict[str, _SeenOrder] = {}
+        self._state = ctx.state
+        self._seen = self._load_seen()
 
     # -- errors ------------------------------------------------------------------------
 
@@ -396,7 +415,7 @@ class AmazonAdapter:
     def _decode(self, kind: type[T], reply: _Reply, api: str) -> T:
         try:
             return msgspec.json.decode(reply.body, type=kind)
-        except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+        except DECODE_ERRORS as exc:
             raise self._err(
                 MallProtocolError, f"{api}: response does not match the SP-API model ({exc})"
             ) from exc
@@ -406,7 +425,7 @@ class AmazonAdapter:
         """(code, message + details) of the first ``errors`` entry; best effort."""
         try:
             errors = msgspec.json.decode(body, type=_ErrorList).errors or []
-        except msgspec.DecodeError:
+        except DECODE_ERRORS:
             errors = []
         if not errors:
             return "", ""
@@ -428,7 +447,7 @@ class AmazonAdapter:
             )
         if status == 429:
             bucket = self._buckets[api]
-            retry_after = _retry_after(reply.headers.get("retry-after"), api)
+            retry_after = self._retry_after(reply.headers.get("retry-after"), api)
             bucket.block_for(retry_after)
             raise MallRateLimited(
                 f"{api}: throttled ({detail})",
@@ -440,6 +459,13 @@ class AmazonAdapter:
         if status >= 500:
             raise self._err(MallUnavailable, f"{api}: HTTP {status} ({detail})", code)
         raise self._err(MallProtocolError, f"{api}: HTTP {status} ({detail})", code)
+
+    def _retry_after(self, value: str | None, api: str) -> float:
+        """Seconds from a ``Retry-After`` header; SP-API rarely sends one [I], so otherwise
+        the time the usage plan needs to grant one request, in whole seconds (60 for
+        getOrders; the plan's own rate, not the bucket's slower one)."""
+        default = float(math.ceil(1.0 / RATES[api][0]))
+        return parse_retry_after(value, now=self._ctx.clock(), default=default)
 
     # -- HTTP --------------------------------------------------------------------------
 
@@ -488,7 +514,6 @@ class AmazonAdapter:
         content = None if body is None else msgspec.json.encode(body)
         for attempt in range(2):
             token, minted = await self._ensure_access_token()
-            await self._buckets[api].acquire()
             headers = {
                 "x-amz-access-token": token.reveal(),
                 "accept": "application/json",
@@ -496,9 +521,13 @@ class AmazonAdapter:
             }
             if content is not None:
                 headers["content-type"] = "application/json"
-            reply = await self._send(
-                api, method, self._base + path, headers=headers, content=content, params=params
-            )
+            # Paced from the answer (``TokenBucket.slot``): Amazon counts a call when it
+            # arrives. Paced from the send, six patches once arrived within 184 ms, where
+            # 5 a second with a burst of 5 allows six in no less than 200 ms.
+            async with self._buckets[api].slot():
+                reply = await self._send(
+                    api, method, self._base + path, headers=headers, content=content, params=params
+                )
             if reply.status in accept:
                 return reply
             if reply.status == 403 and attempt == 0 and not minted:
@@ -535,29 +564,31 @@ class AmazonAdapter:
             "client_id": creds["client_id"].reveal(),
             "client_secret": creds["client_secret"].reveal(),
         }
-        await self._buckets[api].acquire()
-        reply = await self._send(
-            api,
-            "POST",
-            self._lwa_url,
-            headers={
-                "content-type": "application/x-www-form-urlencoded;charset=UTF-8",
-                "accept": "application/json",
-                "user-agent": USER_AGENT,
-            },
-            content=urlencode(form).encode("ascii"),
-        )
+        async with self._buckets[api].slot():
+            reply = await self._send(
+                api,
+                "POST",
+                self._lwa_url,
+                headers={
+                    "content-type": "application/x-www-form-urlencoded;charset=UTF-8",
+                    "accept": "application/json",
+                    "user-agent": USER_AGENT,
+                },
+                content=urlencode(form).encode("ascii"),
+            )
         if reply.status == 200:
             token = self._decode(_TokenResponse, reply, api)
-            if not token.access_token or token.expires_in <= 0:
+            if not header_safe(token.access_token) or not token.expires_in > 0:
                 raise self._err(MallProtocolError, "lwa: token response without a usable token")
+            # Minted at run time: a secret the credential file never held.
+            register_secret(token.access_token, transient=True)
             self._access_token = Secret(token.access_token)
             self._access_expires_at = self._ctx.clock() + token.expires_in
             return self._access_token
         self._access_token = None
         try:
             err = msgspec.json.decode(reply.body, type=_TokenError)
-        except msgspec.DecodeError:
+        except DECODE_ERRORS:
             err = _TokenError()
         detail = " ".join(p for p in (err.error, _short(err.error_description)) if p)
         detail = detail or f"HTTP {reply.status}"
@@ -569,7 +600,7 @@ class AmazonAdapter:
                 err.error or f"http_{reply.status}",
             )
         if reply.status == 429:
-            retry_after = _retry_after(reply.headers.get("retry-after"), api)
+            retry_after = self._retry_after(reply.headers.get("retry-after"), api)
             self._buckets[api].block_for(retry_after)
             raise MallRateLimited(
                 f"lwa: throttled ({detail})",
@@ -597,7 +628,7 @@ class AmazonAdapter:
             f"{LISTINGS_PATH}/{quote(self._seller_id, safe='')}",
             params={"marketplaceIds": self._marketplace, "pageSize": "1"},
         )
-        end = self._ctx.clock() - self._lag_s
+        end = self._ctx.mall_clock.floor(self._ctx.clock()) - self._lag_s
         await self._call(
             "getOrders",
             "GET",
@@ -628,17 +659,28 @@ class AmazonAdapter:
     # -- orders ------------------------------------------------------------------------
 
     async def fetch_orders(self, cursor: str | None) -> OrderPage:
-        end = float(math.floor(self._ctx.clock() - self._lag_s))
-        if cursor is None:
-            start = end - self._initial_lookback_s
-        else:
+        # Every time here is Amazon's (its clock as its responses show it): a skew between
+        # the clocks never moves the window past orders, and LastUpdatedBefore stays the
+        # 2 minutes before Amazon's now that it must be (goqd.malls.clock).
+        began = self._ctx.clock()
+        clock = self._ctx.mall_clock
+        cursor_at: float | None = None
+        if cursor is not None:
             try:
-                start = parse_iso(cursor) - self._overlap_s
+                cursor_at = parse_iso(cursor)
             except ValueError as exc:
                 raise self._err(
                     MallProtocolError, f"cursor {cursor!r} is not an ISO 8601 datetime"
                 ) from exc
-        start = min(start, end)
+        span = clock.window(
+            began,
+            cursor_at,
+            overlap=self._overlap_s,
+            initial_lookback=self._initial_lookback_s,
+            lag=self._lag_s,
+        )
+        end = float(math.floor(span.end))
+        start = min(span.start, end)
         orders = await self._search_orders(start, end)
         seen: dict[str, _SeenOrder] = {}
         lines: list[OrderLine] = []
@@ -652,22 +694,53 @@ class AmazonAdapter:
                 cancelled = True
             else:
                 continue
-            previous = self._seen.get(order.amazon_order_id)
-            if previous is not None and previous.last_update_date == order.last_update_date:
-                items = previous.items
-            else:
-                items = await self._order_items(order.amazon_order_id)
-            seen[order.amazon_order_id] = _SeenOrder(order.last_update_date, items)
-            lines += self._order_lines(order, items, cancelled)
-        # Only this window's orders can come back unchanged next time; older entries
-        # would only grow the dict.
-        self._seen = seen
+            seen[order.amazon_order_id] = known = await self._items_of(order)
+            lines += self._order_lines(order, known.items, cancelled)
+        self._keep_seen(seen)
+        # Never later than Amazon's time when the search ran, less the lag; the sale
+        # watch compares complete_before with goqd's own clock.
+        done = float(math.floor(clock.cursor_after(began, end, lag=self._lag_s)))
         return OrderPage(
             lines=tuple(lines),
-            cursor=format_iso(end),
+            cursor=format_iso(done),
             orders_seen=len(orders),
-            complete_before=end,
+            complete_before=clock.to_wall_floor(done),
         )
+
+    async def _items_of(self, order: _Order) -> _SeenOrder:
+        """The order's items at its ``LastUpdateDate``: read once, then from the state.
+
+        Kept at once, so a poll that fails later (a 429 on the next order) or a process
+        killed after it does not read them again.
+        """
+        previous = self._seen.get(order.amazon_order_id)
+        if previous is not None and previous.last_update_date == order.last_update_date:
+            return previous
+        items = await self._order_items(order.amazon_order_id)
+        known = _SeenOrder(order.last_update_date, items)
+        self._seen[order.amazon_order_id] = known
+        self._state.put(_SEEN_KEY + order.amazon_order_id, msgspec.json.encode(known))
+        return known
+
+    def _keep_seen(self, window: dict[str, _SeenOrder]) -> None:
+        """Keep only this window's orders: no other can come back unchanged next time,
+        so the state holds one window's orders at most."""
+        for order_id in self._seen.keys() - window.keys():
+            self._state.delete(_SEEN_KEY + order_id)
+        self._seen = window
+
+    def _load_seen(self) -> dict[str, _SeenOrder]:
+        seen: dict[str, _SeenOrder] = {}
+        names = self._state.keys()
+        for key in names:
+            raw = self._state.get(key)
+            if raw is None or not key.startswith(_SEEN_KEY):
+                continue
+            try:
+                seen[key.removeprefix(_SEEN_KEY)] = msgspec.json.decode(raw, type=_SeenOrder)
+            except msgspec.DecodeError:
+                self._state.delete(key)  # written by another version: read again
+        return seen
 
     async def _search_orders(self, start: float, end: float) -> list[_Order]:
         api = "getOrders"
@@ -986,20 +1059,6 @@ def _outcome(item: PushItem, *, accepted: bool, code: str = "", message: str = "
     )
 
 
-def _retry_after(value: str | None, api: str) -> float:
-    """Seconds from a ``Retry-After`` header; SP-API rarely sends one [I], so otherwise
-    the time the usage plan needs to grant one request, in whole seconds (60 for
-    getOrders; the plan's own rate, not the bucket's slower one)."""
-    if value:
-        try:
-            seconds = float(value)
-        except ValueError:
-            seconds = math.nan
-        if math.isfinite(seconds) and seconds >= 0:
-            return seconds
-    return float(math.ceil(1.0 / RATES[api][0]))
-
-
 def open_adapter(ctx: StoreContext) -> AmazonAdapter:
     return AmazonAdapter(ctx)
 
@@ -1010,6 +1069,17 @@ SPEC = MallSpec(
     open_adapter=open_adapter,
     limits=LIMITS,
     credential_fields=CREDENTIAL_FIELDS,
+    optional_fields=("authorized_at",),
+    # The client id (the app's) and the seller id are not secrets.
+    secret_fields=("client_secret", "refresh_token"),
+    options={
+        "overlap_s": opt_number(60, 0, 30 * 86400),
+        "initial_lookback_s": opt_number(86400, 0, 730 * 86400),
+        "lag_s": opt_number(125, 0, 86400),
+        "page_size": opt_integer(ORDERS_PAGE_MAX, 1, ORDERS_PAGE_MAX),
+        "marketplace_id": opt_text(MARKETPLACE_JP),
+        "link_field": opt_choice("sku", *LINK_FIELDS),
+    },
     default_live_statuses=LIVE_STATUSES,
     default_cancel_statuses=CANCEL_STATUSES,
 )

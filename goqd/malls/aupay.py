@@ -29,7 +29,7 @@ first time by this adapter instance is stamped at least that high, so a stamp ne
 goes backwards for a later state even across restarts or a wall clock stepped back.
 This matters: the ledger ignores observations older than the one it booked.
 
-Links: ``ctx.options["link_field"]`` picks the code the link condition matches:
+Links: the option ``link_field`` picks the code the link condition matches:
 ``"listing_key"`` (default: ``itemCode`` or ``itemCode/child``), ``"item_code"``
 (``itemCode`` only; all choices of one item then match one SKU, which the ledger reports
 as ambiguous) or ``"concat"`` (``itemCode + child``, e.g. ``ITEM002-red-s``, the
@@ -43,7 +43,6 @@ anything but goqd errors.
 from __future__ import annotations
 
 import datetime as dt
-import email.utils
 import math
 import xml.etree.ElementTree as ET  # builds request bodies only; parsing is defusedxml's
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -56,14 +55,26 @@ import httpx
 import msgspec
 
 from goqd.errors import (
-    ConfigError,
     MallAuthError,
     MallError,
     MallProtocolError,
     MallRateLimited,
     MallUnavailable,
 )
-from goqd.malls.base import MallLimits, MallSpec, OrderPage, StoreContext
+from goqd.malls.base import (
+    DECODE_ERRORS,
+    MallLimits,
+    MallSpec,
+    OrderPage,
+    StoreContext,
+    opt_choice,
+    opt_codes,
+    opt_flag,
+    opt_integer,
+    opt_number,
+    parse_retry_after,
+    read_options,
+)
 from goqd.malls.ratelimit import shared_bucket
 from goqd.messages import ListingAttrs, MallListing, OrderLine, PushItem, PushOutcome
 
@@ -123,6 +134,7 @@ _LIST_TAGS: Final = frozenset(
     {"orderInfo", "detail", "resultStocks", "choicesStocks", "resultItems", "updateResult"}
 )
 _MAX_PAGES: Final = 2000
+_MAX_DEPTH: Final = 32  # the shop API's answers nest about five deep
 _MESSAGE_MAX: Final = 300
 
 
@@ -286,11 +298,15 @@ def _parse_jst(text: str) -> float | None:
     return None
 
 
-def _xml_to_obj(elem: Any) -> Any:
+def _xml_to_obj(elem: Any, depth: int = 0) -> Any:
     """An element as nested dicts: leaves are their text, list tags are always lists.
 
-    A tag that repeats where one value is expected keeps its first occurrence.
+    A tag that repeats where one value is expected keeps its first occurrence. Nesting
+    deeper than ``_MAX_DEPTH`` is no au PAY answer (``ValueError``): it would otherwise
+    exhaust the interpreter's recursion limit.
     """
+    if depth > _MAX_DEPTH:
+        raise ValueError(f"elements nested deeper than {_MAX_DEPTH}")
     children = list(elem)
     if not children:
         return (elem.text or "").strip()
@@ -299,26 +315,12 @@ def _xml_to_obj(elem: Any) -> Any:
         tag = child.tag
         if not isinstance(tag, str):
             continue  # comments and processing instructions
-        value = _xml_to_obj(child)
+        value = _xml_to_obj(child, depth + 1)
         if tag in _LIST_TAGS:
             out.setdefault(tag, []).append(value)
         elif tag not in out:
             out[tag] = value
     return out
-
-
-def _parse_retry_after(value: str | None, now: float, default: float) -> float:
-    if not value:
-        return default
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return default
-    return max(0.0, when.timestamp() - now)
 
 
 @dataclass
@@ -362,47 +364,36 @@ class AupayAdapter:
 
     def __init__(self, ctx: StoreContext) -> None:
         self._ctx = ctx
-        opts = ctx.options
+        opts = read_options(SPEC, ctx)
         self.limits = MallLimits(
             # updateStock takes at most 200 stockUpdateItem [V-secondary: transcription of
             # the official spec, qol-kk.com "登録商品の在庫数更新API"].
-            push_batch=int(opts.get("push_batch", 200)),
-            read_batch=int(opts.get("read_batch", 1000)),
-            min_poll_interval=float(opts.get("min_poll_interval", 60.0)),
+            push_batch=opts["push_batch"],
+            read_batch=opts["read_batch"],
+            min_poll_interval=opts["min_poll_interval"],
         )
         # No published rate limit; clients sleep ~0.9 s between pages [V-secondary], so
         # one request per second per API [I] (option ``rate_per_s``: the mall's limit).
         # The buckets refill at RATE_MARGIN of it: see there.
-        rate = float(opts.get("rate_per_s", 1.0)) * RATE_MARGIN
+        rate = opts["rate_per_s"] * RATE_MARGIN
         self._buckets = {api: shared_bucket(ctx.rate_buckets, api, rate, 1) for api in _APIS}
-        self._overlap_s = float(opts.get("overlap_s", 600))
-        self._initial_lookback_s = float(opts.get("initial_lookback_s", 86400))
+        self._overlap_s: float = opts["overlap_s"]
+        self._initial_lookback_s: float = opts["initial_lookback_s"]
         # The API filters by order date only, so status changes are found by re-reading
         # every order this young [I].
-        self._change_lookback_s = float(opts.get("change_lookback_days", 14)) * 86400
+        self._change_lookback_s: float = opts["change_lookback_days"] * 86400
         # Clients use 100..1000, one caps at 500 [V-secondary]; 500 [I].
-        self._order_page = int(opts.get("page_size", 500))
+        self._order_page: int = opts["page_size"]
         # searchStocks totalCount max 500 [V-secondary].
-        self._stock_page = int(opts.get("stock_page_size", 500))
-        self._item_page = int(opts.get("items_page_size", 100))  # [I]
-        self._read_single_max = int(opts.get("read_single_max", 3))
-        self._fetch_names = bool(opts.get("fetch_names", True))
-        self._max_body = int(opts.get("max_body_bytes", 16 * 1024 * 1024))
-        self._default_retry_after = float(opts.get("retry_after_default", 5.0))
-        self._auth_codes = frozenset(
-            str(c) for c in opts.get("auth_error_codes", DEFAULT_AUTH_CODES)
-        )
-        self._item_cancel_values = frozenset(
-            str(v) for v in opts.get("item_cancel_values", DEFAULT_ITEM_CANCEL_VALUES)
-        )
-        link_field = str(opts.get("link_field", "listing_key"))
-        if link_field not in _LINK_FIELDS:
-            raise ConfigError(
-                "<store options>",
-                f"$.stores.{ctx.store}.options.link_field",
-                f"must be one of {', '.join(_LINK_FIELDS)}, not {link_field!r}",
-            )
-        self._link_field = link_field
+        self._stock_page: int = opts["stock_page_size"]
+        self._item_page: int = opts["items_page_size"]  # [I]
+        self._read_single_max: int = opts["read_single_max"]
+        self._fetch_names: bool = opts["fetch_names"]
+        self._max_body: int = opts["max_body_bytes"]
+        self._default_retry_after: float = opts["retry_after_default"]
+        self._auth_codes = frozenset(opts["auth_error_codes"])
+        self._item_cancel_values = frozenset(opts["item_cancel_values"])
+        self._link_field: str = opts["link_field"]
         self._live = frozenset(ctx.live_statuses or LIVE_STATUSES)
         self._cancel = frozenset(ctx.cancel_statuses or CANCEL_STATUSES)
         base = (ctx.base_url or DEFAULT_BASE_URL).rstrip("/")
@@ -420,9 +411,11 @@ class AupayAdapter:
     def _clean(self, text: str) -> str:
         """Mall text for a message: one line, bounded, and never a credential."""
         text = " ".join(text.split())[:_MESSAGE_MAX]
-        for secret in self._ctx.credentials.values():
+        # Only the secret fields: masking the shop id or the key's issue date would cut
+        # order ids and dates the operator needs to read.
+        for name, secret in self._ctx.credentials.items():
             value = secret.reveal()
-            if value and len(value) >= 4:
+            if value and len(value) >= 4 and SPEC.is_secret_field(name):
                 text = text.replace(value, "***")
         return text
 
@@ -485,31 +478,36 @@ class AupayAdapter:
             "Accept": "application/xml",
         }
         bucket = self._buckets[api]
-        await bucket.acquire()
         method = "POST" if body is not None else "GET"
-        try:
-            async with self._ctx.http.stream(
-                method, f"{self._prefix}/{api}", params=params, content=body, headers=headers
-            ) as response:
-                declared = response.headers.get("content-length", "")
-                if declared.isdigit() and int(declared) > self._max_body:
-                    raise self._protocol(api, f"response of {declared} bytes refused")
-                raw = bytearray()
-                async for chunk in response.aiter_bytes():
-                    raw += chunk
-                    if len(raw) > self._max_body:
-                        raise self._protocol(api, f"response over {self._max_body} bytes refused")
-                status = response.status_code
-                retry_after = response.headers.get("retry-after")
-                content_type = response.headers.get("content-type", "")
-        except httpx.TimeoutException as exc:
-            raise MallUnavailable(f"{api}: timed out", **self._where()) from exc
-        except httpx.HTTPError as exc:
-            # The exception text can carry the URL (and the shop id in it): name the type.
-            raise MallUnavailable(f"{api}: {type(exc).__name__}", **self._where()) from exc
+        # Paced from the answer (``TokenBucket.slot``): the mall counts a call on arrival.
+        async with bucket.slot():
+            try:
+                async with self._ctx.http.stream(
+                    method, f"{self._prefix}/{api}", params=params, content=body, headers=headers
+                ) as response:
+                    declared = response.headers.get("content-length", "")
+                    if declared.isdigit() and int(declared) > self._max_body:
+                        raise self._protocol(api, f"response of {declared} bytes refused")
+                    raw = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        raw += chunk
+                        if len(raw) > self._max_body:
+                            raise self._protocol(
+                                api, f"response over {self._max_body} bytes refused"
+                            )
+                    status = response.status_code
+                    retry_after = response.headers.get("retry-after")
+                    content_type = response.headers.get("content-type", "")
+            except httpx.TimeoutException as exc:
+                raise MallUnavailable(f"{api}: timed out", **self._where()) from exc
+            except httpx.HTTPError as exc:
+                # The exception text can carry the URL (and the shop id in it): name the type.
+                raise MallUnavailable(f"{api}: {type(exc).__name__}", **self._where()) from exc
 
         if status == 429:
-            wait = _parse_retry_after(retry_after, self._ctx.clock(), self._default_retry_after)
+            wait = parse_retry_after(
+                retry_after, now=self._ctx.clock(), default=self._default_retry_after
+            )
             bucket.block_for(wait)
             code, message = self._error_detail(bytes(raw))
             text = self._clean(f"{code} {message}".strip())
@@ -542,7 +540,10 @@ class AupayAdapter:
             raise self._protocol(api, f"unreadable XML ({type(exc).__name__})") from exc
         if root.tag != "response":
             raise self._protocol(api, f"unexpected root element <{self._clean(str(root.tag))}>")
-        tree = _xml_to_obj(root)
+        try:
+            tree = _xml_to_obj(root)
+        except ValueError as exc:
+            raise self._protocol(api, str(exc)) from exc
         if not isinstance(tree, dict):
             raise self._protocol(api, "empty <response>")
         return tree
@@ -596,7 +597,7 @@ class AupayAdapter:
         if cursor:
             try:
                 return msgspec.json.decode(cursor, type=_CursorState)
-            except msgspec.DecodeError:
+            except DECODE_ERRORS:
                 pass
             try:
                 # A bare timestamp (an operator reset, or another tool's cursor).
@@ -616,10 +617,24 @@ class AupayAdapter:
         by the first poll (``now - initial_lookback_s``) and kept, so the change lookback
         never pulls in orders from before goqd took over. Orders placed before the floor
         are dropped client-side (``orderDate`` has minute precision, hence the 60 s).
+
+        Every time here is au PAY's (its clock as its responses show it), so a skew
+        between the clocks never moves the window past orders. A cursor later than au
+        PAY's clock now was written by another clock: its end is not used, and its floor
+        moves back to the initial look-back (goqd.malls.clock).
         """
-        now = self._ctx.clock()
+        began = self._ctx.clock()
+        clock = self._ctx.mall_clock
+        now = clock.ceil(began)
         state = self._decode_cursor(cursor, now)
-        start = max(state.floor, min(state.end - self._overlap_s, now - self._change_lookback_s))
+        window = clock.window(
+            began,
+            state.end if cursor else None,
+            overlap=self._overlap_s,
+            initial_lookback=self._initial_lookback_s,
+        )
+        floor = min(state.floor, window.start) if window.reset else state.floor
+        start = max(floor, min(window.start, now - self._change_lookback_s))
         params = {
             "shopId": self._shop_id(),
             "totalCount": str(self._order_page),
@@ -643,7 +658,7 @@ class AupayAdapter:
                     raise self._protocol(
                         API_ORDERS, f"order {info.order_id}: orderDate {info.order_date!r}"
                     )
-                if ordered_at + 60 <= state.floor:
+                if ordered_at + 60 <= floor:
                     continue
                 seen = self._stamp(info, ordered_at, page_time, high)
                 seen_now[info.order_id] = seen
@@ -659,7 +674,9 @@ class AupayAdapter:
             raise self._protocol(API_ORDERS, f"more than {_MAX_PAGES} pages")
         # Orders that left the window can no longer be observed: forget them.
         self._seen = seen_now
-        new_cursor = _CursorState(v=1, floor=state.floor, end=now, stamp=high)
+        # Never later than au PAY's time when the search ran.
+        done = clock.cursor_after(began, now)
+        new_cursor = _CursorState(v=1, floor=floor, end=done, stamp=high)
         return OrderPage(
             lines=tuple(lines.values()),
             cursor=msgspec.json.encode(new_cursor).decode(),
@@ -1007,6 +1024,27 @@ SPEC = MallSpec(
     open_adapter=open_adapter,
     limits=MallLimits(push_batch=200, read_batch=1000, min_poll_interval=60.0),
     credential_fields=("api_key", "shop_id"),
+    optional_fields=("issued_at",),
+    secret_fields=("api_key",),
+    options={
+        "push_batch": opt_integer(200, 1, 1000),
+        "read_batch": opt_integer(1000, 1, 10_000),
+        "min_poll_interval": opt_number(60, 1, 86400),
+        "rate_per_s": opt_number(1.0, 0.01, 100),
+        "overlap_s": opt_number(600, 0, 30 * 86400),
+        "initial_lookback_s": opt_number(86400, 0, 730 * 86400),
+        "change_lookback_days": opt_number(14, 0, 365),
+        "page_size": opt_integer(500, 1, 1000),
+        "stock_page_size": opt_integer(500, 1, 1000),
+        "items_page_size": opt_integer(100, 1, 1000),
+        "read_single_max": opt_integer(3, 0, 1000),
+        "fetch_names": opt_flag(True),
+        "max_body_bytes": opt_integer(16 * 1024 * 1024, 1024, 256 * 1024 * 1024),
+        "retry_after_default": opt_number(5.0, 0, 600),
+        "auth_error_codes": opt_codes(DEFAULT_AUTH_CODES),
+        "item_cancel_values": opt_codes(DEFAULT_ITEM_CANCEL_VALUES),
+        "link_field": opt_choice("listing_key", *_LINK_FIELDS),
+    },
     default_live_statuses=LIVE_STATUSES,
     default_cancel_statuses=CANCEL_STATUSES,
 )

@@ -8,23 +8,45 @@ credential: messages are built from the mall's own error codes and texts.
 
 Adding a mall adds a module here, a simulator in ``goqd/sim``, a test file and a line
 in ``goqd/malls/registry.py``; it never touches the store actor.
+
+Shared here so every adapter behaves the same: the ``options`` a mall accepts
+(``OptionSpec``, checked by ``check-config`` before anything runs), the one
+``Retry-After`` parser, and ``guard_adapter``, which turns any exception an adapter did
+not mean to raise into a ``MallProtocolError`` so one strange response can never take
+the store actor down.
 """
 
 from __future__ import annotations
 
+import difflib
+import email.utils
 import functools
+import math
+import re
 import ssl
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing
+from datetime import UTC
+from typing import Any, Literal, Protocol, TypeVar
 
 import httpx
 import msgspec
+import structlog
 
-from goqd.errors import ConfigError
+from goqd.errors import ConfigError, MallError, MallProtocolError
+from goqd.malls.adapterstate import AdapterState, MemoryState
+from goqd.malls.clock import MallClock
 from goqd.messages import MallListing, OrderLine, PushItem, PushOutcome
 from goqd.secret import Secret
 
+log = structlog.get_logger("goqd.malls")
+
 WallClock = Callable[[], float]
+
+# What decoding an untrusted body can raise: msgspec's errors (ValidationError is one),
+# and RecursionError for nesting deeper than the interpreter allows ("[[[[…", a hundred
+# thousand deep, is a few hundred kilobytes).
+DECODE_ERRORS: tuple[type[Exception], ...] = (msgspec.DecodeError, RecursionError)
 
 
 class OrderPage(msgspec.Struct, frozen=True, kw_only=True):
@@ -37,9 +59,10 @@ class OrderPage(msgspec.Struct, frozen=True, kw_only=True):
     lines: tuple[OrderLine, ...]
     cursor: str
     orders_seen: int = 0
-    # Wall time before which every sale is in ``lines`` or an earlier page; None = the
-    # moment the fetch began. A mall whose order feed lags (Amazon, ~2 minutes) says so
-    # here: the sale watch releases a hold no order explained once this passes it.
+    # goqd's wall time before which every sale is in ``lines`` or an earlier page; None =
+    # the moment the fetch began. A mall whose order feed lags (Amazon, ~2 minutes) says
+    # so here (from its mall-time cursor by ``MallClock.to_wall_floor``): the sale watch
+    # releases a hold no order explained once this passes it.
     complete_before: float | None = None
 
 
@@ -77,6 +100,12 @@ class StoreContext(msgspec.Struct, frozen=True, kw_only=True):
     # The store's rate buckets by API name, shared across adapter instances of the store
     # (see ``goqd.malls.ratelimit.shared_bucket``).
     rate_buckets: dict[str, Any] = msgspec.field(default_factory=dict)
+    # The mall's clock as the store's responses show it (``goqd.malls.clock``): order
+    # windows and cursors are in the mall's time, never goqd's wall time.
+    mall_clock: MallClock = msgspec.field(default_factory=MallClock)
+    # What the adapter keeps across polls and restarts (order versions already read);
+    # the store actor backs it with the store's state file (``goqd.malls.adapterstate``).
+    state: AdapterState = msgspec.field(default_factory=MemoryState)
 
 
 class MallAdapter(Protocol):
@@ -118,12 +147,99 @@ AdapterFactory = Callable[[StoreContext], MallAdapter]
 WebhookCheck = Callable[[dict[str, Secret], bytes, Mapping[str, str]], bool | None]
 
 
+# --------------------------------------------------------------------------------------
+# Options: what ``[stores.options]`` may hold for a mall
+# --------------------------------------------------------------------------------------
+
+OptionKind = Literal["number", "integer", "flag", "choice", "text", "codes"]
+
+
+class OptionSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """One ``options.<name>`` a mall accepts: its kind, its bounds and its default.
+
+    Declared on ``MallSpec.options``; ``check-config`` refuses a value ``parse`` refuses,
+    so a store never meets a bad option only once it runs.
+    """
+
+    kind: OptionKind
+    default: Any
+    low: float = -math.inf
+    high: float = math.inf
+    choices: tuple[str, ...] = ()
+    # text: the value must start with this (e.g. a Shopify Location GID).
+    prefix: str = ""
+
+    def parse(self, value: object) -> Any:
+        """The value as the adapter uses it; ``ValueError`` says what is wrong with it."""
+        if self.kind in ("number", "integer"):
+            whole = self.kind == "integer"
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not self.low <= value <= self.high
+                or (whole and isinstance(value, float) and not value.is_integer())
+            ):
+                kind = "whole number" if whole else "number"
+                raise ValueError(
+                    f"must be a {kind} between {self.low:g} and {self.high:g}, got {value!r}"
+                )
+            return int(value) if whole else float(value)
+        if self.kind == "flag":
+            if not isinstance(value, bool):
+                raise ValueError(f"must be true or false, got {value!r}")
+            return value
+        if self.kind == "choice":
+            if value not in self.choices:
+                raise ValueError(f"must be one of {', '.join(self.choices)}, got {value!r}")
+            return value
+        if self.kind == "text":
+            if not isinstance(value, str) or not value.startswith(self.prefix) or not value:
+                want = f"text starting with {self.prefix!r}" if self.prefix else "non-empty text"
+                raise ValueError(f"must be {want}, got {value!r}")
+            return value
+        # codes: "A,B" from a config file (option values are scalars), or a sequence.
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(c, str) for c in items):
+            raise ValueError(f"must be a comma-separated list of codes, got {value!r}")
+        return tuple(c.strip() for c in items if c.strip())
+
+
+def opt_number(default: float, low: float, high: float) -> OptionSpec:
+    return OptionSpec(kind="number", default=float(default), low=low, high=high)
+
+
+def opt_integer(default: int, low: int, high: int) -> OptionSpec:
+    return OptionSpec(kind="integer", default=default, low=low, high=high)
+
+
+def opt_flag(default: bool) -> OptionSpec:
+    return OptionSpec(kind="flag", default=default)
+
+
+def opt_choice(default: str, *choices: str) -> OptionSpec:
+    return OptionSpec(kind="choice", default=default, choices=choices)
+
+
+def opt_text(default: str | None, *, prefix: str = "") -> OptionSpec:
+    return OptionSpec(kind="text", default=default, prefix=prefix)
+
+
+def opt_codes(default: tuple[str, ...]) -> OptionSpec:
+    return OptionSpec(kind="codes", default=default)
+
+
 class MallSpec(msgspec.Struct, frozen=True, kw_only=True):
     """A mall as the registry knows it.
 
     ``credential_fields`` are the keys the store's credential file (JSON object) must
-    hold; every value becomes a ``Secret``. ``webhook`` is True for malls that push
-    order events to goqd (Shopify).
+    hold, ``optional_fields`` those it may hold (an issue date, say); every value becomes
+    a ``Secret``. ``secret_fields`` are the ones that really are secret: only their values
+    are registered with the log redactor, so a seller id or an issue date does not mask
+    order ids and timestamps all over the logs. ``None`` means every field is secret, and
+    a key in the file the mall does not name at all is treated as secret too.
+
+    ``options`` are the ``[stores.options]`` the mall accepts; anything else is refused
+    by ``check-config``. ``webhook`` is set for malls that push order events (Shopify).
     """
 
     name: str
@@ -131,6 +247,9 @@ class MallSpec(msgspec.Struct, frozen=True, kw_only=True):
     open_adapter: AdapterFactory
     limits: MallLimits
     credential_fields: tuple[str, ...]
+    optional_fields: tuple[str, ...] = ()
+    secret_fields: tuple[str, ...] | None = None
+    options: dict[str, OptionSpec] = msgspec.field(default_factory=dict)
     default_live_statuses: tuple[str, ...] = ()
     default_cancel_statuses: tuple[str, ...] = ()
     # For malls that push order events: (credentials, raw body, headers) -> None when the
@@ -138,17 +257,216 @@ class MallSpec(msgspec.Struct, frozen=True, kw_only=True):
     # polls that store at once). Served at ``POST /webhooks/<store>``.
     webhook: WebhookCheck | None = None
 
+    def is_secret_field(self, name: str) -> bool:
+        known = name in self.credential_fields or name in self.optional_fields
+        return self.secret_fields is None or name in self.secret_fields or not known
 
-def number_option(ctx: StoreContext, name: str, default: float, low: float, high: float) -> float:
-    """A numeric ``options.<name>`` of a store, checked; a bad one names store and key."""
-    value = ctx.options.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise ConfigError(
-            f"store {ctx.store}",
-            f"options.{name}",
-            f"must be a number between {low:g} and {high:g}, got {value!r}",
+
+def option_problem(spec: MallSpec, options: Mapping[str, object]) -> tuple[str, str] | None:
+    """The first option in ``options`` that ``spec`` refuses, as (name, reason)."""
+    for name, value in options.items():
+        option = spec.options.get(name)
+        if option is None:
+            close = difflib.get_close_matches(name, list(spec.options), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            known = ", ".join(sorted(spec.options)) or "none"
+            return name, f"unknown option for {spec.title}{hint} (known: {known})"
+        try:
+            option.parse(value)
+        except ValueError as exc:
+            return name, str(exc)
+    return None
+
+
+def read_options(spec: MallSpec, ctx: StoreContext) -> dict[str, Any]:
+    """Every option of ``spec``: the store's value, checked, or the default.
+
+    ``check-config`` has refused bad values already; an adapter opened another way (a
+    test, a tool) still gets the same ``ConfigError`` naming the option.
+    """
+    problem = option_problem(spec, ctx.options)
+    if problem is not None:
+        raise ConfigError(f"store {ctx.store}", f"options.{problem[0]}", problem[1])
+    return {
+        name: option.parse(ctx.options[name]) if name in ctx.options else option.default
+        for name, option in spec.options.items()
+    }
+
+
+def header_safe(token: str) -> bool:
+    """Whether a token the mall minted can go into a request header as it is: visible
+    ASCII only. Anything else would make every later request fail to encode."""
+    return bool(token) and token.isascii() and token.isprintable() and " " not in token
+
+
+# --------------------------------------------------------------------------------------
+# Retry-After
+# --------------------------------------------------------------------------------------
+
+# The longest a mall's Retry-After may hold a store back. Longer is asked again after
+# this: a typo or a hostile value ("inf", a date in the year 9999) must never park a
+# store for good, and ten minutes is longer than any documented throttle of the malls.
+RETRY_AFTER_CAP_S = 600.0
+# delta-seconds (RFC 9110) with a fraction, which some malls send; more than 12 digits
+# is no wait any mall means.
+_DELTA_SECONDS = re.compile(r"\s*\d{1,12}(?:\.\d{1,9})?\s*")
+
+
+def parse_retry_after(
+    value: str | None, *, now: float, default: float, cap: float = RETRY_AFTER_CAP_S
+) -> float:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date.
+
+    A date is relative to ``now`` (the adapter's wall clock); one in the past means
+    now. Anything else (absent, ``inf``, ``nan``, negative, exponents, garbage) is
+    ``default``. The result is always finite and within ``[0, cap]``.
+    """
+    seconds: float | None = None
+    if value and len(value) <= 64:
+        if _DELTA_SECONDS.fullmatch(value):
+            seconds = float(value)
+        else:
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError, OverflowError, IndexError):
+                when = None
+            if when is not None:
+                if when.tzinfo is None:  # "-0000": UTC, whatever the host's zone
+                    when = when.replace(tzinfo=UTC)
+                try:
+                    seconds = max(0.0, when.timestamp() - now)
+                except (OverflowError, ValueError):
+                    seconds = None
+    return bounded_wait(seconds, default=default, cap=cap)
+
+
+def bounded_wait(seconds: float | None, *, default: float, cap: float = RETRY_AFTER_CAP_S) -> float:
+    """A wait a mall asked for (or one computed from its numbers), made safe to sleep:
+    ``default`` when missing or not finite, and within ``[0, cap]``."""
+    if seconds is None or not math.isfinite(seconds):
+        seconds = default if math.isfinite(default) else cap
+    return min(max(seconds, 0.0), cap)
+
+
+# --------------------------------------------------------------------------------------
+# The guard: one strange response fails one call, never the store
+# --------------------------------------------------------------------------------------
+
+# No mall counts this many units of one listing; a larger number is a broken response,
+# and the ledger (SQLite integers) must not be the one to find out.
+QUANTITY_LIMIT = 10**12
+
+T = TypeVar("T")
+
+
+class GuardedAdapter:
+    """A ``MallAdapter`` whose calls raise only ``MallError``.
+
+    Adapters translate the failures they expect; a response shaped in a way nobody
+    expected can still make their parsing raise ``KeyError``, ``IndexError``,
+    ``RecursionError`` and the like. Here any such exception becomes a
+    ``MallProtocolError`` naming the mall, the store and the call (level 8: the store
+    goes degraded and retries), and the traceback is logged once per call and exception
+    type, since it is a bug to fix. Results are checked for numbers no mall sends.
+    ``trio.Cancelled`` and other ``BaseException`` pass through untouched.
+    """
+
+    def __init__(self, inner: MallAdapter, *, store: str, mall: str) -> None:
+        self.inner = inner
+        self.mall = inner.mall
+        self.limits = inner.limits
+        self._store = store
+        self._logged: set[tuple[str, str]] = set()
+
+    def _error(self, api: str, message: str) -> MallProtocolError:
+        return MallProtocolError(
+            f"{api}: {message}", mall=self.mall, store=self._store, code="unreadable_response"
         )
-    return float(value)
+
+    def _unexpected(self, api: str, exc: Exception) -> MallProtocolError:
+        kind = type(exc).__name__
+        if (api, kind) not in self._logged:
+            self._logged.add((api, kind))
+            log.error(
+                "adapter_raised_unexpected",
+                store=self._store,
+                mall=self.mall,
+                api=api,
+                error=kind,
+                exc_info=exc,
+            )
+        # Only the type: the text of an unexpected exception may quote the response.
+        return self._error(api, f"the response could not be read ({kind})")
+
+    async def _call(self, api: str, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await call()
+        except MallError:
+            raise
+        except Exception as exc:
+            raise self._unexpected(api, exc) from exc
+
+    def _check_quantity(self, api: str, what: str, quantity: object) -> None:
+        if not isinstance(quantity, int) or not -QUANTITY_LIMIT <= quantity <= QUANTITY_LIMIT:
+            raise self._error(api, f"{what}: quantity {quantity!r} is not a plausible count")
+
+    async def check_credentials(self) -> None:
+        await self._call("check_credentials", self.inner.check_credentials)
+
+    async def fetch_orders(self, cursor: str | None) -> OrderPage:
+        page = await self._call("fetch_orders", lambda: self.inner.fetch_orders(cursor))
+        for line in page.lines:
+            self._check_quantity("fetch_orders", f"order {line.order_id}", line.quantity)
+            if not math.isfinite(line.updated_at):
+                raise self._error("fetch_orders", f"order {line.order_id}: no usable time")
+        return page
+
+    async def push_stock(self, items: Sequence[PushItem]) -> list[PushOutcome]:
+        return await self._call("push_stock", lambda: self.inner.push_stock(items))
+
+    async def read_stock(self, listing_keys: Sequence[str]) -> dict[str, int | None]:
+        counts = await self._call("read_stock", lambda: self.inner.read_stock(listing_keys))
+        for key, quantity in counts.items():
+            if quantity is not None:
+                self._check_quantity("read_stock", key, quantity)
+        return counts
+
+    async def iter_listings(self) -> AsyncIterator[MallListing]:
+        try:
+            async with aclosing(self.inner.iter_listings()) as listings:  # type: ignore[type-var]
+                async for listing in listings:
+                    if listing.quantity is not None:
+                        self._check_quantity("iter_listings", listing.listing_key, listing.quantity)
+                    yield listing
+        except MallError:
+            raise
+        except Exception as exc:
+            raise self._unexpected("iter_listings", exc) from exc
+
+    async def credential_expiry(self) -> float | None:
+        expiry = await self._call("credential_expiry", self.inner.credential_expiry)
+        if expiry is not None and not math.isfinite(expiry):
+            raise self._error("credential_expiry", "not a usable time")
+        return expiry
+
+
+def guard_adapter(adapter: MallAdapter, ctx: StoreContext) -> MallAdapter:
+    """``adapter`` behind a ``GuardedAdapter`` (once: guarding twice changes nothing)."""
+    if isinstance(adapter, GuardedAdapter):
+        return adapter
+    return GuardedAdapter(adapter, store=ctx.store, mall=ctx.mall)
+
+
+def guarded(factory: AdapterFactory) -> AdapterFactory:
+    """A factory whose adapters are guarded (the registry hands out only these)."""
+    if getattr(factory, "_goqd_guarded", False):
+        return factory
+
+    def open_guarded(ctx: StoreContext) -> MallAdapter:
+        return guard_adapter(factory(ctx), ctx)
+
+    open_guarded._goqd_guarded = True  # type: ignore[attr-defined]
+    return open_guarded
 
 
 @functools.cache

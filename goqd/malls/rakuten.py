@@ -34,13 +34,14 @@ is still inside the overlap window; the discrepancy check catches what remains.
 these only ever gets set or added as an order moves on, so the value never goes back;
 date-only fields such as ``cancelDueDate`` are deadlines, not updates, and are ignored.
 
-Options (``ctx.options``): ``overlap_s`` (600), ``initial_lookback_s`` (86400),
-``change_lookback_days`` (30), ``link_field`` (see ``LINK_FIELDS``), ``page_size``
-(searchOrder records per page, ≤1000), ``get_order_batch`` (≤100),
-``search_result_cap`` (15000).
+Options (declared with their bounds in ``SPEC.options``): ``overlap_s`` (600),
+``initial_lookback_s`` (86400), ``change_lookback_days`` (30), ``link_field`` (see
+``LINK_FIELDS``), ``page_size`` (searchOrder records per page, ≤1000),
+``get_order_batch`` (≤100), ``search_result_cap`` (15000).
 
 This module must never log or format the serviceSecret or licenseKey: they reach
-httpx only through ``_auth_header`` and the one expiry-date query parameter.
+httpx only through ``_auth_header`` and the one expiry-date query parameter. The
+header's base64 form is registered with the log redactor when the adapter opens.
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ import re
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
 import httpx
@@ -64,9 +64,24 @@ from goqd.errors import (
     MallRateLimited,
     MallUnavailable,
 )
-from goqd.malls.base import MallLimits, MallSpec, OrderPage, StoreContext, number_option
+from goqd.logs import register_secret
+from goqd.malls.base import (
+    DECODE_ERRORS,
+    MallLimits,
+    MallSpec,
+    OrderPage,
+    StoreContext,
+    opt_choice,
+    opt_integer,
+    parse_retry_after,
+    read_options,
+)
 from goqd.malls.ratelimit import TokenBucket, shared_bucket
+from goqd.malls.transport import READ
 from goqd.messages import ListingAttrs, MallListing, OrderLine, PushItem, PushOutcome
+
+# POST APIs that change nothing: searchOrder, getOrder and bulk-get only read.
+_READ_POSTS = frozenset({"rpay.order.searchOrder", "rpay.order.getOrder", "inventories.bulk.get"})
 
 MALL = "rakuten"
 JST = timezone(timedelta(hours=9), "JST")
@@ -289,10 +304,6 @@ def split_listing_key(listing_key: str) -> tuple[str, str] | None:
     return manage_number, variant_id
 
 
-def _int_option(ctx: StoreContext, name: str, default: int, low: int, high: int) -> int:
-    return int(number_option(ctx, name, default, low, high))
-
-
 def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -322,23 +333,16 @@ class RakutenAdapter:
                 raise ConfigError(f"store {ctx.store}", "credentials", f"{name} is missing")
         self._ctx = ctx
         self.limits = SPEC.limits
-        options = ctx.options
-        self._overlap_s = _int_option(ctx, "overlap_s", 600, 0, MAX_WINDOW_S)
-        self._initial_lookback_s = _int_option(
-            ctx, "initial_lookback_s", 86400, 0, MAX_LOOKBACK_S - 86400
-        )
-        self._change_lookback_s = 86400 * _int_option(ctx, "change_lookback_days", 30, 0, 720)
-        self._page_size = _int_option(ctx, "page_size", SEARCH_PAGE_MAX, 1, SEARCH_PAGE_MAX)
-        self._get_order_batch = _int_option(ctx, "get_order_batch", GET_ORDER_MAX, 1, GET_ORDER_MAX)
-        self._search_cap = _int_option(ctx, "search_result_cap", SEARCH_RESULT_CAP, 1, 10**6)
-        link_field = options.get("link_field", DEFAULT_LINK_FIELD)
-        if link_field not in LINK_FIELDS:
-            raise ConfigError(
-                f"store {ctx.store}",
-                "options.link_field",
-                f"{link_field!r} is not one of {', '.join(LINK_FIELDS)}",
-            )
-        self._link_field: str = link_field
+        options = read_options(SPEC, ctx)
+        self._overlap_s: int = options["overlap_s"]
+        self._initial_lookback_s: int = options["initial_lookback_s"]
+        self._change_lookback_s = 86400 * options["change_lookback_days"]
+        self._page_size: int = options["page_size"]
+        self._get_order_batch: int = options["get_order_batch"]
+        self._search_cap: int = options["search_result_cap"]
+        self._link_field: str = options["link_field"]
+        # What goes on the wire is the base64 of both secrets: mask that form in logs too.
+        register_secret(self._auth_header().removeprefix("ESA "))
         self._live = frozenset(ctx.live_statuses or SPEC.default_live_statuses)
         self._cancel = frozenset(ctx.cancel_statuses or SPEC.default_cancel_statuses)
         # One bucket per RMS API. Orders: ≈1 req/s [I, malls.md §1.6]; Inventory bulk-upsert
@@ -369,7 +373,7 @@ class RakutenAdapter:
     def _decode(self, kind: type[T], reply: _Reply, api: str) -> T:
         try:
             return msgspec.json.decode(reply.body, type=kind)
-        except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+        except DECODE_ERRORS as exc:
             raise self._protocol(
                 f"{api}: response does not match the documented format ({exc})"
             ) from exc
@@ -393,38 +397,46 @@ class RakutenAdapter:
         secret_in_url: bool = False,
     ) -> _Reply:
         """One request under ``bucket``; gateway-level failures are raised here."""
-        await bucket.acquire()
         headers = {"Authorization": self._auth_header(), "Accept": "application/json"}
         content: bytes | None = None
         if body is not None:
             content = msgspec.json.encode(body)
             headers["Content-Type"] = "application/json; charset=utf-8"
         url = self._ctx.base_url.rstrip("/") + path
-        try:
-            async with self._ctx.http.stream(
-                method, url, headers=headers, content=content, params=params
-            ) as response:
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > MAX_BODY_BYTES:
-                        raise self._protocol(f"{api}: response larger than 16 MiB")
-                    chunks.append(chunk)
-                reply = _Reply(response.status_code, b"".join(chunks), response.headers)
-        except httpx.HTTPError as exc:
-            # The exception text may quote the URL, which carries the licenseKey for the
-            # expiry-date call: only the exception type goes into our message, and the
-            # chain is cut where the URL holds a secret.
-            if isinstance(exc, httpx.TimeoutException):
-                error: MallError = MallUnavailable(f"{api}: timed out", **self._kw())
-            elif isinstance(exc, httpx.DecodingError):
-                error = self._protocol(f"{api}: undecodable response ({type(exc).__name__})")
-            else:
-                error = MallUnavailable(f"{api}: {type(exc).__name__}", **self._kw())
-            if secret_in_url:
-                raise error from None
-            raise error from exc
+        # Paced from the answer (``TokenBucket.slot``): RMS counts a call on arrival, and
+        # a send held up at start-up (a new connection, a busy process) crowded the next.
+        async with bucket.slot():
+            try:
+                async with self._ctx.http.stream(
+                    method,
+                    url,
+                    headers=headers,
+                    content=content,
+                    params=params,
+                    # POSTs that only read may be sent again on a fresh connection.
+                    extensions=READ if api in _READ_POSTS else None,
+                ) as response:
+                    chunks: list[bytes] = []
+                    size = 0
+                    async for chunk in response.aiter_bytes():
+                        size += len(chunk)
+                        if size > MAX_BODY_BYTES:
+                            raise self._protocol(f"{api}: response larger than 16 MiB")
+                        chunks.append(chunk)
+                    reply = _Reply(response.status_code, b"".join(chunks), response.headers)
+            except httpx.HTTPError as exc:
+                # The exception text may quote the URL, which carries the licenseKey for the
+                # expiry-date call: only the exception type goes into our message, and the
+                # chain is cut where the URL holds a secret.
+                if isinstance(exc, httpx.TimeoutException):
+                    error: MallError = MallUnavailable(f"{api}: timed out", **self._kw())
+                elif isinstance(exc, httpx.DecodingError):
+                    error = self._protocol(f"{api}: undecodable response ({type(exc).__name__})")
+                else:
+                    error = MallUnavailable(f"{api}: {type(exc).__name__}", **self._kw())
+                if secret_in_url:
+                    raise error from None
+                raise error from exc
         self._raise_for_gateway(api, bucket, reply)
         return reply
 
@@ -433,7 +445,7 @@ class RakutenAdapter:
         if reply.body[:1] == b"{" and b'"Results"' in reply.body[:4096]:
             try:
                 results = msgspec.json.decode(reply.body, type=_GatewayError).results
-            except msgspec.DecodeError:
+            except DECODE_ERRORS:
                 results = None
             if results is not None:
                 code, text = results.error_code, _short(results.message)
@@ -454,7 +466,11 @@ class RakutenAdapter:
                 **self._kw(),
             )
         if status == 429:
-            retry_after = _retry_after(reply.headers.get("retry-after"), self._ctx.clock())
+            retry_after = parse_retry_after(
+                reply.headers.get("retry-after"),
+                now=self._ctx.clock(),
+                default=_DEFAULT_RETRY_AFTER,
+            )
             bucket.block_for(retry_after)
             raise MallRateLimited(
                 f"{api}: throttled ({detail})",
@@ -471,7 +487,7 @@ class RakutenAdapter:
 
     async def check_credentials(self) -> None:
         """A one-minute searchOrder: cheap, and proves the order API is enabled too."""
-        now = int(self._ctx.clock())
+        now = int(self._ctx.mall_clock.floor(self._ctx.clock()))
         await self._search_page(1, now - 60, now, [], 1, amount=30)
 
     async def credential_expiry(self) -> float | None:
@@ -495,21 +511,27 @@ class RakutenAdapter:
     # -- orders ------------------------------------------------------------------------
 
     async def fetch_orders(self, cursor: str | None) -> OrderPage:
-        now = int(self._ctx.clock())
-        end = now
+        # The window is in Rakuten's time (its clock as its responses show it), so a skew
+        # between the clocks never moves it past orders (goqd.malls.clock).
+        began = self._ctx.clock()
+        clock = self._ctx.mall_clock
         try:
             cursor_at = None if cursor is None else int(parse_jst(cursor))
         except ValueError:
             # Not a cursor this adapter wrote: start over as on a first poll rather than
             # fail every poll; the ledger dedupes what is read twice.
             cursor_at = None
-        if cursor is None or cursor_at is None:
-            start = end - self._initial_lookback_s
-        else:
+        window = clock.window(
+            began,
+            cursor_at,
+            overlap=self._overlap_s,
+            initial_lookback=self._initial_lookback_s,
+        )
+        if cursor is not None and cursor_at is not None:
             self._promote_final(cursor)
-            start = cursor_at - self._overlap_s
+        end = int(window.end)
         # Rakuten refuses a start older than two years; keep an hour of margin.
-        start = max(min(start, end), end - MAX_LOOKBACK_S + 3600)
+        start = max(min(int(window.start), end), end - MAX_LOOKBACK_S + 3600)
 
         numbers: dict[str, None] = {}  # insertion-ordered set
         wanted = sorted(int(s) for s in self._live | self._cancel if s.isdigit())
@@ -524,7 +546,8 @@ class RakutenAdapter:
                 await self._search_window(numbers, w_start, w_end, changed)
 
         to_read = [n for n in numbers if n not in self._final_seen]
-        new_cursor = format_jst(end)
+        # Never later than Rakuten's time when the searches ran.
+        new_cursor = format_jst(int(clock.cursor_after(began, end)))
         lines: list[OrderLine] = []
         final: set[str] = set()
         orders_seen = 0
@@ -615,7 +638,7 @@ class RakutenAdapter:
         code, text = "", ""
         try:
             messages = msgspec.json.decode(reply.body, type=_MessagesOnly).messages or []
-        except msgspec.DecodeError:
+        except DECODE_ERRORS:
             messages = []
         for message in messages:
             if message.message_type == "ERROR":
@@ -799,7 +822,7 @@ class RakutenAdapter:
     def _inventory_error(self, api: str, reply: _Reply) -> MallProtocolError:
         try:
             errors = msgspec.json.decode(reply.body, type=_InventoryErrors).errors
-        except msgspec.DecodeError:
+        except DECODE_ERRORS:
             errors = []
         if errors:
             return self._protocol(
@@ -874,20 +897,6 @@ def _refused(item: PushItem, code: str, message: str) -> PushOutcome:
     )
 
 
-def _retry_after(value: str | None, now: float) -> float:
-    """Seconds from a Retry-After header (delta-seconds or HTTP-date)."""
-    if not value:
-        return _DEFAULT_RETRY_AFTER
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - now)
-    except (TypeError, ValueError):
-        return _DEFAULT_RETRY_AFTER
-
-
 def open_adapter(ctx: StoreContext) -> RakutenAdapter:
     return RakutenAdapter(ctx)
 
@@ -900,6 +909,16 @@ SPEC = MallSpec(
     # leaves room for that and for the merchant's other tools sharing the shop's limits.
     limits=MallLimits(push_batch=UPSERT_MAX, read_batch=BULK_GET_MAX, min_poll_interval=10.0),
     credential_fields=("service_secret", "license_key"),
+    secret_fields=("service_secret", "license_key"),
+    options={
+        "overlap_s": opt_integer(600, 0, MAX_WINDOW_S),
+        "initial_lookback_s": opt_integer(86400, 0, MAX_LOOKBACK_S - 86400),
+        "change_lookback_days": opt_integer(30, 0, 720),
+        "page_size": opt_integer(SEARCH_PAGE_MAX, 1, SEARCH_PAGE_MAX),
+        "get_order_batch": opt_integer(GET_ORDER_MAX, 1, GET_ORDER_MAX),
+        "search_result_cap": opt_integer(SEARCH_RESULT_CAP, 1, 10**6),
+        "link_field": opt_choice(DEFAULT_LINK_FIELD, *LINK_FIELDS),
+    },
     default_live_statuses=LIVE_STATUSES,
     default_cancel_statuses=CANCEL_STATUSES,
 )

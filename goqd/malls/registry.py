@@ -2,17 +2,23 @@
 
 Adding a mall: write ``goqd/malls/<mall>.py`` exporting ``SPEC``, and add one line
 below. Nothing else in goqd names a mall.
+
+The specs here open *guarded* adapters (``goqd.malls.base.guard_adapter``): whoever gets
+an adapter from the registry (store actors, key tests, imports, diffs) sees only
+``MallError`` from it, whatever a mall sends.
 """
 
 from __future__ import annotations
 
-from goqd.malls.base import MallSpec
+import msgspec
+
+from goqd.malls.base import MallSpec, guarded
 
 MALLS: dict[str, MallSpec] = {}
 
 
 def _register(spec: MallSpec) -> None:
-    MALLS[spec.name] = spec
+    MALLS[spec.name] = msgspec.structs.replace(spec, open_adapter=guarded(spec.open_adapter))
 
 
 def get_spec(name: str) -> MallSpec:

@@ -30,9 +30,10 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import re
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
@@ -43,14 +44,28 @@ import msgspec
 import trio
 
 from goqd.errors import (
-    ConfigError,
     MallAuthError,
     MallError,
     MallProtocolError,
     MallRateLimited,
     MallUnavailable,
 )
-from goqd.malls.base import MallLimits, MallSpec, OrderPage, StoreContext, number_option
+from goqd.malls.base import (
+    DECODE_ERRORS,
+    MallLimits,
+    MallSpec,
+    OrderPage,
+    StoreContext,
+    bounded_wait,
+    opt_choice,
+    opt_integer,
+    opt_number,
+    opt_text,
+    parse_retry_after,
+    read_options,
+)
+from goqd.malls.ratelimit import MAX_BLOCK_S, BucketState, shared_limiter
+from goqd.malls.transport import READ
 from goqd.messages import ListingAttrs, MallListing, OrderLine, PushItem, PushOutcome
 from goqd.secret import Secret
 
@@ -357,7 +372,9 @@ class CostBucket:
     ``acquire(cost)`` waits until ``cost`` points are available and takes them. Each
     response's ``throttleStatus`` resyncs the level with the server (minus what other
     requests of ours still have in flight), which also gives back the difference
-    between requested and actual cost. Time is ``trio.current_time()``.
+    between requested and actual cost. Time is ``trio.current_time()``. A
+    ``goqd.malls.ratelimit.Limiter``: the store's ``Limiters`` keep its level across
+    restarts (a new process that started full was THROTTLED by its first queries).
     """
 
     def __init__(self, rate: float, size: float) -> None:
@@ -368,6 +385,33 @@ class CostBucket:
         self._blocked_until = 0.0
         self._in_flight = 0.0
         self._lock = trio.Lock()
+        self.on_change: Callable[[], None] | None = None
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    def state(self, now: float, wall: float) -> BucketState:
+        # ``available`` already lacks the points of requests in flight.
+        stamp = now if self._stamp is None else self._stamp
+        blocked = wall + (self._blocked_until - now) if self._blocked_until > now else 0.0
+        return BucketState(level=self.available, at=wall + (stamp - now), blocked_until=blocked)
+
+    def restore(self, saved: BucketState, now: float, wall: float) -> None:
+        elapsed = max(0.0, wall - saved.at) if math.isfinite(saved.at) else 0.0
+        level = saved.level if math.isfinite(saved.level) else 0.0
+        self.available = max(0.0, min(self.size, level + elapsed * self.rate))
+        self._stamp = now
+        self.block_until(saved.blocked_until, now, wall)
+
+    def block_until(self, blocked_until: float, now: float, wall: float) -> None:
+        left = blocked_until - wall
+        if math.isfinite(left) and left > 0:
+            self._blocked_until = max(self._blocked_until, now + min(left, MAX_BLOCK_S))
+
+    def start_empty(self, now: float) -> None:
+        self.available = 0.0
+        self._stamp = now
 
     def _refill(self, now: float) -> None:
         if self._stamp is not None:
@@ -386,26 +430,42 @@ class CostBucket:
                 if self.available >= cost:
                     self.available -= cost
                     self._in_flight += cost
+                    self._changed()
                     return
                 # At least a microsecond: a 1e-15 s wait (float rounding) never moves a
                 # virtual clock, and spending early would get THROTTLED by Shopify.
                 await trio.sleep(max(1e-6, (cost - self.available) / self.rate))
 
     def settle(self, cost: float, status: _ThrottleStatus | None) -> None:
-        """The request that took ``cost`` is over; resync from the server if it said."""
+        """The request that took ``cost`` is over; resync from the server if it said.
+
+        A status with numbers no Shopify plan has is ignored: a restore rate of 1e-300
+        points/s, taken at its word, would make the next request wait for ever.
+        """
         cost = min(cost, self.size)
         self._in_flight = max(0.0, self._in_flight - cost)
-        if status is None or status.restore_rate <= 0:
+        if status is None or not _plausible(status):
             return
         now = trio.current_time()
         self._refill(now)
         self.rate = status.restore_rate
         self.size = max(1.0, status.maximum_available)
         self.available = max(0.0, min(self.size, status.currently_available - self._in_flight))
+        self._changed()
 
     def block_for(self, seconds: float) -> None:
         now = trio.current_time()
-        self._blocked_until = max(self._blocked_until, now + seconds)
+        self._blocked_until = max(self._blocked_until, now + bounded_wait(seconds, default=1.0))
+        self._changed()
+
+
+def _plausible(status: _ThrottleStatus) -> bool:
+    """Numbers a Shopify plan can have (restore rates are 50 to a few thousand)."""
+    return (
+        1.0 <= status.restore_rate <= 1e6
+        and 1.0 <= status.maximum_available <= 1e8
+        and math.isfinite(status.currently_available)
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -472,11 +532,11 @@ LIMITS = MallLimits(
 class ShopifyAdapter:
     """One store's GraphQL Admin API session.
 
-    Options (``ctx.options``): ``overlap_s`` (600), ``initial_lookback_s`` (86400),
-    ``link_field`` ("sku" default, or "barcode"), ``default_location_id`` (a Location
-    GID; otherwise the shop's primary location, asked once), ``cost_rate`` (100
-    points/s; Advanced 200, Plus 1000), ``cost_bucket`` (1000 points),
-    ``orders_page`` (25), ``order_lines_first`` (10).
+    Options (checked against ``SPEC.options``): ``overlap_s`` (600),
+    ``initial_lookback_s`` (86400), ``link_field`` ("sku" default, or "barcode"),
+    ``default_location_id`` (a Location GID; otherwise the shop's primary location,
+    asked once), ``cost_rate`` (100 points/s; Advanced 200, Plus 1000), ``cost_bucket``
+    (1000 points), ``orders_page`` (25), ``order_lines_first`` (10).
     """
 
     mall = MALL
@@ -484,34 +544,21 @@ class ShopifyAdapter:
 
     def __init__(self, ctx: StoreContext) -> None:
         self._ctx = ctx
-        opts = ctx.options
+        opts = read_options(SPEC, ctx)
         self._url = ctx.base_url.rstrip("/") + f"/admin/api/{API_VERSION}/graphql.json"
-        self._overlap = number_option(ctx, "overlap_s", 600, 0, 7 * 86400)
-        self._lookback = number_option(ctx, "initial_lookback_s", 86400, 0, 60 * 86400)
-        self._link_field = opts.get("link_field", "sku")
-        if self._link_field not in ("sku", "barcode"):
-            raise ConfigError(
-                f"store {ctx.store}",
-                "options.link_field",
-                f"{self._link_field!r} is not one of sku, barcode",
-            )
-        location = opts.get("default_location_id", opts.get("location_id"))
-        if location is not None and not (
-            isinstance(location, str) and location.startswith("gid://shopify/Location/")
-        ):
-            raise ConfigError(
-                f"store {ctx.store}",
-                "options.default_location_id",
-                f"{location!r} is not a Location GID (gid://shopify/Location/...)",
-            )
-        self._location: str | None = location
+        self._overlap: float = opts["overlap_s"]
+        self._lookback: float = opts["initial_lookback_s"]
+        self._link_field: str = opts["link_field"]
+        # ``location_id`` is the option's older name.
+        self._location: str | None = opts["default_location_id"] or opts["location_id"]
         # The defaults already fill most of the 1000-point single query limit; larger
         # pages get MAX_COST_EXCEEDED (a MallProtocolError), so only shrink them.
-        self._orders_page = int(number_option(ctx, "orders_page", ORDERS_PAGE, 1, 250))
-        self._line_first = int(number_option(ctx, "order_lines_first", ORDER_LINES_FIRST, 1, 250))
-        self._bucket = CostBucket(
-            number_option(ctx, "cost_rate", 100.0, 1, 100_000),
-            number_option(ctx, "cost_bucket", 1000.0, 1, 1_000_000),
+        self._orders_page: int = opts["orders_page"]
+        self._line_first: int = opts["order_lines_first"]
+        # The store's, like every mall's buckets: shared by a key test and the session,
+        # and kept across restarts.
+        self._bucket = shared_limiter(
+            ctx.rate_buckets, "cost", lambda: CostBucket(opts["cost_rate"], opts["cost_bucket"])
         )
         self._live = ctx.live_statuses or SPEC.default_live_statuses
         self._cancel = ctx.cancel_statuses or SPEC.default_cancel_statuses
@@ -522,6 +569,8 @@ class ShopifyAdapter:
         return cls(message, mall=MALL, store=self._ctx.store, code=code)
 
     def _throttled(self, retry_after: float, message: str) -> MallRateLimited:
+        # Computed from the mall's numbers: bounded like any Retry-After.
+        retry_after = bounded_wait(retry_after, default=1.0)
         self._bucket.block_for(retry_after)
         return MallRateLimited(
             message, retry_after=retry_after, mall=MALL, store=self._ctx.store, code="throttled"
@@ -529,7 +578,9 @@ class ShopifyAdapter:
 
     # -- transport ------------------------------------------------------------------------
 
-    async def _post(self, payload: bytes) -> tuple[int, httpx.Headers, bytes]:
+    async def _post(self, payload: bytes, *, read: bool) -> tuple[int, httpx.Headers, bytes]:
+        """One GraphQL POST; a ``read`` (a query, no mutation) may be sent again on a
+        fresh connection if the pooled one turns out closed."""
         token = self._ctx.credentials.get("access_token")
         if token is None:
             raise self._fail(MallAuthError, "credential file has no access_token")
@@ -540,7 +591,11 @@ class ShopifyAdapter:
         }
         try:
             async with self._ctx.http.stream(
-                "POST", self._url, content=payload, headers=headers
+                "POST",
+                self._url,
+                content=payload,
+                headers=headers,
+                extensions=READ if read else None,
             ) as resp:
                 chunks: list[bytes] = []
                 size = 0
@@ -570,7 +625,9 @@ class ShopifyAdapter:
             # Missing scope or revoked app: only a new credential fixes it (level 9).
             return self._fail(MallAuthError, f"403 {text}", code="forbidden")
         if status == 429:
-            retry = _retry_after(headers.get("retry-after"), default=2.0)
+            retry = parse_retry_after(
+                headers.get("retry-after"), now=self._ctx.clock(), default=2.0
+            )
             return self._throttled(retry, f"429 {text}")
         if status >= 500 or status in (402, 423):
             # 402 frozen shop (unpaid bill), 423 locked shop: the merchant must act at
@@ -595,12 +652,14 @@ class ShopifyAdapter:
         await self._bucket.acquire(cost)
         status_info: _ThrottleStatus | None = None
         try:
-            status, headers, body = await self._post(payload)
+            status, headers, body = await self._post(
+                payload, read=document.lstrip().startswith("query ")
+            )
             if status != 200:
                 raise self._http_error(status, headers, body)
             try:
                 env = msgspec.json.decode(body, type=_Envelope)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except DECODE_ERRORS as exc:
                 kind = headers.get("content-type", "?")
                 raise self._fail(
                     MallProtocolError, f"{operation}: response is not GraphQL JSON ({kind}): {exc}"
@@ -613,7 +672,7 @@ class ShopifyAdapter:
                 raise self._fail(MallProtocolError, f"{operation}: response has no data")
             try:
                 return msgspec.json.decode(env.data, type=data_type)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except DECODE_ERRORS as exc:
                 raise self._fail(MallProtocolError, f"{operation}: unexpected data: {exc}") from exc
         finally:
             self._bucket.settle(cost, status_info)
@@ -627,7 +686,7 @@ class ShopifyAdapter:
         text = "; ".join(f"{c or 'ERROR'}: {e.message}" for c, e in zip(codes, errors, strict=True))
         if "THROTTLED" in codes:
             retry = 1.0
-            if cost and cost.throttle_status and cost.throttle_status.restore_rate > 0:
+            if cost and cost.throttle_status and _plausible(cost.throttle_status):
                 ts = cost.throttle_status
                 requested = cost.requested_query_cost or 1.0
                 deficit = max(1.0, requested - ts.currently_available)
@@ -663,10 +722,18 @@ class ShopifyAdapter:
         return _parse_iso(expires.reveal().strip())
 
     async def fetch_orders(self, cursor: str | None) -> OrderPage:
-        now = self._ctx.clock()
-        end = float(int(now))  # Shopify's updatedAt has whole seconds
-        start = _parse_iso(cursor) if cursor else None
-        start = end - self._lookback if start is None else start - self._overlap
+        # The window is in Shopify's time (its clock as its responses show it), so a skew
+        # between the clocks never moves it past orders (goqd.malls.clock).
+        began = self._ctx.clock()
+        clock = self._ctx.mall_clock
+        window = clock.window(
+            began,
+            _parse_iso(cursor) if cursor else None,
+            overlap=self._overlap,
+            initial_lookback=self._lookback,
+        )
+        end = float(int(window.end))  # Shopify's updatedAt has whole seconds
+        start = min(window.start, end)
         search = f"updated_at:>'{_iso(start)}' AND updated_at:<='{_iso(end)}'"
         lines: list[OrderLine] = []
         orders_seen = 0
@@ -700,7 +767,9 @@ class ShopifyAdapter:
             if not info.end_cursor or info.end_cursor == after:
                 raise self._fail(MallProtocolError, "GoqdOrders: hasNextPage without a new cursor")
             after = info.end_cursor
-        return OrderPage(lines=tuple(lines), cursor=_iso(end), orders_seen=orders_seen)
+        # Never later than Shopify's time when the search ran.
+        done = clock.cursor_after(began, end)
+        return OrderPage(lines=tuple(lines), cursor=_iso(done), orders_seen=orders_seen)
 
     async def _more_lines(self, order_id: str, after: str | None) -> _LineConn:
         if not after:
@@ -970,23 +1039,14 @@ def _error_text(body: bytes) -> str:
     """The ``errors`` text of a Shopify error body (string, list or object), short."""
     try:
         obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return ""
-    errors = obj.get("errors") if isinstance(obj, dict) else None
-    if isinstance(errors, str):
-        return errors[:300]
-    if errors is not None:
-        return json.dumps(errors, ensure_ascii=False)[:300]
+        errors = obj.get("errors") if isinstance(obj, dict) else None
+        if isinstance(errors, str):
+            return errors[:300]
+        if errors is not None:
+            return json.dumps(errors, ensure_ascii=False)[:300]
+    except (ValueError, UnicodeDecodeError, RecursionError):  # a body nested absurdly deep
+        pass
     return ""
-
-
-def _retry_after(value: str | None, *, default: float) -> float:
-    if not value:
-        return default
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return default
 
 
 # --------------------------------------------------------------------------------------
@@ -1068,6 +1128,19 @@ SPEC = MallSpec(
     open_adapter=ShopifyAdapter,
     limits=LIMITS,
     credential_fields=("access_token", "webhook_secret"),
+    optional_fields=("expires_at",),
+    secret_fields=("access_token", "webhook_secret"),
+    options={
+        "overlap_s": opt_number(600, 0, 7 * 86400),
+        "initial_lookback_s": opt_number(86400, 0, 60 * 86400),
+        "link_field": opt_choice("sku", "sku", "barcode"),
+        "default_location_id": opt_text(None, prefix="gid://shopify/Location/"),
+        "location_id": opt_text(None, prefix="gid://shopify/Location/"),
+        "orders_page": opt_integer(ORDERS_PAGE, 1, 250),
+        "order_lines_first": opt_integer(ORDER_LINES_FIRST, 1, 250),
+        "cost_rate": opt_number(100.0, 1, 100_000),
+        "cost_bucket": opt_number(1000.0, 1, 1_000_000),
+    },
     default_live_statuses=(STATUS_OPEN, STATUS_CLOSED),
     default_cancel_statuses=(STATUS_CANCELLED,),
     webhook=check_webhook,

@@ -24,14 +24,17 @@ seconds as a string.
 
 ``orderInfo`` (one order per call, 1 per second) is asked only for an order whose
 ``(LastUpdateTime, OrderStatus)`` in ``orderList`` differs from the last time it was
-read: the answer is kept in memory and its lines are returned again from there, so the
-overlap costs no extra calls (as the Amazon adapter does with ``getOrderItems``). A poll
-therefore returns exactly what it would without the memory, which is what makes it safe
-when the ledger fails to commit a poll and the store actor asks again with the old
-cursor. [I] Yahoo moves ``LastUpdateTime`` on every change to an order; the time has
-whole seconds only, so an answer read less than ``SETTLE_S`` after it is not kept (a
-change later in the same second would not move it). The memory holds the orders of the
-last completed poll's window (plus what a poll that failed after it had read).
+read: the answer is kept (in memory and in the adapter's state, ``ctx.state``, which
+outlives the process) and its lines are returned again from there, so neither the
+overlap nor a restart costs extra calls (as the Amazon adapter does with
+``getOrderItems``); at under one call a second, re-reading a window after every restart
+was most of what Yahoo polls did. A poll therefore returns exactly what it would
+without the memory, which is what makes it safe when the ledger fails to commit a poll
+and the store actor asks again with the old cursor. [I] Yahoo moves ``LastUpdateTime``
+on every change to an order; the time has whole seconds only, so an answer read less
+than ``SETTLE_S`` after it is not kept (a change later in the same second would not move
+it). The memory holds the orders of the last completed poll's window (plus what a poll
+that failed after it had read), which bounds the state too.
 
 Stock. ``setStock`` (form POST, comma lists, at most 1000 codes [V: getStock/setStock
 pages]) with absolute quantities only; every call sends ``allow_overdraft`` (超過購入)
@@ -59,7 +62,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import math
 import re
 import urllib.parse
 import xml.etree.ElementTree as ET
@@ -83,8 +85,23 @@ from goqd.errors import (
     MallRateLimited,
     MallUnavailable,
 )
-from goqd.malls.base import MallLimits, MallSpec, OrderPage, StoreContext
+from goqd.logs import register_secret
+from goqd.malls.base import (
+    DECODE_ERRORS,
+    MallLimits,
+    MallSpec,
+    OrderPage,
+    StoreContext,
+    header_safe,
+    opt_choice,
+    opt_integer,
+    opt_number,
+    parse_retry_after,
+    read_options,
+)
+from goqd.malls.clock import describe_skew
 from goqd.malls.ratelimit import TokenBucket, shared_bucket
+from goqd.malls.transport import READ
 from goqd.messages import ListingAttrs, MallListing, OrderLine, PushItem, PushOutcome
 from goqd.secret import Secret
 
@@ -110,6 +127,10 @@ RATE_MARGIN = 0.9
 # orderInfo answers are reused only when read this long after the order's
 # LastUpdateTime, which has whole seconds: 1 s for that, the rest for clock skew [I].
 SETTLE_S = 10.0
+# [I] How far a signature's unixtime may be from Yahoo's clock is not documented. An auth
+# refusal while Yahoo's clock (as its Date headers show it) is further than this from
+# goqd's is a stale signature, not a rejected key: every signed call fails alike.
+SIGNATURE_SKEW_S = 60.0
 
 LIVE_STATUSES = ("1", "2", "3", "5")  # 予約中, 処理中, 保留, 完了
 CANCEL_STATUSES = ("4",)
@@ -126,8 +147,12 @@ CREDENTIAL_FIELDS = (
 _AUTH_TOKEN_ERRORS = frozenset(
     {"invalid_grant", "invalid_client", "unauthorized_client", "access_denied"}
 )
+# POST APIs that change nothing (the token endpoint and setStock do).
+_READ_POSTS = frozenset({"orderList", "orderInfo", "getStock"})
 # XML elements that may repeat and are therefore always decoded as lists.
 _LIST_TAGS = frozenset({"Result", "OrderInfo", "Item"})
+# The Store API's answers nest about five deep.
+_MAX_DEPTH = 32
 
 LIMITS = MallLimits(push_batch=PUSH_BATCH, read_batch=READ_BATCH, min_poll_interval=60.0)
 
@@ -226,6 +251,9 @@ class _SeenOrder(msgspec.Struct, frozen=True):
     detail: _OrderDetail
 
 
+_SEEN_KEY = "order/"
+
+
 # --------------------------------------------------------------------------------------
 # Private errors
 # --------------------------------------------------------------------------------------
@@ -233,6 +261,15 @@ class _SeenOrder(msgspec.Struct, frozen=True):
 
 class _InvalidToken(Exception):
     """401 with error="invalid_token": refresh the access token and retry once."""
+
+
+class _StaleSignature(Exception):
+    """An auth refusal while Yahoo's clock is far from goqd's: sign again with Yahoo's
+    time (measured from that very answer) once; ``error`` is raised if that fails too."""
+
+    def __init__(self, error: MallError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class _Rejected(MallProtocolError):
@@ -253,19 +290,23 @@ class _Rejected(MallProtocolError):
 # --------------------------------------------------------------------------------------
 
 
-def _element_to_obj(elem: ET.Element) -> Any:
+def _element_to_obj(elem: ET.Element, depth: int = 0) -> Any:
     """An element as plain data: leaf → text (empty → None), else a dict of children.
 
     Attributes become keys (``totalResultsAvailable``); tags in ``_LIST_TAGS`` always
-    become lists so one result and many results decode the same way.
+    become lists so one result and many results decode the same way. Nesting deeper
+    than ``_MAX_DEPTH`` is no Store API answer (``ValueError``): it would otherwise
+    exhaust the interpreter's recursion limit.
     """
+    if depth > _MAX_DEPTH:
+        raise ValueError(f"elements nested deeper than {_MAX_DEPTH}")
     children = list(elem)
     if not children and not elem.attrib:
         text = (elem.text or "").strip()
         return text or None
     out: dict[str, Any] = dict(elem.attrib)
     for child in children:
-        value = _element_to_obj(child)
+        value = _element_to_obj(child, depth + 1)
         if child.tag in _LIST_TAGS:
             out.setdefault(child.tag, []).append(value)
         else:
@@ -360,19 +401,15 @@ class YahooAdapter:
 
     def __init__(self, ctx: StoreContext) -> None:
         self._ctx = ctx
-        opts = ctx.options
-        self._overlap = float(opts.get("overlap_s", 600))
-        self._initial_lookback = float(opts.get("initial_lookback_s", 86400))
-        self._change_lookback = float(opts.get("change_lookback_days", 14)) * 86400.0
-        self._page_size = int(opts.get("order_page_size", 1000))
-        self._link_field = str(opts.get("link_field", "SubCode"))
-        if self._link_field not in ("SubCode", "ItemId"):
-            raise ValueError("yahoo option link_field must be 'SubCode' or 'ItemId'")
-        self._sub_code_key = str(opts.get("sub_code_key", "joined"))
-        if self._sub_code_key not in ("joined", "sub"):
-            raise ValueError("yahoo option sub_code_key must be 'joined' or 'sub'")
+        opts = read_options(SPEC, ctx)
+        self._overlap: float = opts["overlap_s"]
+        self._initial_lookback: float = opts["initial_lookback_s"]
+        self._change_lookback: float = opts["change_lookback_days"] * 86400.0
+        self._page_size: int = opts["order_page_size"]
+        self._link_field: str = opts["link_field"]
+        self._sub_code_key: str = opts["sub_code_key"]
         # [I] How long the mall locks a URL after a burst is not documented.
-        self._lockout_s = float(opts.get("lockout_s", 60))
+        self._lockout_s: float = opts["lockout_s"]
         self._live = ctx.live_statuses or LIVE_STATUSES
         self._cancel = ctx.cancel_statuses or CANCEL_STATUSES
         self._store_base = ctx.base_url.rstrip("/") + STORE_API
@@ -385,8 +422,10 @@ class YahooAdapter:
         issued = ctx.credentials.get("refresh_token_issued_at")
         self._refresh_obtained_at = _parse_issued_at(issued.reveal()) if issued else None
         self._public_key: RSAPublicKey | None = None
-        # orderInfo answers of the orders in the last poll's window, by OrderId.
-        self._seen: dict[str, _SeenOrder] = {}
+        # orderInfo answers of the orders in the last poll's window, by OrderId; each
+        # also in the state as "order/<OrderId>".
+        self._state = ctx.state
+        self._seen = self._load_seen()
 
     # -- errors and credentials --------------------------------------------------------
 
@@ -411,8 +450,17 @@ class YahooAdapter:
             self._public_key = key
         return self._public_key
 
-    def _signature_headers(self) -> dict[str, str]:
-        plain = f"{self._cred('seller_id').reveal()}:{int(self._ctx.clock())}".encode()
+    def _signature_offset(self) -> float:
+        """Yahoo's clock minus goqd's as last measured: Yahoo checks a signature's
+        unixtime against its own clock, so goqd signs with Yahoo's time."""
+        wall = self._ctx.clock()
+        return self._ctx.mall_clock.to_mall(wall) - wall
+
+    def _signature_headers(self, offset: float | None = None) -> dict[str, str]:
+        if offset is None:
+            offset = self._signature_offset()
+        unixtime = int(self._ctx.clock() + offset)
+        plain = f"{self._cred('seller_id').reveal()}:{unixtime}".encode()
         sealed = self._key().encrypt(plain, padding.PKCS1v15())
         return {
             "X-sws-signature": base64.b64encode(sealed).decode("ascii"),
@@ -441,7 +489,13 @@ class YahooAdapter:
     ) -> tuple[int, httpx.Headers, bytes]:
         try:
             async with self._ctx.http.stream(
-                method, url, headers=headers, content=content, params=params
+                method,
+                url,
+                headers=headers,
+                content=content,
+                params=params,
+                # POSTs that only read may be sent again on a fresh connection.
+                extensions=READ if api in _READ_POSTS else None,
             ) as resp:
                 body = bytearray()
                 async for chunk in resp.aiter_bytes():
@@ -457,12 +511,9 @@ class YahooAdapter:
             raise self._err(MallUnavailable, f"{api}: {type(exc).__name__}") from exc
 
     def _retry_after(self, headers: httpx.Headers) -> float:
-        value = headers.get("retry-after", "")
-        try:
-            seconds = float(value)
-        except ValueError:
-            return self._lockout_s
-        return seconds if math.isfinite(seconds) and seconds >= 0 else self._lockout_s
+        return parse_retry_after(
+            headers.get("retry-after"), now=self._ctx.clock(), default=self._lockout_s
+        )
 
     def _parse_xml(self, api: str, body: bytes) -> ET.Element:
         try:
@@ -481,17 +532,39 @@ class YahooAdapter:
         message = (root.findtext(".//Message") or "").strip()[:300]
         return code, message or f"HTTP {status}"
 
-    def _raise_for_status(self, api: str, status: int, headers: httpx.Headers, body: bytes) -> None:
+    def _raise_for_status(
+        self,
+        api: str,
+        status: int,
+        headers: httpx.Headers,
+        body: bytes,
+        *,
+        signed_offset: float | None = None,
+    ) -> None:
         if status == 200:
             return
         code, message = self._mall_error(api, status, body)
         text = f"{api}: {code} {message}".strip() if code else f"{api}: {message}"
-        if status == 401:
-            if "invalid_token" in headers.get("www-authenticate", ""):
-                raise _InvalidToken()
-            raise self._err(MallAuthError, text, code)
-        if status == 403:
-            # Not approved for this API, store not granted to this app, signature refused.
+        if status == 401 and "invalid_token" in headers.get("www-authenticate", ""):
+            raise _InvalidToken()
+        if status in (401, 403):
+            # 403: not approved for this API, store not granted to this app, signature
+            # refused. A clock off makes every signature stale: that is level 8 (fix the
+            # clock), never a key to renew. The refusal's own Date is the newest sample.
+            skew = self._ctx.mall_clock.latest_offset()
+            if skew is not None:
+                error = self._err(
+                    MallUnavailable,
+                    f"{api}: clock skew: Yahoo refused the signed request ({text}) while its "
+                    f"clock is {describe_skew(skew)} goqd's; a signature carries the time, so "
+                    "set this host's clock right (NTP) before renewing the key",
+                    "clock_skew",
+                )
+                if signed_offset is not None and abs(skew - signed_offset) > SIGNATURE_SKEW_S:
+                    # Signed by a clock Yahoo has left (either way): sign again.
+                    raise _StaleSignature(error)
+                if abs(skew) > SIGNATURE_SKEW_S:
+                    raise error
             raise self._err(MallAuthError, text, code)
         if status == 429:
             retry_after = self._retry_after(headers)
@@ -514,45 +587,62 @@ class YahooAdapter:
     ) -> ET.Element:
         """One Store API call: rate, auth, signature, status mapping, XML parse.
 
-        An expired access token is refreshed and the call retried exactly once.
+        An expired access token is refreshed and the call retried exactly once; a call
+        refused while Yahoo's clock is far from goqd's is signed again once with Yahoo's
+        time, and if refused again is a level-8 ``clock_skew`` error, not a rejected key.
         """
         if form is not None:
             content: bytes | None = urllib.parse.urlencode(form).encode()
             ctype = "application/x-www-form-urlencoded"
         else:
             content, ctype = xml, "application/xml; charset=utf-8"
-        for attempt in range(2):
+        resigned = False
+        attempt = 0
+        while True:
             token = await self._ensure_access_token()
-            await self._bucket(api).acquire()
-            headers = {"Authorization": f"Bearer {token.reveal()}", **self._signature_headers()}
-            if content is not None:
-                headers["Content-Type"] = ctype
-            status, resp_headers, body = await self._send(
-                api,
-                method,
-                f"{self._store_base}/{api}",
-                headers=headers,
-                content=content,
-                params=params,
-            )
+            # Paced from the answer (``TokenBucket.slot``): Yahoo counts a call on
+            # arrival and locks the URL out for a minute if two come too close.
+            async with self._bucket(api).slot():
+                offset = self._signature_offset()
+                headers = {
+                    "Authorization": f"Bearer {token.reveal()}",
+                    **self._signature_headers(offset),
+                }
+                if content is not None:
+                    headers["Content-Type"] = ctype
+                status, resp_headers, body = await self._send(
+                    api,
+                    method,
+                    f"{self._store_base}/{api}",
+                    headers=headers,
+                    content=content,
+                    params=params,
+                )
             try:
-                self._raise_for_status(api, status, resp_headers, body)
+                self._raise_for_status(api, status, resp_headers, body, signed_offset=offset)
             except _InvalidToken:
                 if attempt:
                     raise self._err(
                         MallAuthError, f"{api}: access token refused right after refresh"
                     ) from None
+                attempt += 1
                 await self._refresh(stale=token)
                 continue
+            except _StaleSignature as stale:
+                # The refusal's own Date measured Yahoo's clock: the next signature
+                # carries Yahoo's time. Once; a second refusal is reported as it is.
+                if resigned:
+                    raise stale.error from None
+                resigned = True
+                continue
             return self._parse_xml(api, body)
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def _decode(self, api: str, elem: ET.Element | None, type_: type[_T]) -> _T:
         if elem is None:
             raise self._err(MallProtocolError, f"{api}: expected element missing")
         try:
             return msgspec.convert(_element_to_obj(elem), type_, strict=False)
-        except msgspec.ValidationError as exc:
+        except (msgspec.ValidationError, ValueError) as exc:
             raise self._err(MallProtocolError, f"{api}: {exc}") from exc
 
     def _result_set(self, api: str, root: ET.Element) -> ET.Element:
@@ -588,35 +678,40 @@ class YahooAdapter:
             "client_secret": self._cred("client_secret").reveal(),
             "refresh_token": refresh_token.reveal(),
         }
-        await self._bucket(api).acquire()
-        headers = {
-            "Content-Type": "application/x-www-form-urlencoded",
-            # Yahoo grants a 28-day refresh token only to apps that sign (malls.md §2.2).
-            **self._signature_headers(),
-        }
-        status, resp_headers, body = await self._send(
-            api,
-            "POST",
-            self._token_url,
-            headers=headers,
-            content=urllib.parse.urlencode(form).encode(),
-        )
+        async with self._bucket(api).slot():
+            headers = {
+                "Content-Type": "application/x-www-form-urlencoded",
+                # Yahoo grants a 28-day refresh token only to apps that sign (malls.md §2.2).
+                **self._signature_headers(),
+            }
+            status, resp_headers, body = await self._send(
+                api,
+                "POST",
+                self._token_url,
+                headers=headers,
+                content=urllib.parse.urlencode(form).encode(),
+            )
         if status == 200:
             try:
                 tok = msgspec.json.decode(body, type=_TokenResponse)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except DECODE_ERRORS as exc:
                 raise self._err(MallProtocolError, "token: undecodable token response") from exc
+            if not header_safe(tok.access_token) or tok.expires_in <= 0:
+                raise self._err(MallProtocolError, "token: token response without a usable token")
             now = self._ctx.clock()
+            # Tokens minted at run time are secrets the credential file never held.
+            register_secret(tok.access_token, transient=True)
             self._access_token = Secret(tok.access_token)
             self._access_expires_at = now + tok.expires_in
             if tok.refresh_token:
                 # Rotated: the old one may stop working, and the 28 days restart.
+                register_secret(tok.refresh_token, transient=True)
                 self._refresh_token = Secret(tok.refresh_token)
                 self._refresh_obtained_at = now
             return
         try:
             err = msgspec.json.decode(body, type=_TokenError)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except DECODE_ERRORS:
             err = _TokenError()
         text = f"token: {err.error or f'HTTP {status}'} {err.error_description[:200]}".strip()
         if err.error in _AUTH_TOKEN_ERRORS or status == 401:
@@ -654,8 +749,11 @@ class YahooAdapter:
         """
         async with self._token_lock:
             await self._refresh_locked()
+        # orderCount is a GET order API: its parameter is ``sellerId``, as in Yahoo's
+        # other GET order APIs (orderChangeHistory's page) and the public clients that
+        # call it; the form posts of the stock APIs are the ones that take ``seller_id``.
         root = await self._store_call(
-            "orderCount", method="GET", params={"seller_id": self._cred("seller_id").reveal()}
+            "orderCount", method="GET", params={"sellerId": self._cred("seller_id").reveal()}
         )
         self._result_set("orderCount", root)
 
@@ -665,12 +763,19 @@ class YahooAdapter:
         return self._refresh_obtained_at + REFRESH_TOKEN_LIFETIME_S
 
     async def fetch_orders(self, cursor: str | None) -> OrderPage:
-        now = self._ctx.clock()
-        since = now - self._initial_lookback
+        # Every time here is Yahoo's (its clock as its responses show it), so a skew
+        # between the clocks never moves the window past orders (goqd.malls.clock).
+        began = self._ctx.clock()
+        clock = self._ctx.mall_clock
+        cursor_at: float | None = None
         if cursor is not None:
             # A cursor that is not one of ours starts over from the initial look-back.
             with contextlib.suppress(ValueError):
-                since = float(cursor) - self._overlap
+                cursor_at = float(cursor)
+        span = clock.window(
+            began, cursor_at, overlap=self._overlap, initial_lookback=self._initial_lookback
+        )
+        since, now = span.start, span.end
         search_from = min(since, now - self._change_lookback)
         summaries = await self._search_orders(search_from, now)
         lines: list[OrderLine] = []
@@ -683,9 +788,13 @@ class YahooAdapter:
             seen += 1
             lines.extend(self._order_lines(detail))
         # Only this window's orders can come back unchanged next time; older entries
-        # would only grow the dict.
+        # would only grow the dict (and the state).
+        for order_id in self._seen.keys() - window.keys():
+            self._state.delete(_SEEN_KEY + order_id)
         self._seen = window
-        return OrderPage(lines=tuple(lines), cursor=repr(now), orders_seen=seen)
+        # Never later than Yahoo's time when the search ran.
+        done = clock.cursor_after(began, now)
+        return OrderPage(lines=tuple(lines), cursor=repr(done), orders_seen=seen)
 
     async def _order_detail(
         self, summary: _OrderSummary, window: dict[str, _SeenOrder]
@@ -704,9 +813,23 @@ class YahooAdapter:
         if updated is not None and read_at >= updated + SETTLE_S:
             entry = window[summary.order_id] = _SeenOrder(marker, detail)
             self._seen[summary.order_id] = entry
-        else:
-            self._seen.pop(summary.order_id, None)
+            self._state.put(_SEEN_KEY + summary.order_id, msgspec.json.encode(entry))
+        elif self._seen.pop(summary.order_id, None) is not None:
+            self._state.delete(_SEEN_KEY + summary.order_id)
         return detail
+
+    def _load_seen(self) -> dict[str, _SeenOrder]:
+        seen: dict[str, _SeenOrder] = {}
+        names = self._state.keys()
+        for key in names:
+            raw = self._state.get(key)
+            if raw is None or not key.startswith(_SEEN_KEY):
+                continue
+            try:
+                seen[key.removeprefix(_SEEN_KEY)] = msgspec.json.decode(raw, type=_SeenOrder)
+            except msgspec.DecodeError:
+                self._state.delete(key)  # written by another version: read again
+        return seen
 
     def _needs_detail(self, summary: _OrderSummary, since: float) -> bool:
         status = summary.order_status
@@ -955,6 +1078,19 @@ SPEC = MallSpec(
     open_adapter=open_adapter,
     limits=LIMITS,
     credential_fields=CREDENTIAL_FIELDS,
+    optional_fields=("refresh_token_issued_at",),
+    # The client id, seller id and the store's *public* key are not secrets.
+    secret_fields=("client_secret", "refresh_token"),
+    options={
+        "overlap_s": opt_number(600, 0, 30 * 86400),
+        "initial_lookback_s": opt_number(86400, 0, 730 * 86400),
+        "change_lookback_days": opt_number(14, 0, 365),
+        # orderList's Result has no documented upper bound; clients use 1000-2000.
+        "order_page_size": opt_integer(1000, 1, 2000),
+        "link_field": opt_choice("SubCode", "SubCode", "ItemId"),
+        "sub_code_key": opt_choice("joined", "joined", "sub"),
+        "lockout_s": opt_number(60, 0, 3600),
+    },
     default_live_statuses=LIVE_STATUSES,
     default_cancel_statuses=CANCEL_STATUSES,
 )

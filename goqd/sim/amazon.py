@@ -191,6 +191,7 @@ class SimAmazon(SimMall):
         shop_id: str,
         clock: WallClock,
         seed: int = 0,
+        clock_offset: float = 0.0,
         marketplace_id: str = MARKETPLACE_JP,
         data_lag_s: float = 120.0,
         min_before_s: float = 120.0,
@@ -201,7 +202,7 @@ class SimAmazon(SimMall):
         retry_after_header: bool = False,
         initial_status: str = "Pending",
     ) -> None:
-        super().__init__(shop_id=shop_id, clock=clock, seed=seed)
+        super().__init__(shop_id=shop_id, clock=clock, seed=seed, clock_offset=clock_offset)
         if unknown_sku not in ("invalid", "accept"):
             raise ValueError("unknown_sku must be 'invalid' or 'accept'")
         self.marketplace_id = marketplace_id

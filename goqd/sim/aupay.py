@@ -123,6 +123,7 @@ class SimAupay(SimMall):
         shop_id: str,
         clock: WallClock,
         seed: int = 0,
+        clock_offset: float = 0.0,
         key_lifetime_days: float = 90.0,
         auth_error_status: int = 401,
         rate_limit: float = 1.0,
@@ -134,7 +135,7 @@ class SimAupay(SimMall):
         status_on_item_error: int = 1,
         item_cancel_value: str = "キャンセル",
     ) -> None:
-        super().__init__(shop_id=shop_id, clock=clock, seed=seed)
+        super().__init__(shop_id=shop_id, clock=clock, seed=seed, clock_offset=clock_offset)
         self.key_lifetime_s = key_lifetime_days * 86400
         self.auth_error_status = auth_error_status
         self.rate_limit = rate_limit

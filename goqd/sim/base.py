@@ -6,8 +6,12 @@ wire format: routes, auth scheme, bodies, status codes, error shapes, batch and 
 limits. The market generator and the checker use only this base class, so they work
 the same for every mall.
 
-Time: ``clock`` is the wall clock shared with the daemon under test (epoch seconds);
-under a ``MockClock`` it is derived from ``trio.current_time()``.
+Time: the wall clock shared with the daemon under test (epoch seconds; under a
+``MockClock`` derived from ``trio.current_time()``), plus the simulator's
+``clock_offset``: a mall whose clock disagrees with goqd's (seconds, minutes, nine hours
+of a zone read wrong) stamps its orders, filters its searches, checks signatures and
+dates its responses by ``clock()``, its own time. Every response carries an HTTP
+``Date`` from it, as real malls' servers send one.
 
 Nothing here may ever reach a real mall host: simulators listen on loopback only.
 """
@@ -18,6 +22,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.utils import formatdate
 
 import trio
 
@@ -89,9 +94,14 @@ class SimMall(ABC):
 
     mall: str = ""
 
-    def __init__(self, *, shop_id: str, clock: WallClock, seed: int = 0) -> None:
+    def __init__(
+        self, *, shop_id: str, clock: WallClock, seed: int = 0, clock_offset: float = 0.0
+    ) -> None:
         self.shop_id = shop_id
-        self.clock = clock
+        self.wall_clock = clock
+        # Seconds this mall's clock is ahead of the shared wall clock (negative: behind).
+        # A test may change it at any time: the mall's clock jumps.
+        self.clock_offset = clock_offset
         self.rng = random.Random(seed)
         self.faults = Faults()
         self.listings: dict[str, SimListing] = {}
@@ -101,6 +111,10 @@ class SimMall(ABC):
         self.refused_orders = 0
         self._serial = 0
         self.app = App(self._dispatch)
+
+    def clock(self) -> float:
+        """This mall's own time: the shared wall clock plus ``clock_offset``."""
+        return self.wall_clock() + self.clock_offset
 
     # -- catalogue and market ----------------------------------------------------------
 
@@ -235,8 +249,11 @@ class SimMall(ABC):
             await trio.sleep(self.faults.latency)
         api = self.api_name(request)
         response = await self.handle(request, api)
+        response.headers.setdefault("date", formatdate(self.clock(), usegmt=True))
+        # Recorded on the shared wall clock: the harness lines requests up with its own
+        # plans and with other malls whatever this mall's clock says.
         self.requests.append(
-            RecordedRequest(self.clock(), request.method, request.path, api, response.status)
+            RecordedRequest(self.wall_clock(), request.method, request.path, api, response.status)
         )
         return response
 

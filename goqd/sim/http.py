@@ -136,6 +136,9 @@ async def serve_sim(
     config.accesslog = None
     config.errorlog = None
     config.keep_alive_timeout = 75.0
+    # The simulator dates its responses by its own (possibly skewed, possibly simulated)
+    # clock; hypercorn's Date would be this host's real time.
+    config.include_date_header = False
 
     async def _serve(*, task_status: trio.TaskStatus[list[str]]) -> None:
         await serve(app, config, task_status=task_status)  # type: ignore[arg-type]

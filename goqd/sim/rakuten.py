@@ -187,6 +187,7 @@ class SimRakuten(SimMall):
         shop_id: str,
         clock: WallClock,
         seed: int = 0,
+        clock_offset: float = 0.0,
         key_lifetime_days: float = 90.0,
         min_get_order_version: int = 7,
         search_result_cap: int = 15000,
@@ -194,7 +195,7 @@ class SimRakuten(SimMall):
         enforce_rate_limits: bool = True,
         rotation_revokes_old: bool = False,
     ) -> None:
-        super().__init__(shop_id=shop_id, clock=clock, seed=seed)
+        super().__init__(shop_id=shop_id, clock=clock, seed=seed, clock_offset=clock_offset)
         self.shop_number = (
             shop_id
             if len(shop_id) == 6 and shop_id.isdigit()

@@ -213,6 +213,7 @@ class SimShopify(SimMall):
         shop_id: str,
         clock: WallClock,
         seed: int = 0,
+        clock_offset: float = 0.0,
         webhook_url: str | None = None,
         webhook_secret: str | None = None,
         cost_rate: float = 100.0,
@@ -223,7 +224,7 @@ class SimShopify(SimMall):
         throttle_http_status: int = 200,
         token_ttl: float | None = None,
     ) -> None:
-        super().__init__(shop_id=shop_id, clock=clock, seed=seed)
+        super().__init__(shop_id=shop_id, clock=clock, seed=seed, clock_offset=clock_offset)
         self.domain = f"{shop_id}.myshopify.com"
         self.path = f"/admin/api/{API_VERSION}/graphql.json"
         self.webhook_url = webhook_url

@@ -11,6 +11,9 @@ URL differs; the token endpoint is served on the same base URL):
   stCategoryList}``: ``Authorization: Bearer`` checked (401 + ``WWW-Authenticate: Bearer
   error="invalid_token"`` when expired or revoked), the ``X-sws-signature`` decrypted with
   the private key this sim generated and compared with ``"<seller>:<unixtime>"``.
+- ``orderCount`` takes ``sellerId`` (as Yahoo's GET order APIs document it, e.g.
+  orderChangeHistory, and as the public clients calling orderCount send it) and refuses
+  a call without it (``ed-00002``); the stock APIs' form posts take ``seller_id``.
 - Errors are ``<Error><Message/><Code/></Error>``. Only ``px-04102`` (expired token) and
   ``ed-00002`` (parameter error) are codes seen in public sources; the other codes below
   are invented and marked [I].
@@ -123,6 +126,7 @@ class SimYahoo(SimMall):
         shop_id: str,
         clock: WallClock,
         seed: int = 0,
+        clock_offset: float = 0.0,
         reservation: bool = False,
         rotate_refresh_token: bool = False,
         require_signature: bool = True,
@@ -132,7 +136,7 @@ class SimYahoo(SimMall):
         lockout_s: float = 60.0,
         key_bits: int = 2048,
     ) -> None:
-        super().__init__(shop_id=shop_id, clock=clock, seed=seed)
+        super().__init__(shop_id=shop_id, clock=clock, seed=seed, clock_offset=clock_offset)
         self.reservation = reservation
         self.rotate_refresh_token = rotate_refresh_token
         self.require_signature = require_signature
@@ -266,6 +270,9 @@ class SimYahoo(SimMall):
         denied = self._check_auth(request)
         if denied is not None:
             return denied
+        if name == "orderCount" and not request.arg("sellerId"):
+            # A GET order API: its parameter is sellerId, not the stock APIs' seller_id.
+            return self._error(400, CODE_PARAM, "sellerId is required")
         if self._seller(name, request) != self.shop_id:
             return self._error(403, CODE_SELLER, "seller_id is not permitted for this token")
         if route is None:
@@ -281,7 +288,7 @@ class SimYahoo(SimMall):
                 return request.form().get("seller_id", "")
             except UnicodeDecodeError:
                 return ""
-        return request.arg("seller_id")
+        return request.arg("sellerId" if name == "orderCount" else "seller_id")
 
     def _over_rate(self, path: str) -> Response | None:
         now = trio.current_time()

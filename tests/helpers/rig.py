@@ -27,8 +27,9 @@ thread commits, or bytes sit in a socket, every trio task looks blocked, so a
 timeout) in the middle of the work; runs are then neither deterministic nor faithful.
 ``inline_threads`` + ``SimRouter`` remove both. trio breaks ties between equal
 deadlines by ``id()``, which differs between processes (ASLR); ``ordered_deadlines``
-breaks them by registration order instead, so with ``PYTHONHASHSEED=0`` a seed replays
-exactly in a fresh process (tested).
+breaks them by registration order instead. Tasks woken together may be woken in address
+order too; ``deterministic_scheduling`` runs every batch in a seeded order whatever the
+wake order. With ``PYTHONHASHSEED=0`` a seed replays exactly in a fresh process (tested).
 """
 
 from __future__ import annotations
@@ -392,6 +393,31 @@ def ordered_deadlines() -> Iterator[None]:
         _run.Deadlines.add = original  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def deterministic_scheduling(seed: int) -> Iterator[None]:
+    """Make the order in which trio runs each batch of runnable tasks a function of
+    ``seed`` alone.
+
+    trio runs a batch in the order its tasks were woken (or reversed), and some are
+    woken by iterating a set of tasks hashed by address: cancelling a scope wakes its
+    tasks in address order (``goqctl key set`` cancels a store's four loops at once),
+    and addresses differ from process to process. With the wake order shuffled, a seed's
+    fingerprint changed every time. In this mode (trio's own, which Hypothesis switches
+    on when it is imported, so pytest runs had it and ``python -m tests.helpers.rig``
+    did not) each batch is sorted by task creation order, then shuffled with trio's
+    seeded generator.
+    """
+    from trio._core import _run
+
+    flag = _run._ALLOW_DETERMINISTIC_SCHEDULING
+    _run._ALLOW_DETERMINISTIC_SCHEDULING = True  # type: ignore[misc]
+    _run._r.seed(seed)
+    try:
+        yield
+    finally:
+        _run._ALLOW_DETERMINISTIC_SCHEDULING = flag  # type: ignore[misc]
+
+
 @dataclass
 class Running:
     daemon: Daemon
@@ -490,6 +516,35 @@ def ledger_rows(path: str, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         return [tuple(r) for r in conn.execute(sql, args)]
+    finally:
+        conn.close()
+
+
+def ledger_consistent(path: str) -> None:
+    """What must hold right after any crash, before a restart: the file opens, passes
+    ``PRAGMA quick_check`` and conserves stock (no half-applied transaction): each SKU's
+    movements add up to its total, each booked line's to its booked quantity."""
+    from goqd.ledger.db import open_db
+
+    conn = open_db(path)  # runs quick_check; refuses a damaged file
+    try:
+        assert conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+        moved = dict(conn.execute("SELECT sku, sum(delta) FROM movements GROUP BY sku"))
+        for sku, total in conn.execute("SELECT sku, total FROM products"):
+            assert moved.get(sku, 0) == total, f"{sku}: movements {moved.get(sku)} != {total}"
+        by_line = {
+            (r[0], r[1], r[2]): r[3]
+            for r in conn.execute(
+                "SELECT store, order_id, line_id, sum(delta) FROM movements "
+                "WHERE cause IN ('order', 'cancel', 'correction') "
+                "GROUP BY store, order_id, line_id"
+            )
+        }
+        for store, order_id, line_id, qty in conn.execute(
+            "SELECT store, order_id, line_id, booked_qty FROM order_lines"
+        ):
+            got = by_line.get((store, order_id, line_id), 0)
+            assert got == -qty, f"{store}/{order_id}/{line_id}: moved {got}, booked {qty}"
     finally:
         conn.close()
 
@@ -755,6 +810,7 @@ class Scenario:
     poll_interval: str = "60s"
     push_retry: str = "10s"
     request_timeout: str = "10s"
+    watch_interval: str = "10s"  # "0s": no sale watch, goqd as it runs without one
     settle_limit: float = 1800.0
 
 
@@ -816,7 +872,6 @@ def run_scenario(sc: Scenario, tmp_root: str | None = None) -> Outcome:
     import tempfile
     import time as _time
 
-    import trio._core._run as trio_run
     import trio.testing
 
     from goqd.sim import checker, faults
@@ -824,8 +879,7 @@ def run_scenario(sc: Scenario, tmp_root: str | None = None) -> Outcome:
     tmp = tempfile.mkdtemp(prefix=f"goqd-dst-{sc.seed}-", dir=tmp_root or _fast_tmp())
     started = _time.perf_counter()
     try:
-        with inline_threads(), ordered_deadlines():
-            trio_run._r.seed(sc.seed)
+        with inline_threads(), ordered_deadlines(), deterministic_scheduling(sc.seed):
             return trio.run(
                 _scenario_main,
                 sc,
@@ -881,6 +935,7 @@ async def _scenario_main(
         poll_interval=sc.poll_interval,
         push_retry=sc.push_retry,
         request_timeout=sc.request_timeout,
+        watch_interval=sc.watch_interval,
     ) as run:
 
         async def renew(store: str, creds: dict[str, str]) -> bool:
@@ -946,6 +1001,9 @@ async def _scenario_main(
             episodes=records,
             metrics_text=run.metrics_text(),
             states=run.states,
+            # A fault met on a request's way in (a timeout) shows once the request has
+            # timed out: up to a request timeout after the episode's last hit.
+            visibility_slack=_seconds(sc.request_timeout) + 5.0,
         )
         throttling = [
             v
@@ -999,6 +1057,11 @@ def _edit_random(market: Market, rng: random.Random) -> int:
     new = max(1, line.quantity + rng.choice((-1, 1)))
     if new == line.quantity:
         return 0
+    shelf = market.sims[victim.store].stock(line.listing_key)
+    if shelf is not None and shelf < new - line.quantity:
+        # A mall does not let an edit take more units than it shows: its counter would
+        # go below 0, which no mall reports (au PAY's adapter refuses such a count).
+        return 0
     market.sims[victim.store].edit_quantity(victim.order.order_id, line.line_id, new)
     market.real[victim.sku] = max(0, market.real[victim.sku] - (new - line.quantity))
     return 1
@@ -1018,7 +1081,6 @@ def run_dst(
     import shutil
     import tempfile
 
-    import trio._core._run as trio_run
     import trio.testing
 
     tmp = tempfile.mkdtemp(prefix=f"goqd-dst-{seed}-", dir=_fast_tmp())
@@ -1043,8 +1105,7 @@ def run_dst(
             return await body(run)
 
     try:
-        with inline_threads(), ordered_deadlines():
-            trio_run._r.seed(seed)
+        with inline_threads(), ordered_deadlines(), deterministic_scheduling(seed):
             return trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1072,6 +1133,72 @@ def outcome_json(o: Outcome, *, known: Callable[[Any], bool] = lambda v: False) 
         "real_seconds": round(o.real_seconds, 3),
         "summary": o.describe(),
         "plan": o.plan.describe(),
+    }
+
+
+# How long after the faults a seed must have converged (virtual s): two poll intervals,
+# the longest backoff (goqd.stores.actor.BACKOFF_MAX) and a push retry.
+SETTLE_BOUND = 2 * 60 + 300 + 10
+
+
+def replay_command(seed: int) -> str:
+    return f"PYTHONHASHSEED=0 python -m tests.helpers.rig {seed} --text"
+
+
+def seed_failure(result: Mapping[str, Any]) -> str | None:
+    """Why one seed's JSON result (``outcome_json``) fails, with its replay; None if it
+    passed: a violation, a rate overrun (E2) or no convergence within ``SETTLE_BOUND``."""
+    late = result["settled_after"] is None or result["settled_after"] > SETTLE_BOUND
+    if result["ok"] and not result["throttling"] and not late:
+        return None
+    return (
+        f"seed {result['seed']} (replay: {replay_command(result['seed'])})\n"
+        f"{result['summary']}\n{result['throttling']}\n{result['plan']}"
+    )
+
+
+def dst_figures(results: Sequence[Mapping[str, Any]], failures: int) -> str:
+    """One line of figures for a set of seeds."""
+    injected: dict[str, int] = {}
+    for r in results:
+        for kind, n in r["injected"].items():
+            injected[kind] = injected.get(kind, 0) + n
+    seeds = sorted(r["seed"] for r in results)
+    return (
+        f"DST: {len(results)} seeds ({seeds[0]}..{seeds[-1]}), "
+        f"{sum(r['orders'] for r in results)} orders, {sum(r['lines'] for r in results)} lines, "
+        f"{sum(r['episodes'] for r in results)} fault episodes, faults injected "
+        f"{dict(sorted(injected.items()))} (total {sum(injected.values())}), "
+        f"{sum(r['renewals'] for r in results)} key renewals, "
+        f"{sum(len(r['diffs']) for r in results)} diff+reflect, "
+        f"{sum(r['throttling_known'] for r in results)} known renewal-burst 429s, "
+        f"settled within {max((r['settled_after'] or 0) for r in results):.0f}s virtual; "
+        f"{failures} failing seeds"
+    )
+
+
+def crashed_json(seed: int, error: str) -> dict[str, Any]:
+    """A seed whose scenario raised, in ``outcome_json``'s shape (it fails)."""
+    return {
+        "seed": seed,
+        "ok": False,
+        "violations": [],
+        "throttling": [],
+        "throttling_known": 0,
+        "settled_after": None,
+        "fingerprint": "",
+        "orders": 0,
+        "lines": 0,
+        "edits": 0,
+        "restocks": 0,
+        "episodes": 0,
+        "injected": {},
+        "renewals": 0,
+        "diffs": [],
+        "duplicates": 0,
+        "real_seconds": 0.0,
+        "summary": f"seed {seed}: the scenario raised\n{error}",
+        "plan": "",
     }
 
 
@@ -1119,8 +1246,14 @@ def _main(argv: Sequence[str]) -> int:
     for done, seed in enumerate(seeds):
         if args.budget and done >= args.min and _time.perf_counter() - began > args.budget:
             break
-        outcome = run_scenario(Scenario(seed=seed))
-        data = outcome_json(outcome, known=renewal_burst(outcome.records))
+        try:
+            outcome = run_scenario(Scenario(seed=seed))
+        except Exception:  # one seed's crash is that seed's failure, not the run's end
+            import traceback
+
+            data = crashed_json(seed, traceback.format_exc())
+        else:
+            data = outcome_json(outcome, known=renewal_burst(outcome.records))
         if args.text:
             print(f"fingerprint {data['fingerprint']}\n{data['summary']}\n{data['plan']}")
         else:

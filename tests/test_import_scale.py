@@ -1,0 +1,367 @@
+"""Large imports (issue 14, item 2): a stock CSV is read off the event loop, checked whole,
+staged, then applied a bounded chunk a transaction while the ledger goes on answering;
+a crash mid-apply finishes the import after the restart with every row applied exactly
+once; a retry of the same request gets the same reply. The listings CSV is read off the
+event loop too. Speed is not asserted here: ``python -m goqd.importbench`` measures it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from goqd import app as goqd_app
+from goqd import messages as m
+from goqd.app import Daemon, run_daemon
+from goqd.config import Config, DaemonConfig
+from goqd.control import protocol as p
+from goqd.control.client import RemoteError, call
+from goqd.csvio import ListingsReader, StockReader
+from goqd.errors import ControlError, InputError
+from goqd.ledger.db import Ledger, open_db
+from goqd.linking import fold
+from tests.helpers import rig
+
+
+@pytest.fixture
+def tmp() -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix="gqimp-", dir="/tmp")  # short: a Unix socket lives here
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def bare_config(tmp: str) -> Config:
+    """A daemon with no stores: the ledger, the control socket and HTTP only."""
+    return Config(
+        daemon=DaemonConfig(
+            state_dir=os.path.join(tmp, "state"),
+            control_socket=os.path.join(tmp, "ctl.sock"),
+            http_listen="127.0.0.1:0",
+        ),
+        source=os.path.join(tmp, "goqd.toml"),
+    )
+
+
+def seed_products(config: Config, totals: dict[str, int]) -> None:
+    os.makedirs(config.daemon.state_dir, exist_ok=True)
+    conn = open_db(config.daemon.ledger_path)
+    conn.execute("BEGIN")
+    conn.executemany(
+        "INSERT INTO products (sku, total, first_store, created_at, code_fold) "
+        "VALUES (?, ?, '', 0, ?)",
+        ((sku, total, fold(sku)) for sku, total in totals.items()),
+    )
+    conn.execute("COMMIT")
+    conn.close()
+
+
+def catalogue(n: int) -> dict[str, int]:
+    return {f"P{i:05d}": 10 for i in range(n)}
+
+
+def stock_csv(column: str, values: dict[str, int]) -> str:
+    return f"sku,{column}\n" + "".join(f"{sku},{n}\n" for sku, n in values.items())
+
+
+@asynccontextmanager
+async def open_bare_daemon(config: Config) -> AsyncIterator[Daemon]:
+    async with trio.open_nursery() as nursery:
+        daemon: Daemon = await nursery.start(run_daemon, config)
+        yield daemon
+        nursery.cancel_scope.cancel()
+
+
+def ledger_rows(config: Config, sql: str) -> list[tuple[object, ...]]:
+    return rig.ledger_rows(config.daemon.ledger_path, sql)
+
+
+def imported_moves(config: Config) -> int:
+    [(n,)] = ledger_rows(config, "SELECT count(*) FROM movements WHERE reason = 'stock import'")
+    assert isinstance(n, int)
+    return n
+
+
+# ------------------------------------------------------------------ in one process
+
+
+async def test_a_large_stock_import_commits_bounded_chunks_while_the_ledger_answers(
+    tmp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(goqd_app, "STAGE_CHUNK", 300)
+    monkeypatch.setattr(goqd_app, "APPLY_CHUNK", 100)
+    readers: set[threading.Thread] = set()
+    read = StockReader.read
+
+    def spy(self: StockReader, limit: int) -> list[tuple[int, str, int]]:
+        readers.add(threading.current_thread())
+        return read(self, limit)
+
+    monkeypatch.setattr(StockReader, "read", spy)
+    config = bare_config(tmp)
+    totals = catalogue(1000)
+    seed_products(config, totals)
+    wanted = {sku: i % 50 for i, sku in enumerate(totals)}
+    seen: set[int] = set()
+    with trio.fail_after(60):
+        async with open_bare_daemon(config) as daemon:
+            done = trio.Event()
+            result: list[object] = []
+
+            async def run_import() -> None:
+                result.append(
+                    await call(
+                        config.daemon.control_socket,
+                        p.StockImport(csv_text=stock_csv("quantity", wanted)),
+                        timeout=60,
+                    )
+                )
+                done.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_import)
+                # The watchdog's probe: answered throughout, and between answers the
+                # import's progress is committed a whole chunk at a time.
+                while not done.is_set():
+                    await daemon.ledger.ask(m.Ping(), m.Pong)
+                    seen.add(imported_moves(config))
+    [reply] = result
+    assert isinstance(reply, m.Done) and reply.changed == 1000
+    assert ledger_rows(config, "SELECT sku, total FROM products ORDER BY sku") == sorted(
+        wanted.items()
+    )
+    assert ledger_rows(
+        config, "SELECT DISTINCT cause, reason FROM movements WHERE reason = 'stock import'"
+    ) == [("set", "stock import")]
+    partial = {n for n in seen if 0 < n < 1000}
+    assert len(partial) >= 2, seen  # one transaction for the file would show 0 or 1000
+    assert all(n % 100 == 0 for n in seen), seen
+    assert readers and threading.main_thread() not in readers  # parsed in worker threads
+    assert ledger_rows(config, "SELECT count(*) FROM stock_import_rows") == [(0,)]
+
+
+async def test_a_bad_row_after_staged_chunks_applies_nothing_and_names_its_line(
+    tmp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(goqd_app, "STAGE_CHUNK", 100)
+    config = bare_config(tmp)
+    totals = catalogue(500)
+    seed_products(config, totals)
+    deltas = dict.fromkeys(totals, 1)
+    deltas["NOT-A-PRODUCT"] = 1  # line 502, after five staged chunks
+    with trio.fail_after(60):
+        async with open_bare_daemon(config):
+            with pytest.raises(RemoteError) as refused:
+                await call(
+                    config.daemon.control_socket,
+                    p.StockImport(csv_text=stock_csv("delta", deltas)),
+                    timeout=60,
+                )
+    assert refused.value.code == "bad_request"
+    assert "line 502: sku 'NOT-A-PRODUCT' is not a product goqd has" in refused.value.message
+    assert ledger_rows(config, "SELECT count(*) FROM movements") == [(0,)]
+    assert ledger_rows(config, "SELECT DISTINCT total FROM products") == [(10,)]
+    assert ledger_rows(config, "SELECT state, staged FROM stock_imports") == [("discarded", 500)]
+    assert ledger_rows(config, "SELECT count(*) FROM stock_import_rows") == [(0,)]
+
+
+async def test_a_retry_gets_the_same_reply_and_another_file_under_its_id_is_refused(
+    tmp: str,
+) -> None:
+    config = bare_config(tmp)
+    seed_products(config, catalogue(3))
+    sock = config.daemon.control_socket
+    text = stock_csv("delta", {"P00000": 5, "P00001": -2})
+    with trio.fail_after(30):
+        async with open_bare_daemon(config):
+            first = await call(sock, p.StockImport(csv_text=text), request_id="req-a")
+            again = await call(sock, p.StockImport(csv_text=text), request_id="req-a")
+            with pytest.raises(RemoteError) as conflict:
+                await call(
+                    sock,
+                    p.StockImport(csv_text=stock_csv("delta", {"P00002": 1})),
+                    request_id="req-a",
+                )
+    assert first == again == m.Done(changed=2)
+    assert conflict.value.code == "conflict"
+    assert "already used for a different stock CSV" in conflict.value.message
+    assert ledger_rows(config, "SELECT sku, total FROM products ORDER BY sku") == [
+        ("P00000", 15),
+        ("P00001", 8),
+        ("P00002", 10),
+    ]
+    assert imported_moves(config) == 2
+
+
+async def test_an_import_left_half_staged_by_a_stop_is_discarded_at_start(tmp: str) -> None:
+    config = bare_config(tmp)
+    seed_products(config, catalogue(4))
+    text = stock_csv("delta", {"P00000": 1, "P00001": 1, "P00002": 1})
+    ledger = Ledger(open_db(config.daemon.ledger_path), now=lambda: 0.0)
+    digest = goqd_app._digest(text)
+    [job] = ledger.apply_batch(
+        [m.BeginStockImport(request_id="req-b", digest=digest, mode="adjust")]
+    ).replies
+    assert isinstance(job, m.StockImportJob)
+    ledger.apply_batch(
+        [m.StageStockRows(import_id=job.import_id, rows=((2, "P00000", 1), (3, "P00001", 1)))]
+    )
+    ledger.conn.close()  # stopped before the last row was staged, so never sealed
+    with trio.fail_after(30):
+        async with open_bare_daemon(config):
+            await rig.wait_for(
+                lambda: ledger_rows(config, "SELECT count(*) FROM stock_import_rows") == [(0,)],
+                timeout=10,
+                what="the half-staged rows purged",
+            )
+            assert ledger_rows(config, "SELECT state FROM stock_imports") == [("discarded",)]
+            assert imported_moves(config) == 0
+            # The retry of that request stages the whole file again, and applies it once.
+            done = await call(
+                config.daemon.control_socket, p.StockImport(csv_text=text), request_id="req-b"
+            )
+    assert done == m.Done(changed=3)
+    assert ledger_rows(config, "SELECT total FROM products ORDER BY sku") == [
+        (11,),
+        (11,),
+        (11,),
+        (10,),
+    ]
+
+
+def test_a_product_deleted_after_staging_is_skipped_and_named(tmp: str) -> None:
+    config = bare_config(tmp)
+    seed_products(config, catalogue(3))
+    ledger = Ledger(open_db(config.daemon.ledger_path), now=lambda: 0.0)
+
+    def one(msg: m.LedgerRequest) -> object:
+        [reply] = ledger.apply_batch([msg]).replies
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    job = one(m.BeginStockImport(digest=b"x", mode="set", reason="stock import"))
+    assert isinstance(job, m.StockImportJob)
+    rows = ((2, "P00000", 1), (3, "P00001", 2), (4, "P00002", 3))
+    one(m.StageStockRows(import_id=job.import_id, rows=rows))
+    with pytest.raises(InputError, match=r"CSV: line 5: sku 'P00001' already on line 3"):
+        one(m.StageStockRows(import_id=job.import_id, rows=((5, "P00001", 9),)))
+    one(m.SealStockImport(import_id=job.import_id, rows=3))
+    one(m.DeleteProduct(sku="P00001"))
+    first = one(m.ApplyStockImport(import_id=job.import_id, limit=2))
+    assert isinstance(first, m.StockImportJob) and first.state == "applying"
+    last = one(m.ApplyStockImport(import_id=job.import_id, limit=2))
+    assert isinstance(last, m.StockImportJob) and last.state == "done"
+    assert last.result == m.Done(
+        changed=2,
+        detail="2 stock count(s) imported; 1 row(s) skipped: their product was deleted "
+        "while the import ran",
+    )
+    # Done is done: asking again applies nothing more.
+    assert one(m.ApplyStockImport(import_id=job.import_id, limit=2)) == last
+    totals = dict(ledger.conn.execute("SELECT sku, total FROM products").fetchall())
+    assert totals == {"P00000": 1, "P00002": 3}
+    ledger.conn.close()
+
+
+async def test_a_listings_csv_is_read_off_the_event_loop_and_checked_whole(
+    tmp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    readers: set[threading.Thread] = set()
+    read = ListingsReader.read
+
+    def spy(self: ListingsReader, limit: int) -> list[m.MallListing]:
+        readers.add(threading.current_thread())
+        return read(self, limit)
+
+    monkeypatch.setattr(ListingsReader, "read", spy)
+    monkeypatch.setattr(goqd_app, "IMPORT_CHUNK", 2)
+    fleet = rig.build_fleet((("ra", "rakuten"),), clock=time.time)
+    router, urls = rig.router_for(fleet)
+    good = "listing_key,sku_code,name\n" + "".join(f"new/{i},NEW-{i},品 {i}\n" for i in range(5))
+    with trio.fail_after(60):
+        async with rig.open_daemon(fleet, tmp, urls, transport=router, clock=time.time) as run:
+            sock = run.socket
+            with pytest.raises(RemoteError, match=r"line 7: restock_date '2026-02-30'"):
+                await call(
+                    sock,
+                    p.Import(
+                        store="ra",
+                        csv_text="listing_key,restock_date\n"
+                        + "".join(f"bad/{i},2026-02-2{i}\n" for i in range(5))
+                        + "bad/x,2026-02-30\n",
+                    ),
+                )
+            report = await call(sock, p.Import(store="ra", csv_text=good))
+            keys = ledger_rows(
+                run.config, "SELECT listing_key FROM listings WHERE listing_key LIKE 'bad/%'"
+            )
+    assert keys == []  # the bad file's first chunks were never applied
+    assert isinstance(report, m.LinkReport) and (report.seen, report.new_listings) == (5, 5)
+    assert readers and threading.main_thread() not in readers
+
+
+# ------------------------------------------------------------------ across a crash
+
+
+async def test_an_import_cut_off_mid_apply_is_finished_after_restart_exactly_once(
+    tmp: str,
+) -> None:
+    config = bare_config(tmp)
+    totals = catalogue(9000)  # five apply chunks of goqd.app.APPLY_CHUNK (2000)
+    seed_products(config, totals)
+    path = os.path.join(tmp, "goqd.toml")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(
+            f'[daemon]\nstate-dir = "{config.daemon.state_dir}"\n'
+            f'control-socket = "{config.daemon.control_socket}"\n'
+            'http-listen = "127.0.0.1:0"\n'
+        )
+    deltas = {sku: 1 + i % 7 for i, sku in enumerate(totals)}
+    text = stock_csv("delta", deltas)
+    daemon = rig.DaemonProcess(path, config.daemon.control_socket, os.path.join(tmp, "log"))
+    try:
+        with trio.fail_after(120):
+            # Killed (SIGKILL) while the third chunk's transaction is open.
+            await daemon.start(crashpoint="stock_import.chunk_applied@3")
+            await daemon.wait_ready()
+            with pytest.raises(ControlError):
+                await call(
+                    config.daemon.control_socket,
+                    p.StockImport(csv_text=text),
+                    request_id="req-c",
+                    timeout=60,
+                    attempts=1,
+                )
+            assert await daemon.wait_exit() != 0
+            assert imported_moves(config) == 2 * goqd_app.APPLY_CHUNK
+            await daemon.start()
+            await daemon.wait_ready()
+            # The import resumed at start; the retry of its request waits for it.
+            done = await call(
+                config.daemon.control_socket,
+                p.StockImport(csv_text=text),
+                request_id="req-c",
+                timeout=60,
+            )
+            assert done == m.Done(changed=9000)
+            await daemon.stop()
+    finally:
+        if daemon.running:
+            await daemon.kill()
+    assert imported_moves(config) == 9000
+    assert ledger_rows(
+        config,
+        "SELECT count(*) FROM (SELECT sku FROM movements GROUP BY sku HAVING count(*) != 1)",
+    ) == [(0,)]
+    final = dict(ledger_rows(config, "SELECT sku, total FROM products"))
+    assert final == {sku: 10 + deltas[sku] for sku in totals}
+    assert "stock_import_resumed" in daemon.log_text()
