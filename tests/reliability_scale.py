@@ -183,7 +183,7 @@ async def _settle(r: rig.ProcessRig) -> bool:
         while r.daemon.running:
             if rig.converged(r.fleet, r.ledger_path):
                 return True
-            await r.daemon.poll_now(r.stores)
+            await r.daemon.poll_now(SELLING)  # orders are placed only there
             for _ in range(10):
                 await trio.sleep(0.1)
                 if not r.daemon.running or rig.converged(r.fleet, r.ledger_path):

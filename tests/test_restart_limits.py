@@ -29,9 +29,11 @@ import trio.testing
 from goqd.malls.amazon import AmazonAdapter
 from goqd.malls.base import StoreContext
 from goqd.malls.ratelimit import TokenBucket, shared_bucket
+from goqd.malls.shopify import ShopifyAdapter
 from goqd.messages import ListingAttrs, PushItem
 from goqd.secret import Secret
 from goqd.sim.amazon import SimAmazon
+from goqd.sim.shopify import SimShopify
 from goqd.stores import actor, state
 from goqd.stores.state import open_store_state, state_path
 from tests.helpers import rig
@@ -134,6 +136,67 @@ async def test_amazon_patches_never_arrive_faster_than_the_plan(
                 await trio.sleep(2.0)
     patches = [r for r in sim.requests if r.api == "patchListingsItem"]
     assert len(patches) == 60
+    assert sim.throttled_requests == 0
+
+
+class _Jitter(httpx.AsyncBaseTransport):
+    """Every request and every answer late by up to ``most`` seconds, independently:
+    requests overtake each other on the way, and so do answers."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, rng: random.Random, most: float):
+        self.inner = inner
+        self.rng = rng
+        self.most = most
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        await trio.sleep(self.rng.uniform(0, self.most))
+        response = await self.inner.handle_async_request(request)
+        await trio.sleep(self.rng.uniform(0, self.most))
+        return response
+
+
+@pytest.mark.parametrize("seed", [0, 2, 3])
+async def test_shopify_answers_out_of_order_never_overdraw_the_cost_bucket(
+    autojump_clock: trio.testing.MockClock, seed: int
+) -> None:
+    """A poll and two watch-like readers share the store's cost bucket over a wire that
+    reorders. An answer carrying the shop's level from before another request arrived
+    used to wipe that request's points off the local bucket: THROTTLED."""
+    sim = SimShopify(shop_id="tokyo", clock=wall)
+    keys = [sim.add_variant(f"SKU-{i}", 5).listing_key for i in range(30)]
+    rng = random.Random(seed)
+    host = "sh.sim.invalid"
+    async with httpx.AsyncClient(
+        transport=_Jitter(rig.SimRouter({host: sim.app}), rng, 0.05)
+    ) as http:
+        adapter = ShopifyAdapter(
+            StoreContext(
+                store="sh",
+                mall="shopify",
+                base_url=f"http://{host}",
+                credentials={k: Secret(v) for k, v in sim.credentials().items()},
+                http=http,
+                clock=wall,
+                options={"default_location_id": sim.primary_location},
+            )
+        )
+
+        async def poll() -> None:
+            cursor = None
+            for _ in range(40):
+                cursor = (await adapter.fetch_orders(cursor)).cursor
+
+        async def read() -> None:
+            for _ in range(200):
+                await adapter.read_stock(rng.sample(keys, 10))
+                await trio.sleep(rng.uniform(0, 0.3))
+
+        with trio.fail_after(3600):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(poll)
+                nursery.start_soon(read)
+                nursery.start_soon(read)
+    assert len(sim.requests) == 440
     assert sim.throttled_requests == 0
 
 

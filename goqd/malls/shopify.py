@@ -371,8 +371,8 @@ class CostBucket:
 
     ``acquire(cost)`` waits until ``cost`` points are available and takes them. Each
     response's ``throttleStatus`` resyncs the level with the server (minus what other
-    requests of ours still have in flight), which also gives back the difference
-    between requested and actual cost. Time is ``trio.current_time()``. A
+    requests of ours it may not have counted yet, see ``settle``), which also gives back
+    the difference between requested and actual cost. Time is ``trio.current_time()``. A
     ``goqd.malls.ratelimit.Limiter``: the store's ``Limiters`` keep its level across
     restarts (a new process that started full was THROTTLED by its first queries).
     """
@@ -383,7 +383,11 @@ class CostBucket:
         self.available = size
         self._stamp: float | None = None
         self._blocked_until = 0.0
-        self._in_flight = 0.0
+        # Requests taken by ``acquire``: ticket -> (cost, answers received before it was
+        # sent, the number of its own answer or 0 while it is out).
+        self._sent: dict[int, tuple[float, int, int]] = {}
+        self._tickets = 0
+        self._answers = 0
         self._lock = trio.Lock()
         self.on_change: Callable[[], None] | None = None
 
@@ -418,7 +422,8 @@ class CostBucket:
             self.available = min(self.size, self.available + (now - self._stamp) * self.rate)
         self._stamp = now
 
-    async def acquire(self, cost: float) -> None:
+    async def acquire(self, cost: float) -> int:
+        """Take ``cost`` points; the ticket names this request to ``settle``."""
         cost = min(cost, self.size)
         async with self._lock:
             while True:
@@ -429,28 +434,55 @@ class CostBucket:
                 self._refill(now)
                 if self.available >= cost:
                     self.available -= cost
-                    self._in_flight += cost
+                    self._tickets += 1
+                    self._sent[self._tickets] = (cost, self._answers, 0)
                     self._changed()
-                    return
+                    return self._tickets
                 # At least a microsecond: a 1e-15 s wait (float rounding) never moves a
                 # virtual clock, and spending early would get THROTTLED by Shopify.
                 await trio.sleep(max(1e-6, (cost - self.available) / self.rate))
 
-    def settle(self, cost: float, status: _ThrottleStatus | None) -> None:
-        """The request that took ``cost`` is over; resync from the server if it said.
+    def settle(
+        self, cost: float, status: _ThrottleStatus | None, ticket: int | None = None
+    ) -> None:
+        """The request that took ``cost`` (``ticket``) is over; resync from the server if
+        it said.
 
-        A status with numbers no Shopify plan has is ignored: a restore rate of 1e-300
-        points/s, taken at its word, would make the next request wait for ever.
+        The status is the shop's level as it answered this request. It has counted every
+        request of ours answered before this one was sent (those arrived first), but
+        maybe none of the others: requests and answers overtake each other on the way
+        (a watch read's answer came back after a poll's, and the level it carried wiped
+        out the poll's 827 points: THROTTLED). So the level is the shop's less all of
+        those. A status with numbers no Shopify plan has is ignored: a restore rate of
+        1e-300 points/s, taken at its word, would make the next request wait for ever.
         """
         cost = min(cost, self.size)
-        self._in_flight = max(0.0, self._in_flight - cost)
+        if ticket not in self._sent:  # a caller without tickets: its oldest request out
+            out = [t for t, (_, _, answer) in self._sent.items() if not answer]
+            ticket = next((t for t in out if self._sent[t][0] == cost), out[0] if out else None)
+        owed = 0.0
+        if ticket is not None:
+            own_cost, seen, _ = self._sent[ticket]
+            self._answers += 1
+            self._sent[ticket] = (own_cost, seen, self._answers)
+            owed = sum(
+                c
+                for t, (c, _, answer) in self._sent.items()
+                if t != ticket and (not answer or answer > seen)
+            )
+        # A request answered before every request out was sent is counted in any status
+        # still to come.
+        floor = min((s for _, s, answer in self._sent.values() if not answer), default=None)
+        for t, (_, _, answer) in list(self._sent.items()):
+            if answer and (floor is None or answer <= floor):
+                del self._sent[t]
         if status is None or not _plausible(status):
             return
         now = trio.current_time()
         self._refill(now)
         self.rate = status.restore_rate
         self.size = max(1.0, status.maximum_available)
-        self.available = max(0.0, min(self.size, status.currently_available - self._in_flight))
+        self.available = max(0.0, min(self.size, status.currently_available - owed))
         self._changed()
 
     def block_for(self, seconds: float) -> None:
@@ -649,7 +681,7 @@ class ShopifyAdapter:
         payload = msgspec.json.encode(
             {"query": document, "variables": variables, "operationName": operation}
         )
-        await self._bucket.acquire(cost)
+        ticket = await self._bucket.acquire(cost)
         status_info: _ThrottleStatus | None = None
         try:
             status, headers, body = await self._post(
@@ -675,7 +707,7 @@ class ShopifyAdapter:
             except DECODE_ERRORS as exc:
                 raise self._fail(MallProtocolError, f"{operation}: unexpected data: {exc}") from exc
         finally:
-            self._bucket.settle(cost, status_info)
+            self._bucket.settle(cost, status_info, ticket)
 
     def _graphql_error(
         self, operation: str, errors: list[_GqlError] | str, cost: _Cost | None
