@@ -353,7 +353,7 @@ class Daemon:
         raise _Unsupported(type(req).__name__)
 
     async def _resume_cleared(self) -> None:
-        """A stopped store whose level-9 errors are all cleared resumes (DESIGN §2.4)."""
+        """A stopped store whose level-9 errors are all cleared resumes (docs/design.md §2.4)."""
         for name, handle in self.handles.items():
             if handle.state != "stopped":
                 continue
@@ -838,7 +838,7 @@ async def run_daemon(
     """Run the daemon until cancelled. ``started()`` gets the ``Daemon`` when READY.
 
     Credentials are read (and checked) before anything starts, so a missing or
-    world-readable file refuses the start with the file's name (RELIABILITY K2). So are
+    world-readable file refuses the start with the file's name (docs/reliability.md K2). So are
     the control groups and the state directory (``check_host``): what ``goqd
     check-config`` refuses, this refuses, before READY and before creating anything.
     """

@@ -1,4 +1,4 @@
-"""Named crash points for the reliability harness (RELIABILITY.md, "Crash points").
+"""Named crash points for the reliability harness (docs/reliability.md, "Crash points").
 
 ``crashpoint("ledger.after_commit")`` kills the process on the spot (SIGKILL, no
 cleanup, no flush) when the environment variable ``GOQD_CRASHPOINT`` names that point.

@@ -1,6 +1,6 @@
 """Credential expiry: days left, the warning state and what the operator does next, per mall.
 
-Every mall's credential dies on a schedule (DESIGN §2.4): Rakuten's licenseKey and the
+Every mall's credential dies on a schedule (docs/design.md §2.4): Rakuten's licenseKey and the
 au PAY API key after 90 days, Yahoo's refresh token after 28 days, Amazon's app
 authorisation after a year, some Shopify tokens when their ``expires_at`` passes. The
 adapters say *when* (``MallAdapter.credential_expiry``); this module turns that into what

@@ -50,7 +50,7 @@ class OrderLine(_Msg, frozen=True, kw_only=True, tag="order_line"):
 
 
 class ListingAttrs(_Msg, frozen=True, kw_only=True, tag="listing_attrs"):
-    """Mall attributes that go out with every stock push (DESIGN §2 item 3).
+    """Mall attributes that go out with every stock push (docs/design.md §2 item 3).
 
     ``extra`` holds mall-specific identifiers resolved at import (Shopify inventory
     item and location ids, au PAY choice codes) as strings.
@@ -160,7 +160,7 @@ class StockSeen(_Msg, frozen=True, kw_only=True, tag="stock_seen"):
     """What the mall's own counters showed, read at ``read_started`` (wall clock).
 
     The ledger holds back units a counter lost without a booked order and releases
-    holds older than ``hold_expiry`` seconds (DESIGN §4, the sale watch).
+    holds older than ``hold_expiry`` seconds (docs/design.md §4, the sale watch).
     """
 
     store: str

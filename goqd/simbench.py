@@ -27,7 +27,7 @@ What it measures (definitions and caveats in ``BENCHMARKS.md``):
   sale in — its booking or the sale watch's hold — (*detect*) and on to the first update
   every other store applied after that;
 * **oversold units**: units a mall accepted beyond the real shelf (``Market``);
-* **stale writes** (DESIGN §4): pushes of an absolute count to a store that had sales
+* **stale writes** (docs/design.md §4): pushes of an absolute count to a store that had sales
   of that product goqd had not booked yet, erasing the mall's own decrement;
 * API calls per mall API as goqd sent them (``SendLog``, the daemon's transport),
   checked against each documented limit as a token bucket, and the simulators'

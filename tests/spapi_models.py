@@ -1,8 +1,9 @@
 """Amazon's official SP-API models (Swagger 2.0), loaded for tests that check the wire.
 
 The models are the JSON files Amazon publishes in ``amzn/selling-partner-api-models``;
-goqd keeps read-only copies in ``../shared/spapi`` (found next to the repository, or
-through the environment variable ``GOQD_SPAPI_DIR``). With them a test can prove that:
+goqd vendors the two it uses in ``tests/fixtures/spapi`` (with Amazon's licence and
+notice), so a clone needs nothing beside it; ``GOQD_SPAPI_DIR`` points the tests at
+another copy (a newer release of the models, say). With them a test can prove that:
 
 - a request the adapter sent names an operation of the model, carries every required
   parameter, no undeclared query parameter, and values of the declared type, enum,
@@ -53,13 +54,13 @@ _SEPARATORS = {"csv": ",", "ssv": " ", "tsv": "\t", "pipes": "|"}
 
 
 def spapi_dir() -> Path | None:
-    """``<repo>/../shared/spapi`` if it exists, else ``$GOQD_SPAPI_DIR``, else None."""
-    beside = Path(__file__).resolve().parents[2] / "shared" / "spapi"
-    if (beside / ORDERS_V0).is_file():
-        return beside
+    """``$GOQD_SPAPI_DIR`` if set and holding the models, else the vendored copy."""
     env = os.environ.get("GOQD_SPAPI_DIR")
     if env and (Path(env) / ORDERS_V0).is_file():
         return Path(env)
+    vendored = Path(__file__).resolve().parent / "fixtures" / "spapi"
+    if (vendored / ORDERS_V0).is_file():
+        return vendored
     return None
 
 

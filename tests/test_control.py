@@ -1,4 +1,7 @@
-"""Control socket: protocol, server and client over a real Unix socket (RELIABILITY X1, X3)."""
+"""Control socket: protocol, server and client over a real Unix socket.
+
+Covers docs/reliability.md X1 and X3.
+"""
 
 from __future__ import annotations
 

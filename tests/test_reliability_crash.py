@@ -1,4 +1,4 @@
-"""Crashes of the real ``goqd run`` process (RELIABILITY C1–C6, X4 and the SIGKILL soak).
+"""Crashes of the real ``goqd run`` process (docs/reliability.md C1–C6, X4 and the SIGKILL soak).
 
 The simulated malls (Rakuten, Shopify, au PAY) are served over loopback by this test
 process; the daemon is ``python -m goqd.cli.goqd run --config FILE`` in a subprocess

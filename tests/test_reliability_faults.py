@@ -1,4 +1,4 @@
-"""Faults at the malls, under deterministic simulation (RELIABILITY E1–E6, A1–A2, M1–M2,
+"""Faults at the malls, under deterministic simulation (docs/reliability.md E1–E6, A1–A2, M1–M2,
 D1–D3, I1–I6), and the checker itself.
 
 How it runs: ``tests.helpers.rig.run_dst`` / ``run_scenario`` put the real daemon

@@ -1,4 +1,4 @@
-"""Bad input of every kind, end to end (RELIABILITY K1–K3, S1, X1–X3, M3, and the
+"""Bad input of every kind, end to end (docs/reliability.md K1–K3, S1, X1–X3, M3, and the
 "before import" booking rule).
 
 The config and ledger refusals run the real CLI (``goqd run`` as a subprocess, or its

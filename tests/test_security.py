@@ -1,4 +1,4 @@
-"""Security checks (RELIABILITY "Security"): the credential canary over every output of
+"""Security checks (docs/reliability.md, "Security"): the credential canary over every output of
 a real ``goqd run`` process for every mall, the control socket's mode and peer check,
 and hostile XML (billion laughs, quadratic blow-up, external entities) from a mall.
 

@@ -1,4 +1,4 @@
-"""The sale watch (DESIGN §4): a mall's own counter shows a sale before its order API
+"""The sale watch (docs/design.md §4): a mall's own counter shows a sale before its order API
 does (Amazon ~2 minutes later, every mall until the next poll). goqd reads the counters
 of low-stock listings, holds back the units a counter lost without a booked order from
 every store, and releases the hold when the order is booked — or, if no order ever

@@ -7,7 +7,7 @@ answered with an ``Err``.
 
 A request carries one id for its whole life: if the connection breaks after the request
 was sent, ``call`` reconnects and sends it again with the same id, so the daemon applies
-a mutating request at most once (RELIABILITY X1).
+a mutating request at most once (docs/reliability.md X1).
 
 This module must never put a request's content (a ``KeySet`` credential above all) into
 an exception message.

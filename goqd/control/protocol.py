@@ -9,7 +9,7 @@ connection carries any number of request/reply pairs, strictly in turn::
 
 ``id`` is chosen by the client, once per command: a retry of the same command sends the
 same id, so a mutating request applied before the connection broke is not applied twice
-(RELIABILITY X1). The server copies it into the request's ``request_id`` field, which is
+(docs/reliability.md X1). The server copies it into the request's ``request_id`` field, which is
 what the ledger deduplicates on.
 
 Requests are tagged frozen Structs with ``forbid_unknown_fields``: a typo or a field from

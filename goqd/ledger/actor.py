@@ -9,7 +9,7 @@ about as much as a durable commit.
 Group commit: the actor takes one request, drains everything else already waiting (up
 to ``max_batch``), applies them all in one transaction, commits, then answers every
 caller and wakes every store whose outbox changed. Nobody is answered before the
-commit is durable (RELIABILITY I6).
+commit is durable (docs/reliability.md I6).
 """
 
 from __future__ import annotations

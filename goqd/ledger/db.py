@@ -2,7 +2,7 @@
 
 Everything here is synchronous and runs on the ledger actor's one worker thread, inside
 one transaction per batch (``Ledger.apply_batch``). Nothing else opens the file for
-writing. The rules it enforces are DESIGN.md §4:
+writing. The rules it enforces are docs/design.md §4:
 
 * an order line is ``(store, order_id, line_id)``; its ``booked_qty`` moves to the
   observed target (``qty`` live, ``0`` cancelled) and total stock moves by the
@@ -177,7 +177,7 @@ _MIGRATIONS: list[str] = [
     UPDATE products SET code_fold = goqd_fold(sku);
     CREATE INDEX products_by_fold ON products (code_fold);
     """,
-    # version 3: the sale watch (DESIGN §4). ``held``: units held back from every store
+    # version 3: the sale watch (docs/design.md §4). ``held``: units held back from every store
     # because a mall's own counter fell without an order goqd has booked; a product's
     # pushed count is max(0, total - held). ``watch_qty``: what goqd expects that
     # mall's counter to show; ``watch_at``: when a push or a booking last moved it.

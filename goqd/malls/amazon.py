@@ -1,7 +1,7 @@
 """Amazon SP-API adapter for the JP marketplace (Orders v0, Listings Items 2021-08-01).
 
 Facts and their sources are in ``malls.md`` §3 and in Amazon's own models
-(``../shared/spapi``); the tests validate every request this module sends, and every
+(``tests/fixtures/spapi``); the tests validate every request this module sends, and every
 response the simulator (``goqd.sim.amazon``) answers, against those models. Choices
 marked [I] are assumptions the simulator mirrors and makes configurable.
 
@@ -961,7 +961,7 @@ class AmazonAdapter:
         """Every merchant-fulfilled listing, 20 per ``searchListingsItems`` page.
 
         ``attrs`` carries the lead time and restock date Amazon has for the listing, so
-        an import can take them in (DESIGN §2 item 3); FBA listings are skipped.
+        an import can take them in (docs/design.md §2 item 3); FBA listings are skipped.
         """
         api = "searchListingsItems"
         path = f"{LISTINGS_PATH}/{quote(self._seller_id, safe='')}"

@@ -3,7 +3,7 @@
 Orders come from ``searchTradeInfoListProc`` (GET, XML); stock goes out through
 ``updateStock`` (POST XML, plain stock and 項目選択肢別 choice stock) and is read back
 with ``searchStocks``; ``searchItemInfos`` adds item names on import. The facts and their
-sources are in ../shared/malls.md §4. Every behaviour that was assumed rather than
+sources are in docs/malls.md §4. Every behaviour that was assumed rather than
 sourced is marked [I] below; ``goqd.sim.aupay`` follows the same assumptions and makes
 them configurable.
 

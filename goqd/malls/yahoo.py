@@ -1,6 +1,6 @@
 """Yahoo!ショッピング Store API adapter (orders, stock, listings, YConnect v2 tokens).
 
-Wire facts come from ../shared/malls.md §2 ([V] sourced, [I] inferred) and the Store API
+Wire facts come from docs/malls.md §2 ([V] sourced, [I] inferred) and the Store API
 pages found with the search tool; every [I] choice below is marked where it is made.
 
 Auth. Every Store API call carries ``Authorization: Bearer <access token>`` plus the
@@ -834,7 +834,7 @@ class YahooAdapter:
     def _needs_detail(self, summary: _OrderSummary, since: float) -> bool:
         status = summary.order_status
         if status is not None and status not in self._live and status not in self._cancel:
-            return False  # e.g. 0 / 8: neither books nor restores (DESIGN §4)
+            return False  # e.g. 0 / 8: neither books nor restores (docs/design.md §4)
         created = parse_time(summary.order_time)
         updated = parse_time(summary.last_update_time)
         if created is None or updated is None:

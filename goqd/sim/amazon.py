@@ -1,7 +1,7 @@
 """Simulated Amazon SP-API (JP marketplace): LWA token endpoint, Orders v0, Listings Items.
 
 Speaks the paths, headers, bodies and error shapes of ``malls.md`` §3 and of Amazon's
-own models (``../shared/spapi``), so the adapter in ``goqd/malls/amazon.py`` talks to it
+own models (``tests/fixtures/spapi``), so the adapter in ``goqd/malls/amazon.py`` talks to it
 exactly as to the real service (only the base URL differs; LWA is served on the same
 host). The tests validate every request and response recorded in ``exchanges`` against
 the models.

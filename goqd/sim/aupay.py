@@ -7,7 +7,7 @@ is the only difference an adapter sees: ``searchTradeInfoListProc`` (GET, XML),
 <API key>``; keys are issued on the simulator's wall clock and stop working 90 days
 later, or at once after ``expire_credentials()``.
 
-Facts are from ../shared/malls.md §4. What is assumed [I] is a constructor argument:
+Facts are from docs/malls.md §4. What is assumed [I] is a constructor argument:
 
 * error codes (``CODE_*`` below) and the HTTP status of an auth failure
   (``auth_error_status``, 401);

@@ -1,4 +1,4 @@
-"""The invariant checker of the reliability harness (RELIABILITY.md, I1–I6).
+"""The invariant checker of the reliability harness (docs/reliability.md, I1–I6).
 
 Jepsen's shape: the simulated malls are the system's environment and record what
 happened there (their orders, every absolute value goqd set per listing, every request);
@@ -41,7 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from goqd.sim.base import SimMall
 
-# Operator movements (RELIABILITY I2's "operator adjustments"); "import" is the initial.
+# Operator movements (docs/reliability.md I2's "operator adjustments"); "import" is the initial.
 OPERATOR_CAUSES = frozenset({"set", "adjust"})
 ORDER_CAUSES = frozenset({"order", "cancel", "correction"})
 # The sale watch's holds: the total does not move, the count pushed does.
@@ -606,7 +606,7 @@ def check_throttling(
     *,
     tolerance: float = 0.05,
 ) -> list[Violation]:
-    """RELIABILITY E2 from the mall's request log.
+    """docs/reliability.md E2 from the mall's request log.
 
     * Every 429 outside an injected throttle episode means goqd went over the mall's
       documented rate (the simulators enforce it themselves).

@@ -1,4 +1,4 @@
-"""Seeded fault plans for the simulated malls (RELIABILITY.md, "Harness" item 1).
+"""Seeded fault plans for the simulated malls (docs/reliability.md, "Harness" item 1).
 
 A ``FaultPlan`` is a schedule of fault *episodes*: on store S, from t₀ for d seconds,
 answer with 5xx / 429 + Retry-After / maintenance / malformed bodies, time out before or

@@ -1,6 +1,6 @@
 """Simulated Yahoo!ショッピング: Store API (XML) and the YConnect v2 token endpoint.
 
-Speaks the paths, headers, bodies and error shapes of ../shared/malls.md §2 so the
+Speaks the paths, headers, bodies and error shapes of docs/malls.md §2 so the
 adapter in ``goqd/malls/yahoo.py`` talks to it exactly as to the real mall (only the base
 URL differs; the token endpoint is served on the same base URL):
 

@@ -1,12 +1,12 @@
 """The store actor: one per store, owning that store's mall session.
 
-Two loops share one state machine (DESIGN §2 items 4–5, §3):
+Two loops share one state machine (docs/design.md §2 items 4–5, §3):
 
 * **poll**: fetch every order line since the cursor, hand them to the ledger with the
   new cursor, and move on only when the ledger has committed both;
 * **push**: wake when the ledger says this store's outbox changed (or on a timer for
   retries), take up to the mall's batch limit, call the mall, report what it accepted;
-* **watch** (the sale watch, DESIGN §4): every ``watch-interval``, read the mall's own
+* **watch** (the sale watch, docs/design.md §4): every ``watch-interval``, read the mall's own
   counters of the store's recently sold and low-stock listings and hand them to the
   ledger, which holds back units a counter lost to a sale the order API does not show
   yet. A reading that overlapped a push of the same listing is dropped (it may predate
@@ -176,7 +176,7 @@ class StoreHandle:
         """Ask for a poll and wait for the first one that *started after this call*.
 
         For webhooks: the mall is answered 200 only once what it announced is durable
-        (RELIABILITY I6). Returns True when such a poll committed, False as soon as one
+        (docs/reliability.md I6). Returns True when such a poll committed, False as soon as one
         failed (the mall redelivers; polls that failed before this call do not count)
         or the store cannot poll (stopped, paused, down). Bound it with
         ``trio.move_on_after``.
@@ -779,7 +779,7 @@ class _Session:
                 attempt = 0
                 delay = max(0.0, started + interval - trio.current_time())
             except (MallError, LedgerError) as exc:
-                # Recorded and shown like any failure (RELIABILITY I6: every fault is
+                # Recorded and shown like any failure (docs/reliability.md I6: every fault is
                 # visible), though polls and pushes go on regardless.
                 if self.metrics is not None and isinstance(exc, MallError):
                     self.metrics.mall_requests_total.labels(
