@@ -8,10 +8,13 @@ harness the variable is unset and a crash point costs one set lookup. With
 SIGUSR2: the harness checks a restarted daemon first, then arms it.
 
 One point sits in the HTTP layer instead of goqd's code: ``store.push_sent``, reached
-when a request made by an adapter's ``push_stock`` has been written to the mall and
-before a byte of the answer is read. The mall gets the whole request and applies it;
-goqd never learns the outcome. Only when the harness names it is httpx's transport
-wrapped (with httpcore's documented ``trace`` extension) to reach it.
+inside a request made by an adapter's ``push_stock`` once the mall has applied it and
+its answer has begun to arrive (the status line is in), before the adapter reads the
+answer: the push was sent and goqd never learns its outcome. (Right after the request
+is written would be earlier still, but the mall then may or may not get to apply it
+before the connection drops, and the harness could not tell which.) Only when the
+harness names it is httpx's transport wrapped, with httpcore's documented ``trace``
+extension, to reach it.
 
 Never use this for anything but tests: it exists to prove that a crash at any point
 loses nothing.
@@ -81,7 +84,7 @@ def _arm_push_sent() -> None:
     original = httpx.AsyncHTTPTransport.handle_async_request
 
     async def trace(event: str, info: dict[str, Any]) -> None:
-        if event == "http11.send_request_body.complete" and _in_push_stock():
+        if event == "http11.receive_response_headers.complete" and _in_push_stock():
             crashpoint(PUSH_SENT)
 
     async def handle_async_request(

@@ -8,7 +8,8 @@ A plain ``pytest`` does not collect this file (no ``test_`` prefix): the quick b
 * **SIGKILLs of the real process** (``GOQD_SCALE_KILLS``, at least 200): ``goqd run`` in a
   subprocess against simulated Rakuten, Yahoo, au PAY, Shopify and Amazon stores served
   over loopback by this process, so the malls' state, their request logs and their own
-  rate limiters outlive every kill. Customers buy and cancel on Rakuten, au PAY and
+  rate limiters outlive every kill; ``GOQD_SCALE_RIGS`` such daemons (default 3), each
+  with malls of its own, at once. Customers buy and cancel on Rakuten, au PAY and
   Shopify (Yahoo's and Amazon's order APIs are slow by design: a minute or more for a
   handful of orders); all five are polled, watched and pushed to. Each life of the
   daemon: start; READY (a clean start is required); settle; every invariant checked
@@ -237,6 +238,7 @@ async def _life(
     market: Market,
     rng: random.Random,
     soak: Soak,
+    starts: list[float],
     point: str | None,
     nth: int,
 ) -> None:
@@ -245,7 +247,7 @@ async def _life(
     checked before the next start. A ``STARTUP`` life is killed at a random moment of
     its start instead: the next life's checks cover it."""
     armed = point not in (None, STARTUP)
-    soak.starts.append(time.time())
+    starts.append(time.time())
     began = time.perf_counter()
     await r.daemon.start(
         crashpoint=f"{point}@{nth}" if armed else "",
@@ -286,50 +288,58 @@ async def _life(
     rig.ledger_consistent(r.ledger_path)
 
 
-def _violations(r: rig.ProcessRig, starts: list[float]) -> tuple[int, int, list[str]]:
-    """Requests over a mall's documented limit across every start (see the module
-    docstring): refused by the malls' limiters, and E2 findings in their request logs."""
-    refused = {
-        store: int(getattr(sim, "throttled_requests", 0)) for store, sim in r.fleet.sims.items()
-    }
-    e2 = [
-        v
-        for store, sim in r.fleet.sims.items()
-        for v in checker.check_throttling(sim, store, [], [])
-    ]
-    by_api: Counter[str] = Counter()
-    after_start: list[float] = []
-    for store, sim in r.fleet.sims.items():
-        for req in sim.requests:
-            if req.status == 429:
-                by_api[f"{store} {req.api}"] += 1
-                since = [req.at - s for s in starts if s <= req.at]
-                if since:
-                    after_start.append(min(since))
-    near = sum(1 for s in after_start if s <= 5.0)
-    lines = [
-        f"rate-limit violations at the malls across {len(starts)} starts: "
-        f"{sum(refused.values())} requests refused by the malls' limiters "
-        f"({', '.join(f'{s} {n}' for s, n in refused.items())}), {len(e2)} E2 findings "
-        f"(429s outside an injected throttle); {near} of {len(after_start)} 429s came "
-        "within 5 s of a start",
-    ]
-    if by_api:
-        lines.append("  429s by API: " + ", ".join(f"{k} {n}" for k, n in by_api.most_common()))
-    return sum(refused.values()), len(e2), lines
+@dataclass
+class Rates:
+    """Requests over a mall's documented limit, over every rig and every start."""
+
+    refused: Counter[str] = field(default_factory=Counter)  # by mall
+    e2: list[str] = field(default_factory=list)
+    by_api: Counter[str] = field(default_factory=Counter)
+    after_start: list[float] = field(default_factory=list)
+
+    def add(self, r: rig.ProcessRig, starts: list[float]) -> None:
+        """Each simulator's own limiter counts the requests it refused; the checker's
+        E2 check reads its request log (every 429 outside an injected throttle)."""
+        for store, sim in r.fleet.sims.items():
+            self.refused[sim.mall] += int(getattr(sim, "throttled_requests", 0))
+            self.e2 += [str(v) for v in checker.check_throttling(sim, store, [], [])]
+            for req in sim.requests:
+                if req.status == 429:
+                    self.by_api[f"{sim.mall} {req.api}"] += 1
+                    since = [req.at - s for s in starts if s <= req.at]
+                    if since:
+                        self.after_start.append(min(since))
+
+    def lines(self, starts: int) -> list[str]:
+        near = sum(1 for s in self.after_start if s <= 5.0)
+        out = [
+            f"rate-limit violations at the malls across {starts} starts: "
+            f"{sum(self.refused.values())} requests refused by the malls' limiters "
+            f"({', '.join(f'{m} {n}' for m, n in sorted(self.refused.items()))}), "
+            f"{len(self.e2)} E2 findings (429s outside an injected throttle); {near} of "
+            f"{len(self.after_start)} 429s came within 5 s of a start"
+        ]
+        if self.by_api:
+            out.append(
+                "  429s by API: " + ", ".join(f"{k} {n}" for k, n in self.by_api.most_common())
+            )
+        return out
 
 
 async def test_sigkills_of_the_real_process_lose_nothing_and_keep_the_malls_limits(
     seed_workers: SeedWorkers, figures: Figures
 ) -> None:
+    """The kills run on ``GOQD_SCALE_RIGS`` rigs at once (default 3), each a daemon with
+    malls of its own: a life mostly waits for the malls' rate limits, not for a CPU."""
     del seed_workers  # asked for only to start the seeds first: they run beside the kills
     target = _env_int("GOQD_SCALE_KILLS", 200)
     per_point = _env_int("GOQD_SCALE_POINT_HITS", 20)
     seed = _env_int("GOQD_SCALE_KILL_SEED", 20261202)
-    # The plan (which life dies where) is a function of these three; what each life's
-    # customers do is drawn from its own generator, so one life's timing cannot shift
-    # the next one's crash point. Each point gets a life or two more than asked: a point
-    # a life does not reach in time (then killed at random) must not leave it short.
+    rigs = max(1, _env_int("GOQD_SCALE_RIGS", 3))
+    # The plan (which life dies where, on which rig) is a function of these four; what
+    # each life's customers do is drawn from its own generator, so one life's timing
+    # cannot shift another's crash point. Each point gets two lives more than asked: a
+    # point a life does not reach in time (then killed at random) must not leave it short.
     planner = random.Random(seed)
     points: list[str | None] = [pt for pt in POINTS for _ in range(per_point + 2)]
     points += [None] * max(0, target - len(points))
@@ -337,55 +347,33 @@ async def test_sigkills_of_the_real_process_lose_nothing_and_keep_the_malls_limi
     # next life, so they do not count towards the kills asked for.
     points += [STARTUP] * (target // 20)
     planner.shuffle(points)
-    plan = [(pt, planner.randint(1, NTH.get(pt or "", 4))) for pt in points]
+    plan = [(i, pt, planner.randint(1, NTH.get(pt or "", 4))) for i, pt in enumerate(points)]
     rerun = (
         f"GOQD_SCALE_KILL_SEED={seed} GOQD_SCALE_KILLS={target} "
-        f"GOQD_SCALE_POINT_HITS={per_point} GOQD_SCALE_SEEDS=0 "
+        f"GOQD_SCALE_POINT_HITS={per_point} GOQD_SCALE_RIGS={rigs} GOQD_SCALE_SEEDS=0 "
         ".venv/bin/python -m pytest -p no:cacheprovider tests/reliability_scale.py -k sigkills"
     )
     soak = Soak()
+    rates = Rates()
+    orders: list[Market] = []
     started = time.perf_counter()
-    tmp = tempfile.mkdtemp(prefix="gqs-", dir="/tmp")  # short: the socket path's limit
-    try:
-        async with rig.open_process_rig(STORES, tmp, catalogue=CATALOGUE) as r:
-            market = Market(
-                sims={s: r.fleet.sims[s] for s in SELLING},
-                keys=r.fleet.keys,
-                real=dict(r.fleet.initial),
-                rng=random.Random(f"{seed}-market"),
+    async with trio.open_nursery() as nursery:
+        for k in range(rigs):
+            nursery.start_soon(
+                _run_rig, k, plan[k::rigs], seed, soak, rates, orders, f"{rerun} (rig {k})"
             )
-            for i, (point, nth) in enumerate([*plan, ("final", 0)]):
-                what = {
-                    "final": "the final start, settle, checks and SIGTERM",
-                    None: "a SIGKILL at a random moment after the checks",
-                    STARTUP: "a SIGKILL at a random moment of the start",
-                }.get(point, f"GOQD_CRASHPOINT={point}@{nth}, armed after the checks")
-                try:
-                    if point == "final":
-                        await _final(r, soak)
-                    else:
-                        soak.lives += 1
-                        work = random.Random(f"{seed}-{i}")
-                        await _life(r, market, work, soak, point, nth)
-                except (AssertionError, GoqdError, trio.TooSlowError) as exc:
-                    soak.failures.append(f"life {i} ({what}); replay the run: {rerun}\n{exc}")
-                    if r.daemon.running:
-                        await r.daemon.kill()
-            refused, e2, rate_lines = _violations(r, soak.starts)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.perf_counter() - started
     short = {pt: soak.hits[pt] for pt in POINTS if soak.hits[pt] < per_point}
     checked = soak.kills - soak.startup_kills
     figures.lines += [
-        f"SIGKILL: {soak.kills} kills of `goqd run` in {elapsed:.0f}s: "
+        f"SIGKILL: {soak.kills} kills of `goqd run` in {elapsed:.0f}s on {rigs} rigs at once: "
         f"{sum(soak.hits.values())} at crash points and {soak.random_kills} at random "
         f"moments, each after its start was READY ({_spread(soak.ready_s)}), settled "
         f"({_spread(soak.settle_s)}) and passed I1–I4, plus "
         f"{soak.startup_kills} during start-up; {soak.checks} checks in "
-        f"{len(soak.starts)} starts; {len(market.placed)} orders, "
-        f"{market.cancelled_units} units cancelled, {soak.restocks} restocks, "
-        f"{soak.imports} stock imports; {len(soak.failures)} failed",
+        f"{len(soak.starts)} starts; {sum(len(m.placed) for m in orders)} orders, "
+        f"{sum(m.cancelled_units for m in orders)} units cancelled, {soak.restocks} "
+        f"restocks, {soak.imports} stock imports; {len(soak.failures)} failed",
         "crash points hit: "
         + ", ".join(f"{pt} {soak.hits[pt]}" for pt in POINTS)
         + (
@@ -393,21 +381,66 @@ async def test_sigkills_of_the_real_process_lose_nothing_and_keep_the_malls_limi
             if soak.not_reached
             else ""
         ),
-        *rate_lines,
+        *rates.lines(len(soak.starts)),
     ]
     problems = list(soak.failures)
     if checked < target:
         problems.append(f"only {checked} kills after a checked start, {target} asked")
     if short:
         problems.append(f"crash points hit fewer than {per_point} times: {short}")
-    if refused or e2:
-        problems.append(rate_lines[0])
+    if sum(rates.refused.values()) or rates.e2:
+        problems.append(rates.lines(len(soak.starts))[0] + "\n" + "\n".join(rates.e2[:20]))
     assert not problems, "\n\n".join(problems)
 
 
-async def _final(r: rig.ProcessRig, soak: Soak) -> None:
+async def _run_rig(
+    k: int,
+    plan: list[tuple[int, str | None, int]],
+    seed: int,
+    soak: Soak,
+    rates: Rates,
+    markets: list[Market],
+    rerun: str,
+) -> None:
+    """One rig's lives, in order, then its final start; failures are recorded, not
+    raised, so the other rigs and the figures go on."""
+    starts: list[float] = []
+    tmp = tempfile.mkdtemp(prefix=f"gqs{k}-", dir="/tmp")  # short: the socket path's limit
+    try:
+        async with rig.open_process_rig(STORES, tmp, catalogue=CATALOGUE, seed=k) as r:
+            market = Market(
+                sims={s: r.fleet.sims[s] for s in SELLING},
+                keys=r.fleet.keys,
+                real=dict(r.fleet.initial),
+                rng=random.Random(f"{seed}-market-{k}"),
+            )
+            markets.append(market)
+            for i, point, nth in [*plan, (len(plan), "final", 0)]:
+                what = {
+                    "final": "the final start, settle, checks and SIGTERM",
+                    None: "a SIGKILL at a random moment after the checks",
+                    STARTUP: "a SIGKILL at a random moment of the start",
+                }.get(point, f"GOQD_CRASHPOINT={point}@{nth}, armed after the checks")
+                try:
+                    if point == "final":
+                        await _final(r, soak, starts)
+                    else:
+                        soak.lives += 1
+                        work = random.Random(f"{seed}-{i}")
+                        await _life(r, market, work, soak, starts, point, nth)
+                except (AssertionError, GoqdError, trio.TooSlowError) as exc:
+                    soak.failures.append(f"life {i} ({what}); replay the run: {rerun}\n{exc}")
+                    if r.daemon.running:
+                        await r.daemon.kill()
+            rates.add(r, starts)
+    finally:
+        soak.starts += starts
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def _final(r: rig.ProcessRig, soak: Soak, starts: list[float]) -> None:
     """The last start: READY, settled, checked, stopped with SIGTERM, checked again."""
-    soak.starts.append(time.time())
+    starts.append(time.time())
     await r.daemon.start()
     if not await _wait_ready_or_dead(r):
         raise AssertionError(f"goqd died before READY:\n{r.daemon.log_tail()}")

@@ -94,9 +94,23 @@ CRASH_POINTS = [
     ("ledger.in_transaction", "C2", (2, 5, 9)),
     ("ledger.after_commit", "C3", (3, 6, 10)),
     ("store.before_push", "C4", (1, 2, 4)),
-    ("store.push_sent", "C5", (1, 3, 5)),  # the mall has the request, goqd no answer
+    ("store.push_sent", "C5", (1, 3, 5)),  # the mall applied it, goqd has no answer
     ("store.after_push", "C5b", (1, 3, 5)),  # goqd has the answer, the ledger not yet
 ]
+
+
+def test_every_crash_point_in_the_code_is_listed_and_crashed_here() -> None:
+    """``goqd.crashpoints.POINTS`` (which the run at scale crashes at 20 times each) and
+    this file's table name every point the code has."""
+    import re
+
+    from goqd.crashpoints import POINTS, PUSH_SENT
+
+    in_code = {PUSH_SENT}
+    for path in (Path(__file__).resolve().parents[1] / "goqd").rglob("*.py"):
+        in_code |= set(re.findall(r'crashpoint\("([a-z_.]+)"\)', path.read_text()))
+    assert in_code == set(POINTS)
+    assert {c[0] for c in CRASH_POINTS} == in_code - {"stock_import.chunk_applied"}
 
 
 @pytest.mark.parametrize(("point", "row", "nths"), CRASH_POINTS, ids=[c[1] for c in CRASH_POINTS])
