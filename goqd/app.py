@@ -53,6 +53,7 @@ from goqd.errors import (
     InputError,
     LedgerError,
     LedgerRequestFailed,
+    LedgerUnavailable,
     MallAuthError,
     MallError,
     MallProtocolError,
@@ -224,6 +225,10 @@ class Daemon:
             return p.Err(code="unavailable", message=str(exc), hint="try again shortly")
         except InputError as exc:
             return p.Err(code="bad_request", message=str(exc), hint="fix the file and run again")
+        except LedgerUnavailable as exc:
+            # Nothing was applied and nothing is wrong with the request: a retry (with
+            # the same request id) may well succeed.
+            return p.Err(code="unavailable", message=str(exc), hint="try again shortly")
         except LedgerRequestFailed as exc:
             return p.Err(
                 code="internal",
@@ -511,7 +516,7 @@ class Daemon:
         """
         nursery = self._import_nursery
         if nursery is None:
-            raise LedgerError("the daemon is not taking stock imports yet; try again shortly")
+            raise LedgerUnavailable("the daemon is not taking stock imports yet")
         digest = await trio.to_thread.run_sync(_digest, csv_text)
         key = request_id or f"anonymous-{uuid.uuid4().hex}"
         job = self._stock_imports.get(key)

@@ -8,7 +8,8 @@ written to ``<state-dir>/credentials/<store>.json`` (mode 0600) and takes preced
 over the configured file from then on.
 
 ``check_host`` checks what the file alone cannot tell (the control groups exist, the
-state directory can be written); ``goqd run`` and ``goqd check-config`` both call it.
+state, ledger and control socket directories can be written); ``goqd run`` and ``goqd
+check-config`` both call it.
 
 Environment overrides (for ``goqd@.service``, one instance per merchant):
 ``GOQD_STATE_DIR`` and ``GOQD_CONTROL_SOCKET`` replace ``daemon.state-dir`` and
@@ -359,7 +360,7 @@ def _check_daemon(file: str, daemon: DaemonConfig) -> None:
         host, _ = listen_address(daemon.http_listen)
     except ValueError as exc:
         raise ConfigError(file, "$.daemon.http-listen", str(exc)) from None
-    if not daemon.http_public and not _is_loopback(host):
+    if not daemon.http_public and not is_loopback(host):
         raise ConfigError(
             file,
             "$.daemon.http-listen",
@@ -373,31 +374,48 @@ _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0
 def listen_address(listen: str) -> tuple[str, int]:
     """``"127.0.0.1:9464"``, ``"[::1]:9464"`` or ``"localhost:9464"`` -> (host, port).
 
-    Raises ``ValueError`` with a one-line reason that quotes the address. Port 0 asks
-    the kernel for any free port (tests and ``goqd demo`` use it).
+    The one parser of ``daemon.http-listen``: the config check and ``goqd.http`` both
+    use it. Raises ``ValueError`` with a one-line reason that quotes the address or its
+    part at fault (shortened: a refusal stays one readable line however long the value).
+    Port 0 asks the kernel for any free port (tests and ``goqd demo`` use it).
     """
-    host, sep, port_text = listen.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"{listen!r} is not host:port (e.g. 127.0.0.1:9464 or [::1]:9464)")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
+    shown = _short(listen)
+    if listen.startswith("["):
+        inside, bracket, rest = listen[1:].partition("]")
+        if not bracket:
+            raise ValueError(f"{shown!r}: missing ']' after the IPv6 address")
         try:
-            ipaddress.IPv6Address(host)
+            address = ipaddress.ip_address(inside)
         except ValueError:
-            raise ValueError(f"{listen!r}: {host!r} is not an IPv6 address") from None
-    elif ":" in host:
-        raise ValueError(f"{listen!r}: write an IPv6 address in brackets, e.g. [::1]:9464")
-    elif not _HOSTNAME.match(host) or len(host) > 253:
-        raise ValueError(f"{listen!r}: {host!r} is not an IP address or host name")
-    if not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
-        raise ValueError(f"{listen!r}: the port must be a number from 0 to 65535")
-    port = int(port_text)
-    if port > 65535:
-        raise ValueError(f"{listen!r}: the port must be a number from 0 to 65535")
-    return host, port
+            raise ValueError(f"{_short(inside)!r} is not an IPv6 address") from None
+        if address.version != 6:
+            raise ValueError(
+                f"{shown!r}: brackets are for IPv6 addresses; write {_short(inside + rest)}"
+            )
+        if not rest.startswith(":"):
+            raise ValueError(f"{shown!r} is not [host]:port (e.g. [::1]:9464)")
+        host, port_text = inside, rest[1:]
+    else:
+        host, sep, port_text = listen.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{shown!r} is not host:port (e.g. 127.0.0.1:9464 or [::1]:9464)")
+        if ":" in host:
+            raise ValueError(f"{shown!r}: write IPv6 addresses in brackets, e.g. [::1]:9464")
+        if len(host) > 253 or not _HOSTNAME.match(host):
+            raise ValueError(f"{_short(host)!r} is not an IP address or host name")
+    # int() would also take " 80", "+80", "8_0" and other scripts' digits.
+    ascii_digits = port_text.isascii() and port_text.isdigit()
+    if not ascii_digits or len(port_text) > 5 or int(port_text) > 65535:
+        raise ValueError(f"{shown!r}: the port must be a number from 0 to 65535")
+    return host, int(port_text)
 
 
-def _is_loopback(host: str) -> bool:
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_loopback(host: str) -> bool:
+    """True for a host ``listen_address`` returned that only this machine can reach."""
     if host.lower() in ("localhost", "localhost."):
         return True
     try:
@@ -411,8 +429,9 @@ def _is_loopback(host: str) -> bool:
 
 def check_host(config: Config) -> None:
     """What the file alone cannot tell, checked by ``goqd run`` and ``goqd check-config``
-    alike: every control group exists on this host, and the daemon can write in its
-    state directory and in the ledger's directory (or create them).
+    alike: every control group exists on this host; the daemon can write in its state
+    directory, in the ledger's directory and in the control socket's (or create them);
+    and nothing but a socket sits where the control socket goes.
 
     Raises ``ConfigError`` naming the key. Creates nothing that stays behind.
     """
@@ -423,6 +442,12 @@ def check_host(config: Config) -> None:
     ledger_dir = os.path.dirname(os.path.abspath(daemon.ledger_path))
     if ledger_dir != os.path.abspath(daemon.state_dir):
         _check_writable(file, "$.daemon.ledger", ledger_dir)
+    # A leftover socket is replaced at start (if nobody listens on it); anything else
+    # there would be refused by the control server only after the ledger was opened.
+    sock = daemon.control_socket
+    if os.path.lexists(sock) and not stat.S_ISSOCK(os.lstat(sock).st_mode):
+        raise ConfigError(file, "$.daemon.control-socket", f"{sock} exists and is not a socket")
+    _check_writable(file, "$.daemon.control-socket", os.path.dirname(os.path.abspath(sock)))
 
 
 def control_group_ids(names: tuple[str, ...], file: str = "<config>") -> frozenset[int]:

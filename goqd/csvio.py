@@ -45,7 +45,10 @@ Known limits: EUC-JP text that is only kanji reads as cp932 half-width katakana 
 UTF-8 Latin letters) that can look plausible, so a tiny file whose only non-ASCII text
 is a few kanji may pass (no rule over bytes can tell ``本`` from ``ﾋﾜ``). Measured on
 random level-1 kanji names: about half of one-row files pass, 0.5 % of five-row files,
-none of ten-row files; any kana or full-width symbol gives EUC-JP away. Likewise cp932
+none of ten-row files; any kana or full-width symbol gives EUC-JP away. The other way
+round, a cp932 file whose only non-ASCII text is level-2 kanji with lead bytes
+0xE0–0xEA (``珈琲``) is valid EUC-JP too and is refused as EUC-JP: any kana, level-1
+kanji or symbol (``①``, ``㈱``) beside them lets it through. Likewise cp932
 bytes are valid UTF-8 only where every non-ASCII character pairs up as a half-width
 katakana ﾂ–ﾟ followed by ｡–ｿ or by a full-width character (``ﾃｨ`` reads ``è``, ``ﾃア``
 ``ÃA``): a file with nothing else non-ASCII is read as UTF-8. Any full-width character
@@ -89,7 +92,7 @@ _HALF_KANA = frozenset(chr(c) for c in range(0xFF66, 0xFFA0))  # ｦ … ﾟ
 _TAKES_DAKUTEN = frozenset("ｳｶｷｸｹｺｻｼｽｾｿﾀﾁﾂﾃﾄﾊﾋﾌﾍﾎ")
 _TAKES_HANDAKUTEN = frozenset("ﾊﾋﾌﾍﾎ")
 _BEFORE_SMALL_Y = frozenset("ｷｼﾁﾆﾋﾐﾘﾃﾌﾞﾟ")  # ｷｬ, ｼﾞｮ, ﾋﾟｭ, ﾃﾞｭ
-_BEFORE_SMALL_VOWEL = frozenset("ｲｳｼﾁﾂﾃﾄﾌﾞ")  # ﾌｧ, ﾃｨ, ﾃﾞｨ, ｳｪ, ｼﾞｪ, ﾄｩ, ﾂｫ
+_BEFORE_SMALL_VOWEL = frozenset("ｲｳｸｼｽﾁﾂﾃﾄﾌﾞ")  # ﾌｧ, ﾃｨ, ﾃﾞｨ, ｳｪ, ｼﾞｪ, ﾄｩ, ﾂｫ, ｸｨｰﾝ, ｽｨｰﾂ
 _NEVER_FIRST = frozenset("ｧｨｩｪｫｬｭｮｯｰﾞﾟ")
 _NOT_BEFORE_SOKUON = frozenset("ｯｰﾝ")  # ｯ and ｰ never follow these
 

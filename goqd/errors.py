@@ -18,6 +18,7 @@
         UnknownListing         an operator named a listing no import or mall has shown
         CountUnknown           a product has no known count to adjust; set one first
         LedgerRequestFailed    one request failed unexpectedly (a bug); refused alone
+        LedgerUnavailable      a whole batch was rolled back (disk full, I/O); try again
       ControlError             bad control request; answered, never fatal
 
 Rules: adapters translate ``httpx`` and ``msgspec`` errors at their boundary
@@ -175,6 +176,11 @@ class CountUnknown(LedgerError):
 class LedgerRequestFailed(LedgerError):
     """Applying one request raised something other than a refusal: that request alone is
     rolled back and refused; the ledger goes on serving everyone else."""
+
+
+class LedgerUnavailable(LedgerError):
+    """The ledger could not commit the batch a request was in (disk full, an I/O error):
+    nothing of it was applied, and the same request may succeed when sent again."""
 
 
 class ControlError(GoqdError):

@@ -21,10 +21,9 @@ handler, a hostile client or a flood of connections take the daemon down.
 from __future__ import annotations
 
 import contextvars
-import errno
-import ipaddress
+import importlib.metadata
+import inspect
 import logging
-import os
 import resource
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +39,8 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from goqd.config import is_loopback, listen_address
+from goqd.control.server import accept_retrying
 from goqd.errors import ConfigError
 
 log = structlog.get_logger("goqd.http")
@@ -55,9 +56,6 @@ Webhook = Callable[[bytes, Mapping[str, str]], Awaitable[int]]
 _JSON = "application/json"
 _TEXT = "text/plain; charset=utf-8"
 
-# accept() failures that mean "out of resources for now"; trio.serve_listeners waits
-# 100 ms and tries again on the same ones.
-_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 # A request head larger than this is refused by h11 (431) before the app sees it.
 _MAX_HEAD_BYTES = 16 * 1024
 # Repeated warnings about the same kind of bad request are logged at most this often:
@@ -98,60 +96,6 @@ class HttpLimits:
         for name in ("idle_timeout", "read_timeout", "body_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be more than 0")
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``"127.0.0.1:9464"``, ``"localhost:9464"`` or ``"[::1]:9464"`` -> (host, port).
-
-    Raises ``ValueError`` with a one-line reason that quotes the address (callers add
-    the file and key, e.g. ``ConfigError(file, "$.daemon.http-listen", str(exc))``).
-    """
-    shown = _short(listen)
-    if listen.startswith("["):
-        inside, bracket, rest = listen[1:].partition("]")
-        if not bracket:
-            raise ValueError(f"missing ']' after the IPv6 address in {shown!r}")
-        try:
-            address = ipaddress.ip_address(inside)
-        except ValueError:
-            raise ValueError(f"{_short(inside)!r} in {shown!r} is not an IPv6 address") from None
-        if address.version != 6:
-            raise ValueError(f"brackets are for IPv6 addresses; write {_short(inside + rest)}")
-        host = inside
-        if not rest.startswith(":"):
-            raise ValueError(f"listen address needs [host]:port, got {shown!r}")
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = listen.rpartition(":")
-        if not sep or not host:
-            raise ValueError(f"listen address needs host:port, got {shown!r}")
-        if ":" in host:
-            raise ValueError(f"write IPv6 addresses in brackets, e.g. [::1]:9464; got {shown!r}")
-        if not host.isascii() or not host.isprintable() or any(c.isspace() for c in host):
-            raise ValueError(f"bad host in listen address {shown!r}")
-    # int() would also take " 80", "+80", "8_0" and non-ASCII digits.
-    if not (port_text.isascii() and port_text.isdigit()):
-        raise ValueError(f"port must be a number from 0 to 65535, got {shown!r}")
-    if len(port_text) > 5 or int(port_text) > 65535:
-        raise ValueError(f"port {_short(port_text, 12)} is out of range (0 to 65535) in {shown!r}")
-    return host, int(port_text)
-
-
-def _short(text: str, limit: int = 80) -> str:
-    # An address quoted in an error stays one readable line, however long it was.
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() in ("localhost", "localhost."):
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False  # any other host name may resolve anywhere
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback  # [::ffff:127.0.0.1]
-    return address.is_loopback
 
 
 def raise_open_files_limit() -> int:
@@ -424,6 +368,23 @@ async def _respond(
         pass
 
 
+# _serve_connection drives hypercorn's per-connection handler, which is not its public
+# API (pyproject.toml pins the versions it was written for). A release that changed the
+# handler's signature would fail every connection, one log line at a time, while the
+# daemon looked healthy; serve_http checks it before binding instead.
+_TCP_SERVER_PARAMETERS = ("self", "app", "config", "context", "state", "stream")
+
+
+def _check_hypercorn() -> None:
+    found = tuple(inspect.signature(TCPServer.__init__).parameters)
+    if found != _TCP_SERVER_PARAMETERS:
+        raise RuntimeError(
+            f"hypercorn {importlib.metadata.version('hypercorn')} is not a version goqd.http "
+            f"works with: its TCPServer takes {found[1:]}, not {_TCP_SERVER_PARAMETERS[1:]}; "
+            "install the hypercorn version pyproject.toml names"
+        )
+
+
 def _hypercorn_config(limits: HttpLimits) -> Config:
     config = Config()
     # Per-request access logs would drown the journal (one line per scrape); errors
@@ -486,21 +447,8 @@ async def _accept_loop(
     handle: Callable[[_Connection], Awaitable[None]],
     nursery: trio.Nursery,
 ) -> None:
-    failing = False
     while True:
-        try:
-            stream = await listener.accept()
-        except OSError as exc:
-            if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                raise
-            if not failing:
-                log.warning("http_accept_failed", error=os.strerror(exc.errno or 0))
-                failing = True
-            await trio.sleep(0.1)
-            continue
-        if failing:
-            log.info("http_accept_recovered")
-            failing = False
+        stream = await accept_retrying(listener, log, "http")
         conn = connections.admit(stream)
         if conn is not None:
             nursery.start_soon(handle, conn)
@@ -528,17 +476,19 @@ async def serve_http(
     and one task per connection (all closed on cancellation); borrows ``registry`` and
     the callables.
 
-    Error handling: a malformed ``listen``, or a non-loopback one without
-    ``allow_public``, raises ``ConfigError`` before binding, and a bind failure
-    (address in use) raises ``OSError`` naming the address; both surface from
+    Error handling: an installed hypercorn whose connection handler is not the one this
+    module drives raises ``RuntimeError``, and a malformed ``listen``, or a non-loopback
+    one without ``allow_public``, raises ``ConfigError``, both before binding; a bind
+    failure (address in use) raises ``OSError`` naming the address. All surface from
     ``nursery.start``. Exceptions from ``health`` or a webhook handler are answered
     (503 / 500) and logged, never propagated; a connection that fails is closed and
     logged. Running out of file handles delays new connections (``http_accept_failed``,
     logged once) and never ends the listener.
     """
     limits = limits or HttpLimits()
+    _check_hypercorn()
     try:
-        host, port = parse_listen(listen)
+        host, port = listen_address(listen)
     except ValueError as exc:
         raise ConfigError("daemon", "http-listen", str(exc)) from None
     if not allow_public and not is_loopback(host):

@@ -70,7 +70,8 @@ class PushItem(_Msg, frozen=True, kw_only=True, tag="push_item"):
     quantity: int
     version: int
     attrs: ListingAttrs = msgspec.field(default_factory=ListingAttrs)
-    # The count goqd last saw accepted for this listing; compare-and-set malls use it.
+    # The count goqd last saw accepted for this listing (before any push, the count it
+    # last saw at the mall); compare-and-set malls use it.
     previous_quantity: int | None = None
 
 
@@ -268,8 +269,9 @@ class ResolveErrors(_Msg, frozen=True, kw_only=True, tag="resolve_errors"):
     """The cause of these open errors went away by itself: mark them resolved.
 
     The store actor sends it when the store recovers (a poll or push went through after
-    a failure): the store's own level-8 errors (``listing_key`` "") are resolved, kept in
-    history with the time and ``cleared_by = "healed"``. ``codes`` narrows it (empty:
+    a failure): the store's own level-8 errors (``listing_key`` "", ``codes`` those of
+    its calls' failures) are resolved, kept in history with the time and
+    ``cleared_by = "healed"``. ``codes`` narrows it (empty:
     every code); ``before`` leaves alone errors seen after that wall time (a failure
     recorded after the recovery is a new episode). Level 9 never heals by itself.
     """

@@ -13,8 +13,9 @@ import functools
 import random
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -43,12 +44,8 @@ def wall() -> float:
 
 
 @pytest.fixture
-def state_dir() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="gq-caches-")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+def state_dir(tmp_path: Path) -> str:
+    return str(tmp_path)
 
 
 @asynccontextmanager

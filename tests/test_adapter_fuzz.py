@@ -23,7 +23,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ import trio
 import trio.testing
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from goqd.errors import MallError, MallProtocolError, MallRateLimited
@@ -44,20 +43,14 @@ from goqd.malls import amazon, aupay, rakuten, shopify, yahoo
 from goqd.malls.base import RETRY_AFTER_CAP_S, MallSpec, OrderPage, StoreContext
 from goqd.messages import ListingAttrs, MallListing, OrderLine, PushItem, PushOutcome
 from goqd.secret import Secret
+from tests.helpers.fuzz import fuzz_settings
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EPOCH = 1_790_000_000.0
 BASE_URL = "https://mall.fuzz.invalid"
 REQUEST_BUDGET = 40  # per example; then the "network" fails, which ends any paging loop
 
-EXAMPLES = int(os.environ.get("GOQD_FUZZ_EXAMPLES", "200"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=not os.environ.get("GOQD_FUZZ_RANDOM"),
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = fuzz_settings(200)
 
 
 def fixture(path: str) -> bytes:
@@ -453,6 +446,19 @@ class Mall:
     urls: Mapping[str, str] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
 
+    def context(self, http: httpx.AsyncClient, **extra: Any) -> StoreContext:
+        """A store of this mall on ``http`` and the virtual clock."""
+        return StoreContext(
+            store="fuzz",
+            mall=self.spec.name,
+            base_url=BASE_URL,
+            credentials={k: Secret(v) for k, v in self.credentials.items()},
+            http=http,
+            clock=lambda: EPOCH + trio.current_time(),
+            urls=dict(self.urls),
+            **extra,
+        )
+
 
 MALLS: dict[str, Mall] = {
     "rakuten": Mall(
@@ -606,15 +612,9 @@ def run_call(data: st.DataObject, mall: Mall, call: str) -> None:
 
     async def main() -> None:
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-            ctx = StoreContext(
-                store="fuzz",
-                mall=mall.spec.name,
-                base_url=BASE_URL,
-                credentials={k: Secret(v) for k, v in mall.credentials.items()},
-                http=http,
-                clock=lambda: EPOCH + trio.current_time(),
+            ctx = mall.context(
+                http,
                 options=dict(mall.options),
-                urls=dict(mall.urls),
                 live_statuses=mall.spec.default_live_statuses,
                 cancel_statuses=mall.spec.default_cancel_statuses,
             )
@@ -665,14 +665,8 @@ def test_unmutated_fixtures_are_answered_with_goqd_types(mall: str) -> None:
         m = MALLS[mall]
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
             for call in CALLS:
-                ctx = StoreContext(
-                    store="fuzz",
-                    mall=m.spec.name,
-                    base_url=BASE_URL,
-                    credentials={k: Secret(v) for k, v in m.credentials.items()},
-                    http=http,
-                    clock=lambda: EPOCH + trio.current_time(),
-                    urls=dict(m.urls),
+                ctx = m.context(
+                    http,
                     live_statuses=m.spec.default_live_statuses,
                     cancel_statuses=m.spec.default_cancel_statuses,
                 )
@@ -703,17 +697,8 @@ def _run_with(mall: str, answer: Callable[[httpx.Request, Canned], httpx.Respons
     def run(body: Callable[[Any], Awaitable[None]]) -> None:
         async def main() -> None:
             async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-                ctx = StoreContext(
-                    store="f",
-                    mall=mall,
-                    base_url=BASE_URL,
-                    credentials={k: Secret(v) for k, v in m.credentials.items()},
-                    http=http,
-                    clock=lambda: EPOCH + trio.current_time(),
-                    urls=dict(m.urls),
-                )
                 with trio.fail_after(3600):
-                    await body(m.spec.open_adapter(ctx))
+                    await body(m.spec.open_adapter(m.context(http)))
 
         trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 

@@ -14,14 +14,19 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from goqd.metrics import Metrics
+from tests.test_systemd import required_tool
 
 RULES_DIR = Path(__file__).resolve().parent.parent / "config" / "prometheus"
 RULES = RULES_DIR / "goqd.rules.yml"
 RULE_TESTS = RULES_DIR / "goqd.rules.test.yml"
 
-needs_promtool = pytest.mark.skipif(
-    shutil.which("promtool") is None, reason="promtool not installed (Debian: prometheus)"
-)
+
+@pytest.fixture
+def promtool() -> str:
+    return required_tool("promtool", "test the alert rules (Debian package: prometheus)")
+
+
+needs_promtool = pytest.mark.usefixtures("promtool")
 
 # Labels Prometheus adds to every scraped series; the rules join on them.
 TARGET_LABELS = {"job", "instance"}
@@ -33,15 +38,22 @@ _MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
 _GROUPING = re.compile(r"\b(?:by|on|without|ignoring|group_left|group_right)\s*\(([^)]*)\)")
 
 
-def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
+def _promtool(*args: str, cwd: Path = RULES_DIR) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["promtool", *args],
-        cwd=RULES_DIR,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def _unit_tests_against(rules: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """promtool's unit tests of the shipped rules, run against ``rules`` instead."""
+    (tmp_path / RULES.name).write_text(rules, encoding="utf-8")
+    shutil.copy(RULE_TESTS, tmp_path / RULE_TESTS.name)
+    return _promtool("test", "rules", RULE_TESTS.name, cwd=tmp_path)
 
 
 def _exposition() -> dict[str, list[dict[str, str]]]:
@@ -95,16 +107,7 @@ def test_promtool_unit_tests_fail_when_an_alert_is_broken(tmp_path: Path) -> Non
         'max by (job, instance, store) (goqd_store_state{state="no-such-state"} == 1)',
     )
     assert broken.count("no-such-state") == 1
-    (tmp_path / RULES.name).write_text(broken, encoding="utf-8")
-    shutil.copy(RULE_TESTS, tmp_path / RULE_TESTS.name)
-    result = subprocess.run(
-        ["promtool", "test", "rules", RULE_TESTS.name],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = _unit_tests_against(broken, tmp_path)
     assert result.returncode != 0
     assert "GoqdStoreStopped" in result.stdout + result.stderr
 
@@ -225,15 +228,6 @@ def test_promtool_unit_tests_fail_when_the_clock_skew_alert_is_broken(tmp_path: 
         "abs(goqd_mall_clock_skew_seconds) > 60", "abs(goqd_mall_clock_skew_seconds) > 86400"
     )
     assert broken != rules
-    (tmp_path / RULES.name).write_text(broken, encoding="utf-8")
-    shutil.copy(RULE_TESTS, tmp_path / RULE_TESTS.name)
-    result = subprocess.run(
-        ["promtool", "test", "rules", RULE_TESTS.name],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = _unit_tests_against(broken, tmp_path)
     assert result.returncode != 0
     assert "GoqdMallClockSkew" in result.stdout + result.stderr

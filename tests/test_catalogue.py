@@ -256,6 +256,10 @@ PRODUCT_NAMES = [
     "日本酒 大吟醸 720ml",
 ]
 HALF_WIDTH_NAMES = ["ｺｰﾋｰｶｯﾌﾟ", "ﾃｨｰｼｬﾂ ｱｶ", "ﾏｸﾞｶｯﾌﾟ ｼﾛ", "ｾｯﾄ", "ｼｬﾂ", "ｺｰﾋｰ･ｶｯﾌﾟ", "ﾌﾞﾙｰ"]
+# Four bytes each in cp932, so valid EUC-JP as well: only the script rules let them in.
+HALF_WIDTH_NAMES += ["ｸｨｰﾝ", "ｸｫｰﾂ", "ｽｨｰﾂ", "ｼｰﾂ ｸｨｰﾝ"]
+# Characters only cp932 has (NEC and IBM extensions), as Windows exports write them.
+CP932_ONLY_NAMES = ["①ｾｯﾄ", "㈱ﾀﾅｶ", "Ⅱ型 ﾌｨﾙﾀｰ", "№1 ｺｰﾋｰ", "髙橋農園 ～ 新茶", "﨑陽 ｼｭｳﾏｲ ㍻"]
 
 
 def names_csv(names: list[str]) -> str:
@@ -275,7 +279,8 @@ def test_a_whole_euc_jp_catalogue_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    "names", [PRODUCT_NAMES, HALF_WIDTH_NAMES, PRODUCT_NAMES + HALF_WIDTH_NAMES]
+    "names",
+    [PRODUCT_NAMES, HALF_WIDTH_NAMES, PRODUCT_NAMES + HALF_WIDTH_NAMES, CP932_ONLY_NAMES],
 )
 def test_shift_jis_names_with_half_width_katakana_are_read_as_written(names: list[str]) -> None:
     text = names_csv(names)
@@ -283,7 +288,7 @@ def test_shift_jis_names_with_half_width_katakana_are_read_as_written(names: lis
     assert decode_csv_bytes(text.encode("utf-8")) == text
 
 
-@pytest.mark.parametrize("name", HALF_WIDTH_NAMES)
+@pytest.mark.parametrize("name", HALF_WIDTH_NAMES + CP932_ONLY_NAMES)
 def test_a_single_half_width_name_in_shift_jis_is_read_as_written(name: str) -> None:
     text = names_csv([name])
     assert decode_csv_bytes(text.encode("cp932")) == text

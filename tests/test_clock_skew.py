@@ -377,6 +377,27 @@ async def test_a_signature_refused_while_the_clock_is_off_is_clock_skew_not_leve
             await adapter.read_stock(["A-1"])
 
 
+async def test_yahoo_keeps_no_order_read_in_the_second_it_changed_by_yahoos_clock(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # goqd's clock an hour ahead of Yahoo's: by goqd's clock every answer looks long
+    # settled, and one read in the second of a change would hide a later change in it.
+    sim = SimYahoo(shop_id="ya-shop", clock=clock, clock_offset=-HOUR)
+    sim.add_item("A-1", quantity=10)
+    order = sim.place_order([("A-1", 3)])
+    assert order is not None
+    adapter, http = _yahoo(sim, MallClock())
+    async with http:
+        first = await adapter.fetch_orders(None)
+        assert [ln.quantity for ln in first.lines] == [3]
+        stamp = order.updated_at
+        sim.edit_quantity(order.order_id, order.lines[0].line_id, 1)
+        order.updated_at = stamp  # the same whole second: orderList shows no change
+        await trio.sleep(60)
+        second = await adapter.fetch_orders(first.cursor)
+    assert [ln.quantity for ln in second.lines] == [1]
+
+
 def test_parse_http_date_reads_the_three_forms_rfc_9110_allows() -> None:
     for text in (
         "Sun, 06 Nov 1994 08:49:37 GMT",

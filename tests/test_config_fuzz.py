@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -33,19 +32,11 @@ from hypothesis import strategies as st
 from goqd.cli.goqd import main as goqd_main
 from goqd.config import Config, DaemonConfig, StoreConfig, load_config, load_credentials
 from goqd.errors import ConfigError, CredentialError
+from tests.helpers.fuzz import fuzz_settings
 
-EXAMPLES = int(os.environ.get("GOQD_FUZZ_EXAMPLES", "800"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=not os.environ.get("GOQD_FUZZ_RANDOM"),
-    database=None,
-    suppress_health_check=[
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-        HealthCheck.function_scoped_fixture,  # one scratch directory, rewritten each example
-    ],
-)
+# One scratch directory (a function-scoped fixture), rewritten each example.
+FUZZ = fuzz_settings(800, suppress=[HealthCheck.function_scoped_fixture])
+EXAMPLES = FUZZ.max_examples
 
 
 def _keys(struct: type[msgspec.Struct]) -> list[str]:

@@ -6,6 +6,7 @@ Covers docs/reliability.md X1 and X3.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import grp
 import json
@@ -28,7 +29,7 @@ import trio.testing
 from goqd import messages as m
 from goqd.control import protocol as p
 from goqd.control.client import DaemonUnreachable, RemoteError, call
-from goqd.control.server import PeerInfo, peer_allowed, serve_control
+from goqd.control.server import PeerInfo, accept_retrying, peer_allowed, serve_control
 from goqd.errors import ControlError
 
 CANARY = "CANARY-key-7f3a9c1e5b"
@@ -83,21 +84,23 @@ class FakeDaemon:
         return p.Ok(result=m.Done())
 
 
+@contextlib.asynccontextmanager
+async def serving(path: str, handler: Any, **kw: Any) -> AsyncIterator[None]:
+    """``serve_control`` at ``path`` for the block (no users or groups listed unless
+    ``kw`` says so), stopped when the block ends."""
+    kw.setdefault("allowed_uids", frozenset())
+    kw.setdefault("allowed_gids", frozenset())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(serve_control, path, handler, **kw))
+        yield
+        nursery.cancel_scope.cancel()
+
+
 @pytest.fixture
 async def served(sock_path: str) -> AsyncIterator[tuple[str, FakeDaemon]]:
     daemon = FakeDaemon()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(
-            functools.partial(
-                serve_control,
-                sock_path,
-                daemon,
-                allowed_uids=frozenset(),
-                allowed_gids=frozenset(),
-            )
-        )
+    async with serving(sock_path, daemon):
         yield sock_path, daemon
-        nursery.cancel_scope.cancel()
 
 
 async def raw_exchange(path: str, body: bytes, *, announce: int | None = None) -> Any:
@@ -159,38 +162,18 @@ async def test_mutating_request_carries_envelope_id_as_request_id(
 
 async def test_socket_is_mode_0660_and_removed_on_exit(sock_path: str) -> None:
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(
-                functools.partial(
-                    serve_control,
-                    sock_path,
-                    FakeDaemon(),
-                    allowed_uids=frozenset(),
-                    allowed_gids=frozenset(),
-                )
-            )
+        async with serving(sock_path, FakeDaemon()):
             st = os.stat(sock_path)
             assert stat.S_ISSOCK(st.st_mode)
             assert stat.S_IMODE(st.st_mode) == 0o660
-            nursery.cancel_scope.cancel()
     assert not await trio.Path(sock_path).exists()
 
 
 async def test_missing_parent_directory_is_created(sock_path: str) -> None:
     nested = os.path.join(os.path.dirname(sock_path), "run", "c.sock")
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(
-                functools.partial(
-                    serve_control,
-                    nested,
-                    FakeDaemon(),
-                    allowed_uids=frozenset(),
-                    allowed_gids=frozenset(),
-                )
-            )
+        async with serving(nested, FakeDaemon()):
             assert await call(nested, p.Status()) == m.Done()
-            nursery.cancel_scope.cancel()
 
 
 async def test_stale_socket_is_replaced(sock_path: str) -> None:
@@ -198,18 +181,8 @@ async def test_stale_socket_is_replaced(sock_path: str) -> None:
     stale.bind(sock_path)
     stale.close()  # the file stays behind, as after a SIGKILL
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(
-                functools.partial(
-                    serve_control,
-                    sock_path,
-                    FakeDaemon(),
-                    allowed_uids=frozenset(),
-                    allowed_gids=frozenset(),
-                )
-            )
+        async with serving(sock_path, FakeDaemon()):
             assert await call(sock_path, p.Status()) == m.Done()
-            nursery.cancel_scope.cancel()
 
 
 async def test_regular_file_or_live_socket_at_the_path_refuses_the_start(sock_path: str) -> None:
@@ -366,17 +339,7 @@ async def test_err_reply_from_handler_becomes_remote_error(served: tuple[str, Fa
 async def test_idle_connection_is_closed_after_timeout(
     autojump_clock: trio.testing.MockClock, sock_path: str
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        await nursery.start(
-            functools.partial(
-                serve_control,
-                sock_path,
-                FakeDaemon(),
-                allowed_uids=frozenset(),
-                allowed_gids=frozenset(),
-                idle_timeout=30.0,
-            )
-        )
+    async with serving(sock_path, FakeDaemon(), idle_timeout=30.0):
         with trio.fail_after(100):
             start = trio.current_time()
             silent = await trio.open_unix_socket(sock_path)
@@ -393,21 +356,10 @@ async def test_idle_connection_is_closed_after_timeout(
             await slow.aclose()
             # And the server still answers.
             assert await call(sock_path, p.Status()) == m.Done()
-        nursery.cancel_scope.cancel()
 
 
 async def test_connections_over_the_limit_get_unavailable(sock_path: str) -> None:
-    async with trio.open_nursery() as nursery:
-        await nursery.start(
-            functools.partial(
-                serve_control,
-                sock_path,
-                FakeDaemon(),
-                allowed_uids=frozenset(),
-                allowed_gids=frozenset(),
-                max_connections=1,
-            )
-        )
+    async with serving(sock_path, FakeDaemon(), max_connections=1):
         with trio.fail_after(10):
             holder = await trio.open_unix_socket(sock_path)
             await trio.testing.wait_all_tasks_blocked()
@@ -419,12 +371,51 @@ async def test_connections_over_the_limit_get_unavailable(sock_path: str) -> Non
             await holder.aclose()
             await trio.testing.wait_all_tasks_blocked()
             assert await call(sock_path, p.Status()) == m.Done()
-        nursery.cancel_scope.cancel()
 
 
 # --------------------------------------------------------------------------------------
 # Peer credentials
 # --------------------------------------------------------------------------------------
+
+
+async def test_running_out_of_file_handles_delays_accepts_and_is_logged_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Shared by the control and HTTP listeners: while every accept fails with EMFILE
+    (10 a second), one warning, then one line when a connection comes through."""
+    accepted = object()
+
+    class ExhaustedListener:
+        failures = 50
+
+        async def accept(self) -> object:
+            await trio.lowlevel.checkpoint()
+            if self.failures:
+                self.failures -= 1
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+            return accepted
+
+    listener: Any = ExhaustedListener()
+    log = structlog.get_logger("test")
+    with structlog.testing.capture_logs() as logs:
+        start = trio.current_time()
+        assert await accept_retrying(listener, log, "control") is accepted
+    assert trio.current_time() - start == pytest.approx(5.0)
+    assert [(e["event"], e["log_level"]) for e in logs] == [
+        ("control_accept_failed", "warning"),
+        ("control_accept_recovered", "info"),
+    ]
+    assert logs[0]["error"] == "Too many open files"
+
+    class ClosedListener:
+        async def accept(self) -> object:
+            await trio.lowlevel.checkpoint()
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+    # Any other failure is not waited out.
+    with pytest.raises(OSError) as info:
+        await accept_retrying(typing.cast(Any, ClosedListener()), log, "control")
+    assert info.value.errno == errno.EBADF
 
 
 @pytest.mark.parametrize(
@@ -469,24 +460,13 @@ async def test_disallowed_peer_gets_not_allowed_and_never_reaches_the_handler(
             stranger, own_uid=990, allowed_uids=frozenset({1001}), allowed_gids=frozenset({500})
         )
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(
-            functools.partial(
-                serve_control,
-                sock_path,
-                daemon,
-                allowed_uids=frozenset(),
-                allowed_gids=frozenset(),
-                peer_check=refuse,
-            )
-        )
+    async with serving(sock_path, daemon, peer_check=refuse):
         with (
             trio.fail_after(10),
             structlog.testing.capture_logs() as logs,
             pytest.raises(RemoteError) as info,
         ):
             await call(sock_path, p.StockSet(sku="A", quantity=1))
-        nursery.cancel_scope.cancel()
     assert info.value.code == "not_allowed"
     assert "group" in info.value.hint
     assert daemon.seen == []
@@ -505,20 +485,14 @@ async def test_refusal_hint_names_the_configured_group_or_who_may_connect(
     async def refuse(peer: PeerInfo) -> bool:
         return False
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(
-            functools.partial(
-                serve_control,
-                sock_path,
-                FakeDaemon(),
-                allowed_uids=frozenset(),
-                allowed_gids=frozenset({gid}) if configured else frozenset(),
-                peer_check=refuse,
-            )
-        )
+    async with serving(
+        sock_path,
+        FakeDaemon(),
+        allowed_gids=frozenset({gid}) if configured else frozenset(),
+        peer_check=refuse,
+    ):
         with trio.fail_after(10), pytest.raises(RemoteError) as info:
             await call(sock_path, p.Status())
-        nursery.cancel_scope.cancel()
     assert info.value.code == "not_allowed"
     if configured:
         assert f"{group!r} group" in info.value.hint and f"-aG {group} " in info.value.hint
@@ -650,6 +624,38 @@ async def test_client_resends_with_the_same_id_after_a_dropped_connection(sock_p
     assert len(ids) == 2 and ids[0] == ids[1] and len(ids[0]) == 32
 
 
+async def test_a_send_lost_before_busy_refusals_still_warns_it_may_be_applied(
+    sock_path: str,
+) -> None:
+    """Busy refusals (nothing read) are retried without counting as sends, and do not
+    make the client forget that an earlier send was lost after the daemon read it."""
+    listener_sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener_sock.bind(sock_path)
+    listener_sock.listen(4)
+    listener = trio.SocketListener(listener_sock)
+    ids: list[str] = []
+    busy = p.ReplyEnvelope(v=1, id="", reply=p.Err(code="unavailable", message="full"))
+
+    async def server_that_reads_then_is_busy_then_goes_away() -> None:
+        stream = await listener.accept()
+        async with stream:  # read it, then "crash": no reply
+            ids.append(p.decode_request(await p.receive_frame(stream, p.MAX_REQUEST_BYTES)).id)
+        for _ in range(3):
+            stream = await listener.accept()
+            async with stream:
+                await stream.send_all(p.encode_frame(busy))
+        await listener.aclose()
+        os.unlink(sock_path)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server_that_reads_then_is_busy_then_goes_away)
+        with trio.fail_after(10), pytest.raises(DaemonUnreachable) as info:
+            await call(sock_path, p.StockSet(sku="A", quantity=1), attempts=2)
+    assert len(ids) == 1
+    assert "no control socket" in info.value.reason
+    assert "may or may not have been applied" in info.value.hint
+
+
 async def test_client_times_out_as_unreachable_with_a_may_be_applied_hint(
     autojump_clock: trio.testing.MockClock, sock_path: str
 ) -> None:
@@ -657,18 +663,8 @@ async def test_client_times_out_as_unreachable_with_a_may_be_applied_hint(
         await trio.sleep(1000)
         return p.Ok(result=m.Done())
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(
-            functools.partial(
-                serve_control,
-                sock_path,
-                slow,
-                allowed_uids=frozenset(),
-                allowed_gids=frozenset(),
-            )
-        )
+    async with serving(sock_path, slow):
         with trio.fail_after(100), pytest.raises(DaemonUnreachable) as info:
             await call(sock_path, p.StockSet(sku="A", quantity=1), timeout=5)
-        nursery.cancel_scope.cancel()
     assert "within 5 seconds" in str(info.value)
     assert "applied" in info.value.hint

@@ -14,7 +14,7 @@ with hostile field values:
 
 The stores are paused (so no poll or push changes the ledger behind the test's back)
 and paused again after any request that succeeded. ``GOQD_FUZZ_EXAMPLES`` scales the
-number of examples (CI can run more than the default).
+number of examples (CI can run more than the default; ``tests.helpers.fuzz``).
 
 The client side is fuzzed too, without a daemon: whatever reply bytes come back,
 goqctl reports an error or prints a result, and never raises.
@@ -31,7 +31,6 @@ import shutil
 import socket
 import struct
 import tempfile
-import threading
 import time
 import typing
 import uuid
@@ -43,8 +42,7 @@ import msgspec
 import msgspec.inspect as mi
 import pytest
 import structlog
-import trio
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from goqd.cli import goqctl
@@ -52,13 +50,10 @@ from goqd.control import protocol as p
 from goqd.control.client import RemoteError
 from goqd.errors import ControlError
 from tests.helpers import rig
+from tests.helpers.daemon_thread import daemon_in_thread
+from tests.helpers.fuzz import fuzz_settings
 
-EXAMPLES = int(os.environ.get("GOQD_FUZZ_EXAMPLES", "300"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = fuzz_settings(300)
 STORES = (("ra", "rakuten"), ("sh", "shopify"))
 REQUEST_TYPES: tuple[type[Any], ...] = typing.get_args(p.ControlRequest)
 # A reply must come within this; the server's own deadlines are 10 s (frame) and 30 s.
@@ -85,43 +80,17 @@ def live() -> Iterator[LiveDaemon]:
     tmp = tempfile.mkdtemp(prefix="gqf-", dir="/tmp")
     daemon = LiveDaemon(tmp)
     fleet = rig.build_fleet(STORES, clock=time.time)
-    router, urls = rig.router_for(fleet)
-    ready = threading.Event()
-    failed: list[BaseException] = []
-    state: dict[str, Any] = {}
-
-    async def main() -> None:
-        async with rig.open_daemon(fleet, tmp, urls, transport=router, clock=time.time) as run:
-            daemon.socket = run.socket
-            daemon.ledger = run.ledger_path
-            state["token"] = trio.lowlevel.current_trio_token()
-            state["stop"] = trio.Event()
-            ready.set()
-            await state["stop"].wait()
-
-    def thread_main() -> None:
-        try:
-            trio.run(main)
-        except BaseException as exc:  # reported by the fixture, in the test's thread
-            failed.append(exc)
-            ready.set()
-
     daemon.skus = list(fleet.initial)
     daemon.keys = [key for keys in fleet.keys.values() for key in keys.values()]
-    with structlog.testing.capture_logs() as logs:
-        daemon.logs = logs
-        thread = threading.Thread(target=thread_main, daemon=True)
-        thread.start()
-        assert ready.wait(60) and not failed, failed
-        try:
+    try:
+        with structlog.testing.capture_logs() as logs, daemon_in_thread(fleet, tmp) as run:
+            daemon.logs = logs
+            daemon.socket = run.socket
+            daemon.ledger = run.ledger_path
             pause_all(daemon)
             yield daemon
-        finally:
-            if "stop" in state:
-                trio.from_thread.run_sync(state["stop"].set, trio_token=state["token"])
-            thread.join(60)
-            shutil.rmtree(tmp, ignore_errors=True)
-    assert not failed, failed
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     # No request, however hostile, reached an unhandled exception anywhere.
     crashes = [
         e for e in logs if e["event"] in ("control_connection_failed", "control_request_failed")
@@ -557,7 +526,7 @@ def for_reply(t: mi.Type) -> st.SearchStrategy[Any]:
             return json_values
 
 
-@settings(max_examples=EXAMPLES, deadline=None)
+@FUZZ
 @given(body=hostile_reply_bodies(), command=st.sampled_from(["status", "stores", "products"]))
 def test_goqctl_never_crashes_on_a_hostile_reply(body: bytes, command: str) -> None:
     def fake_call(path: str, req: p.ControlRequest, **kw: Any) -> p.ControlResult:
@@ -576,7 +545,7 @@ def test_goqctl_never_crashes_on_a_hostile_reply(body: bytes, command: str) -> N
     assert code in (goqctl.EXIT_OK, goqctl.EXIT_ERROR)
 
 
-@settings(max_examples=EXAMPLES, deadline=None)
+@FUZZ
 @given(body=hostile_reply_bodies())
 def test_decode_reply_raises_only_control_error(body: bytes) -> None:
     try:

@@ -4,7 +4,8 @@
 they accept keeps every limit the control protocol keeps; a well-formed file reads back
 exactly. And, through a running daemon: a stock CSV refused anywhere changes nothing.
 
-``GOQD_FUZZ_EXAMPLES`` sets the examples per property (CI may raise it).
+``GOQD_FUZZ_EXAMPLES`` sets the examples per property (CI may raise it;
+``tests.helpers.fuzz``).
 """
 
 from __future__ import annotations
@@ -12,11 +13,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import os
 import re
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,7 +23,6 @@ from typing import Any
 
 import msgspec
 import pytest
-import trio
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -41,13 +39,11 @@ from goqd.csvio import (
 )
 from goqd.errors import InputError
 from tests.helpers import rig
+from tests.helpers.daemon_thread import daemon_in_thread
+from tests.helpers.fuzz import fuzz_settings
 
-EXAMPLES = int(os.environ.get("GOQD_FUZZ_EXAMPLES", "300"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = fuzz_settings(300)
+EXAMPLES = FUZZ.max_examples
 LINE = re.compile(r"\bline \d+")
 
 # ------------------------------------------------------------------ strategies
@@ -294,45 +290,20 @@ def live() -> Iterator[LiveDaemon]:
     tmp = tempfile.mkdtemp(prefix="gqcsv-", dir="/tmp")
     daemon = LiveDaemon()
     fleet = rig.build_fleet((("ra", "rakuten"),), clock=time.time, catalogue=CATALOGUE)
-    router, urls = rig.router_for(fleet)
-    ready = threading.Event()
-    failed: list[BaseException] = []
-    state: dict[str, Any] = {}
-
-    async def main() -> None:
-        async with rig.open_daemon(fleet, tmp, urls, transport=router, clock=time.time) as run:
-            daemon.socket = run.socket
-            daemon.ledger = run.ledger_path
-            state["token"] = trio.lowlevel.current_trio_token()
-            state["stop"] = trio.Event()
-            ready.set()
-            await state["stop"].wait()
-
-    def thread_main() -> None:
-        try:
-            trio.run(main)
-        except BaseException as exc:  # reported by the fixture, in the test's thread
-            failed.append(exc)
-            ready.set()
-
     chunk = goqd_app.STAGE_CHUNK
     goqd_app.STAGE_CHUNK = 4
-    thread = threading.Thread(target=thread_main, daemon=True)
-    thread.start()
     try:
-        assert ready.wait(60) and not failed, failed
-        # Let the first pushes land, then pause: nothing in the background may change
-        # the ledger between an example and its check.
-        wait_until(lambda: rows(daemon, "SELECT count(*) FROM outbox") == [(0,)], timeout=60)
-        call_sync(daemon.socket, p.Pause(store="ra"))
-        yield daemon
+        with daemon_in_thread(fleet, tmp) as run:
+            daemon.socket = run.socket
+            daemon.ledger = run.ledger_path
+            # Let the first pushes land, then pause: nothing in the background may
+            # change the ledger between an example and its check.
+            wait_until(lambda: rows(daemon, "SELECT count(*) FROM outbox") == [(0,)], timeout=60)
+            call_sync(daemon.socket, p.Pause(store="ra"))
+            yield daemon
     finally:
         goqd_app.STAGE_CHUNK = chunk
-        if "stop" in state:
-            trio.from_thread.run_sync(state["stop"].set, trio_token=state["token"])
-        thread.join(60)
         shutil.rmtree(tmp, ignore_errors=True)
-    assert not failed, failed
 
 
 def rows(live: LiveDaemon, sql: str) -> list[tuple[Any, ...]]:
@@ -379,9 +350,9 @@ def with_fault(skus: list[str], fault: str, at: int, mode: str) -> tuple[str, in
 
 
 @settings(
+    FUZZ,
     max_examples=max(20, EXAMPLES // 8),
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    suppress_health_check=[*FUZZ.suppress_health_check, HealthCheck.function_scoped_fixture],
 )
 @given(
     data=st.data(),

@@ -4,6 +4,7 @@ started; WATCHDOG=1 while the ledger answers; STOPPING=1 when it shuts down."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,22 +22,33 @@ from goqd.sim.http import serve_sim
 from goqd.sim.rakuten import SimRakuten
 
 
-@pytest.fixture
-def notify_socket(monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+@contextlib.contextmanager
+def notify_listener() -> Iterator[tuple[socket.socket, str]]:
+    """A datagram socket standing in for $NOTIFY_SOCKET, and its address (a short path:
+    pytest's tmp_path can exceed sun_path). test_startup_refusals uses it too."""
     tmp = tempfile.mkdtemp(prefix="goqd-notify-", dir="/tmp")
     path = os.path.join(tmp, "notify")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.setblocking(False)
-    monkeypatch.setenv("NOTIFY_SOCKET", path)
-    monkeypatch.setenv("WATCHDOG_USEC", "400000")  # 0.4 s: pings every 0.2 s
-    monkeypatch.delenv("WATCHDOG_PID", raising=False)
-    yield sock
-    sock.close()
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        sock.bind(path)
+        sock.setblocking(False)
+        yield sock, path
+    finally:
+        sock.close()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _drain(sock: socket.socket) -> list[str]:
+@pytest.fixture
+def notify_socket(monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+    with notify_listener() as (sock, path):
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        monkeypatch.setenv("WATCHDOG_USEC", "400000")  # 0.4 s: pings every 0.2 s
+        monkeypatch.delenv("WATCHDOG_PID", raising=False)
+        yield sock
+
+
+def received(sock: socket.socket) -> list[str]:
+    """The datagrams waiting on ``sock``, oldest first."""
     out = []
     while True:
         try:
@@ -63,20 +75,20 @@ async def test_ready_watchdog_and_stopping(notify_socket: socket.socket) -> None
                     ),
                     stores=(StoreConfig(name="r", mall="rakuten", base_url=url, credentials=cred),),
                 )
-                assert _drain(notify_socket) == []
+                assert received(notify_socket) == []
                 async with trio.open_nursery() as inner:
                     daemon: Daemon = await inner.start(run_daemon, config)
-                    first = _drain(notify_socket)
+                    first = received(notify_socket)
                     # READY is the first thing said, and only now that start() returned:
                     # the control socket and the HTTP listener exist.
                     assert first and first[0].startswith("READY=1")
                     assert os.path.exists(config.daemon.control_socket)
                     assert daemon.http_url.startswith("http://127.0.0.1:")
                     await trio.sleep(0.7)
-                    pings = [d for d in _drain(notify_socket) if d == "WATCHDOG=1"]
+                    pings = [d for d in received(notify_socket) if d == "WATCHDOG=1"]
                     assert len(pings) >= 2
                     inner.cancel_scope.cancel()
-                assert any(d.startswith("STOPPING=1") for d in _drain(notify_socket))
+                assert any(d.startswith("STOPPING=1") for d in received(notify_socket))
                 nursery.cancel_scope.cancel()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -4,8 +4,6 @@ import, link --auto, 差異商品 (diff) finding a silent no-op, and 反映 (ref
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import tempfile
 import time
@@ -17,11 +15,10 @@ import trio
 
 from goqd import messages as m
 from goqd.app import Daemon, run_daemon
-from goqd.config import Config, DaemonConfig, StoreConfig
 from goqd.control import protocol as p
 from goqd.control.client import call
-from goqd.sim.http import serve_sim
 from goqd.sim.rakuten import SimRakuten
+from tests.helpers import rig
 from tests.test_e2e_rakuten import eventually
 
 
@@ -49,32 +46,19 @@ async def shop() -> AsyncIterator[Shop]:
             sims["other"].add_listing("t01/rs", link_code="ts-red-s", name="Tシャツ", quantity=1)
             sims["other"].add_listing("m01/w", link_code="MUG-WHT", name="マグ", quantity=9)
             sims["other"].add_listing("x01/x", link_code="NEW-ITEM", name="新商品", quantity=4)
-            stores = []
-            for name, sim in sims.items():
-                url = await nursery.start(serve_sim, sim.app)
-                cred = os.path.join(tmp, f"{name}.json")
-                with open(os.open(cred, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
-                    json.dump(sim.credentials(), f)
-                stores.append(
-                    StoreConfig(
-                        name=name,
-                        mall="rakuten",
-                        base_url=url,
-                        credentials=cred,
-                        poll_interval="60s",
-                        push_retry="1s",
-                        link_normalize=("casefold",) if name == "other" else (),
-                    )
+            stores = [
+                await rig.serve_store(
+                    nursery,
+                    tmp,
+                    name,
+                    sim,
+                    poll_interval="60s",
+                    push_retry="1s",
+                    link_normalize=("casefold",) if name == "other" else (),
                 )
-            config = Config(
-                daemon=DaemonConfig(
-                    state_dir=os.path.join(tmp, "state"),
-                    control_socket=os.path.join(tmp, "ctl.sock"),
-                    http_listen="127.0.0.1:0",
-                    base_store="base",
-                ),
-                stores=tuple(stores),
-            )
+                for name, sim in sims.items()
+            ]
+            config = rig.loopback_config(tmp, stores, base_store="base")
             daemon = await nursery.start(run_daemon, config)
             yield Shop(daemon, sims["base"], sims["other"], config.daemon.control_socket)
             nursery.cancel_scope.cancel()

@@ -9,7 +9,6 @@ triggers polls with poll-now instead of waiting for the interval.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -23,11 +22,10 @@ import trio
 
 from goqd import messages as m
 from goqd.app import Daemon, run_daemon
-from goqd.config import Config, DaemonConfig, StoreConfig
 from goqd.control import protocol as p
 from goqd.control.client import call
-from goqd.sim.http import serve_sim
 from goqd.sim.rakuten import SimRakuten
+from tests.helpers.rig import loopback_config, serve_store
 
 SKUS = {"TS-RED-S": 10, "MUG-WHT": 3}
 
@@ -81,30 +79,18 @@ async def rig() -> AsyncIterator[Rig]:
                 for sku, qty in SKUS.items():
                     sim.add_listing(key(sku), link_code=sku, quantity=qty)
                 sims[name] = sim
-                url = await nursery.start(serve_sim, sim.app)
-                cred = os.path.join(tmp, f"{name}.json")
-                with open(os.open(cred, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
-                    json.dump(sim.credentials(), f)
                 stores.append(
-                    StoreConfig(
-                        name=name,
-                        mall="rakuten",
-                        base_url=url,
-                        credentials=cred,
+                    await serve_store(
+                        nursery,
+                        tmp,
+                        name,
+                        sim,
                         poll_interval="60s",
                         push_retry="1s",
                         request_timeout="5s",
                     )
                 )
-            config = Config(
-                daemon=DaemonConfig(
-                    state_dir=os.path.join(tmp, "state"),
-                    control_socket=os.path.join(tmp, "ctl.sock"),
-                    http_listen="127.0.0.1:0",
-                ),
-                stores=tuple(stores),
-                source=os.path.join(tmp, "goqd.toml"),
-            )
+            config = loopback_config(tmp, stores)
             daemon: Daemon = await nursery.start(run_daemon, config)
             for sku, qty in SKUS.items():
                 await daemon.ledger.call(m.UpsertProduct(sku=sku, total=qty, store="ra"))

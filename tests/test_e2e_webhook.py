@@ -4,8 +4,6 @@ order is booked in the ledger (nothing acknowledged before a durable commit)."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import sqlite3
 import tempfile
@@ -16,9 +14,8 @@ import trio
 
 from goqd import messages as m
 from goqd.app import Daemon, run_daemon
-from goqd.config import Config, DaemonConfig, StoreConfig
-from goqd.sim.http import serve_sim
 from goqd.sim.shopify import SimShopify
+from tests.helpers.rig import loopback_config, serve_store
 
 
 def _booked(daemon: Daemon) -> set[str]:
@@ -35,31 +32,12 @@ async def test_order_webhook_triggers_a_poll_and_is_acknowledged_after_booking()
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 shops = {n: SimShopify(shop_id=f"shop{n}", clock=time.time, seed=n) for n in "ab"}
-                stores = []
-                for name, sim in shops.items():
-                    url = await nursery.start(serve_sim, sim.app)
-                    cred = os.path.join(tmp, f"{name}.json")
-                    with open(os.open(cred, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
-                        json.dump(sim.credentials(), f)
-                    # A long poll interval: only the webhook can explain a quick booking.
-                    stores.append(
-                        StoreConfig(
-                            name=name,
-                            mall="shopify",
-                            base_url=url,
-                            credentials=cred,
-                            poll_interval="1h",
-                            push_retry="1s",
-                        )
-                    )
-                config = Config(
-                    daemon=DaemonConfig(
-                        state_dir=os.path.join(tmp, "state"),
-                        control_socket=os.path.join(tmp, "ctl.sock"),
-                        http_listen="127.0.0.1:0",
-                    ),
-                    stores=tuple(stores),
-                )
+                # A long poll interval: only the webhook can explain a quick booking.
+                stores = [
+                    await serve_store(nursery, tmp, name, sim, poll_interval="1h", push_retry="1s")
+                    for name, sim in shops.items()
+                ]
+                config = loopback_config(tmp, stores)
                 daemon: Daemon = await nursery.start(run_daemon, config)
                 await daemon.ledger.call(m.UpsertProduct(sku="MUG", total=5))
                 keys = {}

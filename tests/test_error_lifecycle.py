@@ -35,34 +35,23 @@ from goqd.errors import (
 from goqd.ledger.db import Ledger, open_db
 from goqd.sim.rakuten import SimRakuten
 from tests.helpers import rig
+from tests.test_ledger import FakeNow
+from tests.test_parked_and_ambiguous import one
 
 ROOT = Path(__file__).resolve().parent.parent
 clock = rig.mock_wall_clock
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1_000.0
-
-    def __call__(self) -> float:
-        return self.t
+@pytest.fixture
+def now() -> FakeNow:
+    now = FakeNow()
+    now.t = 1_000.0
+    return now
 
 
 @pytest.fixture
-def now() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def ledger(now: Clock) -> Ledger:
+def ledger(now: FakeNow) -> Ledger:
     return Ledger(open_db(":memory:"), now=now)
-
-
-def one(ledger: Ledger, msg: m.LedgerRequest) -> m.LedgerReply:
-    result = ledger.apply_batch([msg]).replies[0]
-    if isinstance(result, Exception):
-        raise result
-    return result
 
 
 def record(ledger: Ledger, store: str, code: str, level: int = 8, key: str = "") -> None:
@@ -82,7 +71,7 @@ def listed(ledger: Ledger, **kw: object) -> list[m.ErrorRecord]:
 
 
 def test_a_healed_episode_resolves_the_stores_own_level_8_errors_only(
-    ledger: Ledger, now: Clock
+    ledger: Ledger, now: FakeNow
 ) -> None:
     record(ledger, "ra", "mall_rate_limited")
     record(ledger, "ra", "mall_unavailable")
@@ -107,7 +96,7 @@ def test_a_healed_episode_resolves_the_stores_own_level_8_errors_only(
     assert len(listed(ledger, store="ra", code="mall_rate_limited", include_cleared=True)) == 2
 
 
-def test_an_error_seen_after_the_recovery_stays_open(ledger: Ledger, now: Clock) -> None:
+def test_an_error_seen_after_the_recovery_stays_open(ledger: Ledger, now: FakeNow) -> None:
     record(ledger, "ra", "mall_unavailable")
     now.t = 2_000.0
     record(ledger, "ra", "mall_protocol")  # failed again after the store recovered
@@ -340,11 +329,26 @@ def test_errors_a_stop_left_open_are_healed_by_the_next_sessions_first_success()
         await run.daemon.ledger.call(
             m.RecordError(store="ra", level=8, code="mall_unavailable", message="left over")
         )
-        assert _open(run, "ra") == [(8, "mall_unavailable", "")]
+        # Recorded by the ledger for a line whose order named no listing: not the
+        # store's own failure, so no recovery of the store heals them.
+        await run.daemon.ledger.call(
+            m.OrderLinesSeen(
+                store="ra",
+                lines=tuple(
+                    # Quantity 0, not cancelled: a bad line. Quantity 1: parked.
+                    m.OrderLine(
+                        order_id=f"bad-{q}", line_id="1", listing_key="", quantity=q, updated_at=0
+                    )
+                    for q in (0, 1)
+                ),
+            )
+        )
+        others = [(8, "bad_order_line", ""), (8, "listing_not_linked", "")]
+        assert sorted(_open(run, "ra")) == sorted([(8, "mall_unavailable", ""), *others])
         polls = handle.polls
         handle.renew(handle.credentials)  # a new mall session, as after a restart
         await rig.wait_for(lambda: handle.polls > polls, timeout=120, what="a poll")
-        await rig.wait_for(lambda: _open(run, "ra") == [], timeout=60, what="healed")
+        await rig.wait_for(lambda: sorted(_open(run, "ra")) == others, timeout=60, what="healed")
         assert handle.state == "running"
 
     rig.run_dst(body, seed=83)

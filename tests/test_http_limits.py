@@ -23,6 +23,7 @@ import trio
 import trio.testing
 from prometheus_client import CollectorRegistry
 
+from goqd import http as goqd_http
 from goqd.errors import ConfigError
 from goqd.http import MAX_WEBHOOK_BODY, HttpLimits, Webhook, serve_http
 
@@ -52,6 +53,17 @@ async def _start(
         )
     )
     return int(url.rsplit(":", 1)[1])
+
+
+def _recording_webhook() -> tuple[list[bytes], Webhook]:
+    """A webhook handler answering 200, and the list of the bodies it was given."""
+    calls: list[bytes] = []
+
+    async def hook(body: bytes, headers: Mapping[str, str]) -> int:
+        calls.append(body)
+        return 200
+
+    return calls, hook
 
 
 async def _connect(port: int) -> trio.socket.SocketType:
@@ -120,11 +132,7 @@ async def test_a_client_trickling_its_request_head_is_closed_after_the_idle_time
 
 
 async def test_a_webhook_body_that_arrives_too_slowly_is_refused_with_408() -> None:
-    calls: list[bytes] = []
-
-    async def hook(body: bytes, headers: Mapping[str, str]) -> int:
-        calls.append(body)
-        return 200
+    calls, hook = _recording_webhook()
 
     async with trio.open_nursery() as nursery:
         limits = HttpLimits(idle_timeout=60, read_timeout=60, body_timeout=0.4)
@@ -155,11 +163,7 @@ async def test_a_webhook_body_that_arrives_too_slowly_is_refused_with_408() -> N
 
 
 async def test_a_sender_that_goes_silent_mid_body_is_disconnected_after_the_read_timeout() -> None:
-    calls: list[bytes] = []
-
-    async def hook(body: bytes, headers: Mapping[str, str]) -> int:
-        calls.append(body)
-        return 200
+    calls, hook = _recording_webhook()
 
     async with trio.open_nursery() as nursery:
         limits = HttpLimits(idle_timeout=60, read_timeout=0.3, body_timeout=60)
@@ -356,11 +360,7 @@ def _upload_chunked(port: int, chunk: int, read_answer: bool) -> bytes:
 async def test_a_413_during_a_chunked_upload_is_one_clean_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    calls: list[bytes] = []
-
-    async def hook(body: bytes, headers: Mapping[str, str]) -> int:
-        calls.append(body)
-        return 200
+    calls, hook = _recording_webhook()
 
     caplog.set_level(logging.WARNING)
     answers: list[bytes] = []
@@ -396,10 +396,10 @@ async def test_a_413_during_a_chunked_upload_is_one_clean_warning(
 @pytest.mark.parametrize(
     ("listen", "reason"),
     [
-        ("127.0.0.1:99999", "port 99999 is out of range"),
-        ("[::1]:65536", "port 65536 is out of range"),
+        ("127.0.0.1:99999", "port must be a number from 0 to 65535"),
+        ("[::1]:65536", "port must be a number from 0 to 65535"),
         ("::1:9464", "write IPv6 addresses in brackets"),
-        ("[::1]", "needs [host]:port"),
+        ("[::1]", "is not [host]:port"),
         ("[::1:9464", "missing ']'"),
         ("[127.0.0.1]:9464", "brackets are for IPv6"),
         ("127.0.0.1:+80", "port must be a number"),
@@ -416,3 +416,18 @@ async def test_a_bad_listen_address_is_a_config_error_naming_the_key(
     assert info.value.path == "http-listen"
     assert reason in info.value.reason
     assert "\n" not in str(info.value)
+
+
+async def test_a_hypercorn_whose_connection_handler_changed_stops_the_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # goqd.http calls hypercorn's TCPServer itself. A release that changed it would
+    # otherwise fail each connection on its own (a warning a request) behind a daemon
+    # that reported READY.
+    class ChangedTCPServer:
+        def __init__(self, app: object, config: object, stream: object) -> None:
+            pass
+
+    monkeypatch.setattr(goqd_http, "TCPServer", ChangedTCPServer)
+    with trio.fail_after(10), pytest.raises(RuntimeError, match=r"not a version goqd\.http"):
+        await serve_http("127.0.0.1:0", CollectorRegistry(), health=_healthy)

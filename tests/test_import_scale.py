@@ -317,14 +317,7 @@ async def test_an_import_cut_off_mid_apply_is_finished_after_restart_exactly_onc
     config = bare_config(tmp)
     totals = catalogue(9000)  # five apply chunks of goqd.app.APPLY_CHUNK (2000)
     seed_products(config, totals)
-    path = os.path.join(tmp, "goqd.toml")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(
-            f'[daemon]\nstate-dir = "{config.daemon.state_dir}"\n'
-            f'control-socket = "{config.daemon.control_socket}"\n'
-            'http-listen = "127.0.0.1:0"\n'
-        )
+    path = rig.write_toml(config)
     deltas = {sku: 1 + i % 7 for i, sku in enumerate(totals)}
     text = stock_csv("delta", deltas)
     daemon = rig.DaemonProcess(path, config.daemon.control_socket, os.path.join(tmp, "log"))

@@ -421,3 +421,34 @@ async def test_orders_older_than_the_product_are_recorded_but_not_taken_off_agai
     # An old sale in another store is booked: the imported count did not know it.
     other = await see(ledger, line(order="o2", key="r2-NEW", qty=1, at=500.0), store="r2")
     assert other.booked == 1 and await total(ledger, "NEW") == 5
+
+
+async def test_a_first_push_compares_with_the_count_goqd_last_saw_at_the_mall(
+    ledger: LedgerClient,
+) -> None:
+    async def previous(store: str) -> int | None:
+        [item] = (await ledger.ask(m.TakePushes(store=store, limit=10), m.PushBatch)).items
+        return item.previous_quantity
+
+    # Never pushed, never read: nothing to compare with.
+    await ledger.call(m.UpsertListing(store="r5", listing_key="r5-A", sku="A"))
+    assert await previous("r5") is None
+    # Never pushed: the count the import read there, so a sale made at that mall since
+    # is not overwritten blind (the compare-and-set finds it stale).
+    await ledger.call(m.UpsertListing(store="r4", listing_key="r4-A", sku="A", seen_quantity=7))
+    assert await previous("r4") == 7
+    # The sale watch read the counter since: that is newer than the import's reading.
+    await ledger.call(
+        m.StockSeen(
+            store="r4",
+            counts=(m.SeenCount(listing_key="r4-A", quantity=6),),
+            read_started=0.0,
+            hold_expiry=1800.0,
+            explained_before=0.0,
+        )
+    )
+    assert await previous("r4") == 6
+    # Once the mall took a count from goqd, that count.
+    await drain(ledger, "r4")
+    await ledger.call(m.QueuePushes(store="r4", listing_keys=("r4-A",)))
+    assert await previous("r4") == 10

@@ -13,8 +13,6 @@ goqd has never seen.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import sqlite3
 import tempfile
@@ -33,13 +31,11 @@ import trio.testing
 from goqd import messages as m
 from goqd.app import Daemon, run_daemon
 from goqd.cli.goqctl import main as goqctl_main
-from goqd.config import Config, DaemonConfig, StoreConfig
 from goqd.control import protocol as p
 from goqd.control.client import RemoteError, call
 from goqd.errors import LedgerError, LedgerRequestFailed, UnknownListing, UnknownSku
 from goqd.ledger import SCHEMA_VERSION, LedgerClient, open_db, open_ledger
 from goqd.ledger.db import Ledger
-from goqd.sim.http import serve_sim
 from goqd.sim.rakuten import SimRakuten
 from tests.helpers import rig
 from tests.test_ledger import drain, setup_catalogue, total
@@ -155,6 +151,20 @@ def test_a_full_disk_still_fails_the_whole_batch(tmp_path: Path) -> None:
     assert conn.execute("SELECT count(*) FROM products").fetchone()[0] == 2
     done = ledger.apply_batch([m.AdjustStock(sku="A", delta=1)])
     assert isinstance(done.replies[0], m.StockChanged) and done.replies[0].total == 11
+
+
+def test_a_transaction_a_failed_rollback_left_open_is_dropped_by_the_next_batch(
+    tmp_path: Path,
+) -> None:
+    ledger = _ledger(tmp_path)
+    # What a batch leaves behind when its ROLLBACK raised too: an open transaction
+    # holding writes nobody was told of.
+    ledger.conn.execute("BEGIN IMMEDIATE")
+    ledger.conn.execute("UPDATE products SET total = 99 WHERE sku = 'A'")
+    done = ledger.apply_batch([m.AdjustStock(sku="B", delta=1)])
+    assert isinstance(done.replies[0], m.StockChanged) and done.replies[0].total == 6
+    assert not ledger.conn.in_transaction
+    assert ledger.history("A", 10).total == 10
 
 
 class _BatchSizes:
@@ -311,30 +321,11 @@ async def shop() -> AsyncIterator[Shop]:
             }
             sims["base"].add_listing("tea/500", link_code="TEA-500", name="緑茶", quantity=7)
             sims["other"].add_listing("t01/500", link_code="TEA-500", name="緑茶", quantity=1)
-            stores = []
-            for name, sim in sims.items():
-                url = await nursery.start(serve_sim, sim.app)
-                cred = os.path.join(tmp, f"{name}.json")
-                with open(os.open(cred, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
-                    json.dump(sim.credentials(), f)
-                stores.append(
-                    StoreConfig(
-                        name=name,
-                        mall="rakuten",
-                        base_url=url,
-                        credentials=cred,
-                        poll_interval="60s",
-                    )
-                )
-            config = Config(
-                daemon=DaemonConfig(
-                    state_dir=os.path.join(tmp, "state"),
-                    control_socket=os.path.join(tmp, "ctl.sock"),
-                    http_listen="127.0.0.1:0",
-                    base_store="base",
-                ),
-                stores=tuple(stores),
-            )
+            stores = [
+                await rig.serve_store(nursery, tmp, name, sim, poll_interval="60s")
+                for name, sim in sims.items()
+            ]
+            config = rig.loopback_config(tmp, stores, base_store="base")
             daemon = await nursery.start(run_daemon, config)
             yield Shop(daemon, config.daemon.control_socket, config.daemon.ledger_path)
             nursery.cancel_scope.cancel()
@@ -380,6 +371,25 @@ async def test_a_reused_request_id_with_other_content_is_a_conflict_at_the_socke
         history = await shop.daemon.ledger.ask(m.GetHistory(sku="TEA-500"), m.History)
     assert err.code == "conflict" and "'rid-7'" in err.message
     assert history.total == 5 and [mv.cause for mv in history.movements] == ["set", "import"]
+
+
+async def test_a_batch_the_disk_refused_is_unavailable_at_the_socket_and_a_retry_applies(
+    shop: Shop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(self: Ledger, msgs: Any) -> Any:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    request = p.StockSet(sku="TEA-500", quantity=5)
+    with trio.fail_after(20):
+        await call(shop.socket, p.Import(store="base"))
+        monkeypatch.setattr(Ledger, "apply_batch", disk_full)
+        err = await _refused(shop.socket, request, request_id="rid-full")
+        monkeypatch.undo()
+        # Nothing was applied and the request was fine: the same id goes through.
+        done = await call(shop.socket, request, request_id="rid-full")
+    assert (err.code, err.hint) == ("unavailable", "try again shortly")
+    assert "disk is full" in err.message and "nothing was applied" in err.message
+    assert isinstance(done, m.StockChanged) and done.total == 5
 
 
 async def test_link_refuses_unknown_stores_listings_and_skus_with_not_found(shop: Shop) -> None:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
-import os
 import re
-import shutil
 from collections.abc import Mapping
 
 import httpx
@@ -15,9 +13,11 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from goqd.config import is_loopback, listen_address
 from goqd.errors import ConfigError
-from goqd.http import MAX_WEBHOOK_BODY, is_loopback, parse_listen, serve_http
+from goqd.http import MAX_WEBHOOK_BODY, serve_http
 from goqd.metrics import STATES, Metrics
+from tests.test_systemd import required_tool
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
@@ -276,12 +276,18 @@ async def test_bind_failure_surfaces_from_start() -> None:
         assert info.value.errno == errno.EADDRINUSE
 
 
-def test_parse_listen_forms() -> None:
-    assert parse_listen("127.0.0.1:9464") == ("127.0.0.1", 9464)
-    assert parse_listen("[::1]:0") == ("::1", 0)
-    assert parse_listen("[::1]:9100") == ("::1", 9100)
-    assert parse_listen("localhost:65535") == ("localhost", 65535)
+def test_listen_address_forms() -> None:
+    assert listen_address("127.0.0.1:9464") == ("127.0.0.1", 9464)
+    assert listen_address("[::1]:0") == ("::1", 0)
+    assert listen_address("[::1]:9100") == ("::1", 9100)
+    assert listen_address("localhost:65535") == ("localhost", 65535)
+    assert listen_address("metrics-1.example.com.:9100") == ("metrics-1.example.com.", 9100)
     for bad in (
+        "-metrics:9100",
+        "metrics..example.com:9100",
+        "metrics_1:9100",
+        "ホスト:9100",
+        "a" * 254 + ":9100",
         "9464",
         "::1:9464",
         "127.0.0.1:http",
@@ -300,7 +306,7 @@ def test_parse_listen_forms() -> None:
         "127.0.0.1:" + "9" * 100_000,
     ):
         with pytest.raises(ValueError) as info:
-            parse_listen(bad)
+            listen_address(bad)
         # One short line, whatever was passed in.
         assert "\n" not in str(info.value) and len(str(info.value)) < 200, str(info.value)
 
@@ -314,13 +320,7 @@ def test_is_loopback_knows_every_loopback_spelling() -> None:
 
 @pytest.fixture
 def promtool() -> str:
-    """promtool: missing, it skips the test locally but fails it in CI (CI=true)."""
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("promtool is not installed; CI must check the metrics output")
-        pytest.skip("promtool not installed")
-    return path
+    return required_tool("promtool", "check the metrics output")
 
 
 async def test_metrics_output_passes_promtool_check_metrics(promtool: str) -> None:

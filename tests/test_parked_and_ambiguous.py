@@ -29,25 +29,20 @@ from tests.test_e2e_rakuten import (
     key,
     rig,  # noqa: F401 - a fixture, used by name
 )
+from tests.test_ledger import FakeNow
 
 RULES_DIR = Path(__file__).resolve().parent.parent / "config" / "prometheus"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1_000.0
-
-    def __call__(self) -> float:
-        return self.t
+@pytest.fixture
+def clock() -> FakeNow:
+    now = FakeNow()
+    now.t = 1_000.0
+    return now
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def ledger(clock: Clock) -> Ledger:
+def ledger(clock: FakeNow) -> Ledger:
     led = Ledger(open_db(":memory:"), now=clock)
     for sku, total in (("A", 10), ("B", 5)):
         one(led, m.UpsertProduct(sku=sku, total=total, store="r1"))
@@ -116,7 +111,7 @@ def test_a_parked_line_opens_one_error_per_listing_with_the_count_and_the_comman
 
 
 def test_booking_the_parked_lines_resolves_their_error_and_keeps_it_in_history(
-    ledger: Ledger, clock: Clock
+    ledger: Ledger, clock: FakeNow
 ) -> None:
     see(ledger, "r1", line("o1", "r1-NEW", 2))
     one(ledger, m.UpsertProduct(sku="NEW", total=6))
@@ -145,7 +140,7 @@ def test_a_deleted_products_listing_parks_its_sales_visibly(ledger: Ledger) -> N
 
 
 def test_the_parked_list_names_every_line_and_pages_in_key_order(
-    ledger: Ledger, clock: Clock
+    ledger: Ledger, clock: FakeNow
 ) -> None:
     clock.t = 1_234.0
     see(ledger, "r1", *(line(f"o{n:03}", "r1-NEW", n + 1) for n in range(7)))

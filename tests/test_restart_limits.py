@@ -14,17 +14,18 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
 import trio.testing
+from structlog.testing import capture_logs
 
 from goqd.malls.amazon import AmazonAdapter
 from goqd.malls.base import StoreContext
@@ -204,12 +205,15 @@ async def test_shopify_answers_out_of_order_never_overdraw_the_cost_bucket(
 
 
 @pytest.fixture
-def state_dir() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="gq-state-")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+def state_dir(tmp_path: Path) -> str:
+    return str(tmp_path)
+
+
+async def _seconds_to_a_token(bucket: TokenBucket) -> float:
+    """How long ``bucket`` makes the next call wait."""
+    start = trio.current_time()
+    await bucket.acquire()
+    return trio.current_time() - start
 
 
 async def test_a_spent_bucket_is_still_spent_after_a_restart(
@@ -222,9 +226,7 @@ async def test_a_spent_bucket_is_still_spent_after_a_restart(
     second = open_store_state(state_dir, "ra")
     assert second.trusted
     again = shared_bucket(second.limiters(wall), "search", 1.0, 1.0)
-    start = trio.current_time()
-    await again.acquire()
-    assert trio.current_time() - start == pytest.approx(1.0)
+    assert await _seconds_to_a_token(again) == pytest.approx(1.0)
 
 
 async def test_a_call_out_when_the_process_died_counts_as_spent_at_the_restart(
@@ -240,9 +242,7 @@ async def test_a_call_out_when_the_process_died_counts_as_spent_at_the_restart(
     await trio.sleep(30)  # long after: had the call been forgotten, the bucket were full
     Path(first.path).write_bytes(snapshot)
     again = shared_bucket(open_store_state(state_dir, "am").limiters(wall), "patch", 1.0, 1.0)
-    start = trio.current_time()
-    await again.acquire()
-    assert trio.current_time() - start == pytest.approx(1.0)
+    assert await _seconds_to_a_token(again) == pytest.approx(1.0)
 
 
 async def test_a_retry_after_outlives_the_process(
@@ -254,9 +254,7 @@ async def test_a_retry_after_outlives_the_process(
     bucket.block_for(60.0)  # Yahoo locked the URL out for a minute
     await trio.sleep(5)
     again = shared_bucket(open_store_state(state_dir, "ya").limiters(wall), "orderList", 0.9, 1.0)
-    start = trio.current_time()
-    await again.acquire()
-    assert trio.current_time() - start == pytest.approx(55.0, abs=0.01)
+    assert await _seconds_to_a_token(again) == pytest.approx(55.0, abs=0.01)
 
 
 async def test_after_a_reboot_every_bucket_starts_empty(
@@ -272,9 +270,7 @@ async def test_after_a_reboot_every_bucket_starts_empty(
     limiters = second.limiters(wall)
     for name in ("getOrders", "never-used"):
         bucket = shared_bucket(limiters, name, 1.0, 5.0)
-        start = trio.current_time()
-        await bucket.acquire()
-        assert trio.current_time() - start == pytest.approx(1.0), name
+        assert await _seconds_to_a_token(bucket) == pytest.approx(1.0), name
     # What this boot writes is trusted again.
     assert open_store_state(state_dir, "am").trusted
 
@@ -292,9 +288,7 @@ async def test_a_torn_record_starts_every_bucket_empty_and_keeps_the_whole_ones(
     assert not second.trusted
     assert second.adapter().get("order/1") == b"kept"
     bucket = shared_bucket(second.limiters(wall), "setStock", 1.0, 1.0)
-    start = trio.current_time()
-    await bucket.acquire()
-    assert trio.current_time() - start == pytest.approx(1.0)
+    assert await _seconds_to_a_token(bucket) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("content", [b"", b"not a state file", os.urandom(300)])
@@ -326,13 +320,45 @@ def test_a_state_file_that_cannot_be_written_leaves_the_store_running(state_dir:
     os.remove(opened.path)
     os.mkdir(opened.path)  # not writable as a file, whoever runs the test
     view = opened.adapter()
-    view.put("order/1", b"x")  # logged once, not raised
-    view.put("order/2", b"y")
-    assert (view.get("order/1"), view.get("order/2")) == (b"x", b"y")
-    os.rmdir(opened.path)
-    view.put("order/3", b"z")  # the file is back: written whole again
+    with capture_logs() as logs:
+        view.put("order/1", b"x")  # logged once, not raised
+        view.put("order/2", b"y")
+        assert (view.get("order/1"), view.get("order/2")) == (b"x", b"y")
+        os.rmdir(opened.path)
+        view.put("order/3", b"z")  # the file is back: written whole again
+    assert [e["event"] for e in logs] == ["state_write_failed", "state_write_recovered"]
     reopened = open_store_state(state_dir, "ra").adapter()
     assert sorted(reopened.keys()) == ["order/1", "order/2", "order/3"]
+
+
+async def test_a_full_disk_leaves_no_partial_copy_and_no_bucket_record_believed_after(
+    autojump_clock: trio.testing.MockClock, state_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = open_store_state(state_dir, "ra")
+    bucket = shared_bucket(first.limiters(wall), "search", 1.0, 1.0)
+
+    def disk_full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with capture_logs() as logs:
+        monkeypatch.setattr(os, "write", disk_full)
+        await bucket.acquire()  # its record cannot be appended
+        await bucket.acquire()  # nor can the file be rewritten
+        monkeypatch.undo()
+    assert [e["event"] for e in logs] == ["state_write_failed"]
+    assert os.listdir(os.path.dirname(first.path)) == ["ra.state"]
+    # Killed here: the file lacks the tokens spent, so it must not be believed.
+    second = open_store_state(state_dir, "ra")
+    assert not second.trusted
+    again = shared_bucket(second.limiters(wall), "search", 1.0, 1.0)
+    assert await _seconds_to_a_token(again) == pytest.approx(1.0)
+
+
+def test_a_state_directory_that_cannot_be_made_never_stops_the_store(state_dir: str) -> None:
+    Path(state_dir, "stores").write_bytes(b"")  # a file where the directory should be
+    view = open_store_state(state_dir, "ra").adapter()
+    view.put("order/1", b"x")
+    assert view.get("order/1") == b"x"
 
 
 # ------------------------------------------------------------ a restart loop of the daemon

@@ -20,9 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from goqd.errors import MallRateLimited
-from goqd.malls.base import RETRY_AFTER_CAP_S, StoreContext, parse_retry_after
-from goqd.secret import Secret
-from tests.test_adapter_fuzz import BASE_URL, EPOCH, MALLS, Canned
+from goqd.malls.base import RETRY_AFTER_CAP_S, parse_retry_after
+from tests.test_adapter_fuzz import MALLS, Canned
 
 NOW = 1_790_000_000.0
 DEFAULT = 7.0
@@ -126,16 +125,7 @@ def test_a_hostile_retry_after_is_bounded_and_the_next_call_goes_out(mall: str, 
 
     async def main() -> None:
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-            ctx = StoreContext(
-                store="s",
-                mall=mall,
-                base_url=BASE_URL,
-                credentials={k: Secret(v) for k, v in spec.credentials.items()},
-                http=http,
-                clock=lambda: EPOCH + trio.current_time(),
-                urls=dict(spec.urls),
-            )
-            adapter = spec.spec.open_adapter(ctx)
+            adapter = spec.spec.open_adapter(spec.context(http))
             with pytest.raises(MallRateLimited) as info:
                 await adapter.read_stock(list(spec.keys))
             wait = info.value.retry_after

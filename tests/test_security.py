@@ -283,9 +283,7 @@ async def _done(req: p.ControlRequest, peer: Any) -> p.Ok | p.Err:
     reason="needs root to act as another user, and a group named daemon",
 )
 async def test_the_socket_belongs_to_the_control_group_so_its_members_can_connect() -> None:
-    import functools
-
-    from goqd.control.server import serve_control
+    from tests.test_control import serving
 
     group = _existing_group("daemon")
     assert group is not None and group != os.getgid()
@@ -294,23 +292,13 @@ async def test_the_socket_belongs_to_the_control_group_so_its_members_can_connec
     sock = os.path.join(tmp, "c.sock")
     try:
         with trio.fail_after(30):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(
-                    functools.partial(
-                        serve_control,
-                        sock,
-                        _done,
-                        allowed_uids=frozenset(),
-                        allowed_gids=frozenset({group}),
-                    )
-                )
+            async with serving(sock, _done, allowed_gids=frozenset({group})):
                 st = os.stat(sock)
                 assert st.st_gid == group and stat.S_IMODE(st.st_mode) == 0o660
                 # A member of the configured group passes both the file mode and the
                 # SO_PEERCRED check; a user outside it is stopped by the mode.
                 assert await trio.to_thread.run_sync(_as_nobody, sock, group) == "ok"
                 assert await trio.to_thread.run_sync(_as_nobody, sock) == "EACCES"
-                nursery.cancel_scope.cancel()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

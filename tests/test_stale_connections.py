@@ -4,7 +4,8 @@ A mall that closes idle connections after 5 s (hypercorn's default, and goqd's w
 reads every 5 s) closes some of them at the instant goqd sends the next request on them:
 goqd saw ``ReadError`` / ``RemoteProtocolError`` and logged level-8 errors in bursts.
 The store's transport (``goqd.malls.transport``) sends an idempotent read once more on a
-fresh connection, never a write, and drops idle connections before 5 s.
+fresh connection, never a write, and drops idle connections before 5 s; the resend waits
+for a rate token of its own (the mall may have counted the first attempt).
 
 The race is made certain here by a real loopback proxy in front of a real simulator: it
 forwards the first request of every connection and, when a second request arrives on the
@@ -22,6 +23,7 @@ from functools import partial
 import httpx
 import pytest
 import trio
+import trio.testing
 from hypercorn.config import Config
 
 from goqd.errors import MallUnavailable
@@ -29,6 +31,7 @@ from goqd.malls import transport as mt
 from goqd.malls.base import StoreContext, tls_context
 from goqd.malls.clock import MallClock
 from goqd.malls.rakuten import RakutenAdapter
+from goqd.malls.ratelimit import TokenBucket
 from goqd.messages import PushItem
 from goqd.secret import Secret
 from goqd.sim.http import serve_sim
@@ -176,6 +179,52 @@ async def test_a_read_refused_twice_counts_as_a_failure_once() -> None:
         with pytest.raises(httpx.ReadError):
             await http.get("http://mall.invalid/orders")
     assert calls == 2  # once more on a fresh connection, then it is the mall's failure
+
+
+def _closed_once_then_answered(sent: list[float]) -> mt.MallTransport:
+    """A transport whose first request finds its connection closed with no answer."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(trio.current_time())
+        if len(sent) == 1:
+            raise httpx.RemoteProtocolError("Server disconnected", request=request)
+        return httpx.Response(200)
+
+    return mt.MallTransport(
+        httpx.MockTransport(handler), clock=trio.current_time, mall_clock=MallClock()
+    )
+
+
+async def test_a_resent_read_waits_for_a_rate_token_of_its_own(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The mall may have counted the first attempt: the resend is paced like a new call,
+    # and the call after it waits a token's time after the resend's answer.
+    bucket = TokenBucket(rate=1.0, burst=1.0)
+    sent: list[float] = []
+    start = trio.current_time()
+    async with mt.open_mall_client(_closed_once_then_answered(sent), timeout=5.0) as http:
+        async with bucket.slot():
+            await http.get("http://mall.invalid/stock")
+        await bucket.acquire()
+    assert [t - start for t in sent] == [0.0, 1.0]
+    assert trio.current_time() - start == 2.0
+
+
+async def test_a_resend_cancelled_while_waiting_for_its_token_spends_only_the_first(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    bucket = TokenBucket(rate=1.0, burst=1.0)
+    sent: list[float] = []
+    start = trio.current_time()
+    async with mt.open_mall_client(_closed_once_then_answered(sent), timeout=5.0) as http:
+        with trio.move_on_after(0.5):
+            async with bucket.slot():
+                await http.get("http://mall.invalid/stock")
+        await bucket.acquire()
+    assert len(sent) == 1
+    # One token, spent by the first attempt at 0: the next is there a second later.
+    assert trio.current_time() - start == 1.0
 
 
 def test_idle_connections_are_dropped_before_a_mall_drops_them() -> None:

@@ -16,11 +16,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +26,7 @@ import pytest
 from goqd.cli.goqd import main as goqd_main
 from goqd.errors import LedgerError
 from goqd.ledger.db import _probe_write, open_db
+from tests.test_daemon_notify import notify_listener, received
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "SL1_canary_never_printed"
@@ -94,30 +93,6 @@ def _refused_in_one_line(result: subprocess.CompletedProcess[str], *needles: str
     return lines[0]
 
 
-@pytest.fixture
-def notify() -> Iterator[tuple[socket.socket, str]]:
-    """A datagram socket standing in for $NOTIFY_SOCKET (short path: sun_path limit)."""
-    import tempfile
-
-    tmp = tempfile.mkdtemp(prefix="goqd-refuse-", dir="/tmp")
-    path = os.path.join(tmp, "notify")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.setblocking(False)
-    yield sock, path
-    sock.close()
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _said(sock: socket.socket) -> list[bytes]:
-    out = []
-    while True:
-        try:
-            out.append(sock.recv(4096))
-        except BlockingIOError:
-            return out
-
-
 def _make_ledger(path: Path) -> bytes:
     """A current, cleanly closed ledger (no -wal, no -shm beside it); its bytes."""
     path.parent.mkdir(exist_ok=True)
@@ -131,16 +106,18 @@ def _journal_files(ledger: Path) -> list[str]:
 
 
 def test_a_read_only_ledger_file_is_refused_before_ready_and_left_as_it_was(
-    tmp_path: Path, notify: tuple[socket.socket, str]
+    tmp_path: Path,
 ) -> None:
     config = _setup(tmp_path)
     ledger = tmp_path / "state" / "goqd.db"
     before = _make_ledger(ledger)
     ledger.chmod(0o444)
-    sock, address = notify
-    run = _goqd("run", "--config", str(config), unprivileged=True, env={"NOTIFY_SOCKET": address})
-    _refused_in_one_line(run, str(ledger), "cannot open the ledger for writing", "mode 0600")
-    assert _said(sock) == []  # never READY: systemd sees a failed start, not a sick daemon
+    with notify_listener() as (sock, address):
+        env = {"NOTIFY_SOCKET": address}
+        run = _goqd("run", "--config", str(config), unprivileged=True, env=env)
+        _refused_in_one_line(run, str(ledger), "cannot open the ledger for writing", "mode 0600")
+        # Never READY: systemd sees a failed start, not a sick daemon.
+        assert received(sock) == []
     assert not (tmp_path / "ctl.sock").exists()
     assert _journal_files(ledger) == []  # no -wal/-shm left beside it
     assert ledger.read_bytes() == before
@@ -201,6 +178,8 @@ _BAD_DAEMON = [
     ('control-groups = ["root", "goqd-no-such-group"]', "$.daemon.control-groups[1]", "no group"),
     (f'control-socket = "/tmp/{"s" * 120}.sock"', "$.daemon.control-socket", "Unix socket"),
     ('stop-timeout = "1' + "0" * 400 + 's"', "$.daemon.stop-timeout", "too long"),
+    ('control-socket = "/dev/null"', "$.daemon.control-socket", "/dev/null exists and is not"),
+    ('control-socket = "/proc/goqd/c.sock"', "$.daemon.control-socket", "cannot create dir"),
 ]
 
 
@@ -218,7 +197,9 @@ def test_check_config_refuses_bad_daemon_settings_in_one_line(
     assert not (tmp_path / "state").exists()
 
 
-@pytest.mark.parametrize(("line", "key", "reason"), _BAD_DAEMON[:2] + _BAD_DAEMON[6:7])
+@pytest.mark.parametrize(
+    ("line", "key", "reason"), _BAD_DAEMON[:2] + _BAD_DAEMON[6:7] + _BAD_DAEMON[-2:]
+)
 def test_run_refuses_what_check_config_refuses_in_one_line(
     tmp_path: Path, line: str, key: str, reason: str
 ) -> None:

@@ -10,10 +10,13 @@ import random
 from typing import Any
 
 import pytest
+import structlog
 import trio
 
 from goqd import messages as m
+from goqd.errors import MallUnavailable
 from goqd.ledger import LedgerClient
+from goqd.malls import rakuten
 from goqd.sim import checker
 from tests.helpers import rig
 
@@ -375,3 +378,47 @@ def test_an_edit_at_the_mall_is_held_only_until_the_next_poll_then_reported() ->
         )
 
     rig.run_dst(body, seed=22)
+
+
+def test_a_failed_read_before_a_push_is_recorded_and_shown_and_the_push_goes_ahead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    failing = False
+    real_read = rakuten.RakutenAdapter.read_stock
+
+    async def read_stock(self: Any, keys: Any) -> dict[str, int | None]:
+        if failing:
+            raise MallUnavailable("503 Service Unavailable", mall="rakuten", store="ra")
+        return await real_read(self, keys)
+
+    monkeypatch.setattr(rakuten.RakutenAdapter, "read_stock", read_stock)
+
+    async def body(run: rig.Running) -> None:
+        nonlocal failing
+        failing = True
+        assert run.fleet.market(random.Random(9)).place("rb", "MUG-WHT", 1, clock()) is not None
+        run.poll_all()
+        # The read before ra's push failed; the push went ahead all the same.
+        await rig.wait_for(
+            lambda: run.fleet.stock("ra", "MUG-WHT") == 2, timeout=120, what="ra shows 2"
+        )
+        errors = rig.ledger_rows(
+            run.ledger_path, "SELECT code, message FROM errors WHERE store = 'ra'"
+        )
+        assert [code for code, _ in errors] == ["mall_unavailable"]
+        assert errors[0][1].startswith("read_before_push: ")
+        samples = checker.metric_samples(run.metrics_text())
+        assert any(
+            n == "goqd_mall_requests_total" and ("outcome", "unavailable") in lab and v >= 1
+            for (n, lab), v in samples.items()
+        )
+
+    # The watch's own reads would fail too: an hour's interval keeps them out of this.
+    with structlog.testing.capture_logs() as logs:
+        rig.run_dst(body, seed=23, watch_interval="1h")
+    degraded = [
+        e
+        for e in logs
+        if e["event"] == "store_state_changed" and e["store"] == "ra" and e["new"] == "degraded"
+    ]
+    assert degraded and degraded[0]["message"].startswith("read_before_push: ")

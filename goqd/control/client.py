@@ -99,7 +99,9 @@ async def call(
     """Send ``request`` and return the ``Ok`` result; raise ``ControlError`` otherwise.
 
     ``timeout`` bounds the whole call, retries included. ``attempts`` counts sends of the
-    same request (same id) over fresh connections when one breaks mid-request.
+    same request (same id) over fresh connections when one breaks mid-request; a
+    connection the daemon refused unread (``unavailable``, no request id) is not a send,
+    and is retried after a growing wait until ``timeout``.
     """
     rid = request_id or new_request_id()
     frame = encode_frame(Envelope(v=PROTOCOL_VERSION, id=rid, request=request))
@@ -110,33 +112,33 @@ async def call(
             f"{MAX_REQUEST_BYTES} bytes per request"
         )
     reply: Reply | None = None
+    lost = 0  # sends whose connection broke before the reply: each may have been applied
+    busy_wait = _BUSY_FIRST_WAIT
     with trio.move_on_after(timeout):
-        attempt = 0
-        busy_wait = _BUSY_FIRST_WAIT
-        while attempt < attempts:
-            attempt += 1
+        while True:
             try:
                 reply_id, reply = await _exchange(path, frame, rid)
-                if _refused_before_reading(reply_id, reply):
-                    # The daemon turned the connection away before reading the request
-                    # (too many connections of this user, or the frame budget is spent):
-                    # nothing was applied, so waiting and sending again is safe, and it is
-                    # what a script that runs many goqctl at once needs.
-                    attempt -= 1
-                    await trio.sleep(busy_wait)
-                    busy_wait = min(busy_wait * 2, _BUSY_MAX_WAIT)
-                    continue
-                break
             except _ConnectionLost:
-                if attempt == attempts:
+                lost += 1
+                if lost >= attempts:
                     raise DaemonUnreachable(
                         path, "the connection closed before the reply arrived", hint=_MAYBE
                     ) from None
+                continue  # send it again, same id: the daemon applies it at most once
             except DaemonUnreachable as exc:
-                if attempt == 1:
+                if not lost:
                     raise
-                # The first send may have been applied before the daemon went away.
+                # An earlier send may have been applied before the daemon went away.
                 raise DaemonUnreachable(path, exc.reason, hint=_MAYBE) from None
+            if not _refused_before_reading(reply_id, reply):
+                break
+            # The daemon turned the connection away before reading the request (too many
+            # connections of this user, or the frame budget is spent): nothing was
+            # applied, so waiting and sending again is safe, and it is what a script that
+            # runs many goqctl at once needs. Only the timeout bounds these retries; when
+            # it runs out, the refusal itself is the answer.
+            await trio.sleep(busy_wait)
+            busy_wait = min(busy_wait * 2, _BUSY_MAX_WAIT)
     if reply is None:
         raise DaemonUnreachable(
             path,

@@ -22,6 +22,7 @@ import stat
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 import structlog
@@ -401,18 +402,39 @@ async def serve_control(
             )
             task_status.started()
             while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                        raise
-                    log.warning("control_accept_failed", error=os.strerror(exc.errno or 0))
-                    await trio.sleep(0.1)
-                    continue
+                stream = await accept_retrying(listener, log, "control")
                 nursery.start_soon(_connection, stream, conf)
     finally:
         sock.close()
         _unlink_if_ours(path, inode)
+
+
+async def accept_retrying(
+    listener: trio.SocketListener, logger: Any, prefix: str
+) -> trio.SocketStream:
+    """The next connection on ``listener``; the control and HTTP listeners both use it.
+
+    Out of file handles or memory (``EMFILE`` and the like), it waits 100 ms and tries
+    again, as ``trio.serve_listeners`` does, and logs ``<prefix>_accept_failed`` once
+    when that starts and ``<prefix>_accept_recovered`` when a connection comes through
+    again: while the process is out of file handles every accept fails, and a line
+    for each would flood the journal. Any other error is raised.
+    """
+    failing = False
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                raise
+            if not failing:
+                logger.warning(f"{prefix}_accept_failed", error=os.strerror(exc.errno or 0))
+                failing = True
+            await trio.sleep(0.1)
+            continue
+        if failing:
+            logger.info(f"{prefix}_accept_recovered")
+        return stream
 
 
 def _refusal_hint(group: int | None, own_uid: int) -> str:

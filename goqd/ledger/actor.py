@@ -24,7 +24,7 @@ import structlog
 import trio
 
 from goqd import messages as m
-from goqd.errors import GoqdError, LedgerError
+from goqd.errors import GoqdError, LedgerError, LedgerUnavailable
 from goqd.ledger.db import Ledger, Now, Synchronous, open_db
 
 log = structlog.get_logger("goqd.ledger")
@@ -130,7 +130,7 @@ async def run_ledger(
     ``LedgerError`` naming the request type, it is logged once as
     ``ledger_request_failed`` with its traceback, and the rest of its batch commits. A
     database error during a batch (disk full, I/O error) rolls the whole batch back and
-    answers every caller in it with a ``LedgerError``: nothing is acknowledged that is
+    answers every caller in it with a ``LedgerUnavailable``: nothing is acknowledged that is
     not durable, callers retry. No request ends the ledger: only the inbox closing or
     cancellation does.
     """
@@ -172,7 +172,9 @@ async def _apply(
             )
     except sqlite3.Error as exc:
         log.error("ledger_batch_failed", error=str(exc), requests=len(calls))
-        _fail_all(calls, LedgerError(f"the ledger could not commit: {exc}; nothing was applied"))
+        _fail_all(
+            calls, LedgerUnavailable(f"the ledger could not commit: {exc}; nothing was applied")
+        )
         return
     # Broad on purpose: the ledger serves every actor, so whatever a batch raises is
     # answered and logged here and the ledger goes on with the next batch.
@@ -184,7 +186,7 @@ async def _apply(
         )
         _fail_all(
             calls,
-            LedgerError(
+            LedgerUnavailable(
                 "the ledger could not apply this batch (an internal error, logged as "
                 "ledger_batch_failed); nothing was applied"
             ),
@@ -203,7 +205,7 @@ async def _apply(
         metrics.observe_ledger_batch(len(calls), time.perf_counter() - started, result.oversold)
 
 
-def _fail_all(calls: list[_Call], failure: LedgerError) -> None:
+def _fail_all(calls: list[_Call], failure: LedgerUnavailable) -> None:
     for call in calls:
         call.reply = failure
         call.done.set()

@@ -552,6 +552,10 @@ class Ledger:
         self._batch_oversold = 0
         self._batch_lines = 0
         conn = self.conn
+        if conn.in_transaction:
+            # Left open by a batch whose ROLLBACK failed too (the disk gone): nothing of it
+            # was acknowledged. Dropped here, or every later batch would fail at BEGIN.
+            conn.execute("ROLLBACK")
         conn.execute("BEGIN IMMEDIATE")
         try:
             for index, msg in enumerate(msgs):
@@ -992,8 +996,14 @@ class Ledger:
     # ---------------------------------------------------------------- outbox
 
     def take_pushes(self, store: str, limit: int, *, peek: bool = False) -> m.PushBatch:
+        # ``previous_quantity`` (compare-and-set malls): the count the mall last accepted
+        # from goqd or, before any push, the count goqd last saw there (the watch's
+        # expectation, else the import's reading). Without one a first push went blind
+        # and could erase a sale made before it; a guess that is off only costs a stale
+        # answer, a read and a retry.
         rows = self.conn.execute(
-            "SELECT o.listing_key, o.sku, o.quantity, o.version, l.attrs, l.last_pushed_qty "
+            "SELECT o.listing_key, o.sku, o.quantity, o.version, l.attrs, "
+            "coalesce(l.last_pushed_qty, l.watch_qty, l.last_seen_qty) "
             "FROM outbox o JOIN listings l ON l.store = o.store AND l.listing_key = o.listing_key "
             "WHERE o.store = ? AND o.not_before <= ? ORDER BY o.version LIMIT ?",
             (store, self.now(), limit),

@@ -96,6 +96,7 @@ from goqd.errors import (
     MallUnavailable,
 )
 from goqd.logs import register_secret
+from goqd.malls.adapterstate import SeenOrders
 from goqd.malls.base import (
     DECODE_ERRORS,
     MallLimits,
@@ -404,8 +405,7 @@ class AmazonAdapter:
         self._token_lock = trio.Lock()
         self._access_token: Secret | None = None
         self._access_expires_at = 0.0
-        self._state = ctx.state
-        self._seen = self._load_seen()
+        self._seen = SeenOrders(ctx.state, _SEEN_KEY, _SeenOrder)
 
     # -- errors ------------------------------------------------------------------------
 
@@ -682,7 +682,7 @@ class AmazonAdapter:
         end = float(math.floor(span.end))
         start = min(span.start, end)
         orders = await self._search_orders(start, end)
-        seen: dict[str, _SeenOrder] = {}
+        window: set[str] = set()
         lines: list[OrderLine] = []
         for order in orders:
             if order.fulfillment_channel == "AFN":
@@ -694,9 +694,10 @@ class AmazonAdapter:
                 cancelled = True
             else:
                 continue
-            seen[order.amazon_order_id] = known = await self._items_of(order)
+            window.add(order.amazon_order_id)
+            known = await self._items_of(order)
             lines += self._order_lines(order, known.items, cancelled)
-        self._keep_seen(seen)
+        self._seen.keep_only(window)
         # Never later than Amazon's time when the search ran, less the lag; the sale
         # watch compares complete_before with goqd's own clock.
         done = float(math.floor(clock.cursor_after(began, end, lag=self._lag_s)))
@@ -718,29 +719,8 @@ class AmazonAdapter:
             return previous
         items = await self._order_items(order.amazon_order_id)
         known = _SeenOrder(order.last_update_date, items)
-        self._seen[order.amazon_order_id] = known
-        self._state.put(_SEEN_KEY + order.amazon_order_id, msgspec.json.encode(known))
+        self._seen.put(order.amazon_order_id, known)
         return known
-
-    def _keep_seen(self, window: dict[str, _SeenOrder]) -> None:
-        """Keep only this window's orders: no other can come back unchanged next time,
-        so the state holds one window's orders at most."""
-        for order_id in self._seen.keys() - window.keys():
-            self._state.delete(_SEEN_KEY + order_id)
-        self._seen = window
-
-    def _load_seen(self) -> dict[str, _SeenOrder]:
-        seen: dict[str, _SeenOrder] = {}
-        names = self._state.keys()
-        for key in names:
-            raw = self._state.get(key)
-            if raw is None or not key.startswith(_SEEN_KEY):
-                continue
-            try:
-                seen[key.removeprefix(_SEEN_KEY)] = msgspec.json.decode(raw, type=_SeenOrder)
-            except msgspec.DecodeError:
-                self._state.delete(key)  # written by another version: read again
-        return seen
 
     async def _search_orders(self, start: float, end: float) -> list[_Order]:
         api = "getOrders"

@@ -19,14 +19,12 @@ the store actor down.
 from __future__ import annotations
 
 import difflib
-import email.utils
 import functools
 import math
 import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
-from datetime import UTC
 from typing import Any, Literal, Protocol, TypeVar
 
 import httpx
@@ -35,7 +33,7 @@ import structlog
 
 from goqd.errors import ConfigError, MallError, MallProtocolError
 from goqd.malls.adapterstate import AdapterState, MemoryState
-from goqd.malls.clock import MallClock
+from goqd.malls.clock import MallClock, parse_http_date
 from goqd.messages import MallListing, OrderLine, PushItem, PushOutcome
 from goqd.secret import Secret
 
@@ -309,7 +307,7 @@ def header_safe(token: str) -> bool:
 RETRY_AFTER_CAP_S = 600.0
 # delta-seconds (RFC 9110) with a fraction, which some malls send; more than 12 digits
 # is no wait any mall means.
-_DELTA_SECONDS = re.compile(r"\s*\d{1,12}(?:\.\d{1,9})?\s*")
+DELTA_SECONDS = re.compile(r"\s*\d{1,12}(?:\.\d{1,9})?\s*")
 
 
 def parse_retry_after(
@@ -323,20 +321,12 @@ def parse_retry_after(
     """
     seconds: float | None = None
     if value and len(value) <= 64:
-        if _DELTA_SECONDS.fullmatch(value):
+        if DELTA_SECONDS.fullmatch(value):
             seconds = float(value)
         else:
-            try:
-                when = email.utils.parsedate_to_datetime(value)
-            except (TypeError, ValueError, OverflowError, IndexError):
-                when = None
+            when = parse_http_date(value)
             if when is not None:
-                if when.tzinfo is None:  # "-0000": UTC, whatever the host's zone
-                    when = when.replace(tzinfo=UTC)
-                try:
-                    seconds = max(0.0, when.timestamp() - now)
-                except (OverflowError, ValueError):
-                    seconds = None
+                seconds = max(0.0, when - now)
     return bounded_wait(seconds, default=default, cap=cap)
 
 

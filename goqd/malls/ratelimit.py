@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any, Protocol, TypeVar
 
 import msgspec
@@ -64,6 +65,65 @@ class Limiter(Protocol):
 
 
 L = TypeVar("L", bound=Limiter)
+
+
+def saved_state(
+    level: float, stamp: float | None, blocked_until: float, now: float, wall: float, out: float
+) -> BucketState:
+    """A bucket's record: ``level`` at trio time ``stamp`` (None: now) and a trio-time
+    ``blocked_until``, in wall time (``now`` and ``wall`` are the same instant)."""
+    at = wall + ((now if stamp is None else stamp) - now)
+    blocked = wall + (blocked_until - now) if blocked_until > now else 0.0
+    return BucketState(level=level, at=at, out=out, blocked_until=blocked)
+
+
+def restored_level(saved: BucketState, wall: float, rate: float, size: float) -> float:
+    """What ``saved`` has refilled to by ``wall`` (within ``[0, size]``). A record from the
+    future (the wall clock was set back) refills nothing; an unreadable level is empty."""
+    elapsed = max(0.0, wall - saved.at) if math.isfinite(saved.at) else 0.0
+    level = saved.level if math.isfinite(saved.level) else 0.0
+    return max(0.0, min(size, level + elapsed * rate))
+
+
+def held_until(current: float, blocked_until: float, now: float, wall: float) -> float:
+    """A trio-time "no call before" that also honours a persisted one (``blocked_until``,
+    wall time), at most ``MAX_BLOCK_S`` on."""
+    left = blocked_until - wall
+    if math.isfinite(left) and left > 0:
+        return max(current, now + min(left, MAX_BLOCK_S))
+    return current
+
+
+class _Held:
+    """A token ``TokenBucket.slot`` holds for the call made inside it."""
+
+    def __init__(self, bucket: TokenBucket) -> None:
+        self.bucket = bucket
+        self.out = True
+
+
+# The slot the current task is inside, for ``take_again``.
+_HELD: ContextVar[_Held | None] = ContextVar("goqd_held_slot", default=None)
+
+
+async def take_again() -> None:
+    """The call inside the current task's ``slot`` goes out once more (the transport
+    resends a read whose pooled connection failed under it): a second request at the mall
+    whenever the first reached it, which goqd cannot tell from one the mall never read.
+    The first attempt is over, so its token is spent now; the resend waits for one of its
+    own, which the slot spends when it ends.
+
+    Outside a ``slot`` (Shopify's cost bucket), nothing: the throttle status of the
+    resend's answer shows whatever the shop counted, and ``CostBucket.settle`` takes it.
+    """
+    held = _HELD.get()
+    if held is None:
+        return
+    if held.out:
+        held.out = False
+        held.bucket._spend()
+    await held.bucket._take(save=True)
+    held.out = True
 
 
 class TokenBucket:
@@ -114,10 +174,14 @@ class TokenBucket:
         overdraw the bucket either.
         """
         await self._take(save=True)
+        held = _Held(self)
+        reset = _HELD.set(held)
         try:
             yield
         finally:
-            self._spend()
+            _HELD.reset(reset)
+            if held.out:  # not when ``take_again`` was cancelled waiting
+                self._spend()
 
     async def _take(self, *, save: bool) -> None:
         async with self._lock:
@@ -161,11 +225,7 @@ class TokenBucket:
 
     def state(self, now: float, wall: float) -> BucketState:
         """This bucket in wall time; ``now`` (trio) and ``wall`` are the same instant."""
-        stamp = now if self._stamp is None else self._stamp
-        blocked = wall + (self._blocked_until - now) if self._blocked_until > now else 0.0
-        return BucketState(
-            level=self._tokens, at=wall + (stamp - now), out=self._out, blocked_until=blocked
-        )
+        return saved_state(self._tokens, self._stamp, self._blocked_until, now, wall, self._out)
 
     def restore(self, saved: BucketState, now: float, wall: float) -> None:
         """Start where a previous process left off (``saved`` is its last record).
@@ -174,18 +234,14 @@ class TokenBucket:
         counted them at any time up to the moment the process died. A record from the
         future (the wall clock was set back) refills nothing.
         """
-        elapsed = max(0.0, wall - saved.at) if math.isfinite(saved.at) else 0.0
-        level = saved.level if math.isfinite(saved.level) else 0.0
         out = max(0.0, saved.out) if math.isfinite(saved.out) else self.burst
-        self._tokens = max(0.0, min(self.burst, level + elapsed * self.rate) - out)
+        self._tokens = max(0.0, restored_level(saved, wall, self.rate, self.burst) - out)
         self._stamp = now
         self.block_until(saved.blocked_until, now, wall)
 
     def block_until(self, blocked_until: float, now: float, wall: float) -> None:
         """Honour a persisted "no call before" (wall time), at most ``MAX_BLOCK_S`` on."""
-        left = blocked_until - wall
-        if math.isfinite(left) and left > 0:
-            self._blocked_until = max(self._blocked_until, now + min(left, MAX_BLOCK_S))
+        self._blocked_until = held_until(self._blocked_until, blocked_until, now, wall)
 
     def start_empty(self, now: float) -> None:
         """Assume the mall has just counted a full burst (nothing better is known)."""

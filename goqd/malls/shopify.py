@@ -64,7 +64,13 @@ from goqd.malls.base import (
     parse_retry_after,
     read_options,
 )
-from goqd.malls.ratelimit import MAX_BLOCK_S, BucketState, shared_limiter
+from goqd.malls.ratelimit import (
+    BucketState,
+    held_until,
+    restored_level,
+    saved_state,
+    shared_limiter,
+)
 from goqd.malls.transport import READ
 from goqd.messages import ListingAttrs, MallListing, OrderLine, PushItem, PushOutcome
 from goqd.secret import Secret
@@ -397,21 +403,15 @@ class CostBucket:
 
     def state(self, now: float, wall: float) -> BucketState:
         # ``available`` already lacks the points of requests in flight.
-        stamp = now if self._stamp is None else self._stamp
-        blocked = wall + (self._blocked_until - now) if self._blocked_until > now else 0.0
-        return BucketState(level=self.available, at=wall + (stamp - now), blocked_until=blocked)
+        return saved_state(self.available, self._stamp, self._blocked_until, now, wall, 0.0)
 
     def restore(self, saved: BucketState, now: float, wall: float) -> None:
-        elapsed = max(0.0, wall - saved.at) if math.isfinite(saved.at) else 0.0
-        level = saved.level if math.isfinite(saved.level) else 0.0
-        self.available = max(0.0, min(self.size, level + elapsed * self.rate))
+        self.available = restored_level(saved, wall, self.rate, self.size)
         self._stamp = now
         self.block_until(saved.blocked_until, now, wall)
 
     def block_until(self, blocked_until: float, now: float, wall: float) -> None:
-        left = blocked_until - wall
-        if math.isfinite(left) and left > 0:
-            self._blocked_until = max(self._blocked_until, now + min(left, MAX_BLOCK_S))
+        self._blocked_until = held_until(self._blocked_until, blocked_until, now, wall)
 
     def start_empty(self, now: float) -> None:
         self.available = 0.0

@@ -14,7 +14,8 @@ of a store passes through, whatever the mall.
   5 s (hypercorn's default) closes them at the moment goqd's every-5-s watch reuses
   them; that race is not an outage. A read is a GET or HEAD, or a POST the adapter
   marked with ``extensions=READ`` (Yahoo's orderList, Rakuten's searchOrder, a GraphQL
-  query); a write is never sent twice here.
+  query); a write is never sent twice here, and the resend waits for a rate token of its
+  own (``goqd.malls.ratelimit.take_again``).
 
 ``mall_transport`` builds one over a pool whose idle connections are dropped before a
 mall drops them (``KEEPALIVE_EXPIRY_S``); ``open_mall_client`` a store's
@@ -27,14 +28,15 @@ retries anything but a read, once.
 from __future__ import annotations
 
 import math
-import re
 import ssl
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 
+from goqd.malls.base import DELTA_SECONDS
 from goqd.malls.clock import MallClock, parse_http_date
+from goqd.malls.ratelimit import take_again
 
 WallClock = Callable[[], float]
 
@@ -54,7 +56,6 @@ _FRESH_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=0)
 # What a pooled connection the peer already closed raises, before any answer.
 _STALE = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-_DELTA_SECONDS = re.compile(r"\s*\d{1,12}(?:\.\d{1,9})?\s*")
 
 
 def is_read(request: httpx.Request) -> bool:
@@ -96,6 +97,12 @@ class MallTransport(httpx.AsyncBaseTransport):
                 raise
             if self.on_retry is not None:
                 self.on_retry(type(exc).__name__)
+            # A pooled connection the mall closed before reading the request (the race
+            # this retry is for) means the mall saw nothing; one it dropped after reading
+            # it (a crash, a proxy's reset) means the resend is a second call the mall
+            # counts. goqd cannot tell the two apart, so the resend pays like one: it
+            # waits for a token of the rate bucket the adapter's call holds.
+            await take_again()
             sent = self.clock()
             response = await self.fresh.handle_async_request(request)
         received = self.clock()
@@ -114,7 +121,7 @@ class MallTransport(httpx.AsyncBaseTransport):
 
 def _retry_after_in_seconds(response: httpx.Response, date: str | None) -> None:
     value = response.headers.get("retry-after")
-    if not value or _DELTA_SECONDS.fullmatch(value):
+    if not value or DELTA_SECONDS.fullmatch(value):
         return
     when = parse_http_date(value)
     now = parse_http_date(date)

@@ -86,6 +86,7 @@ from goqd.errors import (
     MallUnavailable,
 )
 from goqd.logs import register_secret
+from goqd.malls.adapterstate import SeenOrders
 from goqd.malls.base import (
     DECODE_ERRORS,
     MallLimits,
@@ -125,7 +126,9 @@ RATE_PER_URL = 1.0  # "1クエリ/秒" per URL [V]
 # Burst stays 1: one call at a time is all Yahoo documents.
 RATE_MARGIN = 0.9
 # orderInfo answers are reused only when read this long after the order's
-# LastUpdateTime, which has whole seconds: 1 s for that, the rest for clock skew [I].
+# LastUpdateTime (both on Yahoo's clock), which has whole seconds: 1 s for that, the rest
+# a margin, since the clock measured is that of the servers writing ``Date``, not
+# necessarily the one stamping orders [I].
 SETTLE_S = 10.0
 # [I] How far a signature's unixtime may be from Yahoo's clock is not documented. An auth
 # refusal while Yahoo's clock (as its Date headers show it) is further than this from
@@ -424,8 +427,7 @@ class YahooAdapter:
         self._public_key: RSAPublicKey | None = None
         # orderInfo answers of the orders in the last poll's window, by OrderId; each
         # also in the state as "order/<OrderId>".
-        self._state = ctx.state
-        self._seen = self._load_seen()
+        self._seen = SeenOrders(ctx.state, _SEEN_KEY, _SeenOrder)
 
     # -- errors and credentials --------------------------------------------------------
 
@@ -779,7 +781,7 @@ class YahooAdapter:
         search_from = min(since, now - self._change_lookback)
         summaries = await self._search_orders(search_from, now)
         lines: list[OrderLine] = []
-        window: dict[str, _SeenOrder] = {}
+        window: set[str] = set()
         seen = 0
         for summary in summaries:
             if not self._needs_detail(summary, since):
@@ -787,49 +789,32 @@ class YahooAdapter:
             detail = await self._order_detail(summary, window)
             seen += 1
             lines.extend(self._order_lines(detail))
-        # Only this window's orders can come back unchanged next time; older entries
-        # would only grow the dict (and the state).
-        for order_id in self._seen.keys() - window.keys():
-            self._state.delete(_SEEN_KEY + order_id)
-        self._seen = window
+        self._seen.keep_only(window)
         # Never later than Yahoo's time when the search ran.
         done = clock.cursor_after(began, now)
         return OrderPage(lines=tuple(lines), cursor=repr(done), orders_seen=seen)
 
-    async def _order_detail(
-        self, summary: _OrderSummary, window: dict[str, _SeenOrder]
-    ) -> _OrderDetail:
-        """The order's ``orderInfo`` answer: from memory while ``orderList`` shows the
-        order unchanged, else read (and remembered, in ``window`` for the end of this
-        poll and in ``self._seen`` at once, so a poll that fails later still saved it)."""
+    async def _order_detail(self, summary: _OrderSummary, window: set[str]) -> _OrderDetail:
+        """The order's ``orderInfo`` answer: remembered while ``orderList`` shows the
+        order unchanged, else read (and remembered once settled). ``window`` collects
+        the orders this poll remembers."""
         marker = (summary.last_update_time, summary.order_status)
         previous = self._seen.get(summary.order_id)
         if previous is not None and previous.marker == marker:
-            window[summary.order_id] = previous
+            window.add(summary.order_id)
             return previous.detail
-        read_at = self._ctx.clock()
+        # LastUpdateTime is on Yahoo's clock: the settling is measured on it too (a goqd
+        # clock ahead of Yahoo's would keep answers read in the second of the change).
+        # Yahoo's clock had certainly reached ``read_at`` when it answered.
+        read_at = self._ctx.mall_clock.floor(self._ctx.clock())
         detail = await self._order_info(summary.order_id)
         updated = parse_time(summary.last_update_time)
         if updated is not None and read_at >= updated + SETTLE_S:
-            entry = window[summary.order_id] = _SeenOrder(marker, detail)
-            self._seen[summary.order_id] = entry
-            self._state.put(_SEEN_KEY + summary.order_id, msgspec.json.encode(entry))
-        elif self._seen.pop(summary.order_id, None) is not None:
-            self._state.delete(_SEEN_KEY + summary.order_id)
+            window.add(summary.order_id)
+            self._seen.put(summary.order_id, _SeenOrder(marker, detail))
+        else:
+            self._seen.forget(summary.order_id)
         return detail
-
-    def _load_seen(self) -> dict[str, _SeenOrder]:
-        seen: dict[str, _SeenOrder] = {}
-        names = self._state.keys()
-        for key in names:
-            raw = self._state.get(key)
-            if raw is None or not key.startswith(_SEEN_KEY):
-                continue
-            try:
-                seen[key.removeprefix(_SEEN_KEY)] = msgspec.json.decode(raw, type=_SeenOrder)
-            except msgspec.DecodeError:
-                self._state.delete(key)  # written by another version: read again
-        return seen
 
     def _needs_detail(self, summary: _OrderSummary, since: float) -> bool:
         status = summary.order_status

@@ -81,6 +81,13 @@ EXPLAIN_MARGIN_S = 5.0
 # erase a sale made meanwhile (measured in goqd sim: one stale Shopify write in 2 of 7
 # runs with a 0–2 s delay).
 EXPIRY_START_S = (300.0, 900.0)
+# What a store's recovery heals: the failures of its own calls (``failed``,
+# ``_check_clock``), never an error another path recorded without a listing (a bad
+# order line, a parked line whose order named none): those wait for the operator.
+HEALED_CODES = (
+    *(c.code for c in (MallError, MallUnavailable, MallRateLimited, MallProtocolError)),
+    "clock_skew",
+)
 
 
 @dataclass
@@ -447,7 +454,9 @@ class _Session:
             self._heal_due = True
         if self._heal_due and self.handle.state == "running":
             try:
-                await self.ledger.call(m.ResolveErrors(store=self.store, before=self.clock()))
+                await self.ledger.call(
+                    m.ResolveErrors(store=self.store, codes=HEALED_CODES, before=self.clock())
+                )
             except LedgerError:
                 return  # the next success tries again
             self._heal_due = False
@@ -627,6 +636,8 @@ class _Session:
                     # Read these counters first: a sale since goqd last looked becomes a
                     # hold (its rows are rewritten) instead of being overwritten.
                     await self._read_before_push([i.listing_key for i in batch.items])
+                    if self.handle.state == "stopped":
+                        continue  # the mall refused the credential: a push would be too
                     batch = await self.ledger.ask(
                         m.TakePushes(store=self.store, limit=limit), m.PushBatch
                     )
@@ -744,16 +755,17 @@ class _Session:
 
     async def _read_before_push(self, keys: list[str]) -> None:
         """Hand the ledger the counters of ``keys`` as they are now. Best effort: if the
-        mall does not answer, the push goes ahead as it would without the watch."""
+        mall does not answer, the push goes ahead as it would without the watch, but the
+        failure is recorded and shown like the watch's own (docs/reliability.md I6)."""
         read_started = self.clock()
         try:
             counts = await self.adapter.read_stock(keys)
         except MallError as exc:
-            log.info("read_before_push_failed", store=self.store, error=str(exc))
             if self.metrics is not None:
                 self.metrics.mall_requests_total.labels(
                     self.store, self.config.mall, _outcome(exc)
                 ).inc()
+            await self.failed(exc, "read_before_push", 0)
             return
         await self._stock_seen(counts, read_started)
 

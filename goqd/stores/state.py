@@ -18,7 +18,9 @@ there and, since a later bucket record may be missing, also starts every bucket 
 
 Nothing here may stop the store: a file that cannot be read is set aside and started
 afresh, and a write that fails is logged once (the store runs on, in memory) and tried
-again with the next record.
+again with the next record. While writes fail, the file on disk is cut short so that a
+process started from it does not believe its bucket records, and a rewrite that fails
+leaves no partial copy behind.
 """
 
 from __future__ import annotations
@@ -121,14 +123,20 @@ class StoreState:
         for key, value in self._data.items():
             blob += _record(key, value)
         tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            view = memoryview(blob)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except OSError:
+            # On a full disk a partial copy would hold space the ledger needs.
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         self._size = self._live = len(blob)
         self._whole = True
 
@@ -155,11 +163,21 @@ class StoreState:
             self._whole = False
             if not self._failing:
                 log.error("state_write_failed", path=self.path, error=str(exc))
+                self._distrust_file()
             self._failing = True
             return
         if self._failing:
             log.info("state_write_recovered", path=self.path)
             self._failing = False
+
+    def _distrust_file(self) -> None:
+        """The file lacks a record this process made, perhaps a bucket's newest: cut its
+        last byte (which needs no free space), so that a process started from it reads a
+        torn record and believes no bucket record. Rewritten whole once writes work."""
+        with contextlib.suppress(OSError):
+            size = os.stat(self.path).st_size
+            if size > len(MAGIC):
+                os.truncate(self.path, size - 1)
 
     # -- records -------------------------------------------------------------------------
 
@@ -246,7 +264,8 @@ def open_store_state(state_dir: str, store: str) -> StoreState:
     starts with no records and every bucket empty.
     """
     path = state_path(state_dir, store)
-    os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
+    with contextlib.suppress(OSError):  # reading and writing below say what is wrong
+        os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
     here = boot_id()
     try:
         with open(path, "rb") as f:
@@ -272,6 +291,7 @@ def open_store_state(state_dir: str, store: str) -> StoreState:
     except OSError as exc:
         # The store runs on; every record tries the file again (``_append``).
         log.error("state_write_failed", path=path, error=str(exc))
+        state._distrust_file()
         state._failing = True
     return state
 

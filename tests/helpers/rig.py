@@ -219,6 +219,31 @@ def write_credentials(path: str, data: Mapping[str, str], mode: int = 0o600) -> 
     return path
 
 
+async def serve_store(
+    nursery: trio.Nursery, tmp: str, name: str, sim: SimMall, **store_kw: Any
+) -> StoreConfig:
+    """Serve ``sim`` on loopback and configure store ``name`` for it (its credential
+    file 0600 under ``tmp``)."""
+    url = await nursery.start(serve_sim, sim.app)
+    cred = write_credentials(os.path.join(tmp, f"{name}.json"), sim.credentials())
+    return StoreConfig(name=name, mall=sim.mall, base_url=url, credentials=cred, **store_kw)
+
+
+def loopback_config(tmp: str, stores: Sequence[StoreConfig], **daemon_kw: Any) -> Config:
+    """A daemon config under ``tmp`` (state, control socket) with its HTTP server on a
+    free loopback port."""
+    return Config(
+        daemon=DaemonConfig(
+            state_dir=os.path.join(tmp, "state"),
+            control_socket=os.path.join(tmp, "ctl.sock"),
+            http_listen="127.0.0.1:0",
+            **daemon_kw,
+        ),
+        stores=tuple(stores),
+        source=os.path.join(tmp, "goqd.toml"),
+    )
+
+
 def make_config(
     tmp: str,
     fleet: Fleet,
