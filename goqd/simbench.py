@@ -1252,8 +1252,9 @@ def _pipeline(
 def _stale_writes(
     tracker: Tracker, booked_at: Mapping[tuple[str, str, str], float]
 ) -> tuple[set[tuple[str, str, float]], int]:
-    """Pushes that erased a sale of their own store goqd's count did not have yet (not
-    booked, not held), and the units erased.
+    """Pushes applied to a store between one of its sales and goqd booking that sale,
+    and the sales' units: an upper bound on the writes that erased a sale, since a push
+    whose value already left the sale out (the sale watch held it) counts too.
 
     A sale at store ``s`` lowers ``s``'s own counter at once; an absolute count pushed
     to ``s`` before goqd booked that sale does not know it and puts the units back.
