@@ -22,11 +22,13 @@ import functools
 import hashlib
 import os
 import random
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 import msgspec
@@ -41,14 +43,17 @@ from goqd.config import (
     StoreConfig,
     check_host,
     control_group_ids,
+    credential_path,
+    load_config,
     load_credentials,
     parse_credentials,
     write_credentials,
 )
 from goqd.control import protocol as p
-from goqd.control.server import PeerInfo, serve_control
+from goqd.control.server import PeerInfo, WithProgress, serve_control
 from goqd.csvio import ListingsReader, StockReader
 from goqd.errors import (
+    ConfigError,
     GoqdError,
     InputError,
     LedgerError,
@@ -62,12 +67,15 @@ from goqd.errors import (
 )
 from goqd.http import serve_http
 from goqd.ledger import LedgerClient, open_ledger_channel, run_ledger
+from goqd.logs import set_log_level
 from goqd.malls.base import StoreContext, WebhookCheck, tls_context
 from goqd.malls.registry import MALLS
 from goqd.malls.transport import MallTransport, mall_transport, open_mall_client
 from goqd.metrics import Metrics
+from goqd.reload import ReloadPlan, plan_reload, restart_keys, restart_message
 from goqd.secret import Secret
 from goqd.stores.actor import StoreHandle, run_store
+from goqd.stores.credentials import CredentialKeeper
 from goqd.supervisor import ChildSpec, supervise
 
 log = structlog.get_logger("goqd.app")
@@ -95,7 +103,14 @@ class Daemon:
     # Stock imports in progress, by request id; the nursery they run in
     # (``run_stock_imports``), ``None`` until it is open.
     _stock_imports: dict[str, _StockImport] = field(default_factory=dict, repr=False)
+    # Listing imports by request id, running and the last few finished (``import_store``).
+    _listing_imports: dict[str, _ListingImport] = field(default_factory=dict, repr=False)
     _import_nursery: trio.Nursery | None = field(default=None, repr=False)
+    # What the last reload found (``reload``): changed keys that wait for a restart, and
+    # why the last reload was refused ("" once one succeeds).
+    restart_needed: tuple[str, ...] = ()
+    reload_error: str = ""
+    _reload_lock: trio.Lock = field(default_factory=trio.Lock, repr=False)
 
     # ------------------------------------------------------------------ status
 
@@ -149,6 +164,8 @@ class Daemon:
             uptime_s=now - self.started_at,
             stores=await self.store_infos(ledger.stores),
             ledger=ledger,
+            restart_needed=self.restart_needed,
+            reload_error=self.reload_error,
         )
 
     async def health(self) -> dict[str, object]:
@@ -194,6 +211,132 @@ class Daemon:
                 await self.update_gauges()
             await trio.sleep(interval)
 
+    # ------------------------------------------------------------------ reload
+
+    async def reload(self) -> ReloadPlan | None:
+        """Read the config file and every credential again; apply what may change live.
+
+        The file and the credentials must pass the checks ``goqd run`` makes at start
+        (``load_config``, ``check_host``, ``load_credentials``), or nothing changes: the
+        refusal is logged once (``config_reload_refused``, naming the file, the key and
+        the reason), counted (``goqd_config_reloads_total{outcome="refused"}``) and shown
+        by ``goqctl status``, and the daemon runs on as it was. Otherwise the live keys
+        (``goqd.reload``) take effect: each store whose settings or credential changed
+        gets a new mall session through its handle (``StoreHandle.reconfigure``: a store
+        stopped at level 9 stays stopped), and every other changed key is logged as
+        ``config_key_needs_restart``. systemd hears ``RELOADING=1`` before and
+        ``READY=1`` after, either way.
+
+        Returns the plan applied, or None if the reload was refused.
+        """
+        async with self._reload_lock:
+            systemd.reloading("reloading the configuration")
+            status = "reload failed"
+            try:
+                plan = await self._reload()
+                stores = f"{len(self.handles)} stores"
+                if plan is None:
+                    status = f"{stores}; reload refused: {self.reload_error}"
+                elif plan.restart:
+                    status = f"{stores}; reloaded, {len(plan.restart)} change(s) need a restart"
+                else:
+                    status = f"{stores}; reloaded"
+                return plan
+            finally:
+                systemd.ready(status)
+
+    async def _reload(self) -> ReloadPlan | None:
+        source = self.config.source
+        # The stores' credential locks: a `goqctl key set`, or a token the mall renewed,
+        # is written and handed to its store whole, before or after this reload.
+        async with contextlib.AsyncExitStack() as locks:
+            for name in sorted(self.handles):
+                keeper = self.handles[name].credential_keeper
+                if keeper is not None:
+                    await locks.enter_async_context(keeper.lock)
+            try:
+                if not source:
+                    raise ConfigError("<config>", "$", "the config was not read from a file")
+                loaded, plan = await trio.to_thread.run_sync(_load_for_reload, self.config)
+                fresh = await trio.to_thread.run_sync(_read_credentials, loaded, plan.config)
+            except (GoqdError, OSError) as exc:
+                self._refuse_reload(source, str(exc))
+                return None
+            # Broad on purpose: a reload is a request to a daemon that is syncing stores;
+            # a bug met while reading the files refuses the reload, it does not stop them.
+            except Exception:
+                log.exception("config_reload_failed", file=source)
+                self._refuse_reload(source, "internal error (logged as config_reload_failed)")
+                return None
+            self._apply_reload(plan, fresh)
+        return plan
+
+    def _refuse_reload(self, source: str, reason: str) -> None:
+        log.error(
+            "config_reload_refused",
+            file=source,
+            error=reason,
+            message="nothing changed: goqd runs on with the configuration it had; "
+            "fix the file and reload again",
+        )
+        self.reload_error = reason
+        self.metrics.config_reloads_total.labels("refused").inc()
+        self.metrics.config_last_reload_successful.set(0)
+
+    def _apply_reload(self, plan: ReloadPlan, fresh: dict[str, dict[str, Secret]]) -> None:
+        """Apply ``plan`` and the credentials read with it (no await: all or nothing)."""
+        old = self.config
+        self.config = plan.config
+        if plan.config.daemon.log_level != old.daemon.log_level:
+            set_log_level(plan.config.daemon.log_level)
+        restarted = []
+        for name, handle in self.handles.items():
+            cfg = plan.config.store(name)
+            creds = self._credentials_to_apply(name, handle, fresh.get(name))
+            if cfg != old.store(name) or creds is not None:
+                handle.reconfigure(cfg, creds if creds is not None else handle.credentials)
+                restarted.append(name)
+            if creds is not None:
+                log.info(
+                    "credential_reloaded",
+                    store=name,
+                    message="the store stays stopped until its level-9 error is cleared: "
+                    f"goqctl errors clear --store {name}"
+                    if handle.state == "stopped"
+                    else "the store's new mall session uses it",
+                )
+        for key in plan.restart:
+            log.warning("config_key_needs_restart", key=key, message=restart_message(plan, key))
+        self.restart_needed = restart_keys(plan)
+        self.reload_error = ""
+        self.metrics.config_reloads_total.labels("ok").inc()
+        self.metrics.config_last_reload_successful.set(1)
+        self.metrics.config_restart_needed_keys.set(len(plan.restart))
+        log.info(
+            "config_reloaded",
+            file=plan.config.source,
+            applied=list(plan.live),
+            restart_needed=list(plan.restart),
+            sessions_restarted=restarted,
+        )
+
+    def _credentials_to_apply(
+        self, store: str, handle: StoreHandle, read: dict[str, Secret] | None
+    ) -> dict[str, Secret] | None:
+        """The credential just ``read`` from the store's file, if the store should take it.
+
+        Only a file that changed since goqd last read or wrote it (``CredentialKeeper``):
+        memory may be ahead of a file goqd wrote (a token the mall renewed, being written
+        or not written at all), and the file's older token would be refused.
+        """
+        keeper = handle.credential_keeper
+        if read is None or keeper is None:
+            return None
+        known, keeper.on_disk = keeper.on_disk, dict(read)
+        if read == handle.credentials or read == known:
+            return None
+        return dict(read)
+
     # ------------------------------------------------------------------ control
 
     def _handle(self, store: str) -> StoreHandle:
@@ -202,10 +345,15 @@ class Daemon:
         except KeyError:
             raise _NotFound(f"no store named {store!r}; see `goqctl stores`") from None
 
-    async def handle_control(self, req: p.ControlRequest, peer: PeerInfo) -> p.Ok | p.Err:
-        """Answer one control request. Refusals are ``Err`` replies, never exceptions."""
+    async def handle_control(
+        self, req: p.ControlRequest, peer: PeerInfo, report: p.ReportProgress = p.no_progress
+    ) -> p.Ok | p.Err:
+        """Answer one control request. Refusals are ``Err`` replies, never exceptions.
+
+        The long ones (import, diff, reflect, stock import) tell ``report`` how far they
+        have got as they go."""
         try:
-            return p.Ok(result=await self._dispatch(req))
+            return p.Ok(result=await self._dispatch(req, report))
         except _NotFound as exc:
             return p.Err(code="not_found", message=str(exc))
         except MallAuthError as exc:
@@ -238,7 +386,7 @@ class Daemon:
         except GoqdError as exc:
             return p.Err(code="conflict", message=str(exc))
 
-    async def _dispatch(self, req: p.ControlRequest) -> Any:
+    async def _dispatch(self, req: p.ControlRequest, report: p.ReportProgress) -> Any:
         led = self.ledger
         rid = getattr(req, "request_id", "")
         match req:
@@ -290,7 +438,13 @@ class Daemon:
             case p.Listings():
                 self._handle(req.store)
                 return await led.ask(
-                    m.ListListings(store=req.store, after=req.after, limit=req.limit),
+                    m.ListListings(
+                        store=req.store,
+                        after=req.after,
+                        limit=req.limit,
+                        state=req.state,
+                        search=req.search,
+                    ),
                     m.ListingList,
                 )
             case p.LinkListing():
@@ -346,15 +500,25 @@ class Daemon:
             case p.DeleteProduct():
                 return await led.ask(m.DeleteProduct(sku=req.sku, request_id=rid), m.Done)
             case p.Diff():
-                return await self.diff(req.store)
+                return await self.diff(req.store, report=report)
             case p.Reflect():
-                return await self.reflect(req.store, req.listing_keys, rid)
+                return await self.reflect(
+                    req.store, req.listing_keys, rid, req.differing, report=report
+                )
             case p.Import():
-                return await self.import_store(req.store, req.csv_text)
+                return await self.import_store(
+                    req.store,
+                    req.csv_text,
+                    create_products=req.create_products,
+                    request_id=rid,
+                    report=report,
+                )
+            case p.ProductAdd():
+                return await self.product_add(req.sku, req.quantity, req.name, rid)
             case p.LinkAuto():
                 return await self.link_auto(req.store)
             case p.StockImport():
-                return await self.stock_import(req.csv_text, rid)
+                return await self.stock_import(req.csv_text, rid, report=report)
         raise _Unsupported(type(req).__name__)
 
     async def _resume_cleared(self) -> None:
@@ -376,101 +540,269 @@ class Daemon:
         async with self._adapter(cfg, creds) as adapter:
             await adapter.check_credentials()
             expires = await _optional_expiry(adapter)
-        await trio.to_thread.run_sync(write_credentials, self.config, store, data)
-        await self.ledger.call(m.ClearErrors(store=store, level=9, request_id=""))
-        handle.credential_expires_at = expires
-        handle.renew(creds)
+        keeper = handle.credential_keeper
+        # Stored as the test left it (a refresh token the mall rotated during the test
+        # included), under the store's credential lock: a save by the session this
+        # replaces never lands after it.
+        async with keeper.lock if keeper is not None else trio.Lock():
+            stored = {name: value.reveal() for name, value in creds.items()}
+            await trio.to_thread.run_sync(write_credentials, self.config, store, stored)
+            if keeper is not None:
+                # What the file now holds: a reload compares the file with this.
+                keeper.on_disk = dict(creds)
+            await self.ledger.call(m.ClearErrors(store=store, level=9, request_id=""))
+            handle.credential_expires_at = expires
+            handle.renew(creds)
         log.info("credential_renewed", store=store)
         return m.Done(changed=1, detail="credential stored; store resumed")
 
     def _adapter(self, cfg: StoreConfig, creds: dict[str, Secret]) -> _AdapterSession:
         return _AdapterSession(self, cfg, creds)
 
-    async def diff(self, store: str) -> p.DiffReport:
-        """差異商品: linked listings whose mall count differs from the ledger's."""
+    async def diff(self, store: str, *, report: p.ReportProgress = p.no_progress) -> p.DiffReport:
+        """差異商品: linked listings whose mall count is not what goqd has the malls show.
+
+        Each page of the store's linked listings is read from the ledger, then at the
+        mall, then from the ledger again: a listing with a push queued or in flight, or
+        whose count or last push moved while the mall was read, is ``pending``, not 差異
+        (the push will settle it); one whose difference is within the units the sale
+        watch holds for its product is ``held``; one whose product has no count is
+        ``no_count``. Only the 差異 listings are kept (``DiffFound``) for `reflect
+        --differing`, and only once the whole store was read: a diff cut short by the
+        mall keeps the last one. ``report`` hears the linked listings compared so far, of
+        those the store had when the diff began.
+        """
         handle = self._handle(store)
         cfg = self.config.store(store)
         spec = MALLS[cfg.mall]
         rows: list[p.DiffRow] = []
         checked = 0
         after = ""
-        totals: dict[str, int] = {}
+        linked_total = await self.ledger.ask(m.CountListings(store=store), m.ListingCount)
+        compared = 0
+        report(p.Progress(phase="compare", done=0, total=linked_total.count, unit="listings"))
         async with self._adapter(cfg, handle.credentials) as adapter:
             while True:
                 page = await self.ledger.ask(
-                    m.ListListings(store=store, after=after, limit=spec.limits.read_batch),
+                    m.ListListings(
+                        store=store, after=after, limit=spec.limits.read_batch, state="linked"
+                    ),
                     m.ListingList,
                 )
                 if not page.listings:
                     break
                 after = page.listings[-1].listing_key
-                linked = [x for x in page.listings if x.link_state == "linked" and x.sku]
+                linked = [x for x in page.listings if x.sku]
                 if not linked:
                     continue
-                counts = await adapter.read_stock([x.listing_key for x in linked])
-                for x in linked:
-                    assert x.sku is not None
-                    if x.sku not in totals:
-                        hist = await self.ledger.ask(m.GetHistory(sku=x.sku, limit=0), m.History)
-                        # What goqd has the malls show: held units are sales a mall
-                        # showed before its order API did.
-                        totals[x.sku] = hist.total - hist.held
-                    want = max(0, totals[x.sku])
-                    have = counts.get(x.listing_key)
+                keys = tuple(x.listing_key for x in linked)
+                counts = await adapter.read_stock(keys)
+                now = await self.ledger.ask(
+                    m.ListListings(store=store, keys=keys, limit=len(keys)), m.ListingList
+                )
+                later = {x.listing_key: x for x in now.listings}
+                for before in linked:
+                    current = later.get(before.listing_key)
+                    if current is None or current.link_state != "linked" or not current.sku:
+                        continue  # unlinked meanwhile: not goqd's to compare any more
                     checked += 1
-                    if have != want:
-                        rows.append(
-                            p.DiffRow(
-                                listing_key=x.listing_key,
-                                sku=x.sku,
-                                ledger_quantity=want,
-                                mall_quantity=have,
-                            )
-                        )
+                    row = _diff_row(before, current, counts.get(before.listing_key))
+                    if row is not None:
+                        rows.append(row)
+                # Listings linked since the diff began may take it past the total.
+                compared += len(linked)
+                report(
+                    p.Progress(
+                        phase="compare",
+                        done=compared,
+                        total=max(compared, linked_total.count),
+                        unit="listings",
+                    )
+                )
+        differing = tuple(r.listing_key for r in rows if r.status == "differs")
+        await self.ledger.ask(
+            m.DiffFound(store=store, listing_keys=differing, checked=checked), m.Done
+        )
         return p.DiffReport(store=store, rows=tuple(rows), checked=checked)
 
-    async def reflect(self, store: str, keys: tuple[str, ...], request_id: str) -> m.Done:
-        """反映: queue the ledger's count for the given listings (every linked one if none).
+    async def reflect(
+        self,
+        store: str,
+        keys: tuple[str, ...],
+        request_id: str,
+        differing: bool = False,
+        *,
+        report: p.ReportProgress = p.no_progress,
+    ) -> m.Done:
+        """反映: queue the ledger's count for the given listings (every linked one if none;
+        with ``differing``, those the store's last diff found 差異).
 
         The pushes go out through the store actor like any other, within the mall's
         batch limit, so the operator never pages.
         """
         self._handle(store)
+        if differing:
+            return await self.ledger.ask(
+                m.ReflectDiffering(store=store, request_id=request_id), m.Done
+            )
+        if not keys:
+            return await self._reflect_all(store, request_id, report)
         return await self.ledger.ask(
             m.QueuePushes(store=store, listing_keys=keys, request_id=request_id), m.Done
         )
 
-    async def import_store(self, store: str, csv_text: str | None) -> m.LinkReport:
+    async def _reflect_all(self, store: str, request_id: str, report: p.ReportProgress) -> m.Done:
+        """`reflect --all`: every linked listing, ``REFLECT_CHUNK`` a ledger request.
+
+        One request for 100,000 listings would hold the ledger for seconds (the watchdog
+        and every store's bookings wait behind it); a chunk holds it about 0.1 s. Each
+        chunk's request id is the request's id and the chunk's listings, so a retry with
+        the same id that finds the same listings gets the chunks already queued answered
+        from the ledger, not queued again, and the same reply. A chunk queued twice
+        (listings changed between the runs) pushes the same counts again, which changes
+        nothing at the mall; a run cut short leaves pushes queued that are as right as
+        any push goqd queues.
+        """
+        total = (await self.ledger.ask(m.CountListings(store=store), m.ListingCount)).count
+        report(p.Progress(phase="queue", done=0, total=total, unit="listings"))
+        queued = seen = 0
+        after = ""
+        while True:
+            page = await self.ledger.ask(
+                m.ListListings(store=store, after=after, limit=REFLECT_CHUNK, state="linked"),
+                m.ListingList,
+            )
+            if not page.listings:
+                break
+            after = page.listings[-1].listing_key
+            chunk = tuple(x.listing_key for x in page.listings)
+            done = await self.ledger.ask(
+                m.QueuePushes(
+                    store=store,
+                    listing_keys=chunk,
+                    strict=False,  # unlinked since the page was read: left out
+                    request_id=_chunk_request_id(request_id, chunk),
+                ),
+                m.Done,
+            )
+            queued += done.changed
+            seen += len(chunk)
+            report(p.Progress(phase="queue", done=seen, total=max(seen, total), unit="listings"))
+        return m.Done(changed=queued, detail=f"{queued} listing(s) queued for a push")
+
+    async def import_store(
+        self,
+        store: str,
+        csv_text: str | None,
+        *,
+        create_products: bool = False,
+        request_id: str = "",
+        report: p.ReportProgress = p.no_progress,
+    ) -> m.LinkReport:
         """Read every listing of ``store`` (its mall's API, or a goqd CSV) into the ledger.
 
         Importing the base store (基本モール) creates products; any other store links its
-        listings by the link condition. Re-import updates listings, never duplicates.
+        listings by the link condition, and with ``create_products`` creates a product
+        for each listing no product matches. Re-import updates listings, never duplicates.
 
         A CSV is read and checked whole in a worker thread (never on the event loop)
         before its first chunk is applied, so a bad row anywhere changes nothing. Each
         chunk of ``IMPORT_CHUNK`` listings is one ledger request: the watchdog, bookings
-        and every store are answered between chunks.
+        and every store are answered between chunks. ``report`` hears the listings read
+        from the mall, or the CSV's listings applied of all of them.
+
+        An import with a request id runs in the imports nursery and this only waits for
+        it: a goqctl that goes away does not cut it short, and a request with the same id
+        (while it runs, or one of the last ``LISTING_IMPORTS_KEPT`` finished) waits for
+        it and gets its reply instead of importing again. The same id with another store
+        or file is refused. A failed import is forgotten, so its retry runs again; so is
+        every import when the daemon restarts (they are kept in memory only): the retry
+        then imports again, which updates listings and never duplicates them, and its
+        reply counts that run (goqctl's hint after Ctrl-C says so).
         """
         self._handle(store)
+        nursery = self._import_nursery
+        work = functools.partial(self._import_listings, store, csv_text, create_products)
+        if nursery is None or not request_id:
+            return await work(report)
+        digest = await trio.to_thread.run_sync(_import_digest, store, csv_text, create_products)
+        job = self._listing_imports.get(request_id)
+        if job is None:
+            job = _ListingImport(digest=digest)
+            self._listing_imports[request_id] = job
+            nursery.start_soon(self._run_listing_import, request_id, job, work)
+        elif job.digest != digest:
+            raise LedgerError(
+                f"request id {request_id!r} is already used for an import of another store "
+                "or file; nothing of this one was applied: send it with a new id"
+            )
+        return await job.outcome(
+            report,
+            stopped="the daemon stopped before the import finished; what was imported "
+            "stays (an import can be run again: it updates, never duplicates)",
+        )
+
+    async def _run_listing_import(
+        self,
+        key: str,
+        job: _ListingImport,
+        work: Callable[[p.ReportProgress], Awaitable[m.LinkReport]],
+    ) -> None:
+        try:
+            job.result = await work(job.report)
+        except GoqdError as exc:
+            job.error = exc
+        # Broad on purpose, as for stock imports: one import's bug is its own error.
+        except Exception:
+            log.exception("listing_import_failed")
+            job.error = LedgerError(
+                "the import failed with an internal error (logged as listing_import_failed)"
+            )
+        finally:
+            job.finished.set()
+            jobs = self._listing_imports
+            if job.result is None and jobs.get(key) is job:
+                del jobs[key]
+            finished = [k for k, j in jobs.items() if j.finished.is_set()]
+            for old in finished[: max(0, len(finished) - LISTING_IMPORTS_KEPT)]:
+                del jobs[old]
+
+    async def _import_listings(
+        self,
+        store: str,
+        csv_text: str | None,
+        create_products: bool,
+        report: p.ReportProgress,
+    ) -> m.LinkReport:
         cfg = self.config.store(store)
         base = store == self.config.daemon.base_store
+        import_chunk = functools.partial(self._import_chunk, cfg, base, create_products)
         total: m.LinkReport | None = None
         if csv_text is not None:
-            for blob in await _read_listings_csv(csv_text, where=f"import CSV for {store}"):
-                report = await self._import_chunk(cfg, base, _listings_decoder.decode(blob))
-                total = _add_reports(total, report)
-            return total if total is not None else await self._import_chunk(cfg, base, ())
+            report(p.Progress(phase="check", done=0, unit="rows"))
+            blobs = await _read_listings_csv(csv_text, where=f"import CSV for {store}")
+            count = sum(n for n, _ in blobs)
+            done = 0
+            report(p.Progress(phase="import", done=0, total=count, unit="listings"))
+            for n, blob in blobs:
+                total = _add_reports(total, await import_chunk(_listings_decoder.decode(blob)))
+                done += n
+                report(p.Progress(phase="import", done=done, total=count, unit="listings"))
+            return total if total is not None else await import_chunk(())
         session = self._adapter(cfg, self.handles[store].credentials)
         try:
             async with session as adapter:
                 chunk: list[m.MallListing] = []
+                read = 0
+                report(p.Progress(phase="import", done=0, unit="listings"))
                 async for listing in adapter.iter_listings():
                     chunk.append(listing)
+                    read += 1
+                    report(p.Progress(phase="import", done=read, unit="listings"))
                     if len(chunk) >= IMPORT_CHUNK:
-                        report = await self._import_chunk(cfg, base, tuple(chunk))
-                        total = _add_reports(total, report)
+                        total = _add_reports(total, await import_chunk(tuple(chunk)))
                         chunk = []
-                total = _add_reports(total, await self._import_chunk(cfg, base, tuple(chunk)))
+                total = _add_reports(total, await import_chunk(tuple(chunk)))
         except MallError as exc:
             missing = session.not_found()
             if missing is None or not isinstance(exc, MallProtocolError):
@@ -487,7 +819,11 @@ class Daemon:
         return total
 
     async def _import_chunk(
-        self, cfg: StoreConfig, base: bool, listings: tuple[m.MallListing, ...]
+        self,
+        cfg: StoreConfig,
+        base: bool,
+        create_products: bool,
+        listings: tuple[m.MallListing, ...],
     ) -> m.LinkReport:
         return await self.ledger.ask(
             m.ImportListings(
@@ -496,11 +832,14 @@ class Daemon:
                 base=base,
                 rules=tuple(cfg.link_normalize),
                 default_lead_time=cfg.default_lead_time,
+                create_products=create_products,
             ),
             m.LinkReport,
         )
 
-    async def stock_import(self, csv_text: str, request_id: str) -> m.Done:
+    async def stock_import(
+        self, csv_text: str, request_id: str, *, report: p.ReportProgress = p.no_progress
+    ) -> m.Done:
         """`goqctl stock import`: set or adjust totals from a stock CSV, every row or none.
 
         The file is read in a worker thread and staged in the ledger ``STAGE_CHUNK`` rows
@@ -512,7 +851,8 @@ class Daemon:
         The work runs in the imports nursery and this only waits for it: a goqctl that
         disconnects does not cut its import short, and a retry with the same request id
         waits for the same import (or gets its stored reply) instead of applying the
-        file again. The same id with another file is refused.
+        file again. The same id with another file is refused. Every request waiting on
+        an import hears its progress (rows staged, then rows applied of all staged).
         """
         nursery = self._import_nursery
         if nursery is None:
@@ -523,22 +863,20 @@ class Daemon:
         if job is None:
             job = _StockImport(digest=digest)
             self._stock_imports[key] = job
-            work = functools.partial(self._stage_stock_import, csv_text, request_id, digest)
+            work = functools.partial(
+                self._stage_stock_import, csv_text, request_id, digest, job.report
+            )
             nursery.start_soon(self._run_stock_import, key, job, work)
         elif job.digest != digest:
             raise LedgerError(
                 f"request id {request_id!r} is already importing a different stock CSV; "
                 "nothing of this one was applied: send it with a new id"
             )
-        await job.finished.wait()
-        if job.error is not None:
-            raise job.error
-        if job.result is None:
-            raise LedgerError(
-                "the daemon stopped before the stock import finished; if it was staged "
-                "whole it is applied at the next start, else nothing of it was applied"
-            )
-        return job.result
+        return await job.outcome(
+            report,
+            stopped="the daemon stopped before the stock import finished; if it was "
+            "staged whole it is applied at the next start, else nothing of it was applied",
+        )
 
     async def run_stock_imports(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -574,7 +912,7 @@ class Daemon:
                         staged=job.staged,
                         applied=job.applied + job.skipped,
                     )
-                    work = functools.partial(self._apply_stock_import, job.import_id)
+                    work = functools.partial(self._apply_stock_import, job.import_id, entry.report)
                     nursery.start_soon(self._run_stock_import, key, entry, work)
                 else:
                     nursery.start_soon(self._discard_stock_import, job.import_id)
@@ -604,7 +942,9 @@ class Daemon:
             if self._stock_imports.get(key) is job:
                 del self._stock_imports[key]
 
-    async def _stage_stock_import(self, csv_text: str, request_id: str, digest: bytes) -> m.Done:
+    async def _stage_stock_import(
+        self, csv_text: str, request_id: str, digest: bytes, report: p.ReportProgress
+    ) -> m.Done:
         where = "stock CSV"
         led = self.ledger
         reader = await trio.to_thread.run_sync(
@@ -620,11 +960,13 @@ class Daemon:
             return job.result
         if job.state == "staging":
             try:
+                report(p.Progress(phase="stage", done=0, unit="rows"))
                 while rows := await trio.to_thread.run_sync(reader.read, STAGE_CHUNK):
                     await led.ask(
                         m.StageStockRows(import_id=job.import_id, rows=tuple(rows), where=where),
                         m.Done,
                     )
+                    report(p.Progress(phase="stage", done=reader.rows_read, unit="rows"))
                 await led.ask(
                     m.SealStockImport(import_id=job.import_id, rows=reader.rows_read),
                     m.StockImportJob,
@@ -635,9 +977,11 @@ class Daemon:
                 await self._discard_stock_import(job.import_id)
                 raise
             log.info("stock_import_staged", import_id=job.import_id, rows=reader.rows_read)
-        return await self._apply_stock_import(job.import_id)
+        return await self._apply_stock_import(job.import_id, report)
 
-    async def _apply_stock_import(self, import_id: int) -> m.Done:
+    async def _apply_stock_import(
+        self, import_id: int, report: p.ReportProgress = p.no_progress
+    ) -> m.Done:
         delay = APPLY_RETRY_S
         failing = False
         while True:
@@ -655,6 +999,11 @@ class Daemon:
             if failing:
                 log.info("stock_import_apply_recovered", import_id=import_id)
                 failing, delay = False, APPLY_RETRY_S
+            report(
+                p.Progress(
+                    phase="apply", done=job.applied + job.skipped, total=job.staged, unit="rows"
+                )
+            )
             if job.state == "done" and job.result is not None:
                 log.info(
                     "stock_import_applied",
@@ -691,8 +1040,70 @@ class Daemon:
         assert total is not None
         return msgspec.structs.replace(total, store=store)
 
+    async def product_add(
+        self, sku: str, quantity: int, name: str, request_id: str
+    ) -> m.ProductAdded:
+        """`goqctl product add`: a product from no store's import, with the operator's
+        count; then the listings of every configured store the link condition matches to
+        it are linked (each store under its own rules), and their pushes queued."""
+        stores = tuple((s.name, tuple(s.link_normalize)) for s in self.config.stores)
+        return await self.ledger.ask(
+            m.AddProduct(
+                sku=sku, quantity=quantity, name=name, stores=stores, request_id=request_id
+            ),
+            m.ProductAdded,
+        )
+
+
+def _shown(x: m.ListingRecord) -> int:
+    """What goqd has the malls show for the listing's product: its total less held units."""
+    return max(0, (x.product_total or 0) - x.product_held)
+
+
+def _diff_row(before: m.ListingRecord, now: m.ListingRecord, mall: int | None) -> p.DiffRow | None:
+    """One listing's diff row, ``None`` when the mall shows what goqd does.
+
+    ``before`` and ``now`` are the ledger's view of the listing just before and just
+    after the mall was read.
+    """
+    assert now.sku is not None
+    want = _shown(now)
+    if mall == want and now.count_known:
+        return None
+    moved = (
+        before.pending_quantity is not None
+        or now.pending_quantity is not None
+        or before.last_pushed_version != now.last_pushed_version
+        or _shown(before) != want
+    )
+    if not now.count_known:
+        status: p.DiffStatus = "no_count"
+    elif moved:
+        status = "pending"
+    # Held units are sales goqd takes off every mall before their orders arrive: a mall
+    # not lowered yet shows up to that many more, never fewer.
+    elif now.product_held and mall is not None and 0 < mall - want <= now.product_held:
+        status = "held"
+    else:
+        status = "differs"
+    return p.DiffRow(
+        listing_key=now.listing_key,
+        sku=now.sku,
+        ledger_quantity=want,
+        mall_quantity=mall,
+        pending_quantity=now.pending_quantity
+        if now.pending_quantity is not None
+        else before.pending_quantity,
+        held=now.product_held,
+        status=status,
+    )
+
 
 IMPORT_CHUNK = 1000
+# Finished listing imports kept, by request id, for a retry to get the same reply.
+LISTING_IMPORTS_KEPT = 64
+# `reflect --all`: linked listings queued per ledger request (about 0.1 s each).
+REFLECT_CHUNK = 2000
 # Stock imports: rows read (in a worker thread) and staged per ledger request; rows
 # applied per ledger transaction (about 0.1 s each, so the watchdog's ping and every
 # store's bookings wait at most that long); staged rows of a dropped import deleted per
@@ -708,14 +1119,73 @@ _listings_encoder = msgspec.msgpack.Encoder()
 _listings_decoder = msgspec.msgpack.Decoder(tuple[m.MallListing, ...])
 
 
+_R = TypeVar("_R")
+
+
 @dataclass
-class _StockImport:
-    """A stock import this daemon is working on; every request with its id waits on it."""
+class _Job(Generic[_R]):
+    """Work for a control request that runs in the imports nursery, not in the request:
+    every request with its id waits on it (``outcome``) and hears its progress."""
 
     digest: bytes
     finished: trio.Event = field(default_factory=trio.Event)
-    result: m.Done | None = None
     error: GoqdError | None = None
+    result: _R | None = None
+    progress: p.Progress | None = None
+    # The ReportProgress of every request waiting on it; each only keeps the latest.
+    listeners: list[p.ReportProgress] = field(default_factory=list)
+
+    def report(self, progress: p.Progress) -> None:
+        self.progress = progress
+        for listener in self.listeners:
+            listener(progress)
+
+    async def follow(self, report: p.ReportProgress) -> None:
+        """Wait until the work is finished, telling ``report`` how far it has got (where
+        it stands first: a retry joins work that is under way)."""
+        self.listeners.append(report)
+        try:
+            if self.progress is not None:
+                report(self.progress)
+            await self.finished.wait()
+        finally:
+            self.listeners.remove(report)
+
+    async def outcome(self, report: p.ReportProgress, *, stopped: str) -> _R:
+        """Its result once finished (its error raised); ``stopped`` is the error if the
+        daemon stopped it first."""
+        await self.follow(report)
+        if self.error is not None:
+            raise self.error
+        if self.result is None:
+            raise LedgerError(stopped)
+        return self.result
+
+
+@dataclass
+class _StockImport(_Job[m.Done]):
+    """A stock import this daemon is working on."""
+
+
+@dataclass
+class _ListingImport(_Job[m.LinkReport]):
+    """An import of a store's listings, running or among the last finished."""
+
+
+def _import_digest(store: str, csv_text: str | None, create_products: bool) -> bytes:
+    """What an import asked for, to tell a retry from another import under its id."""
+    h = hashlib.sha256(msgspec.json.encode([store, create_products, csv_text is None]))
+    if csv_text is not None:
+        h.update(_digest(csv_text))
+    return h.digest()
+
+
+def _chunk_request_id(request_id: str, keys: tuple[str, ...]) -> str:
+    """The ledger request id of one chunk of a request's work: "" (no deduplication)
+    for a request without an id."""
+    if not request_id:
+        return ""
+    return f"{request_id}/{hashlib.sha256(msgspec.json.encode(keys)).hexdigest()[:32]}"
 
 
 def _digest(text: str) -> bytes:
@@ -726,26 +1196,27 @@ def _digest(text: str) -> bytes:
     return h.digest()
 
 
-async def _read_listings_csv(text: str, *, where: str) -> list[bytes]:
-    """Check a whole listings CSV in worker threads; its listings, IMPORT_CHUNK a blob.
+async def _read_listings_csv(text: str, *, where: str) -> list[tuple[int, bytes]]:
+    """Check a whole listings CSV in worker threads; its listings, IMPORT_CHUNK a blob
+    (with the number of listings in it).
 
     msgpack blobs, not Structs: a 900,000-row file is held as about its own size in
     bytes until each chunk is applied, not as a million Python objects.
     """
     reader = await trio.to_thread.run_sync(functools.partial(ListingsReader, text, where=where))
-    blobs: list[bytes] = []
+    blobs: list[tuple[int, bytes]] = []
     while more := await trio.to_thread.run_sync(_encode_listings, reader):
         blobs.extend(more)
     return blobs
 
 
-def _encode_listings(reader: ListingsReader) -> list[bytes]:
-    out: list[bytes] = []
+def _encode_listings(reader: ListingsReader) -> list[tuple[int, bytes]]:
+    out: list[tuple[int, bytes]] = []
     for _ in range(_READ_CHUNKS):
         chunk = reader.read(IMPORT_CHUNK)
         if not chunk:
             break
-        out.append(_listings_encoder.encode(chunk))
+        out.append((len(chunk), _listings_encoder.encode(chunk)))
     return out
 
 
@@ -793,6 +1264,7 @@ class _AdapterSession:
             mall_clock=handle.mall_clock,
         )
         self.http = open_mall_client(self.transport, timeout=self.cfg.timeout_seconds)
+        keeper = handle.credential_keeper
         ctx = StoreContext(
             store=self.cfg.name,
             mall=self.cfg.mall,
@@ -806,6 +1278,10 @@ class _AdapterSession:
             urls=dict(self.cfg.urls),
             rate_buckets=handle.rate_buckets,
             mall_clock=handle.mall_clock,
+            # A credential under test (key set) is stored by key_set once it works.
+            save_credentials=keeper.save
+            if keeper is not None and self.creds is handle.credentials
+            else None,
         )
         return spec.open_adapter(ctx)
 
@@ -819,6 +1295,52 @@ async def _optional_expiry(adapter: Any) -> float | None:
         return await adapter.credential_expiry()  # type: ignore[no-any-return]
     except MallError:
         return None
+
+
+def _load_for_reload(running: Config) -> tuple[Config, ReloadPlan]:
+    """The config file as ``goqd run`` would start with it, checked the same way, and
+    what it changes in ``running``. Blocking file I/O: run it in a worker thread."""
+    loaded = load_config(running.source)
+    check_host(loaded)
+    return loaded, plan_reload(running, loaded)
+
+
+def _read_credentials(loaded: Config, applied: Config) -> dict[str, dict[str, Secret]]:
+    """Every credential of ``loaded``, read and checked as at start (one bad file refuses
+    the reload), returned for the running stores of ``applied`` that read it from the
+    same file (not so when the mall or the state directory changed: both wait for the
+    restart). Blocking file I/O: run it in a worker thread."""
+    running = {s.name: s for s in applied.stores}
+    fresh: dict[str, dict[str, Secret]] = {}
+    for store in loaded.stores:
+        creds = load_credentials(loaded, store)
+        now = running.get(store.name)
+        if (
+            now is not None
+            and now.mall == store.mall
+            and credential_path(applied, now) == credential_path(loaded, store)
+        ):
+            fresh[store.name] = creds
+    return fresh
+
+
+async def serve_reload_signal(
+    daemon: Daemon, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Reload the configuration at every SIGHUP (``systemctl reload goqd``).
+
+    Resource handling: holds trio's SIGHUP receiver from before ``started()`` (so from
+    READY on a SIGHUP reloads and never ends the process) until cancelled, when the
+    previous handler is put back. SIGHUPs that arrive during a reload make one more.
+
+    Error handling: ``Daemon.reload`` answers every failure itself (logged, counted, shown
+    by ``goqctl status``); nothing is raised here.
+    """
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        task_status.started()
+        async for _ in signals:
+            log.info("config_reload_requested", signal="SIGHUP")
+            await daemon.reload()
 
 
 class _NotFound(GoqdError):
@@ -872,8 +1394,11 @@ async def run_daemon(
         metrics.touch_child(f"store:{store.name}")
         metrics.set_state(store.name, "running")
         metrics.store_up.labels(store.name, store.mall).set(1)
-        daemon.handles[store.name] = StoreHandle(
+        handle = daemon.handles[store.name] = StoreHandle(
             name=store.name, mall=store.mall, credentials=creds[store.name]
+        )
+        handle.credential_keeper = CredentialKeeper(
+            handle, directory=config.daemon.credentials_dir, ledger=ledger
         )
     rng = rng or random.Random()
     hooks = dict(webhooks or {})
@@ -903,7 +1428,7 @@ async def run_daemon(
             functools.partial(
                 serve_control,
                 config.daemon.control_socket,
-                daemon.handle_control,
+                WithProgress(daemon.handle_control),
                 allowed_uids=frozenset(),
                 allowed_gids=_group_ids(config.daemon.control_groups),
                 # The socket file belongs to the first group listed: the set above has
@@ -922,6 +1447,10 @@ async def run_daemon(
             )
         )
         await root.start(daemon.run_gauges)
+        # trio hears signals on the main thread only. A daemon run in a thread of its own
+        # (tests/helpers/daemon_thread.py) is reloaded by calling Daemon.reload().
+        if threading.current_thread() is threading.main_thread():
+            await root.start(serve_reload_signal, daemon)
         interval = systemd.watchdog_interval()
         if interval:
             await root.start(

@@ -18,11 +18,13 @@ Environment overrides (for ``goqd@.service``, one instance per merchant):
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
 import re
 import stat
+import threading
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -598,16 +600,45 @@ def parse_credentials(
     return {k: Secret(v) for k, v in data.items()}
 
 
+# One writer at a time in this process: ``goqctl key set`` and a refresh token a mall
+# rotated may be written at once, and both go through one temporary file name.
+_CREDENTIAL_WRITE = threading.Lock()
+
+
 def write_credentials(config: Config, store: str, data: dict[str, str]) -> str:
     """Store a renewed credential 0600 in the state directory, atomically."""
-    directory = config.daemon.credentials_dir
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    return write_credential_file(config.daemon.credentials_dir, store, data)
+
+
+def write_credential_file(directory: str, store: str, data: dict[str, str]) -> str:
+    """Write ``<directory>/<store>.json`` 0600, atomically and durably; return its path.
+
+    A reader (a restart) sees the old file or the new one, never a mix. The directory is
+    synced too: a rename lost in a power cut would bring back a refresh token the mall
+    may no longer take. ``OSError`` (read-only, disk full) leaves the old file as it was
+    and no temporary file behind.
+    """
     final = os.path.join(directory, f"{store}.json")
     tmp = final + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    with _CREDENTIAL_WRITE:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        replaced = False
+        try:
+            with os.fdopen(fd, "w") as f:
+                os.fchmod(fd, 0o600)  # a leftover temporary file keeps its own mode otherwise
+                json.dump(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            replaced = True
+        finally:
+            if not replaced:  # half a credential must not stay on disk
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     return final

@@ -3,25 +3,35 @@ ledger, a demo catalogue linked across every store, and a market placing orders.
 
 Everything the daemon does here it would do against real malls: the adapters speak the
 malls' wire formats over real HTTP to the simulators, the ledger is a real SQLite file
-with FULL durability, credentials are read from 0600 files, operators could connect to
-the control socket printed at start. Only the base URLs differ.
+with FULL durability, credentials are read from 0600 files, the config is one ``goqd
+check-config`` accepts (each mall's own minimum poll interval by default), operators
+could connect to the control socket printed at start. Only the base URLs differ.
+
+Time is simulated, as in ``goqd sim`` (``goqd.simbench.SimulatedTime``): the demo's
+trio clock runs ``speed`` times faster than real time, and the daemon, the simulators,
+the ledger and the market all read that clock. What a mall imposes keeps its simulated
+length (Amazon shows an order to getOrders two simulated minutes after it was placed),
+so the five-mall demo, under three simulated minutes, takes under a minute. Work on this
+machine (HTTP on loopback, SQLite commits) still costs real time, which the fast clock
+multiplies by ``speed``: a higher speed is faster and a little less like a real day.
 
 At the end it checks what a merchant cares about: every order line a mall accepted was
 booked (``lost_lines``), every mall shows the ledger's count (``converged``), and how
-many units were sold that were not on the shelf (``oversold_units``).
+many units were sold that were not on the shelf (``oversold_units``). It never talks
+to a real mall and never reports a figure it did not count in this run.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
 import shutil
-import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 import msgspec
@@ -29,11 +39,31 @@ import trio
 
 from goqd import messages as m
 from goqd.app import Daemon, run_daemon
-from goqd.config import Config, DaemonConfig, StoreConfig
+from goqd.config import Config, DaemonConfig, StoreConfig, check_config
 from goqd.sim.base import SimMall
 from goqd.sim.http import serve_sim
 from goqd.sim.market import Market
 from goqd.sim.registry import SIMS
+from goqd.simbench import (
+    SimulatedTime,
+    available_malls,
+    ledger_first_seen,
+    ledger_snapshot,
+    poll_interval_for,
+    stock_mismatches,
+)
+
+# Simulated seconds per real second. The five-mall demo is under three simulated
+# minutes (30 s of market, Amazon's two-minute order lag, its next poll); at 4 that is
+# about 45 s of wall time on a loaded 2-core machine, and a real millisecond of work
+# costs only four simulated ones, so pacing and timeouts behave much as against real
+# malls.
+DEMO_SPEED = 4.0
+# While settling, every store is asked to poll now (``goqctl poll-now``) this often
+# (simulated seconds). Not every second: Amazon allows getOrders a burst of 20 and then
+# one a minute, and polling it every second spent the burst before its last orders
+# showed, which then waited a minute more.
+FORCE_POLL_S = 10.0
 
 CATALOGUE = [
     ("TS-RED-S", "Tシャツ 赤 S"),
@@ -51,8 +81,18 @@ CATALOGUE = [
 ]
 
 
+class BookingDelay(msgspec.Struct, kw_only=True):
+    """Simulated seconds from a mall accepting an order to the ledger booking its
+    lines, over one mall's stores."""
+
+    lines: int
+    min_s: float
+    max_s: float
+
+
 class DemoSummary(msgspec.Struct, kw_only=True):
-    seconds: float
+    seconds: float  # simulated seconds the market was open
+    malls: list[str]
     stores: list[str]
     products: int
     orders: int
@@ -65,56 +105,122 @@ class DemoSummary(msgspec.Struct, kw_only=True):
     lost_lines: int
     converged: bool
     mismatches: list[str]
+    booked_after_s: dict[str, BookingDelay]  # by mall
+    # Filled in by the run around the summary: simulated seconds from the daemon's
+    # READY to the end of the check, and real seconds of the whole run.
+    speed: float = 0.0
+    simulated_s: float = 0.0
+    wall_s: float = 0.0
 
 
-def demo_stores(malls: list[str] | None = None) -> list[tuple[str, str]]:
+def parse_malls(text: str) -> list[str]:
+    """``--malls``: comma-separated mall names; each counts once, in the order given.
+
+    Raises ValueError naming the unknown names and the valid ones, or if none is given.
+    """
+    return _check_malls([x.strip() for x in text.split(",") if x.strip()])
+
+
+def _check_malls(names: Sequence[str]) -> list[str]:
+    valid = available_malls()
+    unknown = [x for x in names if x not in valid]
+    if unknown:
+        bad = list(dict.fromkeys(unknown))
+        raise ValueError(
+            f"unknown mall{'s' if len(bad) > 1 else ''} {', '.join(repr(x) for x in bad)} "
+            f"(choose from {', '.join(valid)})"
+        )
+    if not names:
+        raise ValueError(f"no mall given (choose from {', '.join(valid)})")
+    return list(dict.fromkeys(names))
+
+
+def demo_stores(malls: Sequence[str] | None = None) -> list[tuple[str, str]]:
     """Two stores of each mall (name, mall); every simulated mall by default."""
+    chosen = available_malls() if malls is None else _check_malls(malls)
     stores = []
-    for mall in malls or list(SIMS):
-        if mall not in SIMS:
-            raise ValueError(f"no simulated mall {mall!r} (choose from {', '.join(SIMS)})")
+    for mall in chosen:
         stores += [(f"{mall}-a", mall), (f"{mall}-b", mall)]
     return stores
 
 
-async def run_demo(
+def demo_polls(stores: Sequence[tuple[str, str]], poll_interval: str) -> dict[str, str]:
+    """Each mall's poll interval: ``poll_interval``, or "min" for the mall's own minimum.
+
+    Raises ValueError if a mall does not allow it: the demo runs only a config ``goqd
+    check-config`` would accept.
+    """
+    return {mall: poll_interval_for(mall, poll_interval) for _, mall in stores}
+
+
+def run_demo(
     *,
     seconds: float = 30.0,
     seed: int = 1,
     order_rate: float = 4.0,
-    poll_interval: str = "2s",
+    poll_interval: str = "min",
+    speed: float = DEMO_SPEED,
     out: TextIO | None = None,
     live: bool = True,
     keep: str | None = None,
-    malls: list[str] | None = None,
+    malls: Sequence[str] | None = None,
 ) -> DemoSummary:
-    """Run the demo for ``seconds`` of market, then let the daemon settle."""
-    out = out or sys.stdout
-    rng = random.Random(seed)
+    """Run the market for ``seconds`` simulated seconds, then let the daemon settle.
+
+    Runs its own ``trio.run`` on a simulated clock ``speed`` times faster than real
+    time, so it must not be called from inside one. Bad arguments (an unknown mall, a
+    speed or duration not above 0) raise ValueError before anything starts.
+    """
+    stores = demo_stores(malls)
+    polls = demo_polls(stores, poll_interval)
+    if not seconds > 0 or not order_rate > 0:
+        raise ValueError("seconds and order rate must be more than 0")
+    sim_time = SimulatedTime(speed)
+    started = time.perf_counter()
     tmp = keep or tempfile.mkdtemp(prefix="goqd-demo-", dir="/tmp")
     try:
-        stores = demo_stores(malls)
-        return await _run(tmp, stores, seconds, rng, order_rate, poll_interval, out, live)
+        run = functools.partial(
+            _run,
+            tmp=tmp,
+            stores=stores,
+            seconds=seconds,
+            rng=random.Random(seed),
+            # The daemon's own (retry jitter) apart, so the market a seed gives stays
+            # the same whatever the daemon draws.
+            daemon_rng=random.Random(f"goqd-demo-daemon-{seed}"),
+            order_rate=order_rate,
+            polls=polls,
+            out=out or sys.stdout,
+            live=live,
+            sim_time=sim_time,
+        )
+        summary = sim_time.run(run)
     finally:
         if keep is None:
             shutil.rmtree(tmp, ignore_errors=True)
+    summary.wall_s = round(time.perf_counter() - started, 1)
+    return summary
 
 
 async def _run(
+    *,
     tmp: str,
     stores: list[tuple[str, str]],
     seconds: float,
     rng: random.Random,
+    daemon_rng: random.Random,
     order_rate: float,
-    poll_interval: str,
+    polls: dict[str, str],
     out: TextIO,
     live: bool,
+    sim_time: SimulatedTime,
 ) -> DemoSummary:
     say: Callable[[str], None] = (
         (lambda s: print(s, file=out, flush=True)) if live else (lambda s: None)
     )
-    clock = time.time
-    settle_timeout = 30.0 + max(SIMS[mall].settle_s for _, mall in stores)
+    clock = sim_time.wall
+    malls = sorted({mall for _, mall in stores})
+    settle_timeout = 30.0 + max(SIMS[mall].settle_s for mall in malls)
     async with trio.open_nursery() as nursery:
         sims: dict[str, SimMall] = {}
         urls: dict[str, str] = {}
@@ -123,45 +229,20 @@ async def _run(
             sim = spec.cls(shop_id=f"{300000 + n}", clock=clock, seed=rng.randrange(1 << 30))
             sims[name] = sim
             urls[name] = await nursery.start(serve_sim, sim.app)
-        # The real daemon's config, credentials in 0600 files, as an operator would write.
-        store_cfgs = []
-        os.makedirs(os.path.join(tmp, "etc"), exist_ok=True)
-        for name, mall in stores:
-            cred = os.path.join(tmp, "etc", f"{name}.json")
-            fd = os.open(cred, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(sims[name].credentials(), f)
-            spec = SIMS[mall]
-            store_cfgs.append(
-                StoreConfig(
-                    name=name,
-                    mall=mall,
-                    base_url=urls[name],
-                    credentials=cred,
-                    poll_interval=poll_interval,
-                    push_retry="5s",
-                    request_timeout="10s",
-                    urls={k: urls[name] + path for k, path in spec.url_paths.items()},
-                    options=dict(spec.options),
-                )
-            )
-        config = Config(
-            daemon=DaemonConfig(
-                state_dir=os.path.join(tmp, "state"),
-                control_socket=os.path.join(tmp, "control.sock"),
-                http_listen="127.0.0.1:0",
-                base_store=stores[0][0],
-                log_level="warning",
-            ),
-            stores=tuple(store_cfgs),
-            source=os.path.join(tmp, "etc", "goqd.toml"),
+        config = _config(tmp, stores, sims, urls, polls)
+        daemon: Daemon = await nursery.start(
+            functools.partial(run_daemon, config, clock=clock, rng=daemon_rng)
         )
-        daemon: Daemon = await nursery.start(run_daemon, config)
+        ready_at = trio.current_time()
         say(
-            f"goqd demo: {len(stores)} simulated stores "
-            f"({', '.join(n for n, _ in stores)}), ledger {config.daemon.ledger_path}"
+            f"goqd demo: {len(malls)} malls ({', '.join(malls)}), {len(stores)} simulated "
+            f"stores, ledger {config.daemon.ledger_path}"
         )
         say(f"  control socket {config.daemon.control_socket}  metrics {daemon.http_url}/metrics")
+        say(
+            f"  the clock runs {sim_time.speed:g}x real time: every time shown is simulated "
+            "(mall delays keep their real length in it)"
+        )
 
         market = await _catalogue(daemon, sims, rng)
         say(
@@ -170,7 +251,7 @@ async def _run(
         )
 
         start = trio.current_time()
-        next_view = start + 1.0
+        next_view = start + 5.0
         while trio.current_time() - start < seconds:
             await trio.sleep(rng.expovariate(order_rate))
             market.place_random(clock())
@@ -180,19 +261,66 @@ async def _run(
             elif roll < 0.3:
                 market.advance_random()
             if trio.current_time() >= next_view:
-                next_view += 2.0
+                next_view += 5.0
                 say(await _view(daemon, market, trio.current_time() - start))
 
         say("  market closed; waiting for every store to show the ledger's count …")
-        if any(mall == "amazon" for _, mall in stores):
+        if "amazon" in malls:
             say(
                 "  (Amazon shows orders to getOrders about 2 minutes late, as the real "
-                "SP-API does: up to ~4 minutes)"
+                "SP-API does: its last orders are booked about 2 simulated minutes from now)"
             )
-        converged, mismatches = await _settle(daemon, market, settle_timeout)
-        summary = await _summary(daemon, market, seconds, converged, mismatches)
+        converged, mismatches = await _settle(daemon, market, settle_timeout, start, say)
+        summary = await _summary(daemon, market, malls, seconds, converged, mismatches)
+        summary.speed = sim_time.speed
+        summary.simulated_s = round(trio.current_time() - ready_at, 1)
         nursery.cancel_scope.cancel()
     return summary
+
+
+def _config(
+    tmp: str,
+    stores: list[tuple[str, str]],
+    sims: dict[str, SimMall],
+    urls: dict[str, str],
+    polls: dict[str, str],
+) -> Config:
+    """The real daemon's config, credentials in 0600 files, as an operator would write."""
+    store_cfgs = []
+    os.makedirs(os.path.join(tmp, "etc"), exist_ok=True)
+    for name, mall in stores:
+        cred = os.path.join(tmp, "etc", f"{name}.json")
+        fd = os.open(cred, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(sims[name].credentials(), f)
+        spec = SIMS[mall]
+        store_cfgs.append(
+            StoreConfig(
+                name=name,
+                mall=mall,
+                base_url=urls[name],
+                credentials=cred,
+                poll_interval=polls[mall],
+                push_retry="5s",
+                request_timeout="10s",
+                urls={k: urls[name] + path for k, path in spec.url_paths.items()},
+                options=dict(spec.options),
+            )
+        )
+    config = Config(
+        daemon=DaemonConfig(
+            state_dir=os.path.join(tmp, "state"),
+            control_socket=os.path.join(tmp, "control.sock"),
+            http_listen="127.0.0.1:0",
+            base_store=stores[0][0],
+            log_level="warning",
+        ),
+        stores=tuple(store_cfgs),
+        source=os.path.join(tmp, "etc", "goqd.toml"),
+    )
+    # What `goqd run` would refuse, the demo does not run either.
+    check_config(config)
+    return config
 
 
 async def _catalogue(daemon: Daemon, sims: dict[str, SimMall], rng: random.Random) -> Market:
@@ -227,78 +355,110 @@ async def _view(daemon: Daemon, market: Market, elapsed: float) -> str:
     )
 
 
-async def _ledger_totals(daemon: Daemon) -> dict[str, int]:
-    products = await daemon.ledger.ask(m.ListProducts(limit=10_000), m.ProductList)
-    return {p.sku: p.total for p in products.products}
-
-
-def _mismatches(market: Market, totals: dict[str, int]) -> list[str]:
-    bad = []
-    for store, sim in market.sims.items():
-        for sku, key in market.keys[store].items():
-            have = sim.stock(key)
-            want = max(0, totals[sku])
-            if have != want:
-                bad.append(f"{store}/{key}: mall {have}, ledger {want}")
-    return bad
-
-
-async def _settle(daemon: Daemon, market: Market, limit_s: float) -> tuple[bool, list[str]]:
-    """Poll every store until each mall's count equals the ledger's, or time runs out."""
+async def _settle(
+    daemon: Daemon,
+    market: Market,
+    limit_s: float,
+    opened_at: float,
+    say: Callable[[str], None],
+) -> tuple[bool, list[str]]:
+    """Ask every store to poll (``goqctl poll-now``) until each mall's count equals the
+    ledger's, the outbox is empty, nothing is parked and every line a mall accepted is
+    booked, or ``limit_s`` simulated seconds pass."""
     deadline = trio.current_time() + limit_s
+    next_view = trio.current_time() + 15.0
+    next_poll = trio.current_time()
     bad: list[str] = []
     while trio.current_time() < deadline:
-        for handle in daemon.handles.values():
-            handle.request_poll()
+        if trio.current_time() >= next_poll:
+            next_poll += FORCE_POLL_S
+            for handle in daemon.handles.values():
+                handle.request_poll()
         await trio.sleep(1.0)
-        status = await daemon.ledger.ask(m.GetLedgerStatus(), m.LedgerStatus)
-        booked = _booked_lines(daemon)
-        bad = _mismatches(market, await _ledger_totals(daemon))
-        if not bad and status.outbox == 0 and market.mall_lines() <= booked:
+        totals, booked, outbox, parked = await trio.to_thread.run_sync(
+            ledger_snapshot, daemon.config.daemon.ledger_path
+        )
+        bad = stock_mismatches(market, totals)
+        unbooked = len(market.mall_lines() - booked)
+        if not bad and outbox == 0 and parked == 0 and unbooked == 0:
             return True, []
+        if trio.current_time() >= next_view:
+            next_view += 15.0
+            say(
+                f"  t={trio.current_time() - opened_at:5.1f}s waiting: {unbooked} lines not "
+                f"booked yet, {len(bad)} listings differ, outbox {outbox}"
+            )
     return False, bad
 
 
-def _booked_lines(daemon: Daemon) -> set[tuple[str, str, str]]:
-    # A read-only connection beside the ledger's writer: WAL lets readers in.
-    conn = sqlite3.connect(f"file:{daemon.config.daemon.ledger_path}?mode=ro", uri=True)
-    try:
-        rows = conn.execute("SELECT store, order_id, line_id FROM order_lines")
-        return {(str(a), str(b), str(c)) for a, b, c in rows}
-    finally:
-        conn.close()
-
-
 async def _summary(
-    daemon: Daemon, market: Market, seconds: float, converged: bool, mismatches: list[str]
+    daemon: Daemon,
+    market: Market,
+    malls: list[str],
+    seconds: float,
+    converged: bool,
+    mismatches: list[str],
 ) -> DemoSummary:
     status = await daemon.ledger.ask(m.GetLedgerStatus(), m.LedgerStatus)
-    booked = _booked_lines(daemon)
-    lost = market.mall_lines() - booked
+    first_seen = await trio.to_thread.run_sync(ledger_first_seen, daemon.config.daemon.ledger_path)
+    lost = market.mall_lines() - set(first_seen)
     return DemoSummary(
         seconds=seconds,
+        malls=malls,
         stores=sorted(daemon.handles),
         products=len(CATALOGUE),
         orders=len(market.placed),
         refused_orders=market.refused,
         cancelled_units=market.cancelled_units,
-        lines_booked=len(booked),
+        lines_booked=len(first_seen),
         pushes=sum(h.pushes for h in daemon.handles.values()),
         oversold_units=market.oversold_units,
         ledger_oversold_units=status.oversold_units,
         lost_lines=len(lost),
         converged=converged,
         mismatches=mismatches[:20],
+        booked_after_s=_booking_delays(market, first_seen),
     )
+
+
+def _booking_delays(
+    market: Market, first_seen: dict[tuple[str, str, str], float]
+) -> dict[str, BookingDelay]:
+    """Per mall: from each order's acceptance, by the simulator's clock, to the ledger's
+    ``first_seen`` of its lines, by the daemon's; both read the same simulated clock."""
+    delays: dict[str, list[float]] = {}
+    for store, sim in market.sims.items():
+        for order in sim.orders.values():
+            for line in order.lines:
+                seen = first_seen.get((store, order.order_id, line.line_id))
+                if seen is not None:
+                    delays.setdefault(sim.mall, []).append(seen - order.created_at)
+    return {
+        mall: BookingDelay(lines=len(d), min_s=round(min(d), 1), max_s=round(max(d), 1))
+        for mall, d in sorted(delays.items())
+    }
 
 
 def format_summary(summary: DemoSummary) -> str:
     data: dict[str, Any] = msgspec.to_builtins(summary)
-    lines = ["", "goqd demo summary"]
+    lines = [
+        "",
+        f"goqd demo summary: {len(summary.malls)} malls ({', '.join(summary.malls)}), "
+        f"{len(summary.stores)} stores",
+    ]
     for key, value in data.items():
         if key == "mismatches" and not value:
             continue
+        if key == "booked_after_s":
+            continue
+        if isinstance(value, list):
+            value = ", ".join(str(x) for x in value)
         lines.append(f"  {key:<22} {value}")
+    for mall, delay in summary.booked_after_s.items():
+        label = f"booked after ({mall})"
+        lines.append(
+            f"  {label:<22} {delay.min_s:g}-{delay.max_s:g} simulated s ({delay.lines} lines)"
+        )
     verdict = (
         "OK: nothing lost, every mall converged"
         if (summary.converged and summary.lost_lines == 0)

@@ -53,6 +53,9 @@ ERROR_CODES: dict[str, int] = {
     "multiple_links": LEVEL_TEMPORARY,
     "bad_order_line": LEVEL_TEMPORARY,
     "count_fell_without_order": LEVEL_TEMPORARY,
+    # A credential the mall renewed at run time (a rotated refresh token) could not be
+    # written: the store runs on, but a restart would read the old one.
+    "credential_not_saved": LEVEL_TEMPORARY,
 }
 
 

@@ -215,6 +215,8 @@ def _shared_processors() -> list[Processor]:
 
 
 _HANDLER_MARK = "_goqd_handler"
+# httpx logs every request at INFO: these log only warnings and above.
+QUIET_LOGGERS = ("httpx", "httpcore", "hypercorn.access")
 
 
 def configure_logging(
@@ -222,7 +224,7 @@ def configure_logging(
     *,
     json: bool | None = None,
     stream: TextIO | None = None,
-    quiet_loggers: Iterable[str] = ("httpx", "httpcore", "hypercorn.access"),
+    quiet_loggers: Iterable[str] = QUIET_LOGGERS,
 ) -> None:
     """Configure structlog and the stdlib root logger; safe to call again.
 
@@ -276,3 +278,16 @@ def configure_logging(
         # Not cached: configure_logging() may run again (tests, check-config then run).
         cache_logger_on_first_use=False,
     )
+
+
+def set_log_level(level: str, *, quiet_loggers: Iterable[str] = QUIET_LOGGERS) -> None:
+    """Change the level ``configure_logging`` set, and nothing else (a reload).
+
+    structlog filters by the stdlib root logger's level, so one ``setLevel`` is enough.
+    """
+    if level.lower() not in _LEVELS:
+        raise ValueError(f"unknown log level {level!r}")
+    numeric = _LEVELS[level.lower()]
+    logging.getLogger().setLevel(numeric)
+    for name in quiet_loggers:
+        logging.getLogger(name).setLevel(max(numeric, logging.WARNING))

@@ -230,6 +230,20 @@ class DeleteProduct(_Msg, frozen=True, kw_only=True, tag="delete_product"):
     request_id: str = ""
 
 
+class AddProduct(_Msg, frozen=True, kw_only=True, tag="add_product"):
+    """`goqctl product add`: a product with the operator's count, from no store's import.
+
+    An existing SKU is refused. Then every unlinked listing of ``stores`` (each with its
+    link normalisation) whose code matches the SKU is linked, as an import links.
+    """
+
+    sku: str
+    quantity: int
+    name: str = ""
+    stores: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    request_id: str = ""
+
+
 class SetStock(_Msg, frozen=True, kw_only=True, tag="set_stock"):
     sku: str
     quantity: int
@@ -323,9 +337,28 @@ class ListProducts(_Msg, frozen=True, kw_only=True, tag="list_products"):
 
 
 class ListListings(_Msg, frozen=True, kw_only=True, tag="list_listings"):
+    """A store's listings in key order from ``after``.
+
+    ``state``: only ``linked``, ``unlinked`` or ``ambiguous`` listings, or ``parked``
+    (those with parked order lines); "" every listing. ``search``: only listings whose
+    key, code, SKU or name contains it (ASCII letters in any case). ``keys``: exactly
+    these listings (the others are ignored), for a reader that already has a page.
+    """
+
     store: str
     after: str = ""
     limit: int = 500
+    state: str = ""
+    search: str = ""
+    keys: tuple[str, ...] = ()
+
+
+class CountListings(_Msg, frozen=True, kw_only=True, tag="count_listings"):
+    """How many listings of ``store`` are in link ``state``: the total a diff's progress
+    counts towards (answered with ``ListingCount``)."""
+
+    store: str
+    state: Literal["linked", "unlinked", "ambiguous"] = "linked"
 
 
 class ImportListings(_Msg, frozen=True, kw_only=True, tag="import_listings"):
@@ -342,6 +375,9 @@ class ImportListings(_Msg, frozen=True, kw_only=True, tag="import_listings"):
     base: bool = False
     rules: tuple[str, ...] = ()
     default_lead_time: int | None = None
+    # `goqctl import STORE --create-products`: unmatched listings of this (non-base)
+    # store create products too, as the base store's do.
+    create_products: bool = False
 
 
 class AutoLink(_Msg, frozen=True, kw_only=True, tag="auto_link"):
@@ -359,6 +395,23 @@ class QueuePushes(_Msg, frozen=True, kw_only=True, tag="queue_pushes"):
     # False: skip listings that are gone or unlinked instead of refusing (the store
     # actor re-asserting counts after an ambiguous push failure).
     strict: bool = True
+    request_id: str = ""
+
+
+class DiffFound(_Msg, frozen=True, kw_only=True, tag="diff_found"):
+    """A diff of ``store`` finished: ``listing_keys`` are the listings it found 差異
+    (a push pending or held units explained the others). Replaces the store's last diff,
+    which ``ReflectDiffering`` pushes; a diff that did not finish records nothing."""
+
+    store: str
+    listing_keys: tuple[str, ...] = ()
+    checked: int = 0
+
+
+class ReflectDiffering(_Msg, frozen=True, kw_only=True, tag="reflect_differing"):
+    """反映 the listings the last diff of ``store`` found 差異 (``DiffFound``)."""
+
+    store: str
     request_id: str = ""
 
 
@@ -459,6 +512,7 @@ LedgerRequest = (
     | Link
     | Unlink
     | DeleteProduct
+    | AddProduct
     | SetStock
     | AdjustStock
     | GetHistory
@@ -469,9 +523,12 @@ LedgerRequest = (
     | ListParked
     | ListProducts
     | ListListings
+    | CountListings
     | ImportListings
     | AutoLink
     | QueuePushes
+    | DiffFound
+    | ReflectDiffering
     | SetStocks
     | GetLedgerStatus
     | GetStoreStats
@@ -641,10 +698,23 @@ class ListingRecord(_Msg, frozen=True, kw_only=True, tag="listing_record"):
     last_seen_quantity: int | None
     pending_version: int | None
     held: int = 0
+    # The push waiting in the outbox for this listing (queued, or ``pending_sent``: handed
+    # to the store and not yet acknowledged), and the linked product's count: what the
+    # diff compares the mall with, read in the same transaction.
+    pending_quantity: int | None = None
+    pending_sent: bool = False
+    product_total: int | None = None
+    product_held: int = 0
+    count_known: bool = True
+    parked: int = 0  # order lines of this listing parked (連携できない商品)
 
 
 class ListingList(_Msg, frozen=True, kw_only=True, tag="listing_list"):
     listings: tuple[ListingRecord, ...]
+
+
+class ListingCount(_Msg, frozen=True, kw_only=True, tag="listing_count"):
+    count: int
 
 
 class StoreLedgerStatus(_Msg, frozen=True, kw_only=True, tag="store_ledger_status"):
@@ -688,7 +758,7 @@ class LinkReport(_Msg, frozen=True, kw_only=True, tag="link_report"):
 
     store: str
     seen: int = 0
-    created: int = 0  # products created (base store)
+    created: int = 0  # products created (base store, or import --create-products)
     new_listings: int = 0
     updated: int = 0  # existing listings whose data changed
     linked: int = 0  # listings linked by this request
@@ -699,6 +769,22 @@ class LinkReport(_Msg, frozen=True, kw_only=True, tag="link_report"):
     # Products created without a count (the mall's was unlimited or absent): kept out of
     # sync until `goqctl stock set SKU N`; their SKUs are in ``problems``.
     count_unknown: int = 0
+
+
+class ProductAdded(_Msg, frozen=True, kw_only=True, tag="product_added"):
+    """What `goqctl product add` did: the product, and the listings it now has.
+
+    ``linked`` and ``ambiguous`` are ``(store, listing_key)``, at most 100 each;
+    ``problems`` name listings that matched but could not be linked, and what to run.
+    """
+
+    sku: str
+    name: str = ""
+    total: int
+    linked: tuple[tuple[str, str], ...] = ()
+    ambiguous: tuple[tuple[str, str], ...] = ()
+    released: int = 0  # parked order lines booked because of the new links
+    problems: tuple[str, ...] = ()
 
 
 class StockImportJob(_Msg, frozen=True, kw_only=True, tag="stock_import_job"):
@@ -730,10 +816,12 @@ LedgerReply = (
     | ParkedList
     | ProductList
     | ListingList
+    | ListingCount
     | LedgerStatus
     | Pong
     | LinkReport
     | StoreStats
     | StockImportJob
     | StockImportList
+    | ProductAdded
 )

@@ -48,6 +48,10 @@ goqd_mall_clock_skew_seconds{store}                    gauge      the mall's clo
 goqd_mall_request_retries_total{store}                 counter    reads sent again on a
                                                                   fresh connection (the
                                                                   pooled one was closed)
+goqd_config_reloads_total{outcome}                     counter    reloads (SIGHUP): ok|refused
+goqd_config_last_reload_successful                     gauge      0 after a refused reload
+goqd_config_restart_needed_keys                        gauge      changed keys that wait for a
+                                                                  restart
 =====================================================  =========  ==========================
 
 ``touch_store`` creates every per-store series at start-up, so a dashboard or alert
@@ -67,6 +71,7 @@ POLL_OUTCOMES = ("ok", "unavailable", "rate_limited", "auth", "protocol", "error
 LINE_OUTCOMES = ("booked", "duplicate", "stale", "parked", "rejected")
 PUSH_OUTCOMES = ("accepted", "rejected", "failed")
 ERROR_LEVELS = ("8", "9")
+RELOAD_OUTCOMES = ("ok", "refused")
 
 _POLL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
@@ -234,6 +239,27 @@ class Metrics:
             "Idempotent reads sent again on a fresh connection because the pooled one "
             "had been closed by the mall.",
             ["store"],
+            registry=r,
+        )
+
+        self.config_reloads_total = Counter(
+            "goqd_config_reloads",
+            "Configuration reloads (SIGHUP, systemctl reload) by outcome: ok, or refused "
+            "(the file or a credential failed the start-up checks; nothing changed).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in RELOAD_OUTCOMES:
+            self.config_reloads_total.labels(outcome)
+        self.config_last_reload_successful = Gauge(
+            "goqd_config_last_reload_successful",
+            "1 if the last reload was applied (or none was asked for), 0 if it was refused.",
+            registry=r,
+        )
+        self.config_last_reload_successful.set(1)
+        self.config_restart_needed_keys = Gauge(
+            "goqd_config_restart_needed_keys",
+            "Keys changed in the config file that take effect only when goqd is restarted.",
             registry=r,
         )
 

@@ -73,7 +73,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import msgspec
@@ -100,6 +100,7 @@ from goqd.sim.market import Market, Placed
 from goqd.sim.registry import SIMS
 
 Webhook = Callable[[bytes, Mapping[str, str]], Awaitable[int]]
+_T = TypeVar("_T")
 
 # Order quantities: most customers buy one.
 QUANTITIES = (1, 2, 3)
@@ -195,17 +196,22 @@ def plan_stores(params: SimParams) -> list[tuple[str, str]]:
 
 
 def _poll_for(params: SimParams, mall: str) -> str:
-    """The poll interval goqd uses for ``mall``; refused if the mall does not allow it
-    (the same rule as ``check_config``, checked before any world starts)."""
+    return poll_interval_for(mall, params.poll_interval)
+
+
+def poll_interval_for(mall: str, wanted: str) -> str:
+    """The poll interval goqd uses for ``mall`` ("min": the mall's own minimum);
+    refused if the mall does not allow it (the same rule as ``check_config``, checked
+    before any world starts)."""
     least = MALLS[mall].limits.min_poll_interval
-    if params.poll_interval == "min":
+    if wanted == "min":
         return f"{least:g}s"
-    if seconds(params.poll_interval) < least:
+    if seconds(wanted) < least:
         raise ValueError(
-            f"--poll-interval {params.poll_interval} is faster than {MALLS[mall].title} "
+            f"--poll-interval {wanted} is faster than {MALLS[mall].title} "
             f"allows (at least {least:g}s); use --poll-interval min for each mall's fastest"
         )
-    return params.poll_interval
+    return wanted
 
 
 # --------------------------------------------------------------------------- the market
@@ -713,7 +719,7 @@ def seed_ledger(
         conn.close()
 
 
-def _ledger_snapshot(path: str) -> tuple[dict[str, int], set[tuple[str, str, str]], int, int]:
+def ledger_snapshot(path: str) -> tuple[dict[str, int], set[tuple[str, str, str]], int, int]:
     """Totals, booked lines, outbox and parked rows, through a read-only connection
     beside the ledger's writer (WAL lets readers in)."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -755,14 +761,41 @@ def _gate_pushes(daemon: Daemon) -> None:
     setattr(daemon.ledger, "call", call_then_release)  # noqa: B010
 
 
+class SimulatedTime:
+    """A trio ``MockClock`` running ``speed`` simulated seconds per real second, and
+    the wall clock that goes with it, ``epoch`` + simulated seconds, for everything
+    that reads a wall clock in the run (daemon, simulators, ledger, market).
+
+    Shared by ``goqd sim`` and ``goqd demo``: delays a mall imposes (Amazon shows an
+    order about two minutes late) stay what they are in simulated time, while the run
+    takes ``1 / speed`` of the real time. Real HTTP and SQLite work still costs real
+    time, which the fast clock multiplies by ``speed``.
+    """
+
+    def __init__(self, speed: float, epoch: float | None = None) -> None:
+        if not speed > 0:
+            raise ValueError(f"speed must be more than 0, not {speed:g}")
+        self.speed = speed
+        self.epoch = float(int(time.time())) if epoch is None else epoch
+        self.mock = trio.testing.MockClock(rate=speed)
+
+    def wall(self) -> float:
+        # Read from the clock object, not trio.current_time(): the ledger calls this on
+        # its worker thread, where trio.current_time() raises.
+        return self.epoch + self.mock.current_time()
+
+    def run(self, async_fn: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+        """``trio.run(async_fn, *args)`` on this clock."""
+        return trio.run(async_fn, *args, clock=self.mock)
+
+
 @dataclass
 class _World:
     params: SimParams
     plan: Plan
     policy: Policy
-    epoch: float
     tmp: str
-    mock: trio.testing.MockClock
+    sim_time: SimulatedTime
     sims: dict[str, SimMall] = field(default_factory=dict)
     market: Market | None = None
     tracker: Tracker | None = None
@@ -782,22 +815,19 @@ class _World:
     closed_at: float = 0.0
 
     def clock(self) -> float:
-        # Read from the clock object, not trio.current_time(): the ledger calls this on
-        # its worker thread, where trio.current_time() raises.
-        return self.epoch + self.mock.current_time()
+        return self.sim_time.wall()
 
 
 async def run_world(
     params: SimParams,
     plan: Plan,
     policy: Policy,
-    epoch: float,
     tmp: str,
-    mock: trio.testing.MockClock,
+    sim_time: SimulatedTime,
 ) -> WorldReport:
-    """One policy on the planned market; ``mock`` is the clock this trio run uses."""
+    """One policy on the planned market; ``sim_time`` is the clock this trio run uses."""
     started = time.perf_counter()
-    w = _World(params, plan, policy, epoch, tmp, mock)
+    w = _World(params, plan, policy, tmp, sim_time)
     os.makedirs(os.path.join(tmp, "state"), exist_ok=True)
     mall_of = dict(plan.stores)
     real = dict(plan.initial)
@@ -1050,7 +1080,7 @@ async def _settle(
                     handle.request_poll()
             await trio.sleep(5.0)
             totals, booked, outbox, parked = await trio.to_thread.run_sync(
-                _ledger_snapshot, ledger_path
+                ledger_snapshot, ledger_path
             )
             mismatches = _mismatches(w, totals)
             lost = len(w.market.mall_lines() - booked)
@@ -1061,9 +1091,15 @@ async def _settle(
 
 def _mismatches(w: _World, totals: dict[str, int]) -> list[str]:
     assert w.market is not None
+    return stock_mismatches(w.market, totals)
+
+
+def stock_mismatches(market: Market, totals: Mapping[str, int]) -> list[str]:
+    """Every listing whose mall shows another count than the ledger's total for its
+    product (a negative total shows as 0), as ``store/sku: mall N, ledger M``."""
     bad = []
-    for store, sim in w.sims.items():
-        for sku, key in w.market.keys[store].items():
+    for store, sim in market.sims.items():
+        for sku, key in market.keys[store].items():
             have = sim.stock(key)
             want = max(0, totals[sku])
             if have != want:
@@ -1106,7 +1142,7 @@ async def _report(
         by_mall[order.mall].append(latency)
         series.append((round(order.at - tracker.opened_at, 2), round(latency, 3)))
     api, calls, throttled = _api_use(w, sent, max((d for _, d in w.lags), default=0.0))
-    booked_at = await trio.to_thread.run_sync(_booked_at, ledger_path)
+    booked_at = await trio.to_thread.run_sync(ledger_first_seen, ledger_path)
     holds = await trio.to_thread.run_sync(_hold_times, ledger_path)
     booked_at = _reflected_at(tracker, booked_at, holds)
     pipeline = _pipeline(tracker, booked_at)
@@ -1168,8 +1204,9 @@ async def _report(
     )
 
 
-def _booked_at(path: str) -> dict[tuple[str, str, str], float]:
-    """When the ledger first booked each order line (its ``first_seen``, wall clock)."""
+def ledger_first_seen(path: str) -> dict[tuple[str, str, str], float]:
+    """When the ledger first booked each order line (its ``first_seen``, wall clock),
+    through a read-only connection beside the ledger's writer (WAL lets readers in)."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         return {
@@ -1329,8 +1366,8 @@ def _api_use(
     than the next, and at most by that much, so ``rate * stall`` tokens of shortfall are
     the machine's, not goqd's.
     """
-    opened = w.epoch + w.opened_at
-    closed = w.epoch + w.closed_at
+    opened = w.sim_time.epoch + w.opened_at
+    closed = w.sim_time.epoch + w.closed_at
     rows: dict[tuple[str, str], dict[str, Any]] = {}
 
     def row(sim: SimMall, api: str) -> dict[str, Any]:
@@ -1461,16 +1498,9 @@ def run_sim(params: SimParams) -> SimReport:
     worlds: dict[str, WorldReport] = {}
     with tempfile.TemporaryDirectory(prefix="goqd-sim-", dir="/tmp") as tmp:
         for policy in policies(params, stores):
-            clock = trio.testing.MockClock(rate=params.speed)
-            worlds[policy.name] = trio.run(
-                run_world,
-                params,
-                plan,
-                policy,
-                epoch,
-                os.path.join(tmp, policy.name),
-                clock,
-                clock=clock,
+            sim_time = SimulatedTime(params.speed, epoch)
+            worlds[policy.name] = sim_time.run(
+                run_world, params, plan, policy, os.path.join(tmp, policy.name), sim_time
             )
     g = worlds["goqd"]
     b = worlds.get("baseline")

@@ -1,4 +1,4 @@
-"""sd_notify, written in-house: READY, WATCHDOG, STATUS and STOPPING for systemd.
+"""sd_notify, written in-house: READY, RELOADING, WATCHDOG, STATUS and STOPPING for systemd.
 
 The protocol is one datagram of ``KEY=value`` lines to the AF_UNIX socket named by
 ``$NOTIFY_SOCKET`` (a filesystem path, or ``@name`` for the abstract namespace).
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -60,6 +61,17 @@ def watchdog() -> bool:
 def stopping(status: str = "") -> bool:
     """``STOPPING=1``: shutdown has begun."""
     return notify("STOPPING=1" + (f"\nSTATUS={_one_line(status)}" if status else ""))
+
+
+def reloading(status: str = "") -> bool:
+    """``RELOADING=1`` with ``MONOTONIC_USEC=``: a reload has begun; ``ready()`` ends it.
+
+    systemd's notify-reload protocol wants the time of the request on CLOCK_MONOTONIC
+    (the system's clock, never trio's): it tells this reload from an earlier one.
+    """
+    usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    text = f"RELOADING=1\nMONOTONIC_USEC={usec}"
+    return notify(text + (f"\nSTATUS={_one_line(status)}" if status else ""))
 
 
 def status(text: str) -> bool:

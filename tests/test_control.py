@@ -558,6 +558,7 @@ def test_is_mutating_covers_every_state_changing_request() -> None:
         p.StockAdjust(sku="x", delta=1),
         p.ListingSet(store="s", listing_key="k"),
         p.DeleteProduct(sku="x"),
+        p.ProductAdd(sku="x", quantity=1),
         p.Import(store="s"),
         p.Reflect(store="s"),
         p.StockImport(csv_text=""),

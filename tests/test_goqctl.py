@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -55,6 +56,8 @@ class FakeDaemon:
             case p.StockSet() | p.StockAdjust():
                 delta = req.delta if isinstance(req, p.StockAdjust) else 0
                 return p.Ok(result=m.StockChanged(sku=req.sku, total=9, delta=delta, movement_id=1))
+            case p.Diff(store="slow"):
+                await trio.sleep(3600)  # a catalogue read at the mall's pace
         return p.Ok(result=m.Done(changed=1))
 
 
@@ -405,7 +408,7 @@ def test_shell_completion_lists_every_command_and_is_valid_bash(
     script = capsys.readouterr().out
     for command in ("status", "stores", "errors", "key", "import", "diff", "reflect", "stock"):
         assert f"{command}) words=" in script
-    assert 'stock) words="adjust import set' in script
+    assert 'stock) words="adjust import list set' in script
     path = tmp_path / "goqctl.bash"
     path.write_text(script)
     # Ask bash itself: the script parses, and completing "goqctl st" offers the commands.
@@ -474,6 +477,42 @@ def test_a_closed_stdout_ends_goqctl_quietly(server: tuple[str, FakeDaemon]) -> 
         os.close(write_end)
     assert out.stderr == b""
     assert out.returncode == 1
+
+
+def test_ctrl_c_during_diff_csv_exits_130_and_leaves_the_file_as_it_was(
+    server: tuple[str, FakeDaemon], tmp_path: Path
+) -> None:
+    path, daemon = server
+    target = tmp_path / "diff.csv"
+    target.write_bytes(b"the last diff\r\n")
+    argv = ["--socket", path, "diff", "slow", "--csv", str(target)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "goqd.cli.goqctl", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not any(isinstance(r, p.Diff) for r in daemon.seen):  # goqctl waits now
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        partial = [f for f in os.listdir(tmp_path) if f.endswith(".part")]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    message = err.decode()
+    assert proc.returncode == 130, message
+    assert partial  # the CSV was being written to a temporary file ...
+    assert os.listdir(tmp_path) == ["diff.csv"]  # ... which is gone
+    assert target.read_bytes() == b"the last diff\r\n"
+    assert "Traceback" not in message
+    assert f"interrupted: nothing was written to {target}" in message
+    assert "run `goqctl diff` again" in message
+    assert out == b""
 
 
 @contextlib.contextmanager

@@ -250,6 +250,9 @@ def test_ids_stored_before_digests_keep_answering_after_the_migration(tmp_path: 
     stored = ledger.apply_batch([m.AdjustStock(sku="A", delta=2, request_id="old-1")]).replies[0]
     # Make the file what schema 3 wrote: undo what migrations 4 and later added.
     for statement in (
+        "DROP INDEX listings_by_state",
+        "DROP TABLE diff_listings",
+        "DROP TABLE diff_runs",
         "DROP INDEX errors_open_by_level",
         "DROP INDEX errors_by_store",
         "ALTER TABLE errors DROP COLUMN mall_code",

@@ -93,7 +93,7 @@ def test_every_metric_is_prefixed_and_carries_no_sku_label() -> None:
     metrics.credential_expiry_timestamp_seconds.labels("a").set(1.9e9)
     allowed = {"store", "mall", "outcome", "state", "level", "child", "version", "le"}
     families = list(reg.collect())
-    assert len(families) == 25
+    assert len(families) == 28
     for family in families:
         assert family.name.startswith("goqd_"), family.name
         for sample in family.samples:

@@ -190,7 +190,7 @@ def _exec_start(unit: Path) -> Path:
 
 def _verify_root(root: Path) -> Path:
     """A directory tree for ``systemd-analyze verify --root``: systemd's own units, both
-    goqd units byte for byte as shipped, and an executable at the shipped ExecStart path.
+    goqd units byte for byte as shipped, and an executable at each shipped Exec*= path.
 
     Returns the directory holding the goqd units. verify checks that ExecStart's program
     exists and is executable *inside the root*, so nothing on this machine is touched
@@ -203,10 +203,13 @@ def _verify_root(root: Path) -> Path:
     units.mkdir(parents=True)
     for name in ("goqd.service", "goqd@.service"):
         shutil.copyfile(UNITS / name, units / name)
-        program = root / _exec_start(UNITS / name).relative_to("/")
-        program.parent.mkdir(parents=True, exist_ok=True)
-        program.write_text("#!/bin/sh\nexit 0\n")
-        program.chmod(0o755)
+        # Every command the unit runs (ExecStart, ExecReload's kill), as verify checks each.
+        text = (UNITS / name).read_text()
+        for command in re.findall(r"^Exec\w+=[-@:+!]*(\S+)", text, re.MULTILINE):
+            program = root / Path(command).relative_to("/")
+            program.parent.mkdir(parents=True, exist_ok=True)
+            program.write_text("#!/bin/sh\nexit 0\n")
+            program.chmod(0o755)
     return units
 
 

@@ -29,6 +29,7 @@ import msgspec
 
 from goqd import expiry
 from goqd import messages as m
+from goqd.cli import csvout, progress
 from goqd.control import protocol as p
 from goqd.control.client import DaemonUnreachable, RemoteError, call_sync, new_request_id
 from goqd.csvio import decode_csv_bytes
@@ -36,12 +37,18 @@ from goqd.errors import ControlError, InputError
 
 DEFAULT_SOCKET = "/run/goqd/control.sock"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 # Work that reads or writes a whole catalogue at the mall's rate limit takes minutes.
 LONG_TIMEOUT = 3600.0
+# Requests that report progress give up after this long without progress from the daemon
+# (not after this long in all: a 100,000-listing diff at a mall's pace takes longer).
+PROGRESS_IDLE_TIMEOUT = 600.0
 DEFAULT_TIMEOUT = 30.0
 KEY_TIMEOUT = 120.0  # key set tests the credential against the mall first
 MAX_CREDENTIAL_BYTES = 64 * 1024
 NAME_WIDTH = 40  # display cells for product/listing names and messages in tables
+DEFAULT_PAGE = 500  # rows a table shows at once
+CSV_PAGE = 5000  # rows a --csv asks the daemon for at once (its cap is 10,000)
 
 
 class _LocalError(Exception):
@@ -70,6 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = _main(argv)
         # Flushed here, not at interpreter exit, where a closed pipe is a traceback.
         sys.stdout.flush()
+    except KeyboardInterrupt:
+        # Ctrl-C outside a request (reading a large CSV, printing a table): nothing was
+        # sent, or the reply had come. _main handles it during a request, with a hint.
+        print("goqctl: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader went away (`goqctl listings S | head`): nothing is left to say, and
         # Python's own flush at exit must not fail on the same pipe again.
@@ -115,12 +127,27 @@ def _main(argv: Sequence[str] | None) -> int:
         _report(args, "local", exc.message, exc.hint)
         return EXIT_ERROR
     timeout = args.timeout if args.timeout is not None else _timeout_for(request)
+    # One id per invocation (or the one given): call() reuses it when it resends after
+    # a broken connection, so a mutating request is applied at most once.
+    args.rid = args.request_id or new_request_id()
+    csv_out: str | None = getattr(args, "csv_out", None)
     try:
-        # One id per invocation: call() reuses it when it resends after a broken
-        # connection, so a mutating request is applied at most once.
-        result = call_sync(args.socket, request, timeout=timeout, request_id=new_request_id())
+        if csv_out is not None:
+            return _write_csv(args, request, timeout)
+        result = _call(args, request, timeout)
+    except KeyboardInterrupt:
+        message = "interrupted"
+        if csv_out is not None:
+            # CsvOut removed its temporary file on the way out: FILE is as it was.
+            where = "standard output" if csv_out == "-" else csv_out
+            message += f": nothing was written to {where}"
+        _report(args, "interrupted", message, _follow_hint(args, request, args_in))
+        return EXIT_INTERRUPTED
     except DaemonUnreachable as exc:
-        _report(args, "unreachable", str(exc), exc.hint)
+        hint = exc.hint
+        if exc.sent and p.is_mutating(request):
+            hint = _follow_hint(args, request, args_in)
+        _report(args, "unreachable", str(exc), hint)
         return EXIT_UNREACHABLE
     except RemoteError as exc:
         _report(args, exc.code, exc.message, exc.hint or _fallback_hint(exc.code, request))
@@ -218,8 +245,52 @@ def _fallback_hint(code: str, request: p.ControlRequest) -> str:
     return ""
 
 
+def _reports_progress(request: p.ControlRequest) -> bool:
+    return isinstance(request, p.Import | p.Diff | p.Reflect | p.StockImport)
+
+
+def _call(args: argparse.Namespace, request: p.ControlRequest, timeout: float) -> p.ControlResult:
+    """Send the request; a long one with its progress shown on stderr as it comes."""
+    if not _reports_progress(request):
+        return call_sync(args.socket, request, timeout=timeout, request_id=args.rid)
+    with progress.shown_on(sys.stderr) as show:
+        return call_sync(
+            args.socket, request, timeout=timeout, request_id=args.rid, on_progress=show
+        )
+
+
+def _follow_hint(args: argparse.Namespace, request: p.ControlRequest, argv: list[str]) -> str:
+    """What to do after goqctl stopped waiting (Ctrl-C, a lost connection, a timeout)."""
+    if not p.is_mutating(request) and _reports_progress(request):
+        return "the daemon finishes the diff on its own; run `goqctl diff` again for a report"
+    if not p.is_mutating(request):
+        return ""
+    if "--request-id" not in argv:
+        argv = ["--request-id", args.rid, *argv]
+    again = shlex.join(["goqctl", *argv])
+    if isinstance(request, p.Import):
+        # The daemon keeps a listing import's outcome in memory only (the last few):
+        # after a restart the same id finds nothing and imports again.
+        return (
+            "the daemon goes on with it (stopping goqctl does not stop it); to wait for it "
+            "again and get its result (if goqd restarted since, this imports again, which "
+            f"updates listings and never duplicates them): {again}"
+        )
+    if _reports_progress(request):
+        return (
+            "the daemon goes on with it (stopping goqctl does not stop it); to wait for it "
+            f"again and get its result, not run it twice: {again}"
+        )
+    return (
+        "the request may or may not have been applied; sending it again with its id "
+        f"applies it at most once: {again}"
+    )
+
+
 def _timeout_for(request: p.ControlRequest) -> float:
-    if isinstance(request, p.Import | p.Diff | p.Reflect | p.LinkAuto | p.StockImport):
+    if _reports_progress(request):
+        return PROGRESS_IDLE_TIMEOUT
+    if isinstance(request, p.LinkAuto):
         return LONG_TIMEOUT
     if isinstance(request, p.KeySet):
         return KEY_TIMEOUT
@@ -308,6 +379,7 @@ def _build_parser() -> argparse.ArgumentParser:
     common.add_argument("--socket", default=argparse.SUPPRESS, metavar="PATH")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
     common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS")
+    common.add_argument("--request-id", default=argparse.SUPPRESS, metavar="ID", type=_request_id)
 
     parser = argparse.ArgumentParser(
         prog="goqctl",
@@ -322,7 +394,22 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     parser.add_argument(
-        "--timeout", type=float, default=None, metavar="SECONDS", help="give up after this long"
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="give up after this long (import, diff, reflect and stock import: after this "
+        f"long without progress; default {PROGRESS_IDLE_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--request-id",
+        default=None,
+        metavar="ID",
+        type=_request_id,
+        help="the request's id (default: a new one). import, reflect and stock import go "
+        "on in the daemon when goqctl is stopped (Ctrl-C) or loses the daemon; sent again "
+        "with the id goqctl printed then, the same command waits for that run and gets "
+        "its result instead of running again",
     )
     cmds = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -398,9 +485,13 @@ def _build_parser() -> argparse.ArgumentParser:
         sp.add_argument("store", metavar="STORE")
         if name == "listings":
             _paging(sp)
+            _listing_filters(sp)
+        if name in ("listings", "diff"):
+            _csv_options(sp)
 
     products = add(cmds, "products", "products (商品) with their total stock")
     _paging(products)
+    _csv_options(products)
 
     link = add(
         cmds,
@@ -418,7 +509,7 @@ def _build_parser() -> argparse.ArgumentParser:
     unlink.add_argument("listing", metavar="LISTING")
 
     stock = add(cmds, "stock", "総在庫数: set, adjust or import product totals")
-    stock_sub = stock.add_subparsers(dest="stock_command", metavar="set|adjust|import")
+    stock_sub = stock.add_subparsers(dest="stock_command", metavar="set|adjust|import|list")
     stock_sub.required = True
     st_set = add(stock_sub, "set", "set a product's total")
     st_set.add_argument("sku", metavar="SKU")
@@ -430,6 +521,9 @@ def _build_parser() -> argparse.ArgumentParser:
     st_adj.add_argument("--reason", default="")
     st_imp = add(stock_sub, "import", "set or adjust totals from a CSV (UTF-8 or Shift_JIS)")
     st_imp.add_argument("file", metavar="FILE")
+    st_list = add(stock_sub, "list", "棚卸: every product's total, held and shown count")
+    _paging(st_list)
+    _csv_options(st_list)
 
     history = add(cmds, "history", "a product's total and its latest movements")
     history.add_argument("sku", metavar="SKU")
@@ -452,22 +546,90 @@ def _build_parser() -> argparse.ArgumentParser:
     imp = add(cmds, "import", "import a store's listings from its mall, or from a CSV")
     imp.add_argument("store", metavar="STORE")
     imp.add_argument("--csv", metavar="FILE", help="goqd CSV (UTF-8 or Shift_JIS)")
+    imp.add_argument(
+        "--create-products",
+        action="store_true",
+        help="create a product (SKU: the listing's link code; 総在庫数: the mall's count) "
+        "for each listing no product matches, and link it; the base store's import "
+        "always does this, so there the flag changes nothing",
+    )
+
+    product = add(cmds, "product", "register products by hand")
+    product_sub = product.add_subparsers(dest="product_command", metavar="add", required=True)
+    pr_add = add(
+        product_sub,
+        "add",
+        "create a product with its 総在庫数 and link the listings of every store that the "
+        "link condition matches to it (an existing SKU is refused)",
+    )
+    pr_add.add_argument("sku", metavar="SKU")
+    pr_add.add_argument("--quantity", type=int, required=True, metavar="N", help="総在庫数")
+    pr_add.add_argument("--name", default="", help="商品名")
 
     reflect = add(
         cmds,
         "reflect",
         "反映: push goqd's counts to a store",
-        usage="goqctl reflect STORE (LISTING ...|--all)",
+        usage="goqctl reflect STORE (LISTING ...|--all|--differing)",
     )
     reflect.add_argument("store", metavar="STORE")
     reflect.add_argument("listings", nargs="*", metavar="LISTING")
     reflect.add_argument("--all", action="store_true", help="every linked listing of the store")
+    reflect.add_argument(
+        "--differing",
+        action="store_true",
+        help="the listings the store's last `goqctl diff` found 差異",
+    )
     return parser
+
+
+def _request_id(text: str) -> str:
+    if not 1 <= len(text) <= 128 or not all("!" <= c <= "~" for c in text):
+        raise argparse.ArgumentTypeError(
+            "a request id is 1 to 128 visible ASCII characters (as goqctl printed it)"
+        )
+    return text
 
 
 def _paging(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--after", default="", metavar="KEY", help="start after this key")
-    sp.add_argument("--limit", type=int, default=500)
+    # None: not given (500 a page), so --csv, which writes every row, can refuse it.
+    sp.add_argument("--limit", type=int, default=None, help="rows a page (default 500)")
+
+
+def _listing_filters(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--state",
+        choices=("linked", "unlinked", "ambiguous", "parked"),
+        default="",
+        help="only listings in this link state; parked: those with parked order lines",
+    )
+    sp.add_argument(
+        "--search",
+        default="",
+        metavar="TEXT",
+        help="only listings whose key, SKU, code or name contains TEXT",
+    )
+
+
+def _csv_options(sp: argparse.ArgumentParser) -> None:
+    # dest csv_out: `import --csv FILE` is a file read, this one a file written.
+    sp.add_argument(
+        "--csv",
+        dest="csv_out",
+        metavar="FILE",
+        help="write every row as CSV to FILE (- for stdout), for Excel",
+    )
+    sp.add_argument(
+        "--encoding",
+        choices=csvout.ENCODINGS,
+        default=None,
+        help=f"of the --csv file: UTF-8 with BOM or Shift_JIS (default {csvout.DEFAULT_ENCODING})",
+    )
+
+
+def _page_limit(args: argparse.Namespace) -> int:
+    return DEFAULT_PAGE if args.limit is None else int(args.limit)
 
 
 def _request_from(args: argparse.Namespace) -> p.ControlRequest:
@@ -500,10 +662,18 @@ def _request_from(args: argparse.Namespace) -> p.ControlRequest:
         return p.Resume(store=args.store)
     if cmd == "poll-now":
         return p.PollNow(store=args.store)
+    if cmd in ("products", "listings", "diff") or getattr(args, "stock_command", "") == "list":
+        _check_csv_options(args)
     if cmd == "products":
-        return p.Products(after=args.after, limit=args.limit)
+        return p.Products(after=args.after, limit=_page_limit(args))
     if cmd == "listings":
-        return p.Listings(store=args.store, after=args.after, limit=args.limit)
+        return p.Listings(
+            store=args.store,
+            after=args.after,
+            limit=_page_limit(args),
+            state=args.state,
+            search=args.search,
+        )
     if cmd == "link":
         if args.auto:
             if len(args.args) > 1:
@@ -520,6 +690,8 @@ def _request_from(args: argparse.Namespace) -> p.ControlRequest:
             return p.StockSet(sku=args.sku, quantity=args.quantity, reason=args.reason)
         if args.stock_command == "adjust":
             return p.StockAdjust(sku=args.sku, delta=args.delta, reason=args.reason)
+        if args.stock_command == "list":
+            return p.Products(after=args.after, limit=_page_limit(args))
         return p.StockImport(csv_text=_read_csv(args.file))
     if cmd == "history":
         return p.History(sku=args.sku, limit=args.limit)
@@ -538,13 +710,17 @@ def _request_from(args: argparse.Namespace) -> p.ControlRequest:
         return p.DeleteProduct(sku=args.sku)
     if cmd == "import":
         csv_text = _read_csv(args.csv) if args.csv else None
-        return p.Import(store=args.store, csv_text=csv_text)
+        return p.Import(store=args.store, csv_text=csv_text, create_products=args.create_products)
+    if cmd == "product":
+        return p.ProductAdd(sku=args.sku, quantity=args.quantity, name=args.name)
     if cmd == "diff":
         return p.Diff(store=args.store)
     if cmd == "reflect":
-        if bool(args.listings) == bool(args.all):
-            raise _Usage(sp, "name the LISTINGs to push, or --all (not both)")
-        return p.Reflect(store=args.store, listing_keys=tuple(args.listings))
+        if [bool(args.listings), args.all, args.differing].count(True) != 1:
+            raise _Usage(sp, "name the LISTINGs to push, or --all, or --differing (one of them)")
+        return p.Reflect(
+            store=args.store, listing_keys=tuple(args.listings), differing=args.differing
+        )
     raise _Usage(sp, f"unknown command {cmd!r}")  # argparse's choices make this unreachable
 
 
@@ -594,6 +770,159 @@ def _read_csv(file: str) -> str:
 
 
 # --------------------------------------------------------------------------------------
+# CSV output (--csv FILE): every row, paged from the daemon, written by goqctl
+# --------------------------------------------------------------------------------------
+
+
+def _check_csv_options(args: argparse.Namespace) -> None:
+    sp: argparse.ArgumentParser = args._parser
+    if args.csv_out is None:
+        if args.encoding is not None:
+            raise _Usage(sp, "--encoding is for the --csv file: give --csv FILE too")
+        return
+    if args.json:
+        raise _Usage(sp, "--csv and --json both choose the output: give one of them")
+    if getattr(args, "limit", None) is not None:
+        raise _Usage(sp, "--csv writes every row: leave out --limit")
+    if not args.csv_out:
+        raise _Usage(sp, "--csv needs a file name (or - for standard output)")
+
+
+_CSV_HEADERS = {
+    "diff": ("store", "listing_key", "sku", "status", "goqd", "mall", "pending", "held"),
+    "products": ("sku", "name", "total", "held", "count_known", "listings", "first_store"),
+    # 棚卸: quantity is the 総在庫数 (blank: no count yet), shown what the malls get.
+    "stock": ("sku", "name", "quantity", "held", "shown"),
+    "listings": (
+        "store",
+        "listing_key",
+        "sku",
+        "link_code",
+        "link_state",
+        "name",
+        "pushed",
+        "seen",
+        "pending",
+        "held",
+        "parked",
+        "lead_time_days",
+        "restock_date",
+        "allow_overdraft",
+    ),
+}
+
+
+def _write_csv(args: argparse.Namespace, request: p.ControlRequest, timeout: float) -> int:
+    """Page through every row the request names and write them to ``args.csv_out``.
+
+    The file is created (as a temporary sibling) before the first request, so a path
+    goqctl cannot write costs no daemon work, and it replaces FILE only when every page
+    came and every row could be encoded: a failure anywhere leaves FILE as it was.
+    """
+    kind = "stock" if args.command == "stock" else args.command
+    encoding = args.encoding or csvout.DEFAULT_ENCODING
+    # The daemon's errors and Ctrl-C go up to _main, like any request's, after the
+    # ``with`` has removed the temporary file.
+    try:
+        with csvout.CsvOut(args.csv_out, encoding, _CSV_HEADERS[kind]) as out:
+            for result in _csv_pages(args, request, timeout):
+                out.write(_csv_rows(kind, result))
+            out.commit()
+    except csvout.CsvError as exc:
+        _report(args, "local", exc.message, exc.hint)
+        return EXIT_ERROR
+    summary = f"{out.rows} row(s) written to {out.where} ({encoding})"
+    if isinstance(request, p.Diff):
+        summary += f"; → the 差異 rows: goqctl reflect {shlex.quote(request.store)} --differing"
+    # On stdout the CSV itself is the output: the summary goes beside it, not into it.
+    print(summary, file=sys.stderr if args.csv_out == "-" else sys.stdout)
+    return EXIT_OK
+
+
+def _csv_pages(
+    args: argparse.Namespace, request: p.ControlRequest, timeout: float
+) -> Iterable[p.ControlResult]:
+    if isinstance(request, p.Diff):
+        yield _call(args, request, timeout)
+        return
+    if not isinstance(request, p.Products | p.Listings):
+        return  # the parser offers --csv on diff, products, listings and stock list only
+    page: p.Products | p.Listings = msgspec.structs.replace(request, limit=CSV_PAGE)
+    while True:
+        result = call_sync(args.socket, page, timeout=timeout, request_id=new_request_id())
+        yield result
+        if isinstance(result, m.ProductList):
+            if len(result.products) < page.limit:
+                return
+            page = msgspec.structs.replace(page, after=result.products[-1].sku)
+        elif isinstance(result, m.ListingList):
+            if len(result.listings) < page.limit:
+                return
+            page = msgspec.structs.replace(page, after=result.listings[-1].listing_key)
+        else:
+            return
+
+
+def _csv_rows(kind: str, result: p.ControlResult) -> Iterable[Sequence[str]]:
+    if isinstance(result, p.DiffReport):
+        for d in result.rows:
+            yield (
+                result.store,
+                d.listing_key,
+                d.sku,
+                d.status,
+                str(d.ledger_quantity),
+                _opt(d.mall_quantity, "unlimited"),
+                _opt(d.pending_quantity, ""),
+                str(d.held),
+            )
+    elif isinstance(result, m.ProductList) and kind == "stock":
+        for x in result.products:
+            known = x.count_known
+            yield (
+                x.sku,
+                x.name,
+                str(x.total) if known else "",
+                str(x.held),
+                str(max(0, x.total - x.held)) if known else "",
+            )
+    elif isinstance(result, m.ProductList):
+        for x in result.products:
+            yield (
+                x.sku,
+                x.name,
+                str(x.total) if x.count_known else "",
+                str(x.held),
+                "yes" if x.count_known else "no",
+                str(x.listings),
+                x.first_store,
+            )
+    elif isinstance(result, m.ListingList):
+        for li in result.listings:
+            a = li.attrs
+            yield (
+                li.store,
+                li.listing_key,
+                li.sku or "",
+                li.link_code,
+                li.link_state,
+                li.name,
+                _opt(li.last_pushed_quantity, ""),
+                _opt(li.last_seen_quantity, ""),
+                _opt(li.pending_quantity, ""),
+                str(li.held),
+                str(li.parked),
+                _opt(a.lead_time_days, ""),
+                a.restock_date or "",
+                _yes_no(a.allow_overdraft, ""),
+            )
+
+
+def _yes_no(value: bool | None, none: str = "-") -> str:
+    return none if value is None else "yes" if value else "no"
+
+
+# --------------------------------------------------------------------------------------
 # Human output
 # --------------------------------------------------------------------------------------
 
@@ -622,6 +951,8 @@ def _render(result: p.ControlResult, request: p.ControlRequest, args: argparse.N
     if isinstance(result, m.History):
         return _render_history(result)
     if isinstance(result, m.ProductList):
+        if getattr(args, "command", "") == "stock":
+            return _render_stock_list(result, getattr(request, "limit", 0))
         return _render_products(result, getattr(request, "limit", 0))
     if isinstance(result, m.ListingList):
         return _render_listings(result, request)
@@ -629,6 +960,9 @@ def _render(result: p.ControlResult, request: p.ControlRequest, args: argparse.N
         return _render_diff(result)
     if isinstance(result, m.LinkReport):
         return _render_import(result)
+    if isinstance(result, m.ProductAdded):
+        given = request.quantity if isinstance(request, p.ProductAdd) else None
+        return _render_product_added(result, given)
     if isinstance(result, m.LedgerStatus):
         return _render_ledger(result)
     return msgspec.json.encode(result).decode()
@@ -638,9 +972,15 @@ def _render_status(s: p.DaemonStatus, now: float) -> str:
     lines = [
         f"goqd {s.version}, up {_duration(s.uptime_s)} (since {_when(s.started_at)})",
         _render_ledger(s.ledger),
-        "",
-        _render_stores(s.stores, now),
     ]
+    if s.reload_error:
+        lines.append(f"last reload refused, running as before: {s.reload_error}")
+    if s.restart_needed:
+        lines.append(
+            "changed in the config, applied only when goqd is restarted: "
+            + ", ".join(s.restart_needed)
+        )
+    lines += ["", _render_stores(s.stores, now)]
     return "\n".join(lines)
 
 
@@ -861,9 +1201,39 @@ def _render_products(pl: m.ProductList, limit: int) -> str:
     return out
 
 
+def _render_stock_list(pl: m.ProductList, limit: int) -> str:
+    """棚卸: what goqd counts for each product, what it holds back and what it shows."""
+    if not pl.products:
+        return "no products"
+    rows = [
+        [
+            x.sku,
+            x.name,
+            str(x.total) if x.count_known else "unknown",
+            str(x.held) if x.held else "-",
+            str(max(0, x.total - x.held)) if x.count_known else "-",
+        ]
+        for x in pl.products
+    ]
+    out = _table(
+        ["SKU", "NAME", "TOTAL", "HELD", "SHOWN"], rows, right={2, 3, 4}, clip={1: NAME_WIDTH}
+    )
+    if limit and len(pl.products) >= limit:
+        out += f"\n→ more: goqctl stock list --after {shlex.quote(pl.products[-1].sku)}"
+    if any(x.held for x in pl.products):
+        out += "\n→ HELD: sales a mall showed before its order came; SHOWN is what the malls get"
+    if any(not x.count_known for x in pl.products):
+        out += "\n→ TOTAL unknown: not synced until you set it: goqctl stock set SKU N"
+    return out
+
+
 def _render_listings(ll: m.ListingList, request: p.ControlRequest) -> str:
+    state = getattr(request, "state", "")
+    search = getattr(request, "search", "")
     if not ll.listings:
-        return "no listings"
+        if getattr(request, "after", ""):
+            return "no more listings"
+        return "no listings match" if state or search else "no listings"
     rows = [
         [
             x.listing_key,
@@ -872,40 +1242,108 @@ def _render_listings(ll: m.ListingList, request: p.ControlRequest) -> str:
             x.name,
             _opt(x.last_pushed_quantity),
             _opt(x.last_seen_quantity),
-            "yes" if x.pending_version is not None else "-",
+            _opt(x.pending_quantity),
+            str(x.parked) if x.parked else "-",
+            _opt(x.attrs.lead_time_days),
+            x.attrs.restock_date or "-",
+            _yes_no(x.attrs.allow_overdraft),
         ]
         for x in ll.listings
     ]
     out = _table(
-        ["LISTING", "SKU", "LINK", "NAME", "PUSHED", "SEEN", "PENDING"],
+        [
+            "LISTING",
+            "SKU",
+            "LINK",
+            "NAME",
+            "PUSHED",
+            "SEEN",
+            "PENDING",
+            "PARKED",
+            "LEAD TIME",
+            "RESTOCK",
+            "超過購入",
+        ],
         rows,
-        right={4, 5},
+        right={4, 5, 6, 7, 8},
         clip={3: NAME_WIDTH},
     )
     limit = getattr(request, "limit", 0)
-    store = getattr(request, "store", "")
+    store = shlex.quote(getattr(request, "store", ""))
     if limit and len(ll.listings) >= limit:
+        words = ["goqctl", "listings", store]
+        if state:
+            words += ["--state", state]
+        if search:
+            words += ["--search", shlex.quote(search)]
+        if limit != DEFAULT_PAGE:
+            words += ["--limit", str(limit)]
         last = shlex.quote(ll.listings[-1].listing_key)
-        out += f"\n→ more: goqctl listings {store} --after {last}"
+        out += f"\n→ more: {' '.join(words)} --after {last}"
     if any(x.link_state == "ambiguous" for x in ll.listings):
         out += (
             f"\n→ ambiguous links park their orders: goqctl unlink {store} LISTING, "
             f"then goqctl link {store} LISTING SKU"
         )
+    if any(x.parked for x in ll.listings):
+        out += f"\n→ PARKED order lines lower no other store yet: goqctl parked --store {store}"
     return out
 
 
+_DIFF_STATUS = {
+    "differs": "差異",
+    "pending": "push pending",
+    "held": "held",
+    "no_count": "no count",
+}
+
+
 def _render_diff(d: p.DiffReport) -> str:
-    head = f"{d.store}: {d.checked} linked listing(s) checked, {len(d.rows)} differ"
+    counts = {status: 0 for status in _DIFF_STATUS}
+    for r in d.rows:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    head = f"{d.store}: {d.checked} linked listing(s) checked, {counts['differs']} 差異"
+    others = [f"{n} {_DIFF_STATUS[k]}" for k, n in counts.items() if n and k != "differs"]
+    if others:
+        head += f" (not 差異: {', '.join(others)})"
     if not d.rows:
         return head
     rows = [
-        [r.listing_key, r.sku, str(r.ledger_quantity), _opt(r.mall_quantity, "unlimited")]
+        [
+            r.listing_key,
+            r.sku,
+            str(r.ledger_quantity),
+            _opt(r.mall_quantity, "unlimited"),
+            str(r.held) if r.held else "-",
+            _opt(r.pending_quantity),
+            _DIFF_STATUS.get(r.status, r.status),
+        ]
         for r in d.rows
     ]
-    table = _table(["LISTING", "SKU", "GOQD", "MALL"], rows, right={2, 3})
-    keys = " ".join(r.listing_key for r in d.rows[:20])
-    return f"{head}\n{table}\n→ push goqd's counts: goqctl reflect {d.store} {keys}"
+    out = [
+        head,
+        _table(
+            ["LISTING", "SKU", "GOQD", "MALL", "HELD", "PUSHING", "STATUS"],
+            rows,
+            right={2, 3, 4, 5},
+        ),
+    ]
+    store = shlex.quote(d.store)
+    if counts["differs"]:
+        out.append(f"→ push goqd's counts to the 差異 listings: goqctl reflect {store} --differing")
+    if counts["pending"]:
+        out.append(
+            "→ push pending: goqd was pushing these while the mall was read; "
+            f"run goqctl diff {store} again once `goqctl stores` shows the outbox empty"
+        )
+    if counts["held"]:
+        out.append(
+            "→ held: within the units goqd holds for sales a mall showed before their "
+            "orders came; they settle when the orders are booked"
+        )
+    if counts["no_count"]:
+        out.append("→ no count: nothing is pushed until you set one: goqctl stock set SKU N")
+    return "\n".join(out)
 
 
 def _render_import(r: m.LinkReport) -> str:
@@ -930,6 +1368,36 @@ def _render_import(r: m.LinkReport) -> str:
         out += f"\n→ ambiguous listings: goqctl listings {r.store}, then unlink the wrong one"
     if r.count_unknown:
         out += "\n→ give them a count: goqctl stock set SKU N (see goqctl products)"
+    return out
+
+
+def _render_product_added(r: m.ProductAdded, given: int | None = None) -> str:
+    sku = shlex.quote(r.sku)
+    out = f"product {r.sku} created: total {r.total}"
+    if given is not None and given != r.total:
+        # Parked sales of the listings it now links are booked off the count given.
+        out += f" (the {given} given, less {given - r.total} sold while unlinked)"
+    if r.linked:
+        shown = ", ".join(f"{store}/{key}" for store, key in r.linked[:20])
+        more = f" and {len(r.linked) - 20} more" if len(r.linked) > 20 else ""
+        out += f"\nlinked {len(r.linked)} listing(s): {shown}{more} (their counts are pushed)"
+    else:
+        out += (
+            "\nno listing matched it: a store's listing is linked at its next import "
+            f"(goqctl import STORE), or by hand: goqctl link STORE LISTING {sku}"
+        )
+    if r.released:
+        out += f"\n{r.released} parked order line(s) booked"
+    if r.ambiguous:
+        shown = ", ".join(f"{store}/{key}" for store, key in r.ambiguous[:20])
+        out += f"\n{len(r.ambiguous)} listing(s) ambiguous (複数の商品が紐づいています): {shown}"
+    for problem in r.problems[:20]:
+        out += f"\n  {problem}"
+    if r.ambiguous:
+        out += (
+            "\n→ their orders park until one listing per store is left: unlink the wrong "
+            "one (goqctl unlink STORE LISTING; goqctl errors --code multiple_links)"
+        )
     return out
 
 

@@ -7,6 +7,7 @@ converged); 2 usage.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -33,17 +34,44 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and its credentials")
     check.add_argument("file")
 
-    demo = sub.add_parser("demo", help="simulated malls + a real daemon on a temporary ledger")
-    demo.add_argument("--seconds", type=float, default=30.0, help="how long the market runs")
+    from goqd.demo import DEMO_SPEED
+
+    demo = sub.add_parser(
+        "demo",
+        help="simulated malls + a real daemon on a temporary ledger, on a fast clock",
+        description="Simulated malls on 127.0.0.1, a real daemon on a temporary ledger and "
+        "a market placing orders. The demo's clock runs --speed times faster than real "
+        "time: every time it takes or shows is in simulated seconds, and the malls' own "
+        "delays keep their length in it (Amazon shows an order 2 simulated minutes late).",
+    )
+    demo.add_argument(
+        "--seconds",
+        type=_positive_float,
+        default=30.0,
+        help="simulated seconds the market runs (default 30)",
+    )
+    demo.add_argument(
+        "--speed",
+        type=_positive_float,
+        default=DEMO_SPEED,
+        help=f"simulated seconds per real second (default {DEMO_SPEED:g}: all five malls "
+        "in under a minute)",
+    )
     demo.add_argument("--seed", type=int, default=1)
-    demo.add_argument("--order-rate", type=float, default=4.0, help="orders per second")
-    demo.add_argument("--poll-interval", default="2s")
+    demo.add_argument(
+        "--order-rate", type=_positive_float, default=4.0, help="orders per simulated second"
+    )
+    demo.add_argument(
+        "--poll-interval",
+        default="min",
+        help="goqd's poll interval for every store, or 'min' (default): each mall's fastest",
+    )
     demo.add_argument("--json", action="store_true", help="print only the summary, as JSON")
     demo.add_argument("--keep", metavar="DIR", help="keep the ledger and config in DIR")
     demo.add_argument(
         "--malls",
-        help="comma-separated malls to simulate (default: all of them; "
-        "leave out amazon for a quick run: its orders arrive 2 minutes late)",
+        type=_mall_list,
+        help="comma-separated malls to simulate (default: all of them)",
     )
 
     from goqd.simbench import add_sim_arguments
@@ -153,40 +181,77 @@ def _run(file: str) -> int:
     from goqd.config import load_config
     from goqd.logs import configure_logging
 
-    config = load_config(file)
-    fmt = config.daemon.log_format
-    configure_logging(config.daemon.log_level, json=None if fmt == "auto" else fmt == "json")
+    # SIGHUP ends a process by default. The daemon listens for it only once its stores
+    # exist, and trio hands a SIGHUP still pending when it stops listening (at shutdown)
+    # back to this handler: one sent while goqd starts is noted here and reloads once the
+    # daemon is ready (the file may have changed after it was read); one sent while goqd
+    # stops does nothing.
+    early: list[int] = []
+    previous = signal.signal(signal.SIGHUP, lambda signum, frame: early.append(signum))
+    try:
+        config = load_config(file)
+        fmt = config.daemon.log_format
+        configure_logging(config.daemon.log_level, json=None if fmt == "auto" else fmt == "json")
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(run_daemon, config)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.info("daemon_stopping", signal=signal.Signals(signum).name)
-                    break
-            # Stop within the stop timeout: cancel everything; the ledger finishes the
-            # batch it has on its thread (shielded) and closes the file.
-            nursery.cancel_scope.cancel()
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                daemon = await nursery.start(run_daemon, config)
+                if early:
+                    log.info("config_reload_requested", signal="SIGHUP", during="start-up")
+                    nursery.start_soon(daemon.reload)
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("daemon_stopping", signal=signal.Signals(signum).name)
+                        break
+                # Stop within the stop timeout: cancel everything; the ledger finishes
+                # the batch it has on its thread (shielded) and closes the file.
+                nursery.cancel_scope.cancel()
 
-    trio.run(main)
+        trio.run(main)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
     log.info("daemon_stopped")
     return 0
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number more than 0, not {text!r}")
+    return value
+
+
+def _mall_list(text: str) -> list[str]:
+    from goqd.demo import parse_malls
+
+    try:
+        return parse_malls(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _demo(args: argparse.Namespace) -> int:
-    from goqd.demo import format_summary, run_demo
+    from goqd.demo import demo_polls, demo_stores, format_summary, run_demo
     from goqd.logs import configure_logging
 
+    try:
+        demo_polls(demo_stores(args.malls), args.poll_interval)
+    except ValueError as exc:  # a usage error, refused before anything starts
+        print(f"goqd demo: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
     configure_logging("warning", json=False, stream=sys.stderr)
-    summary = trio.run(
-        lambda: run_demo(
-            seconds=args.seconds,
-            seed=args.seed,
-            order_rate=args.order_rate,
-            poll_interval=args.poll_interval,
-            live=not args.json,
-            keep=args.keep,
-        )
+    summary = run_demo(
+        seconds=args.seconds,
+        seed=args.seed,
+        order_rate=args.order_rate,
+        poll_interval=args.poll_interval,
+        speed=args.speed,
+        live=not args.json,
+        keep=args.keep,
+        malls=args.malls,
     )
     if args.json:
         print(msgspec.json.encode(summary).decode())

@@ -19,12 +19,15 @@ from goqd.control.protocol import (
     Envelope,
     Err,
     Ok,
+    Progress,
+    ProgressEnvelope,
     ReplyEnvelope,
+    ReportProgress,
     StoreInfo,
     StoreList,
     is_mutating,
 )
-from goqd.control.server import PeerInfo, peer_allowed, serve_control
+from goqd.control.server import PeerInfo, WithProgress, peer_allowed, serve_control
 
 __all__ = [
     "MAX_REPLY_BYTES",
@@ -40,10 +43,14 @@ __all__ = [
     "Err",
     "Ok",
     "PeerInfo",
+    "Progress",
+    "ProgressEnvelope",
     "RemoteError",
     "ReplyEnvelope",
+    "ReportProgress",
     "StoreInfo",
     "StoreList",
+    "WithProgress",
     "call",
     "call_sync",
     "is_mutating",

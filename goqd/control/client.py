@@ -9,6 +9,11 @@ A request carries one id for its whole life: if the connection breaks after the 
 was sent, ``call`` reconnects and sends it again with the same id, so the daemon applies
 a mutating request at most once (docs/reliability.md X1).
 
+A long request can ask for progress (``on_progress``): the daemon's progress frames are
+handed to the callback as they come, and the timeout then bounds the wait for the next
+frame that moved rather than the whole call, so work that goes on advancing is never cut
+short.
+
 This module must never put a request's content (a ``KeySet`` credential above all) into
 an exception message.
 """
@@ -20,6 +25,7 @@ import functools
 import grp
 import os
 import uuid
+from collections.abc import Callable
 
 import trio
 
@@ -34,8 +40,11 @@ from goqd.control.protocol import (
     Envelope,
     Err,
     FrameTooLarge,
+    Progress,
+    ProgressEnvelope,
     Reply,
     decode_reply,
+    decode_server_frame,
     encode_frame,
     receive_frame,
 )
@@ -43,12 +52,16 @@ from goqd.errors import ControlError
 
 
 class DaemonUnreachable(ControlError):
-    """No daemon answered on the socket: missing, refused, not permitted, or gone."""
+    """No daemon answered on the socket: missing, refused, not permitted, or gone.
 
-    def __init__(self, path: str, reason: str, *, hint: str = "") -> None:
+    ``sent``: the request may have reached the daemon (the connection broke or the time
+    ran out after it was sent), so it may have been applied, or be running still."""
+
+    def __init__(self, path: str, reason: str, *, hint: str = "", sent: bool = False) -> None:
         self.path = path
         self.reason = reason
         self.hint = hint
+        self.sent = sent
         super().__init__(f"cannot reach goqd at {path}: {reason}")
 
 
@@ -82,6 +95,17 @@ def _refused_before_reading(reply_id: str, reply: Reply) -> bool:
     return isinstance(reply, Err) and reply.code == "unavailable" and not reply_id
 
 
+def _progress_unknown(reply_id: str, reply: Reply) -> bool:
+    """A daemon older than progress frames refused the envelope's ``progress`` field:
+    it read nothing else of the request, so sending it without the field is safe."""
+    return (
+        isinstance(reply, Err)
+        and reply.code == "bad_request"
+        and bool(reply_id)
+        and "`progress`" in reply.message
+    )
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
 
@@ -95,6 +119,7 @@ async def call(
     timeout: float = 30.0,  # noqa: ASYNC109
     request_id: str | None = None,
     attempts: int = 2,
+    on_progress: Callable[[Progress], None] | None = None,
 ) -> ControlResult:
     """Send ``request`` and return the ``Ok`` result; raise ``ControlError`` otherwise.
 
@@ -102,9 +127,17 @@ async def call(
     same request (same id) over fresh connections when one breaks mid-request; a
     connection the daemon refused unread (``unavailable``, no request id) is not a send,
     and is retried after a growing wait until ``timeout``.
+
+    ``on_progress``: ask the daemon for progress and hand each progress frame to it.
+    Then every frame that moved (another phase, count or total than the last) starts
+    ``timeout`` again: it bounds the time without progress, not the whole call. A send
+    that breaks after progress came is sent again like any other (the daemon's work did
+    not stop; the same id finds it).
     """
     rid = request_id or new_request_id()
-    frame = encode_frame(Envelope(v=PROTOCOL_VERSION, id=rid, request=request))
+    frame = encode_frame(
+        Envelope(v=PROTOCOL_VERSION, id=rid, request=request, progress=on_progress is not None)
+    )
     size = len(frame) - HEADER.size
     if size > MAX_REQUEST_BYTES:
         raise ControlError(
@@ -114,22 +147,44 @@ async def call(
     reply: Reply | None = None
     lost = 0  # sends whose connection broke before the reply: each may have been applied
     busy_wait = _BUSY_FIRST_WAIT
-    with trio.move_on_after(timeout):
+    with trio.move_on_after(timeout) as waiting:
+        heard: Callable[[Progress], None] | None = None
+        if on_progress is not None:
+            report = on_progress
+            last: Progress | None = None
+
+            def heard(progress: Progress) -> None:
+                nonlocal last
+                # Only progress that moved starts the timeout again: a daemon repeating
+                # where it stands (stuck, or a loop that reports each retry) must not
+                # keep goqctl waiting for ever.
+                if progress != last:
+                    last = progress
+                    waiting.deadline = trio.current_time() + timeout
+                report(progress)
+
         while True:
             try:
-                reply_id, reply = await _exchange(path, frame, rid)
+                reply_id, reply = await _exchange(path, frame, rid, heard)
             except _ConnectionLost:
                 lost += 1
                 if lost >= attempts:
                     raise DaemonUnreachable(
-                        path, "the connection closed before the reply arrived", hint=_MAYBE
+                        path,
+                        "the connection closed before the reply arrived",
+                        hint=_MAYBE,
+                        sent=True,
                     ) from None
                 continue  # send it again, same id: the daemon applies it at most once
             except DaemonUnreachable as exc:
                 if not lost:
                     raise
                 # An earlier send may have been applied before the daemon went away.
-                raise DaemonUnreachable(path, exc.reason, hint=_MAYBE) from None
+                raise DaemonUnreachable(path, exc.reason, hint=_MAYBE, sent=True) from None
+            if heard is not None and _progress_unknown(reply_id, reply):
+                heard = None
+                frame = encode_frame(Envelope(v=PROTOCOL_VERSION, id=rid, request=request))
+                continue
             if not _refused_before_reading(reply_id, reply):
                 break
             # The daemon turned the connection away before reading the request (too many
@@ -140,11 +195,15 @@ async def call(
             await trio.sleep(busy_wait)
             busy_wait = min(busy_wait * 2, _BUSY_MAX_WAIT)
     if reply is None:
+        silence = (
+            "no progress from the daemon for" if on_progress is not None else "no reply within"
+        )
         raise DaemonUnreachable(
             path,
-            f"no reply within {timeout:g} seconds",
+            f"{silence} {timeout:g} seconds",
             hint="the daemon may be busy or stuck (`systemctl status goqd`); a change you "
             "asked for may still be applied, so check before repeating it",
+            sent=True,
         )
     if isinstance(reply, Err):
         raise RemoteError(reply.code, reply.message, reply.hint)
@@ -158,31 +217,54 @@ def call_sync(
     timeout: float = 30.0,
     request_id: str | None = None,
     attempts: int = 2,
+    on_progress: Callable[[Progress], None] | None = None,
 ) -> ControlResult:
     """``call`` for synchronous code (goqctl): runs its own trio loop."""
     return trio.run(
         functools.partial(
-            call, path, request, timeout=timeout, request_id=request_id, attempts=attempts
+            call,
+            path,
+            request,
+            timeout=timeout,
+            request_id=request_id,
+            attempts=attempts,
+            on_progress=on_progress,
         )
     )
 
 
-async def _exchange(path: str, frame: bytes, rid: str) -> tuple[str, Reply]:
+async def _exchange(
+    path: str, frame: bytes, rid: str, on_progress: Callable[[Progress], None] | None
+) -> tuple[str, Reply]:
     stream = await _connect(path)
     async with stream:
         # The daemon may have answered before reading everything (not_allowed,
         # too_large) and closed; its reply is still queued for us to read.
         with contextlib.suppress(trio.BrokenResourceError):
             await stream.send_all(frame)
-        try:
-            body = await _receive_frame(stream)
-        except trio.BrokenResourceError:
-            raise _ConnectionLost from None
-    envelope = decode_reply(body)
-    if envelope.id not in (rid, ""):
-        other = envelope.id if len(envelope.id) <= 128 else envelope.id[:127] + "…"
-        raise ControlError(f"the daemon answered request {other!r}, not {rid!r}")
+        while True:
+            try:
+                body = await _receive_frame(stream)
+            except trio.BrokenResourceError:
+                raise _ConnectionLost from None
+            if on_progress is None:
+                envelope = decode_reply(body)
+                break
+            frame_in = decode_server_frame(body)
+            _check_id(frame_in.id, rid)
+            if isinstance(frame_in, ProgressEnvelope):
+                on_progress(frame_in.progress)
+                continue
+            envelope = frame_in
+            break
+    _check_id(envelope.id, rid)
     return envelope.id, envelope.reply
+
+
+def _check_id(got: str, rid: str) -> None:
+    if got not in (rid, ""):
+        other = got if len(got) <= 128 else got[:127] + "…"
+        raise ControlError(f"the daemon answered request {other!r}, not {rid!r}")
 
 
 async def _receive_frame(stream: trio.SocketStream) -> bytes:

@@ -7,6 +7,18 @@ connection carries any number of request/reply pairs, strictly in turn::
     server -> ReplyEnvelope(v=1, id="<same id>", reply=Ok(result=StockChanged(...)))
            or ReplyEnvelope(v=1, id="<same id>", reply=Err(code="not_found", ...))
 
+A request that sets ``progress`` in its envelope may get progress frames before its
+reply, on the same connection; a request that does not gets its one reply, as ever::
+
+    client -> Envelope(v=1, id="<id>", progress=True, request=StockImport(...))
+    server -> ProgressEnvelope(v=1, id="<id>", progress=Progress(phase="apply", done=40000,
+                                                                 total=100000, unit="rows"))
+    server -> ... (zero or more of them, a few a second at most)
+    server -> ReplyEnvelope(v=1, id="<id>", reply=Ok(result=Done(...)))
+
+Progress is best-effort: the daemon sends only the latest when the reader is slow, and
+stops sending it (never the work) when the reader stalls.
+
 ``id`` is chosen by the client, once per command: a retry of the same command sends the
 same id, so a mutating request applied before the connection broke is not applied twice
 (docs/reliability.md X1). The server copies it into the request's ``request_id`` field, which is
@@ -24,6 +36,7 @@ reply ever echoes), and it must never read more than the announced, capped frame
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -82,6 +95,7 @@ RequestId = Annotated[str, Meta(max_length=128)]
 CredentialField = Annotated[str, Meta(min_length=1, max_length=100)]
 CredentialValue = Annotated[str, Meta(max_length=8192)]
 CsvText = Annotated[str, Meta(max_length=MAX_REQUEST_BYTES)]
+MAX_SEARCH = 200  # `goqctl listings --search`: characters, ample for a name
 
 
 # --------------------------------------------------------------------------------------
@@ -176,9 +190,15 @@ class Products(_Request, frozen=True, kw_only=True, tag="products"):
 
 
 class Listings(_Request, frozen=True, kw_only=True, tag="listings"):
+    """A store's listings in key order from ``after``; ``state`` keeps one link state
+    (or ``parked``: listings with parked order lines), ``search`` those whose key, code,
+    SKU or name contains the text."""
+
     store: StoreName
     after: Cursor = ""
     limit: PageLimit = 500
+    state: Literal["", "linked", "unlinked", "ambiguous", "parked"] = ""
+    search: Annotated[str, Meta(max_length=MAX_SEARCH)] = ""
 
 
 class LinkListing(_Mutating, frozen=True, kw_only=True, tag="link_listing"):
@@ -240,10 +260,28 @@ class DeleteProduct(_Mutating, frozen=True, kw_only=True, tag="delete_product"):
 
 
 class Import(_Mutating, frozen=True, kw_only=True, tag="import"):
-    """Import a store's listings from its mall, or from a goqd CSV when ``csv_text`` is set."""
+    """Import a store's listings from its mall, or from a goqd CSV when ``csv_text`` is set.
+
+    ``create_products``: a listing no product matches creates one, in any store (the
+    base store's always do)."""
 
     store: StoreName
     csv_text: CsvText | None = None
+    create_products: bool = False
+
+
+class ProductAdd(_Mutating, frozen=True, kw_only=True, tag="product_add"):
+    """Register a product by hand with its 総在庫数, then link the listings of every store
+    that the link condition matches to it. An existing SKU is a ``conflict``."""
+
+    sku: Sku
+    quantity: Quantity
+    name: Annotated[str, Meta(max_length=limits.MAX_NAME)] = ""
+
+    def __post_init__(self) -> None:
+        # A CSV may not hold NUL either; a SKU no CSV could name is one no file can fix.
+        if "\x00" in self.sku or "\x00" in self.name:
+            raise ValueError("sku and name must not contain NUL characters")
 
 
 class Diff(_Request, frozen=True, kw_only=True, tag="diff"):
@@ -253,10 +291,16 @@ class Diff(_Request, frozen=True, kw_only=True, tag="diff"):
 
 
 class Reflect(_Mutating, frozen=True, kw_only=True, tag="reflect"):
-    """反映: push the ledger's counts. An empty ``listing_keys`` means every listing."""
+    """反映: push the ledger's counts. An empty ``listing_keys`` means every listing;
+    ``differing``: the listings the store's last diff found 差異."""
 
     store: StoreName
     listing_keys: Annotated[tuple[ListingKey, ...], Meta(max_length=100_000)] = ()
+    differing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.differing and self.listing_keys:
+            raise ValueError("reflect takes listing keys or differing, not both")
 
 
 class StockImport(_Mutating, frozen=True, kw_only=True, tag="stock_import"):
@@ -285,6 +329,7 @@ ControlRequest = (
     | History
     | ListingSet
     | DeleteProduct
+    | ProductAdd
     | Import
     | Diff
     | Reflect
@@ -345,13 +390,28 @@ class DaemonStatus(_Result, frozen=True, kw_only=True, tag="daemon_status"):
     uptime_s: float
     stores: tuple[StoreInfo, ...]
     ledger: m.LedgerStatus
+    # What the last reload (SIGHUP) found: keys changed in the config file that take
+    # effect only when goqd is restarted, and why a refused reload was refused ("" once
+    # a reload succeeds).
+    restart_needed: tuple[str, ...] = ()
+    reload_error: str = ""
+
+
+# DiffRow.status: "differs" is 差異 (what `reflect --differing` pushes); "pending": a
+# push to the listing was queued or in flight, or its count moved, while the mall was
+# read; "held": the difference is within the units the sale watch holds for the
+# product; "no_count": goqd has no count for the product, so nothing is pushed.
+DiffStatus = Literal["differs", "pending", "held", "no_count"]
 
 
 class DiffRow(_Result, frozen=True, kw_only=True, tag="diff_row"):
     listing_key: str
     sku: str
-    ledger_quantity: int
+    ledger_quantity: int  # what goqd has the malls show: total less held units
     mall_quantity: int | None  # None: the mall does not count this listing (unlimited)
+    pending_quantity: int | None = None  # the push queued or in flight for the listing
+    held: int = 0  # units the sale watch holds for the product
+    status: DiffStatus = "differs"
 
 
 class DiffReport(_Result, frozen=True, kw_only=True, tag="diff_report"):
@@ -373,6 +433,7 @@ ControlResult = (
     | DaemonStatus
     | DiffReport
     | m.LinkReport
+    | m.ProductAdded
 )
 
 
@@ -396,16 +457,58 @@ class Err(msgspec.Struct, frozen=True, kw_only=True, tag="err"):
 Reply = Ok | Err
 
 
-class Envelope(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Envelope(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
+):
     v: int
     id: Annotated[str, Meta(min_length=1, max_length=128)]
     request: ControlRequest
+    # The client reads ``ProgressEnvelope`` frames before the reply. Omitted when false,
+    # so a request without it is the same bytes an older goqctl sends.
+    progress: bool = False
 
 
 class ReplyEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     v: int
     id: str
     reply: Reply
+
+
+class Progress(msgspec.Struct, frozen=True, kw_only=True):
+    """How far a long request has got: ``done`` of ``total`` (``None``: not known yet)
+    ``unit`` in its current ``phase`` (``"apply"``, 40000, 100000, ``"rows"``).
+
+    ``done`` counts up within a phase and starts again in the next one. Unknown fields
+    are ignored, so a newer daemon can say more without breaking this goqctl."""
+
+    phase: Annotated[str, Meta(max_length=100)]
+    done: Annotated[int, Meta(ge=0)]
+    total: Annotated[int, Meta(ge=0)] | None = None
+    unit: Annotated[str, Meta(max_length=100)] = ""
+
+
+# How the work reports progress to whoever asked: called often and never blocks.
+ReportProgress = Callable[[Progress], None]
+
+
+def no_progress(progress: Progress) -> None:
+    """A ``ReportProgress`` for work nobody follows."""
+
+
+class ProgressEnvelope(msgspec.Struct, frozen=True, kw_only=True):
+    """A progress frame of request ``id``, sent only if its envelope asked for them."""
+
+    v: int
+    id: str
+    progress: Progress
+
+
+class _ServerFrame(msgspec.Struct, frozen=True, kw_only=True):
+    # A reply frame or a progress frame, told apart by which field is set.
+    v: int
+    id: str = ""
+    reply: Reply | None = None
+    progress: Progress | None = None
 
 
 class _Header(msgspec.Struct, frozen=True):
@@ -419,6 +522,7 @@ class _Header(msgspec.Struct, frozen=True):
 _request_decoder = msgspec.json.Decoder(Envelope)
 _header_decoder = msgspec.json.Decoder(_Header)
 _reply_decoder = msgspec.json.Decoder(ReplyEnvelope)
+_server_frame_decoder = msgspec.json.Decoder(_ServerFrame)
 _encoder = msgspec.json.Encoder()
 
 
@@ -448,7 +552,7 @@ class BadEnvelope(ControlError):
         super().__init__(err.message)
 
 
-def encode_frame(obj: Envelope | ReplyEnvelope) -> bytes:
+def encode_frame(obj: Envelope | ReplyEnvelope | ProgressEnvelope) -> bytes:
     body = _encoder.encode(obj)
     return HEADER.pack(len(body)) + body
 
@@ -517,6 +621,22 @@ def decode_reply(body: bytes) -> ReplyEnvelope:
     except Exception as exc:
         # Whatever is on the other end of the socket, goqctl reports, never crashes.
         raise ControlError(f"the daemon sent a reply goqctl cannot read: {_problem(exc)}") from exc
+
+
+def decode_server_frame(body: bytes) -> ReplyEnvelope | ProgressEnvelope:
+    """Decode a frame of a request that asked for progress: its reply, or one of its
+    progress frames. ``ControlError`` if it is neither or cannot be read."""
+    try:
+        frame = _server_frame_decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ControlError(_clip(f"the daemon sent a reply goqctl cannot read: {exc}")) from exc
+    except Exception as exc:
+        raise ControlError(f"the daemon sent a reply goqctl cannot read: {_problem(exc)}") from exc
+    if frame.reply is not None and frame.progress is None:
+        return ReplyEnvelope(v=frame.v, id=frame.id, reply=frame.reply)
+    if frame.progress is not None and frame.reply is None:
+        return ProgressEnvelope(v=frame.v, id=frame.id, progress=frame.progress)
+    raise ControlError("the daemon sent a frame that is neither a reply nor progress")
 
 
 async def receive_exactly(stream: trio.abc.ReceiveStream, n: int, *, started: bool) -> bytes:

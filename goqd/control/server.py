@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import grp
+import math
 import os
 import pwd
 import socket
@@ -39,10 +40,14 @@ from goqd.control.protocol import (
     Envelope,
     Err,
     Ok,
+    Progress,
+    ProgressEnvelope,
     ReplyEnvelope,
+    ReportProgress,
     decode_request,
     encode_frame,
     is_mutating,
+    no_progress,
     receive_exactly,
     request_tag,
 )
@@ -68,6 +73,9 @@ SMALL_FRAME_BYTES = 64 << 10
 REFUSAL_LOG_PERIOD = 60.0
 # Peers whose refusals are remembered for the summary; the oldest is forgotten first.
 _REFUSAL_LOG_KEYS = 1024
+# Progress frames of one request are at least this far apart (seconds): a bar redrawn
+# four times a second looks live, and the work may report thousands of times a second.
+PROGRESS_INTERVAL = 0.25
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,18 @@ class PeerInfo:
 
 
 Handler = Callable[[ControlRequest, PeerInfo], Awaitable[Ok | Err]]
+# A handler that also takes the request's progress reporter (``no_progress`` when the
+# client did not ask for progress). Reporting never blocks: see ``_ProgressOut``.
+ProgressHandler = Callable[[ControlRequest, PeerInfo, ReportProgress], Awaitable[Ok | Err]]
+
+
+@dataclass(frozen=True)
+class WithProgress:
+    """Hands ``serve_control`` a ``ProgressHandler`` instead of a plain ``Handler``."""
+
+    handler: ProgressHandler
+
+
 PeerCheck = Callable[[PeerInfo], Awaitable[bool]]
 PeerCredentials = Callable[[trio.SocketStream], PeerInfo]
 
@@ -278,7 +298,7 @@ class _Refusals:
 
 @dataclass
 class _Conf:
-    handler: Handler
+    handler: ProgressHandler
     check: PeerCheck
     peer_of: PeerCredentials
     idle_timeout: float
@@ -286,6 +306,7 @@ class _Conf:
     max_request_bytes: int
     refusal_hint: str
     limits: _Limits
+    progress_interval: float = PROGRESS_INTERVAL
     refused_peers: _Refusals = field(default_factory=lambda: _Refusals("control_peer_refused"))
     refused_connections: _Refusals = field(
         default_factory=lambda: _Refusals("control_connection_refused")
@@ -294,7 +315,7 @@ class _Conf:
 
 async def serve_control(
     path: str,
-    handler: Handler,
+    handler: Handler | WithProgress,
     *,
     allowed_uids: frozenset[int],
     allowed_gids: frozenset[int],
@@ -308,9 +329,15 @@ async def serve_control(
     max_buffered_bytes_per_peer: int = 2 * MAX_REQUEST_BYTES,
     peer_check: PeerCheck | None = None,
     peer_credentials: PeerCredentials | None = None,
+    progress_interval: float | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the control socket at ``path`` until cancelled.
+
+    ``handler`` answers each request; one given as ``WithProgress(h)`` is also handed a
+    ``ReportProgress`` for the request, and when the client asked for progress each
+    report may go out as a progress frame before the reply: the latest one only, at
+    most one per ``progress_interval`` seconds (default ``PROGRESS_INTERVAL``).
 
     ``started()`` is called once the socket is bound (mode 0660, group ``socket_gid``)
     and listening, so a goqctl started after ``nursery.start(serve_control, ...)``
@@ -349,6 +376,12 @@ async def serve_control(
         exception from ``handler`` is logged as ``control_request_failed`` and answered
         with ``Err("internal")``. Nothing a client does ends this function; only bind
         failures and cancellation do.
+
+        A client that reads its progress frames slowly gets fewer of them; one that
+        does not take a frame within ``idle_timeout`` gets no more frames and no reply
+        (``control_progress_timed_out``), and one that goes away is not written to
+        again. Neither stops the request's work or waits for it: the handler runs to
+        its end, and a retry with the same request id finds its outcome.
     """
     own_uid = os.getuid()
     group_names = _group_names(allowed_gids)
@@ -372,7 +405,7 @@ async def serve_control(
     if socket_gid is None and allowed_gids:
         socket_gid = min(allowed_gids)
     conf = _Conf(
-        handler=handler,
+        handler=handler.handler if isinstance(handler, WithProgress) else _plain(handler),
         check=peer_check or default_check,
         peer_of=peer_credentials or _peer_of,
         idle_timeout=idle_timeout,
@@ -386,6 +419,7 @@ async def serve_control(
             max_buffered_bytes_per_peer=max_buffered_bytes_per_peer,
             uncapped_uids=frozenset({0, own_uid}),
         ),
+        progress_interval=PROGRESS_INTERVAL if progress_interval is None else progress_interval,
     )
     sock = _bind(path, socket_gid)
     inode = os.stat(path).st_ino
@@ -435,6 +469,13 @@ async def accept_retrying(
         if failing:
             logger.info(f"{prefix}_accept_recovered")
         return stream
+
+
+def _plain(handler: Handler) -> ProgressHandler:
+    async def answer(req: ControlRequest, peer: PeerInfo, report: ReportProgress) -> Ok | Err:
+        return await handler(req, peer)
+
+    return answer
 
 
 def _refusal_hint(group: int | None, own_uid: int) -> str:
@@ -676,13 +717,90 @@ async def _receive_and_answer(
             )
             return await _send(stream, conf, exc.request_id, exc.err)
         del body
-        reply = await _answer(envelope, peer, conf)
+        if envelope.progress:
+            out = _ProgressOut(stream, conf, envelope.id)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(out.run)
+                try:
+                    reply = await _answer(envelope, peer, conf, out.report)
+                finally:
+                    out.close()
+            if out.broken:
+                return False  # the stream stopped mid-frame: no reply can follow
+        else:
+            reply = await _answer(envelope, peer, conf, no_progress)
     finally:
         conf.limits.unreserve(peer.uid, size)
     return await _send(stream, conf, envelope.id, reply)
 
 
-async def _answer(envelope: Envelope, peer: PeerInfo, conf: _Conf) -> Ok | Err:
+class _ProgressOut:
+    """The progress frames of one request, sent by a task of their own.
+
+    ``report`` (called by the work) only keeps the latest report and wakes the sender:
+    it never waits for the peer, so a reader that is slow or stalled cannot hold up
+    the work, the ledger or anyone else. The sender sends the latest report, then waits
+    ``progress_interval``; the reports in between are dropped. ``close`` ends the
+    sender after the frame it is sending, so the reply never lands mid-frame.
+
+    Error handling: a frame the peer does not take within ``idle_timeout`` ends the
+    sending and sets ``broken`` (the stream may hold half a frame, so no reply may
+    follow); so does a peer that went away. Nothing here raises into the request.
+    """
+
+    def __init__(self, stream: trio.SocketStream, conf: _Conf, request_id: str) -> None:
+        self._stream = stream
+        self._conf = conf
+        self._request_id = request_id
+        self._latest: Progress | None = None
+        self._changed = trio.Event()
+        self._closing = trio.Event()
+        self.broken = False
+
+    def report(self, progress: Progress) -> None:
+        self._latest = progress
+        self._changed.set()
+
+    def close(self) -> None:
+        self._closing.set()
+        self._changed.set()
+
+    async def run(self) -> None:
+        next_at = -math.inf
+        while True:
+            await self._changed.wait()
+            self._changed = trio.Event()
+            if self._closing.is_set():
+                return
+            with trio.move_on_at(next_at):
+                await self._closing.wait()
+            if self._closing.is_set():
+                return
+            progress, self._latest = self._latest, None
+            if progress is None:
+                continue
+            if not await self._send(progress):
+                self.broken = True
+                return
+            next_at = trio.current_time() + self._conf.progress_interval
+
+    async def _send(self, progress: Progress) -> bool:
+        frame = encode_frame(
+            ProgressEnvelope(v=PROTOCOL_VERSION, id=self._request_id, progress=progress)
+        )
+        try:
+            with trio.move_on_after(self._conf.idle_timeout):
+                await self._stream.send_all(frame)
+                return True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False  # the client went away; its request goes on
+        log.info("control_progress_timed_out", request_id=self._request_id)
+        return False
+
+
+async def _answer(
+    envelope: Envelope, peer: PeerInfo, conf: _Conf, report: ReportProgress
+) -> Ok | Err:
     req: ControlRequest = envelope.request
     tag = request_tag(req)
     if is_mutating(req):
@@ -697,7 +815,7 @@ async def _answer(envelope: Envelope, peer: PeerInfo, conf: _Conf) -> Ok | Err:
             **_loggable_fields(req),
         )
     try:
-        reply = await conf.handler(req, peer)
+        reply = await conf.handler(req, peer, report)
         if not isinstance(reply, Ok | Err):
             raise TypeError(f"handler returned {type(reply).__name__}, not Ok or Err")
     except Exception:

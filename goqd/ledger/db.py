@@ -20,6 +20,7 @@ one from a newer schema raises and the daemon refuses to start.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import shlex
@@ -30,6 +31,7 @@ from typing import Any, Literal, cast
 
 import msgspec
 
+from goqd import limits
 from goqd import messages as m
 from goqd.crashpoints import crashpoint
 from goqd.csvio import duplicate_sku
@@ -46,7 +48,7 @@ from goqd.errors import (
 )
 from goqd.linking import Rule, fold, normalize
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 APPLICATION_ID = 0x676F7164  # "goqd": marks the file as ours
 MAX_LINE_QUANTITY = 100_000  # a line above this is a data error, not an order
 MULTIPLE_LINKS = "multiple_links"  # 複数の商品が紐づいています
@@ -62,6 +64,8 @@ BEFORE_IMPORT_MARGIN_S = 300.0
 WATCH_RECENT_MOVES = 5000
 WATCH_SCAN = 2000  # listings the watch's rotation looks at per round, at most
 STALE_RETRY_S = 2.0  # a stale compare-and-set is retried after the store's next poll
+# `goqctl listings --state`: the link states, and "parked" (listings with parked lines).
+LISTING_STATES = ("", "linked", "unlinked", "ambiguous", "parked")
 
 Synchronous = Literal["full", "normal", "extra", "off"]
 Now = Callable[[], float]
@@ -257,6 +261,25 @@ _MIGRATIONS: list[str] = [
             || store || '`',
             listing_key, min(parked_at), max(parked_at)
         FROM parked_lines GROUP BY store, listing_key;
+    """,
+    # version 8: the last diff of each store (``goqctl diff``), so `goqctl reflect STORE
+    # --differing` pushes what it found, across restarts: ``diff_runs`` when it finished
+    # and what it counted, ``diff_listings`` the listings it found 差異. The index
+    # pages a store's listings by link state (`goqctl listings --state`, the diff's
+    # linked listings) without reading every listing of the store.
+    """
+    CREATE TABLE diff_runs (
+        store TEXT PRIMARY KEY,
+        at REAL NOT NULL,
+        checked INTEGER NOT NULL,
+        differing INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE diff_listings (
+        store TEXT NOT NULL,
+        listing_key TEXT NOT NULL,
+        PRIMARY KEY (store, listing_key)
+    ) WITHOUT ROWID;
+    CREATE INDEX listings_by_state ON listings (store, link_state, listing_key);
     """,
 ]
 
@@ -623,6 +646,8 @@ class Ledger:
                 return self.list_products(msg)
             case m.ListListings():
                 return self.list_listings(msg)
+            case m.CountListings():
+                return self.count_listings(msg)
             case m.GetLedgerStatus():
                 return self.status()
             case m.GetStoreStats():
@@ -637,6 +662,8 @@ class Ledger:
                 return self.import_listings(msg)
             case m.AutoLink():
                 return self.auto_link(msg.store, msg.rules)
+            case m.DiffFound():
+                return self.diff_found(msg)
             case m.StockImportStep():
                 return self.stock_import(msg)
             case _:
@@ -689,10 +716,14 @@ class Ledger:
                 return self.unlink(msg.store, msg.listing_key)
             case m.DeleteProduct():
                 return self.delete_product(msg.sku)
+            case m.AddProduct():
+                return self.add_product(msg)
             case m.ClearErrors():
                 return self.clear_errors(msg)
             case m.QueuePushes():
                 return self.queue_pushes(msg.store, msg.listing_keys, strict=msg.strict)
+            case m.ReflectDiffering():
+                return self.reflect_differing(msg.store)
             case m.SetStocks():
                 return self.set_stocks(msg)
         raise LedgerError(f"unknown ledger request {type(msg).__name__}")
@@ -1866,7 +1897,18 @@ class Ledger:
             )
             if row is not None and row[0] is not None:
                 continue  # re-import never relinks: `goqctl unlink` / `link` do that
-            if msg.base and not self._candidates(listing.link_code, msg.rules):
+            if (msg.base or msg.create_products) and not self._candidates(
+                listing.link_code, msg.rules
+            ):
+                if not msg.base and (problem := _sku_problem(listing.link_code)):
+                    # Said, not skipped in silence: the operator asked for every listing.
+                    report["unlinked"] += 1
+                    report["problems"].append(
+                        f"{msg.store}/{listing.listing_key}: no product created: its link "
+                        f"code {problem}; link it by hand: goqctl link "
+                        f"{shlex.quote(msg.store)} {shlex.quote(listing.listing_key)} SKU"
+                    )
+                    continue
                 if not listing.link_code:
                     report["unlinked"] += 1
                     continue
@@ -1906,6 +1948,87 @@ class Ledger:
             self._link_by_code(store, key, code, rules, report)
         return _link_report(store, report)
 
+    def add_product(self, msg: m.AddProduct) -> m.ProductAdded:
+        """`goqctl product add`: a product no store's import made, at the operator's count.
+
+        An existing SKU is refused and nothing changes. Then each store's unlinked
+        listings whose code matches the SKU under that store's rules are linked as an
+        import links them (``_link_by_code``: one that matches another product too, or a
+        second listing of it in one store, is ambiguous and said so), which books their
+        parked lines and queues their pushes. One request: all of it or none.
+        """
+        sku = msg.sku
+        if problem := _sku_problem(sku):
+            raise LedgerError(f"SKU {sku!r} cannot be used: it {problem}; nothing was changed")
+        if not 0 <= msg.quantity <= limits.MAX_QUANTITY:
+            raise LedgerError(
+                f"quantity {msg.quantity} for {sku!r} is out of range "
+                f"(0 to {limits.MAX_QUANTITY}); nothing was changed"
+            )
+        row = self.conn.execute(
+            "SELECT total, count_known FROM products WHERE sku = ?", (sku,)
+        ).fetchone()
+        if row is not None:
+            count = str(row[0]) if row[1] else "unknown"
+            raise LedgerError(
+                f"product {sku!r} already exists (total {count}); nothing was changed. "
+                f"To change its count: goqctl stock set {shlex.quote(sku)} N"
+            )
+        # No first store: the operator's count is nobody's mall count, so no store's
+        # earlier sales are taken as already in it.
+        self.conn.execute(
+            "INSERT INTO products (sku, name, total, first_store, created_at, code_fold, "
+            "count_known) VALUES (?, ?, 0, '', ?, ?, 1)",
+            (sku, msg.name, self.now(), fold(sku)),
+        )
+        self._move(sku, msg.quantity, "set", reason="goqctl product add")
+        report = _new_report()
+        for store, rules in msg.stores:
+            for key, code in self._unlinked_matching(store, sku, rules):
+                self._link_by_code(store, key, code, rules, report)
+        linked: list[tuple[str, str]] = []
+        ambiguous: list[tuple[str, str]] = []
+        for store, key, state in self.conn.execute(
+            "SELECT store, listing_key, link_state FROM listings WHERE sku = ? "
+            "ORDER BY store, listing_key",
+            (sku,),
+        ):
+            (linked if state == "linked" else ambiguous).append((store, key))
+        return m.ProductAdded(
+            sku=sku,
+            name=msg.name,
+            total=self._total(sku),  # parked sales the new links booked are off it
+            linked=tuple(linked[:100]),
+            ambiguous=tuple(ambiguous[:100]),
+            released=report["released"],
+            problems=tuple(report["problems"][:100]),
+        )
+
+    def _unlinked_matching(
+        self, store: str, sku: str, rules: Sequence[str]
+    ) -> list[tuple[str, str]]:
+        """``(listing_key, link_code)`` of the unlinked listings of ``store`` whose code
+        matches ``sku`` under ``rules``. Exact codes read the (store, link_code) index; a
+        store with rules has its unlinked listings folded, as no index holds that.
+
+        INDEXED BY: for ``ORDER BY listing_key`` SQLite otherwise walks the primary key,
+        every listing of the store (linked or not) for one code."""
+        if not rules:
+            return self.conn.execute(
+                "SELECT listing_key, link_code FROM listings INDEXED BY listings_by_code "
+                "WHERE store = ? AND link_code = ? AND sku IS NULL ORDER BY listing_key",
+                (store, sku),
+            ).fetchall()
+        rs = cast(Sequence[Rule], rules)
+        want = normalize(sku, rs)
+        rows = self.conn.execute(
+            "SELECT listing_key, link_code FROM listings INDEXED BY listings_by_state "
+            "WHERE store = ? AND link_state = 'unlinked' AND link_code != '' "
+            "AND goqd_fold(link_code) = ? ORDER BY listing_key",
+            (store, fold(sku)),
+        ).fetchall()
+        return [(key, code) for key, code in rows if normalize(code, rs) == want]
+
     def queue_pushes(self, store: str, keys: Sequence[str], *, strict: bool = True) -> m.Done:
         if not keys:
             keys = [
@@ -1932,6 +2055,72 @@ class Ledger:
             self._queue_listing(store, key)
             queued += 1
         return m.Done(changed=queued, detail=f"{queued} listing(s) queued for a push")
+
+    def diff_found(self, msg: m.DiffFound) -> m.Done:
+        """Keep what a finished diff of a store found, in place of its last one."""
+        conn = self.conn
+        conn.execute("DELETE FROM diff_listings WHERE store = ?", (msg.store,))
+        conn.execute(
+            "INSERT OR IGNORE INTO diff_listings (store, listing_key) "
+            "SELECT ?, value FROM json_each(?)",
+            (msg.store, msgspec.json.encode(msg.listing_keys).decode()),
+        )
+        (differing,) = conn.execute(
+            "SELECT count(*) FROM diff_listings WHERE store = ?", (msg.store,)
+        ).fetchone()
+        conn.execute(
+            "INSERT INTO diff_runs (store, at, checked, differing) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (store) DO UPDATE SET at = excluded.at, checked = excluded.checked, "
+            "differing = excluded.differing",
+            (msg.store, self.now(), msg.checked, differing),
+        )
+        return m.Done(changed=differing)
+
+    def reflect_differing(self, store: str) -> m.Done:
+        """反映 the listings the last diff of ``store`` found 差異, in one statement.
+
+        A listing that has come to agree since gets the count it already shows, which
+        changes nothing at the mall: re-reading every one first would cost a mall read
+        per listing and still race with the next sale. Listings no longer linked (or
+        whose product has no count) are left out and counted.
+        """
+        run = self.conn.execute(
+            "SELECT at, differing FROM diff_runs WHERE store = ?", (store,)
+        ).fetchone()
+        if run is None:
+            raise LedgerError(
+                f"store {store!r} has no diff yet: run `goqctl diff {shlex.quote(store)}` "
+                "first; reflect --differing pushes the listings it found"
+            )
+        at, differing = run
+        self._version += 1
+        rows = self.conn.execute(
+            "INSERT INTO outbox (store, listing_key, sku, quantity, version, not_before, "
+            "attempts) SELECT l.store, l.listing_key, l.sku, max(0, p.total - p.held), ?, 0, 0 "
+            # CROSS JOIN: the diff's listings drive the loop. Left to itself SQLite walks
+            # every listing of the store and looks each up in the diff (80 ms at 100,000
+            # listings, for a diff of three).
+            "FROM diff_listings d CROSS JOIN listings l ON l.store = d.store "
+            "AND l.listing_key = d.listing_key JOIN products p ON p.sku = l.sku "
+            "WHERE d.store = ? AND l.link_state = 'linked' AND p.count_known = 1 "
+            "ON CONFLICT (store, listing_key) DO UPDATE SET quantity = excluded.quantity, "
+            "version = excluded.version, sku = excluded.sku, not_before = 0, attempts = 0 "
+            "RETURNING listing_key",
+            (self._version, store),
+        ).fetchall()
+        queued = len(rows)
+        if queued:
+            self._woken.add(store)
+        when = _local_time(at)
+        detail = (
+            f"{queued} listing(s) queued for a push: the {differing} listing(s) the diff of "
+            f"{store} at {when} found 差異"
+        )
+        if differing - queued:
+            detail += f"; {differing - queued} left out: no longer linked, or no count set"
+        if differing:
+            detail += " (one that agrees by now is sent the count it already shows)"
+        return m.Done(changed=queued, detail=detail)
 
     def set_stocks(self, msg: m.SetStocks) -> m.Done:
         for sku, n in msg.items:
@@ -2347,14 +2536,74 @@ class Ledger:
             )
         )
 
+    def count_listings(self, msg: m.CountListings) -> m.ListingCount:
+        (count,) = self.conn.execute(
+            "SELECT count(*) FROM listings INDEXED BY listings_by_state "
+            "WHERE store = ? AND link_state = ?",
+            (msg.store, msg.state),
+        ).fetchone()
+        return m.ListingCount(count=count)
+
     def list_listings(self, msg: m.ListListings) -> m.ListingList:
+        """A store's listings in key order, each with its pending push, its product's
+        count and its parked lines (the filters: ``messages.ListListings``).
+
+        Every filter applies before ``LIMIT``, so a page shorter than asked is the last.
+        A link state reads its own range of ``listings_by_state``; ``parked`` walks the
+        store's parked listings (``parked_by_listing``), sorting those after ``after``
+        (parked listings are an error state, few). ``search`` is a
+        substring test no index can serve: it reads the store's listings from ``after``
+        on until the page is full, so paging through all of them reads each listing
+        once (measured: tests/bench_listings_scale.py).
+        """
+        if msg.state not in LISTING_STATES:
+            raise LedgerError(
+                f"unknown listing state {msg.state!r}: one of {', '.join(LISTING_STATES[1:])}"
+            )
+        args: list[Any] = []
+        if msg.state == "parked":
+            # The parked listings first, in key order: a store with 100,000 listings and
+            # three of them parked reads three, not the whole store.
+            source = (
+                "(SELECT DISTINCT listing_key AS k FROM parked_lines WHERE store = ? "
+                "AND listing_key > ? ORDER BY listing_key) pk "
+                "CROSS JOIN listings l ON l.store = ? AND l.listing_key = pk.k"
+            )
+            args += [msg.store, msg.after, msg.store]
+            where = ["1"]
+        else:
+            source = "listings l"
+            where = ["l.store = ?"]
+            args.append(msg.store)
+            if msg.state:
+                # INDEXED BY: without statistics SQLite walks the primary key's store
+                # prefix instead, every listing of the store to find a few ambiguous ones.
+                source = "listings l INDEXED BY listings_by_state"
+                where.append("l.link_state = ?")
+                args.append(msg.state)
+            if not msg.keys:
+                where.append("l.listing_key > ?")
+                args.append(msg.after)
+        if msg.keys:
+            where.append("l.listing_key IN (SELECT value FROM json_each(?))")
+            args.append(msgspec.json.encode(msg.keys).decode())
+        if msg.search:
+            pattern = "%" + _like_escape(msg.search) + "%"
+            like = "LIKE ? ESCAPE '\\'"
+            where.append(
+                f"(l.listing_key {like} OR l.link_code {like} OR l.sku {like} OR l.name {like})"
+            )
+            args += [pattern] * 4
         rows = self.conn.execute(
             "SELECT l.store, l.listing_key, l.link_code, l.name, l.sku, l.link_state, l.attrs, "
-            "l.last_pushed_qty, l.last_pushed_version, l.last_seen_qty, o.version, l.held "
-            "FROM listings l LEFT JOIN outbox o ON o.store = l.store AND "
-            "o.listing_key = l.listing_key WHERE l.store = ? AND l.listing_key > ? "
-            "ORDER BY l.listing_key LIMIT ?",
-            (msg.store, msg.after, msg.limit),
+            "l.last_pushed_qty, l.last_pushed_version, l.last_seen_qty, o.version, l.held, "
+            "o.quantity, o.sent_min IS NOT NULL, p.total, p.held, p.count_known, "
+            "(SELECT count(*) FROM parked_lines x WHERE x.store = l.store "
+            "AND x.listing_key = l.listing_key) "
+            f"FROM {source} LEFT JOIN outbox o ON o.store = l.store AND "
+            "o.listing_key = l.listing_key LEFT JOIN products p ON p.sku = l.sku "
+            f"WHERE {' AND '.join(where)} ORDER BY l.listing_key LIMIT ?",
+            [*args, msg.limit],
         ).fetchall()
         return m.ListingList(listings=tuple(_listing_record(r) for r in rows))
 
@@ -2440,6 +2689,18 @@ class Ledger:
         )
 
 
+def _sku_problem(code: str) -> str | None:
+    """Why ``code`` cannot be a product's SKU, by the rules a CSV's sku column follows
+    (``goqd.csvio``): ``None`` when it can."""
+    if not code:
+        return "is empty"
+    if len(code) > limits.MAX_SKU:
+        return f"is {len(code)} characters long; a SKU has at most {limits.MAX_SKU}"
+    if "\x00" in code:
+        return "contains a NUL character"
+    return None
+
+
 def _new_report() -> dict[str, Any]:
     counts: dict[str, Any] = dict.fromkeys(
         (
@@ -2513,4 +2774,22 @@ def _listing_record(r: Sequence[Any]) -> m.ListingRecord:
         last_seen_quantity=r[9],
         pending_version=r[10],
         held=r[11],
+        pending_quantity=r[12],
+        pending_sent=bool(r[13]) and r[12] is not None,
+        product_total=r[14],
+        product_held=r[15] or 0,
+        count_known=r[16] is None or bool(r[16]),
+        parked=r[17],
     )
+
+
+def _local_time(ts: float) -> str:
+    try:
+        return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    except (ValueError, OverflowError, OSError):
+        return f"{ts:.0f}"  # a clock no calendar has (a test's fake one): the number then
+
+
+def _like_escape(text: str) -> str:
+    """``text`` as a LIKE pattern that matches it literally (``ESCAPE '\\'``)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

@@ -40,6 +40,9 @@ from goqd.secret import Secret
 log = structlog.get_logger("goqd.malls")
 
 WallClock = Callable[[], float]
+# Writes a store's whole credential (every field, as the store now uses it) where the
+# next start reads it. Given by the core; never raises for a failed write.
+CredentialSaver = Callable[[Mapping[str, Secret]], Awaitable[None]]
 
 # What decoding an untrusted body can raise: msgspec's errors (ValidationError is one),
 # and RecursionError for nesting deeper than the interpreter allows ("[[[[…", a hundred
@@ -104,6 +107,24 @@ class StoreContext(msgspec.Struct, frozen=True, kw_only=True):
     # What the adapter keeps across polls and restarts (order versions already read);
     # the store actor backs it with the store's state file (``goqd.malls.adapterstate``).
     state: AdapterState = msgspec.field(default_factory=MemoryState)
+    # Where fields the mall renewed at run time (a rotated refresh token) are written so a
+    # restart uses them: see ``replace_credentials``. None: they live in memory only.
+    save_credentials: CredentialSaver | None = None
+
+
+async def replace_credentials(ctx: StoreContext, fields: Mapping[str, str]) -> None:
+    """Replace fields of the store's credential that the mall renewed at run time.
+
+    ``ctx.credentials`` is changed in place: the store's adapters share that dict (the
+    store's own and an operator's diff or import), so each one uses the new values from
+    its next call, and so does the next session of the store. Then the whole credential,
+    the other fields exactly as they were, goes to ``ctx.save_credentials``, which
+    reports a failed write itself: the store goes on with the values in memory.
+    """
+    for name, value in fields.items():
+        ctx.credentials[name] = Secret(value)
+    if ctx.save_credentials is not None:
+        await ctx.save_credentials(ctx.credentials)
 
 
 class MallAdapter(Protocol):

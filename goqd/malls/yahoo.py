@@ -10,7 +10,12 @@ Access tokens last one hour and are refreshed at the YConnect v2 token endpoint 
 refresh token (28 days). An expired access token (401 + ``WWW-Authenticate: Bearer
 error="invalid_token"``) is refreshed once and the call retried; a refused refresh
 (``invalid_grant``) is ``MallAuthError`` (level 9). A refresh response without a new
-refresh token keeps the old one.
+refresh token keeps the old one. A new one (Yahoo may rotate it and stop taking the old)
+replaces it, with ``refresh_token_issued_at``, in the store's credential, which the core
+writes where a restart reads it (``goqd.malls.base.replace_credentials``). The refresh
+token is read from the store's credential at each refresh, since every adapter of the
+store (an operator's diff or import too) shares it: one refused right after another
+adapter rotated it is tried again with the new one.
 
 Orders. ``orderList`` (XML POST) is searched by **order time** only: the Store API pages
 show no update-time condition (malls.md §8 lists it as unknown), so a cancellation of an
@@ -99,6 +104,7 @@ from goqd.malls.base import (
     opt_number,
     parse_retry_after,
     read_options,
+    replace_credentials,
 )
 from goqd.malls.clock import describe_skew
 from goqd.malls.ratelimit import TokenBucket, shared_bucket
@@ -116,6 +122,9 @@ READ_BATCH = 1000
 ITEM_LIST_PAGE = 100  # myItemList results: 最大値100 [V]
 REFRESH_TOKEN_LIFETIME_S = 28 * 86400.0  # 4 weeks [V]
 ACCESS_TOKEN_MARGIN_S = 60.0  # refresh this long before the access token expires
+# [I] No documented length; far longer than any token, far shorter than the credential
+# file may be, so a token that will not fit is refused before the old one is replaced.
+MAX_REFRESH_TOKEN = 4096
 MAX_BODY = 16 * 1024 * 1024
 MAX_QUANTITY = 999_999_999  # setStock quantity range [V]
 CANCELLED_FINAL = "4"  # キャンセル: "二度と有効にすることはできない" [V, NE manual]
@@ -421,9 +430,6 @@ class YahooAdapter:
         self._token_lock = trio.Lock()
         self._access_token: Secret | None = None
         self._access_expires_at = 0.0
-        self._refresh_token: Secret | None = ctx.credentials.get("refresh_token")
-        issued = ctx.credentials.get("refresh_token_issued_at")
-        self._refresh_obtained_at = _parse_issued_at(issued.reveal()) if issued else None
         self._public_key: RSAPublicKey | None = None
         # orderInfo answers of the orders in the last poll's window, by OrderId; each
         # also in the state as "order/<OrderId>".
@@ -670,8 +676,20 @@ class YahooAdapter:
             await self._refresh_locked()
 
     async def _refresh_locked(self) -> None:
+        sent = self._ctx.credentials.get("refresh_token")
+        try:
+            await self._grant(sent)
+        except MallAuthError:
+            # Another adapter of the store may have used the same refresh token meanwhile
+            # and been handed the one Yahoo takes now: that one, once.
+            current = self._ctx.credentials.get("refresh_token")
+            if current is None or current == sent:
+                raise
+            await self._grant(current)
+
+    async def _grant(self, refresh_token: Secret | None) -> None:
+        """One refresh at the token endpoint; a rotated refresh token is kept."""
         api = "token"
-        refresh_token = self._refresh_token
         if refresh_token is None or not refresh_token.reveal():
             raise self._err(MallAuthError, "credential field 'refresh_token' is missing")
         form = {
@@ -700,16 +718,24 @@ class YahooAdapter:
                 raise self._err(MallProtocolError, "token: undecodable token response") from exc
             if not header_safe(tok.access_token) or tok.expires_in <= 0:
                 raise self._err(MallProtocolError, "token: token response without a usable token")
+            rotated = tok.refresh_token or ""
+            if rotated == refresh_token.reveal():
+                rotated = ""
+            if rotated and (not header_safe(rotated) or len(rotated) > MAX_REFRESH_TOKEN):
+                raise self._err(MallProtocolError, "token: unusable new refresh token")
             now = self._ctx.clock()
             # Tokens minted at run time are secrets the credential file never held.
             register_secret(tok.access_token, transient=True)
             self._access_token = Secret(tok.access_token)
             self._access_expires_at = now + tok.expires_in
-            if tok.refresh_token:
-                # Rotated: the old one may stop working, and the 28 days restart.
-                register_secret(tok.refresh_token, transient=True)
-                self._refresh_token = Secret(tok.refresh_token)
-                self._refresh_obtained_at = now
+            if rotated:
+                # The old one may stop working, and the 28 days restart: kept as a
+                # renewed key is, so a restart does not read the old one.
+                register_secret(rotated, transient=True)
+                issued = datetime.fromtimestamp(now, JST).isoformat(timespec="seconds")
+                await replace_credentials(
+                    self._ctx, {"refresh_token": rotated, "refresh_token_issued_at": issued}
+                )
             return
         try:
             err = msgspec.json.decode(body, type=_TokenError)
@@ -760,9 +786,12 @@ class YahooAdapter:
         self._result_set("orderCount", root)
 
     async def credential_expiry(self) -> float | None:
-        if self._refresh_obtained_at is None:
+        # Read from the store's credential: a rotation by any of its adapters moves it.
+        issued = self._ctx.credentials.get("refresh_token_issued_at")
+        obtained = _parse_issued_at(issued.reveal()) if issued else None
+        if obtained is None:
             return None
-        return self._refresh_obtained_at + REFRESH_TOKEN_LIFETIME_S
+        return obtained + REFRESH_TOKEN_LIFETIME_S
 
     async def fetch_orders(self, cursor: str | None) -> OrderPage:
         # Every time here is Yahoo's (its clock as its responses show it), so a skew

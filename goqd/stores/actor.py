@@ -54,10 +54,18 @@ from goqd.errors import (
 )
 from goqd.ledger import LedgerClient
 from goqd.malls.adapterstate import AdapterState, MemoryState
-from goqd.malls.base import MallAdapter, MallSpec, StoreContext, guard_adapter, tls_context
+from goqd.malls.base import (
+    CredentialSaver,
+    MallAdapter,
+    MallSpec,
+    StoreContext,
+    guard_adapter,
+    tls_context,
+)
 from goqd.malls.clock import MallClock, describe_skew
 from goqd.malls.transport import mall_transport, open_mall_client
 from goqd.secret import Secret
+from goqd.stores.credentials import CredentialKeeper
 from goqd.stores.state import open_store_state
 
 log = structlog.get_logger("goqd.store")
@@ -127,6 +135,12 @@ class StoreHandle:
     # The adapter's records (``goqd.malls.adapterstate``), opened by the first run_store
     # and kept by every later one: a supervisor restart goes on where it stopped.
     _adapter_state: Any = None
+    # Writes the credential when the mall renews part of it (a rotated refresh token);
+    # the daemon gives every store one. None: such values live in memory only.
+    credential_keeper: CredentialKeeper | None = None
+    # Settings a reload changed (``reconfigure``); each new mall session reads them, and
+    # so does an actor the supervisor restarts. None: the config the actor started with.
+    config: StoreConfig | None = None
 
     def set_state(self, state: State, *, level: int = 0, message: str = "") -> None:
         if state == self.state and level == self.error_level:
@@ -212,6 +226,15 @@ class StoreHandle:
         old, self.poll_finished = self.poll_finished, trio.Event()
         old.set()
 
+    def reconfigure(self, config: StoreConfig, credentials: dict[str, Secret]) -> None:
+        """New settings or a credential from a reload: restart the mall session with
+        them. Unlike ``renew`` nothing resumes: a store stopped at level 9 stays stopped
+        until its error is cleared, a paused one paused."""
+        self.config = config
+        self.credentials = credentials
+        if self._session is not None:
+            self._session.cancel()
+
     def renew(self, credentials: dict[str, Secret]) -> None:
         """New credentials: restart the mall session with them and resume."""
         self.credentials = credentials
@@ -269,6 +292,8 @@ async def run_store(
     task_status.started()
     log.info("store_started", store=config.name, mall=config.mall, cursor=cursor)
     while True:
+        if handle.config is not None:
+            config = handle.config
         with trio.CancelScope() as scope:
             handle._session = scope
             wire = mall_transport(
@@ -293,6 +318,7 @@ async def run_store(
                     rate_buckets=handle.rate_buckets,
                     mall_clock=handle.mall_clock,
                     state=handle._adapter_state,
+                    save_credentials=_saver(handle),
                 )
                 session = _Session(
                     config,
@@ -312,8 +338,13 @@ async def run_store(
                     await session.run()
                 finally:
                     cursor = session.cursor
-        # Cancelled by renew(): open a new session with the new credentials.
+        # Cancelled by renew() or reconfigure(): open a new session with what they set.
         handle._session = None
+
+
+def _saver(handle: StoreHandle) -> CredentialSaver | None:
+    keeper = handle.credential_keeper
+    return keeper.save if keeper is not None else None
 
 
 async def _open_state(
