@@ -68,7 +68,7 @@ from goqd.errors import (
 from goqd.http import serve_http
 from goqd.ledger import LedgerClient, open_ledger_channel, run_ledger
 from goqd.logs import set_log_level
-from goqd.malls.base import StoreContext, WebhookCheck, tls_context
+from goqd.malls.base import StoreContext, WebhookCheck, read_listings, tls_context
 from goqd.malls.registry import MALLS
 from goqd.malls.transport import MallTransport, mall_transport, open_mall_client
 from goqd.metrics import Metrics
@@ -567,10 +567,12 @@ class Daemon:
         whose count or last push moved while the mall was read, is ``pending``, not 差異
         (the push will settle it); one whose difference is within the units the sale
         watch holds for its product is ``held``; one whose product has no count is
-        ``no_count``. Only the 差異 listings are kept (``DiffFound``) for `reflect
-        --differing`, and only once the whole store was read: a diff cut short by the
-        mall keeps the last one. ``report`` hears the linked listings compared so far, of
-        those the store had when the diff began.
+        ``no_count``; one whose count is right but a mall attribute goqd pushes (lead
+        time, restock date, 超過購入) is not is ``attrs``, since the next push overwrites
+        what was changed at the mall. The 差異 and ``attrs`` listings are kept
+        (``DiffFound``) for `reflect --differing`, and only once the whole store was
+        read: a diff cut short by the mall keeps the last one. ``report`` hears the
+        linked listings compared so far, of those the store had when the diff began.
         """
         handle = self._handle(store)
         cfg = self.config.store(store)
@@ -596,7 +598,7 @@ class Daemon:
                 if not linked:
                     continue
                 keys = tuple(x.listing_key for x in linked)
-                counts = await adapter.read_stock(keys)
+                counts = await read_listings(adapter, keys)
                 now = await self.ledger.ask(
                     m.ListListings(store=store, keys=keys, limit=len(keys)), m.ListingList
                 )
@@ -619,7 +621,7 @@ class Daemon:
                         unit="listings",
                     )
                 )
-        differing = tuple(r.listing_key for r in rows if r.status == "differs")
+        differing = tuple(r.listing_key for r in rows if r.status in ("differs", "attrs"))
         await self.ledger.ask(
             m.DiffFound(store=store, listing_keys=differing, checked=checked), m.Done
         )
@@ -1060,7 +1062,9 @@ def _shown(x: m.ListingRecord) -> int:
     return max(0, (x.product_total or 0) - x.product_held)
 
 
-def _diff_row(before: m.ListingRecord, now: m.ListingRecord, mall: int | None) -> p.DiffRow | None:
+def _diff_row(
+    before: m.ListingRecord, now: m.ListingRecord, mall: m.MallCount | None
+) -> p.DiffRow | None:
     """One listing's diff row, ``None`` when the mall shows what goqd does.
 
     ``before`` and ``now`` are the ledger's view of the listing just before and just
@@ -1068,7 +1072,9 @@ def _diff_row(before: m.ListingRecord, now: m.ListingRecord, mall: int | None) -
     """
     assert now.sku is not None
     want = _shown(now)
-    if mall == want and now.count_known:
+    quantity = mall.quantity if mall is not None else None
+    attrs = _attrs_differ(now.attrs, mall.attrs) if mall is not None else ()
+    if quantity == want and now.count_known and not attrs:
         return None
     moved = (
         before.pending_quantity is not None
@@ -1082,20 +1088,41 @@ def _diff_row(before: m.ListingRecord, now: m.ListingRecord, mall: int | None) -
         status = "pending"
     # Held units are sales goqd takes off every mall before their orders arrive: a mall
     # not lowered yet shows up to that many more, never fewer.
-    elif now.product_held and mall is not None and 0 < mall - want <= now.product_held:
-        status = "held"
+    elif now.product_held and quantity is not None and 0 < quantity - want <= now.product_held:
+        # The held units settle on their own; changed attributes only with a push.
+        status = "attrs" if attrs else "held"
+    elif quantity == want:
+        status = "attrs"
     else:
         status = "differs"
     return p.DiffRow(
         listing_key=now.listing_key,
         sku=now.sku,
         ledger_quantity=want,
-        mall_quantity=mall,
+        mall_quantity=quantity,
         pending_quantity=now.pending_quantity
         if now.pending_quantity is not None
         else before.pending_quantity,
         held=now.product_held,
         status=status,
+        attrs_differ=attrs,
+    )
+
+
+def _attrs_differ(ledger: m.ListingAttrs, mall: m.ListingAttrs) -> tuple[p.AttrDiff, ...]:
+    """The attributes goqd pushes that the mall holds otherwise. A lead time or restock
+    date goqd holds no value for is not pushed, and one the mall reports none for has
+    nothing to compare. 超過購入 is different: Yahoo's every push sends it, and sends
+    "no value" as off, so an operator's "on" at the mall is a difference either way."""
+    pairs: tuple[tuple[p.AttrName, int | str | bool | None, int | str | bool | None], ...] = (
+        ("lead_time", ledger.lead_time_days, mall.lead_time_days),
+        ("restock_date", ledger.restock_date, mall.restock_date),
+        ("allow_overdraft", bool(ledger.allow_overdraft), mall.allow_overdraft),
+    )
+    return tuple(
+        p.AttrDiff(name=name, ledger=ours, mall=theirs)
+        for name, ours, theirs in pairs
+        if ours is not None and theirs is not None and ours != theirs
     )
 
 

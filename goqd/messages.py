@@ -62,6 +62,17 @@ class ListingAttrs(_Msg, frozen=True, kw_only=True, tag="listing_attrs"):
     extra: dict[str, str] = msgspec.field(default_factory=dict)
 
 
+class MallCount(_Msg, frozen=True, kw_only=True, tag="mall_count"):
+    """What a mall showed for one listing when read: its count (None: unlimited) and
+    the attributes goqd pushes, as the mall holds them. An attribute is ``None`` where
+    the mall reported none (a mall without such an attribute, or one not set there):
+    nothing to compare goqd's value with.
+    """
+
+    quantity: int | None
+    attrs: ListingAttrs = msgspec.field(default_factory=ListingAttrs)
+
+
 class PushItem(_Msg, frozen=True, kw_only=True, tag="push_item"):
     """Set ``listing_key`` to ``quantity`` at the mall. ``version`` orders pushes."""
 

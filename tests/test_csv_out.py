@@ -206,10 +206,10 @@ def test_diff_csv_has_the_status_columns(shop: Shop, tmp: Path) -> None:
     target = tmp / "diff.csv"
     assert shop.goqctl("diff", "other", "--csv", str(target), "--encoding", "cp932") == 0
     assert read_csv(target.read_bytes(), "cp932") == [
-        ["store", "listing_key", "sku", "status", "goqd", "mall", "pending", "held"],
-        ["other", "a/2", "A", "differs", "8", "10", "", "0"],
-        ["other", "b/2", "B", "held", "9", "10", "", "1"],
-        ["other", "c/2", "C", "pending", "5", "10", "5", "0"],
+        ["store", "listing_key", "sku", "status", "goqd", "mall", "pending", "held", "attrs"],
+        ["other", "a/2", "A", "differs", "8", "10", "", "0", ""],
+        ["other", "b/2", "B", "held", "9", "10", "", "1", ""],
+        ["other", "c/2", "C", "pending", "5", "10", "5", "0", ""],
     ]
 
 

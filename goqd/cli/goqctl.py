@@ -578,7 +578,8 @@ def _build_parser() -> argparse.ArgumentParser:
     reflect.add_argument(
         "--differing",
         action="store_true",
-        help="the listings the store's last `goqctl diff` found 差異",
+        help="the listings the store's last `goqctl diff` found 差異 or with attributes "
+        "changed at the mall (their counts and attributes are pushed)",
     )
     return parser
 
@@ -789,7 +790,7 @@ def _check_csv_options(args: argparse.Namespace) -> None:
 
 
 _CSV_HEADERS = {
-    "diff": ("store", "listing_key", "sku", "status", "goqd", "mall", "pending", "held"),
+    "diff": ("store", "listing_key", "sku", "status", "goqd", "mall", "pending", "held", "attrs"),
     "products": ("sku", "name", "total", "held", "count_known", "listings", "first_store"),
     # 棚卸: quantity is the 総在庫数 (blank: no count yet), shown what the malls get.
     "stock": ("sku", "name", "quantity", "held", "shown"),
@@ -875,6 +876,7 @@ def _csv_rows(kind: str, result: p.ControlResult) -> Iterable[Sequence[str]]:
                 _opt(d.mall_quantity, "unlimited"),
                 _opt(d.pending_quantity, ""),
                 str(d.held),
+                _attrs_text(d.attrs_differ),
             )
     elif isinstance(result, m.ProductList) and kind == "stock":
         for x in result.products:
@@ -1292,6 +1294,7 @@ def _render_listings(ll: m.ListingList, request: p.ControlRequest) -> str:
 
 _DIFF_STATUS = {
     "differs": "差異",
+    "attrs": "attributes differ",
     "pending": "push pending",
     "held": "held",
     "no_count": "no count",
@@ -1320,17 +1323,24 @@ def _render_diff(d: p.DiffReport) -> str:
         ]
         for r in d.rows
     ]
-    out = [
-        head,
-        _table(
-            ["LISTING", "SKU", "GOQD", "MALL", "HELD", "PUSHING", "STATUS"],
-            rows,
-            right={2, 3, 4, 5},
-        ),
-    ]
+    headers = ["LISTING", "SKU", "GOQD", "MALL", "HELD", "PUSHING", "STATUS"]
+    # Only where a mall attribute differs: most malls have none to show.
+    if any(r.attrs_differ for r in d.rows):
+        headers.append("ATTRS (goqd→mall)")
+        for row, r in zip(rows, d.rows, strict=True):
+            row.append(_attrs_text(r.attrs_differ) or "-")
+    out = [head, _table(headers, rows, right={2, 3, 4, 5})]
     store = shlex.quote(d.store)
-    if counts["differs"]:
-        out.append(f"→ push goqd's counts to the 差異 listings: goqctl reflect {store} --differing")
+    if counts["differs"] or counts["attrs"]:
+        out.append(
+            "→ push goqd's counts and attributes to the 差異 and attributes-differ listings: "
+            f"goqctl reflect {store} --differing"
+        )
+    if any(r.attrs_differ for r in d.rows):
+        out.append(
+            "→ attributes: changed at the mall (lead time, restock date, 超過購入); "
+            "goqd's next push of the listing overwrites them"
+        )
     if counts["pending"]:
         out.append(
             "→ push pending: goqd was pushing these while the mall was read; "
@@ -1461,6 +1471,15 @@ def _table(
                 parts.append(cell + pad)
         lines.append("  ".join(parts).rstrip())
     return "\n".join(lines)
+
+
+def _attrs_text(attrs: Sequence[p.AttrDiff]) -> str:
+    """``lead_time 3→7 allow_overdraft off→on``: goqd's value, then the mall's."""
+
+    def value(v: int | str | bool) -> str:
+        return ("on" if v else "off") if isinstance(v, bool) else str(v)
+
+    return " ".join(f"{a.name} {value(a.ledger)}→{value(a.mall)}" for a in attrs)
 
 
 def _opt(value: int | None, none: str = "-") -> str:

@@ -401,7 +401,18 @@ class DaemonStatus(_Result, frozen=True, kw_only=True, tag="daemon_status"):
 # push to the listing was queued or in flight, or its count moved, while the mall was
 # read; "held": the difference is within the units the sale watch holds for the
 # product; "no_count": goqd has no count for the product, so nothing is pushed.
-DiffStatus = Literal["differs", "pending", "held", "no_count"]
+# "attrs": the count is right, a mall attribute goqd pushes is not (the next push
+# overwrites what was changed at the mall); `reflect --differing` pushes these too.
+DiffStatus = Literal["differs", "attrs", "pending", "held", "no_count"]
+AttrName = Literal["lead_time", "restock_date", "allow_overdraft"]
+
+
+class AttrDiff(_Result, frozen=True, kw_only=True, tag="attr_diff"):
+    """One mall attribute of a listing that is not what goqd pushes."""
+
+    name: AttrName
+    ledger: int | str | bool  # goqd's value
+    mall: int | str | bool  # the mall's
 
 
 class DiffRow(_Result, frozen=True, kw_only=True, tag="diff_row"):
@@ -412,6 +423,8 @@ class DiffRow(_Result, frozen=True, kw_only=True, tag="diff_row"):
     pending_quantity: int | None = None  # the push queued or in flight for the listing
     held: int = 0  # units the sale watch holds for the product
     status: DiffStatus = "differs"
+    # Compared only where both goqd and the mall hold a value.
+    attrs_differ: tuple[AttrDiff, ...] = ()
 
 
 class DiffReport(_Result, frozen=True, kw_only=True, tag="diff_report"):

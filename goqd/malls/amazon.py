@@ -112,7 +112,7 @@ from goqd.malls.base import (
     read_options,
 )
 from goqd.malls.ratelimit import shared_bucket
-from goqd.messages import ListingAttrs, MallListing, OrderLine, PushItem, PushOutcome
+from goqd.messages import ListingAttrs, MallCount, MallListing, OrderLine, PushItem, PushOutcome
 from goqd.secret import Secret
 
 MALL = "amazon"
@@ -884,8 +884,20 @@ class AmazonAdapter:
 
         Unknown SKUs and FBA-only listings are absent from the result.
         """
+        found = await self._read(listing_keys, attributes=False)
+        return {key: count.quantity for key, count in found.items()}
+
+    async def read_listings(self, listing_keys: Sequence[str]) -> dict[str, MallCount]:
+        """``read_stock``'s counts with the lead time and restock date of each listing's
+        ``DEFAULT`` entry, from the same calls asked for ``attributes`` too."""
+        return await self._read(listing_keys, attributes=True)
+
+    async def _read(self, listing_keys: Sequence[str], *, attributes: bool) -> dict[str, MallCount]:
+        # ``attributes`` carries the whole listing (its title, bullet points and the
+        # like): only a diff asks for it, not the sale watch's frequent reads.
+        included = "attributes,fulfillmentAvailability" if attributes else "fulfillmentAvailability"
         keys = [k for k in dict.fromkeys(listing_keys) if k]
-        counts: dict[str, int | None] = {}
+        counts: dict[str, MallCount] = {}
         listed = [k for k in keys if "," not in k]
         api = "searchListingsItems"
         path = f"{LISTINGS_PATH}/{quote(self._seller_id, safe='')}"
@@ -894,7 +906,7 @@ class AmazonAdapter:
             wanted = set(chunk)
             params = {
                 "marketplaceIds": self._marketplace,
-                "includedData": "fulfillmentAvailability",
+                "includedData": included,
                 "identifiers": ",".join(chunk),
                 "identifiersType": "SKU",
                 "pageSize": str(SEARCH_PAGE_MAX),
@@ -903,37 +915,33 @@ class AmazonAdapter:
                 reply = await self._call(api, "GET", path, params=params)
                 page = self._decode(_ItemSearchResults, reply, api)
                 for item in page.items:
-                    found = _mfn_quantity(item, self._marketplace)
+                    found = _mall_count(item, self._marketplace)
                     if item.sku in wanted and found is not None:
-                        counts[item.sku] = found[0]
+                        counts[item.sku] = found
                 token = page.pagination.next_token if page.pagination else None
                 if not token or not page.items:
                     break
                 params = {**params, "pageToken": token}
         for key in keys:
             if "," in key:
-                found_one = await self._read_one(key)
+                found_one = await self._read_one(key, included)
                 if found_one is not None:
                     counts[key] = found_one
         return counts
 
-    async def _read_one(self, key: str) -> int | None:
+    async def _read_one(self, key: str, included: str) -> MallCount | None:
         """``getListingsItem``: one listing's MFN quantity, None if unknown or FBA."""
         api = "getListingsItem"
         reply = await self._call(
             api,
             "GET",
             self._item_path(key),
-            params={
-                "marketplaceIds": self._marketplace,
-                "includedData": "fulfillmentAvailability",
-            },
+            params={"marketplaceIds": self._marketplace, "includedData": included},
             accept=(200, 404),
         )
         if reply.status == 404:
             return None
-        found = _mfn_quantity(self._decode(_Item, reply, api), self._marketplace)
-        return None if found is None else found[0]
+        return _mall_count(self._decode(_Item, reply, api), self._marketplace)
 
     # -- listings ----------------------------------------------------------------------
 
@@ -976,17 +984,31 @@ class AmazonAdapter:
             (s for s in item.summaries or () if s.marketplace_id == self._marketplace), None
         )
         asin = (summary.asin if summary else None) or ""
-        restock = attr.restock_date if attr else None
         return MallListing(
             listing_key=item.sku,
             link_code=asin if self._link_field == "asin" else item.sku,
             name=(summary.item_name if summary else None) or item.sku,
             quantity=quantity,
-            attrs=ListingAttrs(
-                lead_time_days=attr.lead_time_to_ship_max_days if attr else None,
-                restock_date=restock[:10] if restock and _DATE.match(restock) else None,
-            ),
+            attrs=_listing_attrs(attr),
         )
+
+
+def _listing_attrs(attr: _AttrAvailability | None) -> ListingAttrs:
+    """The lead time and restock date of a ``DEFAULT`` entry, as goqd holds them."""
+    restock = attr.restock_date if attr else None
+    return ListingAttrs(
+        lead_time_days=attr.lead_time_to_ship_max_days if attr else None,
+        restock_date=restock[:10] if restock and _DATE.match(restock) else None,
+    )
+
+
+def _mall_count(item: _Item, marketplace: str) -> MallCount | None:
+    """What Amazon shows for a merchant-fulfilled listing; None for an FBA-only one."""
+    found = _mfn_quantity(item, marketplace)
+    if found is None:
+        return None
+    quantity, attr = found
+    return MallCount(quantity=quantity, attrs=_listing_attrs(attr))
 
 
 def _mfn_quantity(item: _Item, marketplace: str) -> tuple[int, _AttrAvailability | None] | None:

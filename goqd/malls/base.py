@@ -25,7 +25,7 @@ import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import httpx
 import msgspec
@@ -34,7 +34,7 @@ import structlog
 from goqd.errors import ConfigError, MallError, MallProtocolError
 from goqd.malls.adapterstate import AdapterState, MemoryState
 from goqd.malls.clock import MallClock, parse_http_date
-from goqd.messages import MallListing, OrderLine, PushItem, PushOutcome
+from goqd.messages import ListingAttrs, MallCount, MallListing, OrderLine, PushItem, PushOutcome
 from goqd.secret import Secret
 
 log = structlog.get_logger("goqd.malls")
@@ -153,6 +153,10 @@ class MallAdapter(Protocol):
         """The mall's current count for each key it knows (None: unlimited)."""
         ...
 
+    # ``read_listings`` (``ListingReader`` below) is optional: a mall whose stock answers
+    # carry the attributes goqd pushes implements it; ``read_listings()`` reads the
+    # others' counts through ``read_stock``.
+
     def iter_listings(self) -> AsyncIterator[MallListing]:
         """Every listing of the store (for import)."""
         ...
@@ -160,6 +164,25 @@ class MallAdapter(Protocol):
     async def credential_expiry(self) -> float | None:
         """Epoch seconds when the credential expires, if the mall can tell."""
         ...
+
+
+@runtime_checkable
+class ListingReader(Protocol):
+    """An adapter that reads the mall attributes goqd pushes along with the counts."""
+
+    async def read_listings(self, listing_keys: Sequence[str]) -> dict[str, MallCount]:
+        """What the mall shows for each key it knows: the count, and the attributes
+        goqd pushes as the mall holds them (``None`` where it has none)."""
+        ...
+
+
+async def read_listings(adapter: MallAdapter, listing_keys: Sequence[str]) -> dict[str, MallCount]:
+    """``adapter.read_listings`` where the mall reports attributes; otherwise the counts
+    of ``read_stock`` with no attributes, so a mall without any needs nothing more."""
+    if isinstance(adapter, ListingReader):
+        return await adapter.read_listings(listing_keys)
+    counts = await adapter.read_stock(listing_keys)
+    return {key: MallCount(quantity=quantity) for key, quantity in counts.items()}
 
 
 AdapterFactory = Callable[[StoreContext], MallAdapter]
@@ -441,6 +464,20 @@ class GuardedAdapter:
             if quantity is not None:
                 self._check_quantity("read_stock", key, quantity)
         return counts
+
+    async def read_listings(self, listing_keys: Sequence[str]) -> dict[str, MallCount]:
+        found = await self._call("read_listings", lambda: read_listings(self.inner, listing_keys))
+        for key, count in found.items():
+            if count.quantity is not None:
+                self._check_quantity("read_listings", key, count.quantity)
+            self._check_attrs("read_listings", key, count.attrs)
+        return found
+
+    def _check_attrs(self, api: str, what: str, attrs: ListingAttrs) -> None:
+        # A lead time of SQLite-breaking size is a broken response like such a count.
+        lead = attrs.lead_time_days
+        if lead is not None and (isinstance(lead, bool) or not 0 <= lead <= QUANTITY_LIMIT):
+            raise self._error(api, f"{what}: lead time {lead!r} is not a plausible number")
 
     async def iter_listings(self) -> AsyncIterator[MallListing]:
         try:

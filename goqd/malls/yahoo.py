@@ -109,7 +109,7 @@ from goqd.malls.base import (
 from goqd.malls.clock import describe_skew
 from goqd.malls.ratelimit import TokenBucket, shared_bucket
 from goqd.malls.transport import READ
-from goqd.messages import ListingAttrs, MallListing, OrderLine, PushItem, PushOutcome
+from goqd.messages import ListingAttrs, MallCount, MallListing, OrderLine, PushItem, PushOutcome
 from goqd.secret import Secret
 
 MALL = "yahoo"
@@ -223,6 +223,12 @@ class _StockRow(msgspec.Struct, frozen=True, rename="pascal"):
     status: str | None = None
     quantity: int | None = None  # empty element: unlimited
     allow_overdraft: int | None = None
+
+
+def _row_attrs(row: _StockRow) -> ListingAttrs:
+    return ListingAttrs(
+        allow_overdraft=None if row.allow_overdraft is None else bool(row.allow_overdraft)
+    )
 
 
 class _StockResultSet(msgspec.Struct, frozen=True):
@@ -994,13 +1000,18 @@ class YahooAdapter:
         return self._decode(api, self._result_set(api, root), _StockResultSet).result
 
     async def read_stock(self, listing_keys: Sequence[str]) -> dict[str, int | None]:
-        out: dict[str, int | None] = {}
+        found = await self.read_listings(listing_keys)
+        return {key: count.quantity for key, count in found.items()}
+
+    async def read_listings(self, listing_keys: Sequence[str]) -> dict[str, MallCount]:
+        """``getStock``'s count and 超過購入設定 (``AllowOverdraft``) for each key it knows."""
+        out: dict[str, MallCount] = {}
         for chunk in _batched(list(dict.fromkeys(listing_keys)), READ_BATCH):
             wanted = set(chunk)
             for row in await self._get_stock(chunk):
                 key = self._stock_key(row.item_code, row.sub_code)
                 if row.status == "1" and key in wanted:  # Status 1 = found [V]
-                    out[key] = row.quantity
+                    out[key] = MallCount(quantity=row.quantity, attrs=_row_attrs(row))
         return out
 
     async def iter_listings(self) -> AsyncIterator[MallListing]:
@@ -1029,11 +1040,7 @@ class YahooAdapter:
                     link_code=self._link_code(row.item_code, row.sub_code),
                     name=names.get(row.item_code, ""),
                     quantity=row.quantity,
-                    attrs=ListingAttrs(
-                        allow_overdraft=None
-                        if row.allow_overdraft is None
-                        else bool(row.allow_overdraft)
-                    ),
+                    attrs=_row_attrs(row),
                 )
             for code in chunk:
                 if code not in found:
