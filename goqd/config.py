@@ -107,7 +107,8 @@ class StoreConfig(_Base, frozen=True, kw_only=True):
     # "strip-hyphens".
     link_normalize: tuple[Literal["nfkc", "casefold", "strip-spaces", "strip-hyphens"], ...] = ()
     # Amazon: replaces the mall's lead time for listings new to goqd at import; a lead
-    # time goqd knows is never changed by an import (Ledger.import_listings).
+    # time goqd knows is never changed by an import (catalogue.import_listings in
+    # goqd.ledger).
     default_lead_time: Annotated[int, Meta(ge=0, le=365)] | None = None
     # Mall-specific settings (link field, lookback days, location id …).
     options: dict[str, OptionValue] = {}

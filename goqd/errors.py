@@ -5,12 +5,13 @@
     GoqdError
       ConfigError              bad config file: names the file and "$.stores[2].mall"
         CredentialError        credential file missing, unreadable, or readable by others
+      InputError               operator input (a CSV file, a row) that cannot be applied
+      CsvError                 (goqctl) a CSV could not be written; the file is as it was
       MallError                raised by adapters only; carries mall and store
         MallUnavailable        timeout, connect error, 5xx, maintenance  -> level 8
           MallRateLimited      429 or the mall's own throttle; retry_after -> level 8
         MallAuthError          credential expired or rejected           -> level 9
         MallProtocolError      response did not match the mall's format -> level 8
-        ListingRejected        one listing refused; the rest of the batch goes on
       LedgerError              the ledger refuses to open or to apply something
         LedgerCorrupt          file unreadable / not a goqd ledger / quick_check failed
         LedgerTooNew           written by a newer schema than this goqd knows
@@ -20,6 +21,23 @@
         LedgerRequestFailed    one request failed unexpectedly (a bug); refused alone
         LedgerUnavailable      a whole batch was rolled back (disk full, I/O); try again
       ControlError             bad control request; answered, never fatal
+        FrameTooLarge          a peer announced a frame over this side's limit
+        ConnectionClosed       the peer closed the connection, between frames or mid-frame
+        BadEnvelope            a request frame that does not decode; carries the reply
+        NotFound               the store, SKU or listing a request named does not exist
+        DaemonUnreachable      (goqctl) no daemon answered on the control socket
+        RemoteError            (goqctl) the daemon answered the request with an error
+      ChildReturned            a permanent supervised child returned (never raised:
+                               handed to the supervisor's callbacks as the reason)
+
+A listing the mall refuses in a push batch is not an exception: the adapter returns
+that listing's ``PushOutcome`` with ``accepted=False`` and the rest of the batch goes
+on; the ledger records it as ``listing_rejected`` (level 8).
+
+Exceptions outside the tree are private (their names start with an underscore): control
+flow inside one adapter, simulator or command, caught in the module that raises it. A
+private subclass of a class in the tree (an adapter's ``_Rejected(MallProtocolError)``)
+is that class to everyone outside its module.
 
 Rules: adapters translate ``httpx`` and ``msgspec`` errors at their boundary
 (``raise MallUnavailable(...) from exc``); nothing above ``goqd/malls`` imports httpx
@@ -32,6 +50,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from goqd.control.protocol import Err
     from goqd.messages import PushOutcome
 
 LEVEL_TEMPORARY = 8
@@ -139,18 +158,6 @@ class MallProtocolError(MallError):
     code = "mall_protocol"
 
 
-class ListingRejected(MallError):
-    """The mall refused one listing of a batch; the rest went through."""
-
-    code = "listing_rejected"
-
-    def __init__(
-        self, message: str, *, listing_key: str, mall: str = "", store: str = "", code: str = ""
-    ) -> None:
-        super().__init__(message, mall=mall, store=store, code=code)
-        self.listing_key = listing_key
-
-
 class LedgerError(GoqdError):
     """The ledger refused an operation or refused to open."""
 
@@ -190,9 +197,85 @@ class ControlError(GoqdError):
     """A control request was malformed, too large, or not allowed. Answered, never fatal."""
 
 
+class FrameTooLarge(ControlError):
+    """The peer announced a frame bigger than this side accepts."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(f"frame of {size} bytes exceeds the limit of {limit} bytes")
+
+
+class ConnectionClosed(ControlError):
+    """The peer closed the connection, cleanly between frames (``partial=False``) or not."""
+
+    def __init__(self, *, partial: bool) -> None:
+        self.partial = partial
+        super().__init__("connection closed mid-frame" if partial else "connection closed")
+
+
+class BadEnvelope(ControlError):
+    """A request frame that could not be decoded. Carries the ready-made ``Err``."""
+
+    def __init__(self, err: Err, request_id: str) -> None:
+        self.err = err
+        self.request_id = request_id
+        super().__init__(err.message)
+
+
+class NotFound(ControlError):
+    """The store, SKU or listing an operator named does not exist: answered ``not_found``."""
+
+
+class DaemonUnreachable(ControlError):
+    """No daemon answered on the socket: missing, refused, not permitted, or gone.
+
+    ``sent``: the request may have reached the daemon (the connection broke or the time
+    ran out after it was sent), so it may have been applied, or be running still."""
+
+    def __init__(self, path: str, reason: str, *, hint: str = "", sent: bool = False) -> None:
+        self.path = path
+        self.reason = reason
+        self.hint = hint
+        self.sent = sent
+        super().__init__(f"cannot reach goqd at {path}: {reason}")
+
+
+class RemoteError(ControlError):
+    """The daemon refused the request with an ``Err`` reply."""
+
+    def __init__(self, code: str, message: str, hint: str = "") -> None:
+        self.code = code
+        self.message = message
+        self.hint = hint
+        super().__init__(f"{code}: {message}")
+
+
 class InputError(GoqdError):
     """Operator input (a CSV file, a row) that cannot be applied. Names the place; nothing
     of that input is applied."""
+
+
+class CsvError(GoqdError):
+    """(goqctl) A CSV could not be written; nothing was (the file is as it was)."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(message)
+
+
+class ChildReturned(GoqdError):
+    """A permanent child returned although it should run until cancelled.
+
+    Never raised: OTP restarts a permanent child whatever its exit reason, and this
+    stands in for the "normal" exit reason so that ``supervise()``'s callbacks always
+    receive an exception.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"child {name!r} returned")
 
 
 def recorded_codes(exc: MallError) -> tuple[str, str]:

@@ -6,20 +6,67 @@ over the control socket and some messages are persisted, so never rename a tag.
 
 Internal messages are not validated at runtime (msgspec validates only on decode);
 mypy checks them. Anything that comes from outside (mall responses, control requests)
-is decoded into a Struct before it becomes one of these.
+is decoded into a Struct before it becomes one of these. The operator requests that
+map one-to-one onto a ledger request (``_OperatorRequest``) are decoded from the
+control socket straight into it: their tags are the socket's, and their fields carry
+the socket's constraints.
 
 This module must never import trio, httpx or sqlite3: it is the shared vocabulary.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
+from msgspec import Meta
+
+from goqd import limits
+from goqd.errors import LEVEL_CREDENTIAL
 
 
 class _Msg(msgspec.Struct, frozen=True, kw_only=True):
     pass
+
+
+class _OperatorRequest(
+    _Msg, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
+):
+    """A ledger request goqctl sends over the control socket exactly as the ledger takes
+    it (``goqd.control.protocol.ControlRequest`` decodes it straight into this Struct).
+
+    Its tag is the control socket's (``stock_set``), stable for every goqctl in the
+    field; unknown fields are refused, never guessed at; the field constraints below are
+    checked when the request is decoded (msgspec validates only then), so a value the
+    ledger could not take is a ``bad_request`` at the socket, never an error inside the
+    ledger. Defaults are left out when encoding: goqctl sends the bytes it always sent.
+    """
+
+
+# --------------------------------------------------------------------------------------
+# Field constraints of what the control socket takes. Generous for real catalogues and
+# small enough that one request cannot make the daemon allocate much more than its frame.
+# The caps and the date rule are goqd.limits', shared with the CSV readers.
+# --------------------------------------------------------------------------------------
+
+StoreName = Annotated[str, Meta(min_length=1, max_length=limits.MAX_STORE_NAME)]
+OptStoreName = Annotated[str, Meta(max_length=limits.MAX_STORE_NAME)]  # "" means every store
+Sku = Annotated[str, Meta(min_length=1, max_length=limits.MAX_SKU)]
+ListingKey = Annotated[str, Meta(min_length=1, max_length=limits.MAX_LISTING_KEY)]
+Reason = Annotated[str, Meta(max_length=1000)]
+PageCursor = Annotated[str, Meta(max_length=512)]
+PageLimit = Annotated[int, Meta(ge=1, le=10_000)]
+HistoryLimit = Annotated[int, Meta(ge=0, le=10_000)]
+Quantity = Annotated[int, Meta(ge=0, le=limits.MAX_QUANTITY)]
+Delta = Annotated[int, Meta(ge=-limits.MAX_DELTA, le=limits.MAX_DELTA)]
+LeadTimeDays = Annotated[int, Meta(ge=0, le=limits.MAX_LEAD_TIME_DAYS)]
+IsoDate = Annotated[str, Meta(pattern=limits.DATE_PATTERN)]
+ErrorLevel = Annotated[int, Meta(ge=1, le=LEVEL_CREDENTIAL)]
+# A row id. SQLite binds only signed 64-bit integers, so every int here has an upper
+# bound: a bigger value is a bad_request at the socket, never an error inside the ledger.
+ErrorId = Annotated[int, Meta(ge=1, le=2**63 - 1)]
+RequestId = Annotated[str, Meta(max_length=128)]
+MAX_SEARCH = 200  # `goqctl listings --search`: characters, ample for a name
 
 
 # --------------------------------------------------------------------------------------
@@ -210,35 +257,42 @@ class UpsertListing(_Msg, frozen=True, kw_only=True, tag="upsert_listing"):
     request_id: str = ""
 
 
-class SetListingAttrs(_Msg, frozen=True, kw_only=True, tag="set_listing_attrs"):
-    """Operator change of push attributes; queues a push with the new values."""
+class SetListingAttrs(_OperatorRequest, frozen=True, kw_only=True, tag="listing_set"):
+    """Operator change of push attributes; queues a push with the new values.
+    ``None`` leaves a value as it is."""
 
-    store: str
-    listing_key: str
+    store: StoreName
+    listing_key: ListingKey
     allow_overdraft: bool | None = None
-    lead_time_days: int | None = None
-    restock_date: str | None = None
-    request_id: str = ""
+    lead_time_days: LeadTimeDays | None = None
+    restock_date: IsoDate | None = None
+    request_id: RequestId = ""
+
+    def __post_init__(self) -> None:
+        if self.restock_date is not None and not limits.is_calendar_date(self.restock_date):
+            raise ValueError(
+                f"restock_date {self.restock_date!r} is not a calendar date (YYYY-MM-DD)"
+            )
 
 
-class Link(_Msg, frozen=True, kw_only=True, tag="link"):
-    store: str
-    listing_key: str
-    sku: str
-    request_id: str = ""
+class Link(_OperatorRequest, frozen=True, kw_only=True, tag="link_listing"):
+    store: StoreName
+    listing_key: ListingKey
+    sku: Sku
+    request_id: RequestId = ""
 
 
-class Unlink(_Msg, frozen=True, kw_only=True, tag="unlink"):
-    store: str
-    listing_key: str
-    request_id: str = ""
+class Unlink(_OperatorRequest, frozen=True, kw_only=True, tag="unlink_listing"):
+    store: StoreName
+    listing_key: ListingKey
+    request_id: RequestId = ""
 
 
-class DeleteProduct(_Msg, frozen=True, kw_only=True, tag="delete_product"):
+class DeleteProduct(_OperatorRequest, frozen=True, kw_only=True, tag="delete_product"):
     """Stop syncing a product. Never deletes anything at a mall."""
 
-    sku: str
-    request_id: str = ""
+    sku: Sku
+    request_id: RequestId = ""
 
 
 class AddProduct(_Msg, frozen=True, kw_only=True, tag="add_product"):
@@ -255,23 +309,25 @@ class AddProduct(_Msg, frozen=True, kw_only=True, tag="add_product"):
     request_id: str = ""
 
 
-class SetStock(_Msg, frozen=True, kw_only=True, tag="set_stock"):
-    sku: str
-    quantity: int
-    reason: str = ""
-    request_id: str = ""
+class SetStock(_OperatorRequest, frozen=True, kw_only=True, tag="stock_set"):
+    sku: Sku
+    quantity: Quantity
+    reason: Reason = ""
+    request_id: RequestId = ""
 
 
-class AdjustStock(_Msg, frozen=True, kw_only=True, tag="adjust_stock"):
-    sku: str
-    delta: int
-    reason: str = ""
-    request_id: str = ""
+class AdjustStock(_OperatorRequest, frozen=True, kw_only=True, tag="stock_adjust"):
+    sku: Sku
+    delta: Delta
+    reason: Reason = ""
+    request_id: RequestId = ""
 
 
-class GetHistory(_Msg, frozen=True, kw_only=True, tag="get_history"):
-    sku: str
-    limit: int = 100
+class GetHistory(_OperatorRequest, frozen=True, kw_only=True, tag="history"):
+    """A product's total and its latest movements (answered with ``History``)."""
+
+    sku: Sku
+    limit: HistoryLimit = 100
 
 
 class RecordError(_Msg, frozen=True, kw_only=True, tag="record_error"):
@@ -307,47 +363,53 @@ class ResolveErrors(_Msg, frozen=True, kw_only=True, tag="resolve_errors"):
     before: float | None = None
 
 
-class ClearErrors(_Msg, frozen=True, kw_only=True, tag="clear_errors"):
+class ClearErrors(_OperatorRequest, frozen=True, kw_only=True, tag="errors_clear"):
     """Clear errors by id, or every open error of ``store`` (optionally one level)."""
 
-    ids: tuple[int, ...] = ()
-    store: str = ""
-    level: int | None = None
-    request_id: str = ""
+    ids: Annotated[tuple[ErrorId, ...], Meta(max_length=10_000)] = ()
+    store: OptStoreName = ""
+    level: ErrorLevel | None = None
+    request_id: RequestId = ""
+
+    def __post_init__(self) -> None:
+        if not self.ids and not self.store:
+            raise ValueError("errors_clear needs error ids or a store")
 
 
-class ListErrors(_Msg, frozen=True, kw_only=True, tag="list_errors"):
+class ListErrors(_OperatorRequest, frozen=True, kw_only=True, tag="errors"):
     """Errors, highest level first, then newest first (by id).
 
-    Filters: ``store``, ``level``, ``code`` (goqd's code or the mall's own). Paging:
-    ``after`` is the id of the last error of the previous page (0: from the top).
+    Filters: ``store``, ``level``, ``code`` (goqd's code or the mall's own, such as
+    ``IE0003``). Paging: ``after`` is the id of the last error of the previous page (0:
+    from the top).
     """
 
-    store: str = ""
+    store: OptStoreName = ""
     include_cleared: bool = False
-    level: int | None = None
-    code: str = ""
-    after: int = 0
-    limit: int = 500
+    level: ErrorLevel | None = None
+    code: Annotated[str, Meta(max_length=100)] = ""
+    after: Annotated[int, Meta(ge=0, le=2**63 - 1)] = 0
+    limit: PageLimit = 500
 
 
-class ListParked(_Msg, frozen=True, kw_only=True, tag="list_parked"):
-    """Parked order lines (連携できない商品), by store, order and line.
+class ListParked(_OperatorRequest, frozen=True, kw_only=True, tag="parked"):
+    """Parked order lines (連携できない商品), by store, order and line: store, order,
+    line, listing, quantity, since when, and what to run.
 
     ``after`` is ``(store, order_id, line_id)`` of the last line of the previous page.
     """
 
-    store: str = ""
-    after: tuple[str, str, str] = ("", "", "")
-    limit: int = 500
+    store: OptStoreName = ""
+    after: tuple[OptStoreName, PageCursor, PageCursor] = ("", "", "")
+    limit: PageLimit = 500
 
 
-class ListProducts(_Msg, frozen=True, kw_only=True, tag="list_products"):
-    after: str = ""
-    limit: int = 500
+class ListProducts(_OperatorRequest, frozen=True, kw_only=True, tag="products"):
+    after: PageCursor = ""
+    limit: PageLimit = 500
 
 
-class ListListings(_Msg, frozen=True, kw_only=True, tag="list_listings"):
+class ListListings(_OperatorRequest, frozen=True, kw_only=True, tag="listings"):
     """A store's listings in key order from ``after``.
 
     ``state``: only ``linked``, ``unlinked`` or ``ambiguous`` listings, or ``parked``
@@ -356,12 +418,12 @@ class ListListings(_Msg, frozen=True, kw_only=True, tag="list_listings"):
     these listings (the others are ignored), for a reader that already has a page.
     """
 
-    store: str
-    after: str = ""
-    limit: int = 500
-    state: str = ""
-    search: str = ""
-    keys: tuple[str, ...] = ()
+    store: StoreName
+    after: PageCursor = ""
+    limit: PageLimit = 500
+    state: Literal["", "linked", "unlinked", "ambiguous", "parked"] = ""
+    search: Annotated[str, Meta(max_length=MAX_SEARCH)] = ""
+    keys: Annotated[tuple[ListingKey, ...], Meta(max_length=10_000)] = ()
 
 
 class CountListings(_Msg, frozen=True, kw_only=True, tag="count_listings"):
@@ -550,6 +612,23 @@ LedgerRequest = (
     | ApplyStockImport
     | DiscardStockImport
     | ListStockImports
+)
+
+# The ledger requests goqctl sends as they are (``_OperatorRequest``): part of the
+# control socket's request union.
+OperatorLedgerRequest = (
+    ListErrors
+    | ListParked
+    | ClearErrors
+    | ListProducts
+    | ListListings
+    | Link
+    | Unlink
+    | SetStock
+    | AdjustStock
+    | GetHistory
+    | SetListingAttrs
+    | DeleteProduct
 )
 
 # --------------------------------------------------------------------------------------

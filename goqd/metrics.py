@@ -62,27 +62,21 @@ expiry alert for every store.
 
 from __future__ import annotations
 
-from importlib import metadata
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+import goqd
+from goqd.errors import LEVEL_CREDENTIAL, LEVEL_TEMPORARY
 
 STATES = ("running", "degraded", "stopped", "paused", "down")
 POLL_OUTCOMES = ("ok", "unavailable", "rate_limited", "auth", "protocol", "error")
 LINE_OUTCOMES = ("booked", "duplicate", "stale", "parked", "rejected")
 PUSH_OUTCOMES = ("accepted", "rejected", "failed")
-ERROR_LEVELS = ("8", "9")
+ERROR_LEVELS = (str(LEVEL_TEMPORARY), str(LEVEL_CREDENTIAL))
 RELOAD_OUTCOMES = ("ok", "refused")
 
 _POLL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 _COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-
-
-def _version() -> str:
-    try:
-        return metadata.version("goqd")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 class Metrics:
@@ -91,7 +85,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry, *, version: str | None = None) -> None:
         r = registry
         self.info = Info("goqd_build", "goqd build information.", registry=r)
-        self.info.info({"version": version or _version()})
+        self.info.info({"version": version or goqd.__version__})
 
         self.store_up = Gauge(
             "goqd_store_up",

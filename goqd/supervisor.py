@@ -33,6 +33,8 @@ from typing import Literal
 import structlog
 import trio
 
+from goqd.errors import ChildReturned
+
 log = structlog.get_logger("goqd.supervisor")
 
 Restart = Literal["permanent", "transient", "temporary"]
@@ -67,18 +69,6 @@ class ChildSpec:
             raise ValueError("intensity must be >= 0 and period > 0")
         if self.backoff_initial < 0 or self.backoff_max < self.backoff_initial:
             raise ValueError("need 0 <= backoff_initial <= backoff_max")
-
-
-class ChildReturned(Exception):
-    """A permanent child returned although it should run until cancelled.
-
-    OTP restarts a permanent child whatever its exit reason; this stands in for the
-    "normal" exit reason so that callbacks always receive an exception.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        super().__init__(f"child {name!r} returned")
 
 
 def _unwrap(exc: Exception) -> Exception:

@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from goqd import messages as m
-from goqd.ledger.db import Ledger, open_db
+from goqd.ledger import Ledger, open_db
 
 STORE = "big"
 

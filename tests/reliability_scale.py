@@ -13,7 +13,8 @@ A plain ``pytest`` does not collect this file (no ``test_`` prefix): the quick b
   Shopify (Yahoo's and Amazon's order APIs are slow by design: a minute or more for a
   handful of orders); all five are polled, watched and pushed to. Each life of the
   daemon: start; READY (a clean start is required); settle; every invariant checked
-  (I1–I4 by ``goqd.sim.checker``); armed (``GOQD_CRASHPOINT_ARM``); orders,
+  (no loss, conservation, convergence, no stale overwrite: I1–I4 of docs/reliability.md,
+  by ``tests.helpers.checker``); armed (``GOQD_CRASHPOINT_ARM``); orders,
   cancellations, operator restocks and stock imports until it dies, at a crash point
   (each of ``goqd.crashpoints.POINTS`` at least ``GOQD_SCALE_POINT_HITS`` times, default
   20) or by a SIGKILL at a random moment; then the ledger file is checked before the
@@ -21,8 +22,8 @@ A plain ``pytest`` does not collect this file (no ``test_`` prefix): the quick b
   moment of its start-up instead (the next life's checks cover it).
 * **Rate limits across restarts**: every request a mall refused as over its documented
   limit (each simulator's limiter counts them: Rakuten, au PAY and Amazon per API, Yahoo
-  per URL with its lock-out, Shopify's cost bucket), and every 429 the checker's E2 check
-  finds in the malls' request logs. Both must be 0.
+  per URL with its lock-out, Shopify's cost bucket), and every 429 the checker's
+  throttling check (catalogue entry E2) finds in the malls' request logs. Both must be 0.
 * **Seeds of the deterministic simulation** (``GOQD_SCALE_SEEDS``, default 500, from
   ``GOQD_SCALE_SEED_START``, default 1) in ``GOQD_SCALE_WORKERS`` processes (default 2),
   started first so they run beside the kills; each seed judged by ``rig.seed_failure``.
@@ -52,12 +53,12 @@ from typing import Any
 import pytest
 import trio
 
+from goqd import messages as m
 from goqd.control import protocol as p
 from goqd.crashpoints import POINTS
 from goqd.errors import ControlError, GoqdError
-from goqd.sim import checker
 from goqd.sim.market import Market
-from tests.helpers import rig
+from tests.helpers import checker, rig
 
 ROOT = Path(__file__).resolve().parents[1]
 STORES = (("ra", "rakuten"), ("ya", "yahoo"), ("au", "aupay"), ("sh", "shopify"), ("am", "amazon"))
@@ -225,7 +226,7 @@ async def _work(
             soak.imports += 1
         elif roll > 0.9:
             sku = rng.choice(sorted(CATALOGUE))
-            await r.daemon.request(p.StockAdjust(sku=sku, delta=2, reason="scale"), timeout=5.0)
+            await r.daemon.request(m.AdjustStock(sku=sku, delta=2, reason="scale"), timeout=5.0)
             soak.restocks += 1
     await r.daemon.poll_now(SELLING)
 
@@ -242,8 +243,8 @@ async def _life(
     point: str | None,
     nth: int,
 ) -> None:
-    """One start of the daemon: READY, settled, checked (I1–I4), then armed (its crash
-    point counts from here), worked until it dies or is killed, and the ledger file
+    """One start of the daemon: READY, settled, checked (the invariants I1–I4), then
+    armed (its crash point counts from here), worked until it dies or is killed, and the ledger file
     checked before the next start. A ``STARTUP`` life is killed at a random moment of
     its start instead: the next life's checks cover it."""
     armed = point not in (None, STARTUP)
@@ -299,7 +300,8 @@ class Rates:
 
     def add(self, r: rig.ProcessRig, starts: list[float]) -> None:
         """Each simulator's own limiter counts the requests it refused; the checker's
-        E2 check reads its request log (every 429 outside an injected throttle)."""
+        throttling check (catalogue entry E2) reads its request log (every 429 outside an
+        injected throttle)."""
         for store, sim in r.fleet.sims.items():
             self.refused[sim.mall] += int(getattr(sim, "throttled_requests", 0))
             self.e2 += [str(v) for v in checker.check_throttling(sim, store, [], [])]
@@ -316,7 +318,7 @@ class Rates:
             f"rate-limit violations at the malls across {starts} starts: "
             f"{sum(self.refused.values())} requests refused by the malls' limiters "
             f"({', '.join(f'{m} {n}' for m, n in sorted(self.refused.items()))}), "
-            f"{len(self.e2)} E2 findings (429s outside an injected throttle); {near} of "
+            f"{len(self.e2)} throttling findings (429s outside an injected throttle); {near} of "
             f"{len(self.after_start)} 429s came within 5 s of a start"
         ]
         if self.by_api:

@@ -23,12 +23,15 @@ import pytest
 import trio
 import trio.testing
 
+from goqd.errors import MallAuthError
 from goqd.malls.amazon import AmazonAdapter
 from goqd.malls.base import StoreContext
+from goqd.malls.client import ACCESS_TOKEN_MARGIN_S, MallClient, TokenAuth, TokenResponse
 from goqd.malls.yahoo import YahooAdapter
 from goqd.secret import Secret
 from goqd.sim.amazon import SimAmazon
 from goqd.sim.base import SimMall
+from goqd.sim.http import Response
 from goqd.sim.yahoo import SimYahoo
 from goqd.stores.state import open_store_state
 from tests.helpers import rig
@@ -134,10 +137,11 @@ async def test_amazon_a_poll_cut_short_keeps_the_items_it_had_read(
         if api == "getOrderItems":
             answered += 1
             if answered == 3:
-                sim.faults.throttle_rate = 1.0
-        response = await original(request, api)
-        sim.faults.throttle_rate = 0.0
-        return response
+                # Amazon's 429, answered in place of the items (the simulator's own fault
+                # flags are checked before this handler is reached).
+                body = {"errors": [{"code": "QuotaExceeded", "message": "throttled"}]}
+                return Response.json(body, status=429)
+        return await original(request, api)
 
     sim.handle = third_items_throttled  # type: ignore[method-assign]
     async with opened(sim, state_dir, "am") as adapter:
@@ -205,3 +209,82 @@ def test_the_daemon_restarted_reads_no_yahoo_order_again() -> None:
             trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------
+# The access token of a refresh-token mall (``goqd.malls.client.TokenAuth``)
+# --------------------------------------------------------------------------------------
+
+
+def _client(clock: Any) -> MallClient:
+    ctx = StoreContext(
+        store="s1",
+        mall="test",
+        base_url=BASE,
+        credentials={},
+        http=httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(500))),
+        clock=clock,
+    )
+    return MallClient(ctx, "test")
+
+
+async def test_an_access_token_is_minted_once_for_tasks_that_need_it_together(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    minted: list[str] = []
+
+    async def mint() -> TokenResponse:
+        await trio.sleep(1)  # the token endpoint takes its time
+        minted.append(f"token-{len(minted)}")
+        return TokenResponse(access_token=minted[-1], expires_in=3600)
+
+    auth = TokenAuth(_client(wall), mint)
+    got: list[tuple[str, bool]] = []
+
+    async def use() -> None:
+        token, fresh = await auth.token()
+        got.append((token.reveal(), fresh))
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(use)
+    assert minted == ["token-0"]
+    assert sorted(got) == [("token-0", False)] * 4 + [("token-0", True)]
+    # Kept until a minute before it expires, then minted again.
+    await trio.sleep(3600 - ACCESS_TOKEN_MARGIN_S - 5)
+    assert (await auth.token())[0].reveal() == "token-0"
+    await trio.sleep(10)
+    assert (await auth.token())[0].reveal() == "token-1"
+
+
+async def test_a_refused_token_is_replaced_once_and_a_refused_mint_leaves_none(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    refuse = False
+    minted = 0
+
+    async def mint() -> TokenResponse:
+        nonlocal minted
+        await trio.sleep(1)
+        if refuse:
+            raise MallAuthError("token: invalid_grant", mall="test", store="s1")
+        minted += 1
+        return TokenResponse(access_token=f"token-{minted}", expires_in=3600)
+
+    auth = TokenAuth(_client(wall), mint)
+    stale, _ = await auth.token()
+    # Two calls refused with the same token: one refresh between them.
+    async with trio.open_nursery() as nursery:
+        for _ in range(2):
+            nursery.start_soon(functools.partial(auth.refresh, stale=stale))
+    assert minted == 2
+    refuse = True
+    with pytest.raises(MallAuthError):
+        await auth.refresh()
+    # No token is left to send: the next call asks the endpoint again, and is refused.
+    with pytest.raises(MallAuthError):
+        await auth.token()
+    refuse = False
+    token, fresh = await auth.token()
+    assert (token.reveal(), fresh) == ("token-3", True)

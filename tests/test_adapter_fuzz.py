@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from goqd.errors import MallError, MallProtocolError, MallRateLimited
+from goqd.errors import MallError, MallProtocolError, MallRateLimited, MallUnavailable
 from goqd.malls import amazon, aupay, rakuten, shopify, yahoo
 from goqd.malls.base import RETRY_AFTER_CAP_S, MallSpec, OrderPage, StoreContext
 from goqd.messages import ListingAttrs, MallListing, OrderLine, PushItem, PushOutcome
@@ -777,3 +777,24 @@ def test_a_shopify_throttle_status_no_plan_has_never_stalls_the_next_call() -> N
             assert await adapter.read_stock(list(MALLS["shopify"].keys))
 
     _run_with("shopify", throttle)(body)
+
+
+@pytest.mark.parametrize("mall", list(MALLS))
+def test_a_body_its_content_encoding_cannot_decode_is_a_protocol_error(mall: str) -> None:
+    # httpx raises DecodingError while reading such a body. Three adapters called it a
+    # protocol error and two (au PAY, Shopify) "unavailable", which sent an operator
+    # looking for an outage while the mall was answering: one mapping, in the client core.
+    def garbled(request: httpx.Request, canned: Canned) -> httpx.Response | None:
+        if request.url.path in (amazon.LWA_PATH, "/yconnect/v2/token"):
+            return None
+        return httpx.Response(
+            200, content=b"\x00not gzip at all", headers={"Content-Encoding": "gzip"}
+        )
+
+    async def body(adapter: Any) -> None:
+        with pytest.raises(MallProtocolError, match="undecodable response body") as info:
+            await adapter.read_stock(list(MALLS[mall].keys))
+        assert not isinstance(info.value, MallUnavailable)
+        assert (info.value.mall, info.value.store) == (mall, "fuzz")
+
+    _run_with(mall, garbled)(body)

@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from goqd.errors import (
+    LEVEL_CREDENTIAL,
     ConfigError,
     MallAuthError,
     MallError,
@@ -25,9 +26,9 @@ from goqd.errors import (
 from goqd.malls.aupay import SPEC, AupayAdapter
 from goqd.malls.base import StoreContext
 from goqd.messages import ListingAttrs, MallListing, OrderLine, PushItem
-from goqd.secret import Secret
 from goqd.sim.aupay import SimAupay
 from goqd.sim.http import serve_sim
+from tests.helpers.malls import serve_mall, store_context
 
 FIXTURES = Path(__file__).parent / "fixtures" / "aupay"
 BASE = 1_767_225_600.0  # 2026-01-01 09:00 JST
@@ -52,27 +53,16 @@ def make_ctx(
     credentials: dict[str, str],
     **options: Any,
 ) -> StoreContext:
-    return StoreContext(
-        store="au1",
-        mall="aupay",
-        base_url=url,
-        credentials={k: Secret(v) for k, v in credentials.items()},
-        http=http,
-        clock=clock,
-        options=options,
-    )
+    return store_context("aupay", url, http, clock, credentials, store="au1", options=options)
 
 
 @asynccontextmanager
 async def open_store(
     sim: SimAupay, clock: Clock, *, credentials: dict[str, str] | None = None, **options: Any
 ) -> AsyncIterator[AupayAdapter]:
-    async with trio.open_nursery() as nursery:
-        url = await nursery.start(serve_sim, sim.app)
-        async with httpx.AsyncClient(timeout=10.0) as http:
-            creds = credentials if credentials is not None else sim.credentials()
-            yield AupayAdapter(make_ctx(url, http, clock, creds, **options))
-        nursery.cancel_scope.cancel()
+    async with serve_mall(sim) as shop:
+        creds = credentials if credentials is not None else sim.credentials()
+        yield AupayAdapter(make_ctx(shop.url, shop.http, clock, creds, **options))
 
 
 def new_sim(clock: Clock, **kwargs: Any) -> SimAupay:
@@ -121,7 +111,7 @@ async def test_wrong_revoked_and_aged_keys_raise_auth_error_without_the_key(
     async with open_store(sim, clock, credentials=wrong) as adapter:
         with pytest.raises(MallAuthError) as excinfo:
             await adapter.check_credentials()
-    assert excinfo.value.level == 9
+    assert excinfo.value.level == LEVEL_CREDENTIAL
     assert "PME0106" in str(excinfo.value)
     assert "f" * 64 not in str(excinfo.value)
 
@@ -538,29 +528,6 @@ async def test_throttle_is_rate_limited_with_retry_after_and_the_adapter_backs_o
         before = trio.current_time()
         await adapter.check_credentials()
     assert trio.current_time() - before >= 7.0  # the bucket was blocked for Retry-After
-
-
-@pytest.mark.parametrize("kind", ["missing_field", "wrong_type", "html", "truncated"])
-async def test_malformed_bodies_are_protocol_errors(
-    autojump_clock: trio.testing.MockClock, kind: str
-) -> None:
-    clock = Clock()
-    sim = new_sim(clock)
-    sim.place_order([("TOWEL-01", 1)])
-    sim.faults.malformed = kind
-    push = [PushItem(listing_key="TOWEL-01", sku="T", quantity=1, version=1)]
-    async with open_store(sim, clock) as adapter:
-        calls = [
-            adapter.fetch_orders(None),
-            adapter.read_stock(["TOWEL-01"]),
-            adapter.push_stock(push),
-            adapter.check_credentials(),
-        ]
-        for call in calls:
-            with pytest.raises(MallProtocolError):
-                await call
-        with pytest.raises(MallProtocolError):
-            [x async for x in adapter.iter_listings()]
 
 
 async def test_requests_keep_to_one_per_second_per_api(

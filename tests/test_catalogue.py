@@ -12,10 +12,11 @@ import pytest
 from goqd import limits
 from goqd import messages as m
 from goqd.cli import goqctl
-from goqd.control import protocol as p
 from goqd.csvio import decode_csv_bytes, parse_listings_csv, parse_stock_csv
 from goqd.errors import InputError, UnknownSku
-from goqd.ledger.db import _MIGRATIONS, APPLICATION_ID, SCHEMA_VERSION, Ledger, open_db
+from goqd.ledger import queries
+from goqd.ledger.db import Ledger
+from goqd.ledger.schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, open_db
 from goqd.linking import fold, normalize
 
 
@@ -187,7 +188,7 @@ def test_bulk_stock_edit_is_all_or_nothing(ledger: Ledger) -> None:
 def test_a_version_1_ledger_is_migrated_forward(tmp_path: Path) -> None:
     path = str(tmp_path / "old.db")
     conn = sqlite3.connect(path, isolation_level=None)
-    for statement in _MIGRATIONS[0].split(";"):
+    for statement in MIGRATIONS[0].split(";"):
         if statement.strip():
             conn.execute(statement)
     conn.execute("INSERT INTO products VALUES ('ＡＢ-1', '', 3, 'x', 0)")
@@ -195,7 +196,8 @@ def test_a_version_1_ledger_is_migrated_forward(tmp_path: Path) -> None:
     conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
     conn.close()
     migrated = open_db(path)
-    assert migrated.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert queries.schema_version(migrated) == SCHEMA_VERSION
+    # The column the migration computed: schema-internal, so read here, not in queries.
     assert migrated.execute("SELECT code_fold FROM products").fetchone()[0] == "ab1"
 
 
@@ -366,14 +368,14 @@ def test_what_the_listing_csv_accepts_listing_set_accepts_too() -> None:
             "restock_date": row.attrs.restock_date,
         }
     )
-    assert msgspec.json.decode(request, type=p.ListingSet).restock_date == "2028-02-29"
+    assert msgspec.json.decode(request, type=m.SetListingAttrs).restock_date == "2028-02-29"
     for bad in ("2026-02-30", "2026-02-30\n"):
         with pytest.raises(msgspec.ValidationError, match="calendar date"):
             msgspec.json.decode(
                 msgspec.json.encode(
                     {"type": "listing_set", "store": "s", "listing_key": "k", "restock_date": bad}
                 ),
-                type=p.ListingSet,
+                type=m.SetListingAttrs,
             )
 
 

@@ -20,17 +20,16 @@ import pytest
 import trio
 import trio.testing
 
-from goqd.errors import MallAuthError, MallUnavailable
+from goqd.errors import LEVEL_TEMPORARY, MallAuthError, MallUnavailable
 from goqd.malls.base import StoreContext
 from goqd.malls.clock import MallClock, describe_skew, parse_http_date
 from goqd.malls.transport import mall_transport, open_mall_client
 from goqd.malls.yahoo import YahooAdapter
 from goqd.secret import Secret
-from goqd.sim import checker
 from goqd.sim.http import Request, Response
 from goqd.sim.market import Market, Placed
 from goqd.sim.yahoo import SimYahoo
-from tests.helpers import rig
+from tests.helpers import checker, rig
 
 clock = rig.mock_wall_clock
 HOUR = 3600.0
@@ -261,7 +260,9 @@ def test_no_hold_is_released_as_unexplained_while_the_mall_clock_is_off() -> Non
         key = run.fleet.keys["ra"]["MUG-WHT"]
         ra.clock_offset = -9 * HOUR
         await rig.wait_for(
-            lambda: run.daemon.handles["ra"].error_level == 8, timeout=60, what="the skew"
+            lambda: run.daemon.handles["ra"].error_level == LEVEL_TEMPORARY,
+            timeout=60,
+            what="the skew",
         )
         ra.listings[key].quantity = 1  # lowered by hand in RMS: the watch holds 2
         await rig.wait_for(lambda: _held(run, "MUG-WHT") == 2, timeout=60, what="the hold")
@@ -366,7 +367,7 @@ async def test_a_signature_refused_while_the_clock_is_off_is_clock_skew_not_leve
         with pytest.raises(MallUnavailable) as skewed:
             await adapter.read_stock(["A-1"])
     error = skewed.value
-    assert not isinstance(error, MallAuthError) and error.level == 8
+    assert not isinstance(error, MallAuthError) and error.level == LEVEL_TEMPORARY
     assert error.code == "clock_skew"
     assert "clock skew" in str(error) and "9h00m" in str(error) and "ahead of" in str(error)
     # The same refusal with the clocks agreeing is what it says: a rejected key.

@@ -57,11 +57,11 @@ class FakeDaemon:
     async def __call__(self, req: p.ControlRequest, peer: PeerInfo) -> p.Ok | p.Err:
         self.seen.append((req, peer))
         match req:
-            case p.StockSet():
+            case m.SetStock():
                 return p.Ok(
                     result=m.StockChanged(sku=req.sku, total=req.quantity, delta=2, movement_id=7)
                 )
-            case p.Products():
+            case m.ListProducts():
                 return p.Ok(
                     result=m.ProductList(
                         products=(
@@ -71,15 +71,15 @@ class FakeDaemon:
                         )
                     )
                 )
-            case p.History():
+            case m.GetHistory():
                 return p.Ok(result=m.History(sku=req.sku, total=4, movements=()))
             case p.Stores():
                 return p.Ok(result=p.StoreList(stores=()))
             case p.KeySet():
                 return p.Ok(result=m.Done(changed=1, detail="credential stored"))
-            case p.DeleteProduct(sku="boom"):
+            case m.DeleteProduct(sku="boom"):
                 raise RuntimeError("handler bug")
-            case p.DeleteProduct():
+            case m.DeleteProduct():
                 return p.Err(code="not_found", message=f"unknown SKU {req.sku!r}")
         return p.Ok(result=m.Done())
 
@@ -129,9 +129,9 @@ async def test_round_trip_of_several_request_types_returns_handler_results(
 ) -> None:
     path, daemon = served
     with trio.fail_after(10):
-        changed = await call(path, p.StockSet(sku="A-1", quantity=5, reason="棚卸"))
-        products = await call(path, p.Products(limit=10))
-        history = await call(path, p.History(sku="A-1"))
+        changed = await call(path, m.SetStock(sku="A-1", quantity=5, reason="棚卸"))
+        products = await call(path, m.ListProducts(limit=10))
+        history = await call(path, m.GetHistory(sku="A-1"))
         stores = await call(path, p.Stores())
     assert changed == m.StockChanged(sku="A-1", total=5, delta=2, movement_id=7)
     assert isinstance(products, m.ProductList)
@@ -139,8 +139,8 @@ async def test_round_trip_of_several_request_types_returns_handler_results(
     assert history == m.History(sku="A-1", total=4, movements=())
     assert stores == p.StoreList(stores=())
     reqs = [r for r, _ in daemon.seen]
-    assert isinstance(reqs[0], p.StockSet) and reqs[0].reason == "棚卸"
-    assert reqs[1] == p.Products(limit=10)
+    assert isinstance(reqs[0], m.SetStock) and reqs[0].reason == "棚卸"
+    assert reqs[1] == m.ListProducts(limit=10)
     peer = daemon.seen[0][1]
     assert (peer.pid, peer.uid, peer.gid) == (os.getpid(), os.getuid(), os.getgid())
 
@@ -150,13 +150,13 @@ async def test_mutating_request_carries_envelope_id_as_request_id(
 ) -> None:
     path, daemon = served
     with trio.fail_after(10):
-        await call(path, p.StockSet(sku="A-1", quantity=1), request_id="abc123")
-        await call(path, p.StockSet(sku="A-1", quantity=1), request_id="abc123")
-        await call(path, p.History(sku="A-1"), request_id="def456")
+        await call(path, m.SetStock(sku="A-1", quantity=1), request_id="abc123")
+        await call(path, m.SetStock(sku="A-1", quantity=1), request_id="abc123")
+        await call(path, m.GetHistory(sku="A-1"), request_id="def456")
     first, second, read = (r for r, _ in daemon.seen)
     # The same id twice is what lets the ledger apply a retried request once (X1).
-    assert isinstance(first, p.StockSet) and first.request_id == "abc123"
-    assert isinstance(second, p.StockSet) and second.request_id == "abc123"
+    assert isinstance(first, m.SetStock) and first.request_id == "abc123"
+    assert isinstance(second, m.SetStock) and second.request_id == "abc123"
     assert not hasattr(read, "request_id")
 
 
@@ -320,7 +320,7 @@ async def test_handler_exception_yields_internal_and_server_survives(
     path, _ = served
     with trio.fail_after(10), structlog.testing.capture_logs() as logs:
         with pytest.raises(RemoteError) as info:
-            await call(path, p.DeleteProduct(sku="boom"))
+            await call(path, m.DeleteProduct(sku="boom"))
         assert await call(path, p.Status()) == m.Done()
     assert info.value.code == "internal"
     assert "journalctl" in info.value.hint
@@ -331,7 +331,7 @@ async def test_handler_exception_yields_internal_and_server_survives(
 async def test_err_reply_from_handler_becomes_remote_error(served: tuple[str, FakeDaemon]) -> None:
     path, _ = served
     with trio.fail_after(10), pytest.raises(RemoteError) as info:
-        await call(path, p.DeleteProduct(sku="nope"))
+        await call(path, m.DeleteProduct(sku="nope"))
     assert info.value.code == "not_found"
     assert "nope" in info.value.message
 
@@ -466,7 +466,7 @@ async def test_disallowed_peer_gets_not_allowed_and_never_reaches_the_handler(
             structlog.testing.capture_logs() as logs,
             pytest.raises(RemoteError) as info,
         ):
-            await call(sock_path, p.StockSet(sku="A", quantity=1))
+            await call(sock_path, m.SetStock(sku="A", quantity=1))
     assert info.value.code == "not_allowed"
     assert "group" in info.value.hint
     assert daemon.seen == []
@@ -534,8 +534,8 @@ async def test_mutating_requests_are_logged_with_their_peer_and_reads_are_not(
 ) -> None:
     path, _ = served
     with trio.fail_after(10), structlog.testing.capture_logs() as logs:
-        await call(path, p.StockAdjust(sku="A-1", delta=-2, reason="破損"), request_id="rid9")
-        await call(path, p.Products())
+        await call(path, m.AdjustStock(sku="A-1", delta=-2, reason="破損"), request_id="rid9")
+        await call(path, m.ListProducts())
     logged = [e for e in logs if e["event"] == "control_request"]
     assert len(logged) == 1
     entry = logged[0]
@@ -546,18 +546,18 @@ async def test_mutating_requests_are_logged_with_their_peer_and_reads_are_not(
 
 def test_is_mutating_covers_every_state_changing_request() -> None:
     mutating: list[p.ControlRequest] = [
-        p.ErrorsClear(ids=(1,)),
+        m.ClearErrors(ids=(1,)),
         p.KeySet(store="s", credentials={"a": "b"}),
         p.Pause(store="s"),
         p.Resume(store="s"),
         p.PollNow(store="s"),
-        p.LinkListing(store="s", listing_key="k", sku="x"),
-        p.UnlinkListing(store="s", listing_key="k"),
+        m.Link(store="s", listing_key="k", sku="x"),
+        m.Unlink(store="s", listing_key="k"),
         p.LinkAuto(),
-        p.StockSet(sku="x", quantity=1),
-        p.StockAdjust(sku="x", delta=1),
-        p.ListingSet(store="s", listing_key="k"),
-        p.DeleteProduct(sku="x"),
+        m.SetStock(sku="x", quantity=1),
+        m.AdjustStock(sku="x", delta=1),
+        m.SetListingAttrs(store="s", listing_key="k"),
+        m.DeleteProduct(sku="x"),
         p.ProductAdd(sku="x", quantity=1),
         p.Import(store="s"),
         p.Reflect(store="s"),
@@ -566,17 +566,55 @@ def test_is_mutating_covers_every_state_changing_request() -> None:
     reads: list[p.ControlRequest] = [
         p.Status(),
         p.Stores(),
-        p.Errors(),
-        p.Parked(),
-        p.Products(),
-        p.Listings(store="s"),
-        p.History(sku="x"),
+        m.ListErrors(),
+        m.ListParked(),
+        m.ListProducts(),
+        m.ListListings(store="s"),
+        m.GetHistory(sku="x"),
         p.Diff(store="s"),
     ]
     assert all(p.is_mutating(r) for r in mutating)
     assert not any(p.is_mutating(r) for r in reads)
     # Every request type is classified here, so a new one cannot slip past this test.
     assert {type(r) for r in mutating + reads} == set(typing.get_args(p.ControlRequest))
+
+
+def test_every_request_the_socket_decodes_has_one_handler_row() -> None:
+    from goqd.control.operator import HANDLERS
+
+    # A request type the daemon decodes but has no row for would be answered "not
+    # served by this goqd version"; a row for a type it never decodes is dead.
+    assert set(HANDLERS) == set(typing.get_args(p.ControlRequest))
+
+
+@pytest.mark.parametrize(
+    ("request_", "wire"),
+    [
+        (m.SetStock(sku="A-1", quantity=5), {"type": "stock_set", "sku": "A-1", "quantity": 5}),
+        (m.GetHistory(sku="A-1"), {"type": "history", "sku": "A-1"}),
+        (m.ListErrors(level=9), {"type": "errors", "level": 9}),
+        (
+            m.Link(store="s", listing_key="k", sku="x"),
+            {"type": "link_listing", "store": "s", "listing_key": "k", "sku": "x"},
+        ),
+    ],
+)
+def test_ledger_requests_go_on_the_wire_as_the_socket_always_spelled_them(
+    request_: p.ControlRequest, wire: dict[str, Any]
+) -> None:
+    # These requests are the ledger's own Structs: their tags and left-out defaults are
+    # the control socket's, so an older goqctl and this one send the same bytes.
+    assert json.loads(msgspec.json.encode(request_)) == wire
+    assert msgspec.json.decode(json.dumps(wire), type=p.ControlRequest) == request_
+
+
+def test_a_field_the_socket_does_not_take_is_refused_on_a_ledger_request() -> None:
+    body = json.dumps(
+        {"v": 1, "id": "x", "request": {"type": "stock_set", "sku": "A", "quantity": 1, "oops": 1}}
+    ).encode()
+    with pytest.raises(p.BadEnvelope) as exc:
+        p.decode_request(body)
+    assert exc.value.err.code == "bad_request" and "oops" in exc.value.err.message
 
 
 # --------------------------------------------------------------------------------------
@@ -619,7 +657,7 @@ async def test_client_resends_with_the_same_id_after_a_dropped_connection(sock_p
     async with trio.open_nursery() as nursery:
         nursery.start_soon(flaky_server)
         with trio.fail_after(10):
-            result = await call(sock_path, p.StockSet(sku="A", quantity=1))
+            result = await call(sock_path, m.SetStock(sku="A", quantity=1))
     await listener.aclose()
     assert result == m.Done(changed=1)
     assert len(ids) == 2 and ids[0] == ids[1] and len(ids[0]) == 32
@@ -651,7 +689,7 @@ async def test_a_send_lost_before_busy_refusals_still_warns_it_may_be_applied(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server_that_reads_then_is_busy_then_goes_away)
         with trio.fail_after(10), pytest.raises(DaemonUnreachable) as info:
-            await call(sock_path, p.StockSet(sku="A", quantity=1), attempts=2)
+            await call(sock_path, m.SetStock(sku="A", quantity=1), attempts=2)
     assert len(ids) == 1
     assert "no control socket" in info.value.reason
     assert "may or may not have been applied" in info.value.hint
@@ -666,6 +704,6 @@ async def test_client_times_out_as_unreachable_with_a_may_be_applied_hint(
 
     async with serving(sock_path, slow):
         with trio.fail_after(100), pytest.raises(DaemonUnreachable) as info:
-            await call(sock_path, p.StockSet(sku="A", quantity=1), timeout=5)
+            await call(sock_path, m.SetStock(sku="A", quantity=1), timeout=5)
     assert "within 5 seconds" in str(info.value)
     assert "applied" in info.value.hint

@@ -45,10 +45,12 @@ import structlog
 from hypothesis import event, given
 from hypothesis import strategies as st
 
+from goqd import messages as m
 from goqd.cli import goqctl
 from goqd.control import protocol as p
 from goqd.control.client import RemoteError
 from goqd.errors import ControlError
+from goqd.ledger import queries
 from tests.helpers import rig
 from tests.helpers.daemon_thread import daemon_in_thread
 from tests.helpers.fuzz import fuzz_settings
@@ -168,18 +170,24 @@ def pause_all(live: LiveDaemon) -> None:
 
 
 def snapshot(live: LiveDaemon) -> dict[str, Any]:
-    """What a refused request must leave alone (columns only requests change)."""
-    queries = {
-        "products": "SELECT sku, name, total, first_store FROM products ORDER BY sku",
-        "listings": "SELECT store, listing_key, link_code, sku, link_state, attrs "
-        "FROM listings ORDER BY store, listing_key",
-        "movements": "SELECT count(*), max(id) FROM movements",
-        "errors": "SELECT id, cleared_at FROM errors ORDER BY id",
-        "parked": "SELECT store, order_id, line_id FROM parked_lines ORDER BY 1, 2, 3",
-    }
-    snap: dict[str, Any] = {
-        name: rig.ledger_rows(live.ledger, sql) for name, sql in queries.items()
-    }
+    """What a refused request must leave alone (fields only requests change)."""
+    with queries.open_read_only(live.ledger) as conn:
+        moves = queries.movements(conn)
+        pages = [
+            queries.list_listings(conn, m.ListListings(store=store, limit=10_000))
+            for store, _ in STORES
+        ]
+        snap: dict[str, Any] = {
+            "products": [(r.sku, r.name, r.total, r.first_store) for r in queries.products(conn)],
+            "listings": [
+                (r.store, r.listing_key, r.link_code, r.sku, r.link_state, r.attrs)
+                for page in pages
+                for r in page.listings
+            ],
+            "movements": (len(moves), max((mv.id for mv in moves), default=None)),
+            "errors": [(e.id, e.cleared_at) for e in queries.errors(conn)],
+            "parked": [(r.store, r.order_id, r.line_id) for r in queries.parked_lines(conn)],
+        }
     files = {}
     for root, _, names in os.walk(live.tmp):
         for name in names:
@@ -401,7 +409,7 @@ def hostile_requests(draw: st.DrawFn, live: LiveDaemon) -> dict[str, Any]:
 def test_the_fixture_daemon_answers_and_refuses_as_expected(live: LiveDaemon) -> None:
     # The harness itself: an unknown SKU is refused and changes nothing.
     before = snapshot(live)
-    reply = request(live.socket, p.StockSet(sku="no-such-sku-\x00", quantity=1))
+    reply = request(live.socket, m.SetStock(sku="no-such-sku-\x00", quantity=1))
     assert isinstance(reply, p.Err) and "no-such-sku" in reply.message
     assert snapshot(live) == before
     assert_serving(live)

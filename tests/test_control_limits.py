@@ -57,7 +57,7 @@ class Recorder:
 
     async def __call__(self, req: p.ControlRequest, peer: PeerInfo) -> p.Ok | p.Err:
         self.seen.append(p.request_tag(req))
-        if isinstance(req, p.Products):
+        if isinstance(req, m.ListProducts):
             await trio.sleep(100)  # longer than any frame deadline in these tests
         return p.Ok(result=m.Done(changed=1))
 
@@ -176,7 +176,7 @@ async def test_a_client_turned_away_for_a_full_daemon_waits_and_is_served_once_a
             served: list[object] = []
 
             async def operator() -> None:
-                served.append(await call(path, p.StockSet(sku="A", quantity=1), timeout=10))
+                served.append(await call(path, m.SetStock(sku="A", quantity=1), timeout=10))
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(operator)
@@ -279,7 +279,7 @@ async def test_a_handler_slower_than_the_frame_deadline_is_still_answered(
     async with serving(sock_dir, idle_timeout=30.0, frame_timeout=10.0) as (path, handler):
         with trio.fail_after(1000):
             start = trio.current_time()
-            assert await call(path, p.Products(), timeout=500) == m.Done(changed=1)
+            assert await call(path, m.ListProducts(), timeout=500) == m.Done(changed=1)
             assert trio.current_time() - start >= 100  # the handler's own time
         assert handler.seen == ["products"]
 

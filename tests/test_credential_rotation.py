@@ -29,6 +29,7 @@ import trio
 from goqd import messages as m
 from goqd.app import Daemon, run_daemon
 from goqd.config import Config, credential_path, load_credentials, write_credential_file
+from goqd.errors import LEVEL_TEMPORARY
 from goqd.logs import redact
 from goqd.malls.base import StoreContext
 from goqd.malls.yahoo import YahooAdapter
@@ -173,7 +174,7 @@ async def test_a_credential_that_cannot_be_written_is_a_level_8_error_and_the_st
                 while not await _errors(daemon):
                     await trio.sleep(0.02)
                 [error] = await _errors(daemon)
-                assert error.level == 8
+                assert error.level == LEVEL_TEMPORARY
                 assert _renewed_file(config) in error.message
                 # The store runs on, with the rotated token it holds in memory.
                 await _poll_with_a_fresh_access_token(daemon, sim)

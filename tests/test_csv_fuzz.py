@@ -26,8 +26,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from goqd import app as goqd_app
 from goqd import limits
+from goqd import messages as m
+from goqd.control import imports as goqd_app
 from goqd.control import protocol as p
 from goqd.control.client import RemoteError, call_sync
 from goqd.csvio import (
@@ -38,6 +39,7 @@ from goqd.csvio import (
     parse_stock_csv,
 )
 from goqd.errors import InputError
+from goqd.ledger import queries
 from tests.helpers import rig
 from tests.helpers.daemon_thread import daemon_in_thread
 from tests.helpers.fuzz import fuzz_settings
@@ -159,7 +161,7 @@ def test_listings_csv_gives_checked_rows_or_a_clear_refusal(text: str) -> None:
                 msgspec.json.encode(
                     {"type": "listing_set", "store": "s", "listing_key": "k", "restock_date": date}
                 ),
-                type=p.ListingSet,
+                type=m.SetListingAttrs,
             )
 
 
@@ -298,16 +300,12 @@ def live() -> Iterator[LiveDaemon]:
             daemon.ledger = run.ledger_path
             # Let the first pushes land, then pause: nothing in the background may
             # change the ledger between an example and its check.
-            wait_until(lambda: rows(daemon, "SELECT count(*) FROM outbox") == [(0,)], timeout=60)
+            wait_until(lambda: queries.read(daemon.ledger, queries.outbox) == [], timeout=60)
             call_sync(daemon.socket, p.Pause(store="ra"))
             yield daemon
     finally:
         goqd_app.STAGE_CHUNK = chunk
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def rows(live: LiveDaemon, sql: str) -> list[tuple[Any, ...]]:
-    return rig.ledger_rows(live.ledger, sql)
 
 
 def wait_until(check: Any, timeout: float = 10.0) -> None:
@@ -318,12 +316,14 @@ def wait_until(check: Any, timeout: float = 10.0) -> None:
 
 
 def snapshot(live: LiveDaemon) -> tuple[Any, ...]:
-    return (
-        rows(live, "SELECT sku, total, held FROM products ORDER BY sku"),
-        rows(live, "SELECT count(*), max(id) FROM movements"),
-        rows(live, "SELECT store, listing_key, quantity, version FROM outbox ORDER BY 1, 2"),
-        rows(live, "SELECT count(*) FROM stock_imports WHERE state != 'discarded'"),
-    )
+    with queries.open_read_only(live.ledger) as conn:
+        moves = queries.movements(conn)
+        return (
+            [(r.sku, r.total, r.held) for r in queries.products(conn)],
+            (len(moves), max((mv.id for mv in moves), default=None)),
+            [(r.store, r.listing_key, r.quantity, r.version) for r in queries.outbox(conn)],
+            sum(job.state != "discarded" for job in queries.stock_imports(conn)),
+        )
 
 
 def with_fault(skus: list[str], fault: str, at: int, mode: str) -> tuple[str, int]:
@@ -374,14 +374,14 @@ def test_a_stock_csv_refused_anywhere_changes_nothing(
     assert re.search(rf"\bline {line}\b", refused.value.message), (refused.value, line)
     assert snapshot(live) == before
     # Rows staged before the fault was found are gone by the time the refusal comes.
-    assert rows(live, "SELECT count(*) FROM stock_import_rows") == [(0,)]
+    assert queries.read(live.ledger, queries.staged_rows) == 0
 
 
 def test_the_same_daemon_applies_a_good_stock_csv(live: LiveDaemon) -> None:
     skus = sorted(CATALOGUE)[:10]
     text = "sku,delta\n" + "".join(f"{sku},2\n" for sku in skus)
-    before = dict(rows(live, "SELECT sku, total FROM products"))
+    before = queries.read(live.ledger, queries.totals)
     done = call_sync(live.socket, p.StockImport(csv_text=text))
     assert getattr(done, "changed", None) == 10
-    after = dict(rows(live, "SELECT sku, total FROM products"))
+    after = queries.read(live.ledger, queries.totals)
     assert {sku: after[sku] - before[sku] for sku in skus} == dict.fromkeys(skus, 2)

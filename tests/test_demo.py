@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from goqd.demo import format_summary, run_demo
-from goqd.simbench import available_malls
+from goqd.tools.demo import format_summary, run_demo
+from goqd.tools.fleet import available_malls
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -187,7 +187,7 @@ def test_the_guard_reads_counts_of_malls_without_attributes_and_refuses_broken_a
 def test_yahoo_overdraft_on_at_the_mall_differs_though_goqd_holds_no_value() -> None:
     # Yahoo's pushes send 超過購入 "no value" as off: the next push would turn the mall's
     # "on" off, so diff must say so. A lead time goqd does not hold is never pushed.
-    from goqd.app import _attrs_differ
+    from goqd.control.reconcile import _attrs_differ
 
     found = _attrs_differ(m.ListingAttrs(), m.ListingAttrs(allow_overdraft=True, lead_time_days=5))
     assert [(d.name, d.ledger, d.mall) for d in found] == [("allow_overdraft", False, True)]

@@ -36,7 +36,7 @@ from goqd.config import Config
 from goqd.control import protocol as p
 from goqd.control.client import RemoteError, call_sync
 from goqd.errors import LedgerError
-from goqd.ledger.db import Ledger, open_db
+from goqd.ledger import Ledger, open_db, queries
 from goqd.sim.rakuten import SimRakuten
 from tests.helpers import rig
 
@@ -57,10 +57,7 @@ def listing(key: str, code: str, qty: int = 10, name: str = "") -> m.MallListing
 
 
 def outbox(ledger: Ledger, store: str) -> dict[str, int]:
-    rows = ledger.conn.execute(
-        "SELECT listing_key, quantity FROM outbox WHERE store = ?", (store,)
-    ).fetchall()
-    return dict(rows)
+    return {p.listing_key: p.quantity for p in queries.outbox(ledger.conn, store)}
 
 
 def seeded(path: str) -> Ledger:
@@ -112,10 +109,10 @@ def seeded(path: str) -> Ledger:
         m.PushesDone(
             store="s",
             outcomes=tuple(
-                m.PushOutcome(listing_key=k, version=v, accepted=True, quantity=q)
-                for k, q, v in ledger.conn.execute(
-                    "SELECT listing_key, quantity, version FROM outbox WHERE store = 's'"
+                m.PushOutcome(
+                    listing_key=p.listing_key, version=p.version, accepted=True, quantity=p.quantity
                 )
+                for p in queries.outbox(ledger.conn, "s")
             ),
         ),
     )
@@ -191,10 +188,10 @@ def test_listing_records_carry_the_pending_push_product_count_and_parked_lines(
 
 def test_an_unknown_listing_state_is_refused_and_changes_nothing(ledger_path: str) -> None:
     ledger = seeded(ledger_path)
-    before = ledger.conn.execute("SELECT count(*) FROM listings").fetchone()
+    before = queries.listings(ledger.conn)
     with pytest.raises(LedgerError, match="unknown listing state 'bogus'"):
         ask(ledger, m.ListListings(store="s", state="bogus"))
-    assert ledger.conn.execute("SELECT count(*) FROM listings").fetchone() == before
+    assert queries.listings(ledger.conn) == before
 
 
 def test_reflect_differing_needs_a_diff_first(ledger_path: str) -> None:
@@ -277,14 +274,11 @@ def as_schema_7(path: str) -> None:
 
 
 def snapshot(path: str) -> dict[str, list[Any]]:
-    conn = sqlite3.connect(path)
-    try:
+    with queries.open_read_only(path) as conn:
         return {
-            table: conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
+            table: queries.table(conn, table)
             for table in ("products", "listings", "outbox", "parked_lines", "errors")
         }
-    finally:
-        conn.close()
 
 
 def test_a_schema_7_ledger_with_data_migrates_and_answers_the_new_requests(
@@ -295,7 +289,7 @@ def test_a_schema_7_ledger_with_data_migrates_and_answers_the_new_requests(
     before = snapshot(ledger_path)
 
     ledger = Ledger(open_db(ledger_path), now=time.time)
-    assert ledger.conn.execute("PRAGMA user_version").fetchone() == (8,)
+    assert queries.schema_version(ledger.conn) == 8
     assert snapshot(ledger_path) == before  # nothing of the data changed
     # The new index serves the old rows, and there is no diff until one runs.
     assert keys(ledger, state="ambiguous") == ["d1", "d2"]
@@ -315,27 +309,26 @@ def test_a_crash_during_migration_8_leaves_schema_7_and_the_next_start_migrates(
     # SIGKILL once every statement of migration 8 ran, before its COMMIT.
     child = (
         "import os, signal, sys\n"
-        "from goqd.ledger import db\n"
-        "real = db._split_sql\n"
+        "from goqd.ledger import schema\n"
+        "real = schema._split_sql\n"
         "def killing(script):\n"
         "    yield from real(script)\n"
         "    if 'diff_runs' in script:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "db._split_sql = killing\n"
-        "db.open_db(sys.argv[1])\n"
+        "schema._split_sql = killing\n"
+        "schema.open_db(sys.argv[1])\n"
     )
     done = subprocess.run([sys.executable, "-c", child, ledger_path], timeout=60, check=False)
     assert done.returncode == -signal.SIGKILL
 
-    conn = sqlite3.connect(ledger_path)
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-    assert conn.execute("PRAGMA user_version").fetchone() == (7,)
-    conn.close()
+    with queries.open_read_only(ledger_path) as conn:
+        tables = queries.schema_names(conn)
+        assert queries.schema_version(conn) == 7
     assert not tables & {"diff_runs", "diff_listings", "listings_by_state"}
     assert snapshot(ledger_path) == before
 
     ledger = Ledger(open_db(ledger_path), now=time.time)
-    assert ledger.conn.execute("PRAGMA user_version").fetchone() == (8,)
+    assert queries.schema_version(ledger.conn) == 8
     assert keys(ledger, state="unlinked") == ["u1"]
     assert snapshot(ledger_path) == before
 
@@ -555,7 +548,7 @@ def make_one_of_each(shop: Shop) -> None:
     units the sale watch holds, c/2 has a push waiting (the store is paused)."""
     base, other = shop.sims["base"], shop.sims["other"]
     other.faults.silent_noop = True
-    shop.call(p.StockSet(sku="A", quantity=8))
+    shop.call(m.SetStock(sku="A", quantity=8))
     # The base mall's counter fell by one (a sale whose order is not polled yet): the
     # sale watch reads it twice and holds that unit back from every store.
     base.listings["b/1"].quantity = 9
@@ -570,7 +563,7 @@ def make_one_of_each(shop: Shop) -> None:
     shop.wait(shop.settled, "the pushes the mall ignores")
     other.faults.silent_noop = False
     shop.call(p.Pause(store="other"))
-    shop.call(p.StockSet(sku="C", quantity=5))
+    shop.call(m.SetStock(sku="C", quantity=5))
     shop.wait(lambda: base.stock("c/1") == 5, "the base store's push of C")
 
 
@@ -615,7 +608,7 @@ def test_reflect_differing_queues_exactly_what_the_last_diff_found(
     assert "1 listing(s) queued for a push: the 1 listing(s) the diff of other at" in out
     # The store is paused, so the queue shows what was queued: a/2 (the 差異) beside
     # c/2's push from before; b/2 (held, not 差異) was not queued.
-    pending = shop.call(p.Listings(store="other", state="linked"))
+    pending = shop.call(m.ListListings(store="other", state="linked"))
     assert {x.listing_key: x.pending_quantity for x in pending.listings} == {
         "a/2": 8,
         "b/2": None,
@@ -723,7 +716,7 @@ def test_listings_filter_search_and_show_push_attributes(
 def test_hostile_listing_filters_are_refused_and_change_nothing(
     shop: Shop, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    before = shop.call(p.Listings(store="other"))
+    before = shop.call(m.ListListings(store="other"))
     assert shop.goqctl("listings", "other", "--state", "bogus") == 2
     assert "invalid choice: 'bogus'" in capsys.readouterr().err
     assert shop.goqctl("listings", "other", "--search", "x" * 10_000) == 2
@@ -733,5 +726,5 @@ def test_hostile_listing_filters_are_refused_and_change_nothing(
     err = raw_request(shop.socket, {"type": "listings", "store": "other", "state": "bogus"})
     assert err.code == "bad_request" and "$.request.state" in err.message
     with pytest.raises(RemoteError, match=r"bad_request.*search"):
-        shop.call(p.Listings(store="other", search="y" * 201))
-    assert shop.call(p.Listings(store="other")) == before
+        shop.call(m.ListListings(store="other", search="y" * 201))
+    assert shop.call(m.ListListings(store="other")) == before

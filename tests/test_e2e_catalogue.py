@@ -18,7 +18,7 @@ from goqd.app import Daemon, run_daemon
 from goqd.control import protocol as p
 from goqd.control.client import call
 from goqd.sim.rakuten import SimRakuten
-from tests.helpers import rig
+from goqd.tools.fleet import open_fleet
 from tests.test_e2e_rakuten import eventually
 
 
@@ -34,31 +34,23 @@ class Shop:
 async def shop() -> AsyncIterator[Shop]:
     tmp = tempfile.mkdtemp(prefix="goqd-cat-", dir="/tmp")
     try:
-        async with trio.open_nursery() as nursery:
-            sims = {
-                "base": SimRakuten(shop_id="500001", clock=time.time, seed=1),
-                "other": SimRakuten(shop_id="500002", clock=time.time, seed=2),
-            }
-            sims["base"].add_listing(
-                "tshirt/red-s", link_code="TS-RED-S", name="Tシャツ", quantity=7
+        sims = {
+            "base": SimRakuten(shop_id="500001", clock=time.time, seed=1),
+            "other": SimRakuten(shop_id="500002", clock=time.time, seed=2),
+        }
+        sims["base"].add_listing("tshirt/red-s", link_code="TS-RED-S", name="Tシャツ", quantity=7)
+        sims["base"].add_listing("mug/white", link_code="MUG-WHT", name="マグ", quantity=3)
+        sims["other"].add_listing("t01/rs", link_code="ts-red-s", name="Tシャツ", quantity=1)
+        sims["other"].add_listing("m01/w", link_code="MUG-WHT", name="マグ", quantity=9)
+        sims["other"].add_listing("x01/x", link_code="NEW-ITEM", name="新商品", quantity=4)
+        async with open_fleet(sims) as fleet, trio.open_nursery() as nursery:
+            config = fleet.config(
+                tmp,
+                per_store={"other": {"link_normalize": ("casefold",)}},
+                poll_interval="60s",
+                push_retry="1s",
+                daemon={"base_store": "base"},
             )
-            sims["base"].add_listing("mug/white", link_code="MUG-WHT", name="マグ", quantity=3)
-            sims["other"].add_listing("t01/rs", link_code="ts-red-s", name="Tシャツ", quantity=1)
-            sims["other"].add_listing("m01/w", link_code="MUG-WHT", name="マグ", quantity=9)
-            sims["other"].add_listing("x01/x", link_code="NEW-ITEM", name="新商品", quantity=4)
-            stores = [
-                await rig.serve_store(
-                    nursery,
-                    tmp,
-                    name,
-                    sim,
-                    poll_interval="60s",
-                    push_retry="1s",
-                    link_normalize=("casefold",) if name == "other" else (),
-                )
-                for name, sim in sims.items()
-            ]
-            config = rig.loopback_config(tmp, stores, base_store="base")
             daemon = await nursery.start(run_daemon, config)
             yield Shop(daemon, sims["base"], sims["other"], config.daemon.control_socket)
             nursery.cancel_scope.cancel()
@@ -71,7 +63,7 @@ async def test_import_link_diff_and_reflect(shop: Shop) -> None:
     base_report = await call(sock, p.Import(store="base"))
     assert isinstance(base_report, m.LinkReport)
     assert (base_report.created, base_report.linked) == (2, 2)
-    products = await call(sock, p.Products())
+    products = await call(sock, m.ListProducts())
     assert isinstance(products, m.ProductList)
     assert {(x.sku, x.total) for x in products.products} == {("TS-RED-S", 7), ("MUG-WHT", 3)}
 
@@ -95,9 +87,9 @@ async def test_import_link_diff_and_reflect(shop: Shop) -> None:
     clean = await call(sock, p.Diff(store="other"))
     assert isinstance(clean, p.DiffReport) and clean.rows == () and clean.checked == 3
 
-    # The mall silently ignores updates (E6): the push is "accepted", nothing changes.
+    # The mall silently ignores updates: the push is "accepted", nothing changes.
     shop.other.faults.silent_noop = True
-    await call(sock, p.StockSet(sku="MUG-WHT", quantity=2))
+    await call(sock, m.SetStock(sku="MUG-WHT", quantity=2))
     await eventually(lambda: _outbox_empty(shop))
     diff = await call(sock, p.Diff(store="other"))
     assert isinstance(diff, p.DiffReport)
@@ -116,7 +108,7 @@ async def test_bulk_stock_csv_over_the_socket(shop: Shop) -> None:
     assert isinstance(done, m.Done) and done.changed == 2
     with pytest.raises(Exception, match="line 3"):
         await call(shop.socket, p.StockImport(csv_text="sku,delta\nTS-RED-S,1\nMUG-WHT,x\n"))
-    products = await call(shop.socket, p.Products())
+    products = await call(shop.socket, m.ListProducts())
     assert isinstance(products, m.ProductList)
     assert {(x.sku, x.total) for x in products.products} == {("TS-RED-S", 20), ("MUG-WHT", 0)}
 

@@ -25,7 +25,8 @@ from goqd.app import Daemon, run_daemon
 from goqd.control import protocol as p
 from goqd.control.client import call
 from goqd.sim.rakuten import SimRakuten
-from tests.helpers.rig import loopback_config, serve_store
+from goqd.tools.fleet import open_fleet
+from tests.helpers.rig import wait_for
 
 SKUS = {"TS-RED-S": 10, "MUG-WHT": 3}
 
@@ -57,40 +58,21 @@ class Rig:
 
 
 async def eventually(check: Callable[[], Awaitable[bool] | bool], seconds: float = 20) -> None:
-    with trio.fail_after(seconds):
-        while True:
-            result = check()
-            if not isinstance(result, bool):
-                result = await result
-            if result:
-                return
-            await trio.sleep(0.02)
+    await wait_for(check, timeout=seconds, every=0.02)
 
 
 @pytest.fixture
 async def rig() -> AsyncIterator[Rig]:
     tmp = tempfile.mkdtemp(prefix="goqd-e2e-", dir="/tmp")
     try:
-        async with trio.open_nursery() as nursery:
-            sims: dict[str, SimRakuten] = {}
-            stores = []
-            for n, name in enumerate(("ra", "rb")):
-                sim = SimRakuten(shop_id=f"{400000 + n}", clock=time.time, seed=n)
-                for sku, qty in SKUS.items():
-                    sim.add_listing(key(sku), link_code=sku, quantity=qty)
-                sims[name] = sim
-                stores.append(
-                    await serve_store(
-                        nursery,
-                        tmp,
-                        name,
-                        sim,
-                        poll_interval="60s",
-                        push_retry="1s",
-                        request_timeout="5s",
-                    )
-                )
-            config = loopback_config(tmp, stores)
+        sims: dict[str, SimRakuten] = {}
+        for n, name in enumerate(("ra", "rb")):
+            sim = SimRakuten(shop_id=f"{400000 + n}", clock=time.time, seed=n)
+            for sku, qty in SKUS.items():
+                sim.add_listing(key(sku), link_code=sku, quantity=qty)
+            sims[name] = sim
+        async with open_fleet(sims) as fleet, trio.open_nursery() as nursery:
+            config = fleet.config(tmp, poll_interval="60s", push_retry="1s", request_timeout="5s")
             daemon: Daemon = await nursery.start(run_daemon, config)
             for sku, qty in SKUS.items():
                 await daemon.ledger.call(m.UpsertProduct(sku=sku, total=qty, store="ra"))
@@ -146,7 +128,7 @@ async def test_expired_key_stops_one_store_and_key_set_resumes_it_without_loss(r
     assert rig.daemon.handles["ra"].error_level == 9
     errors = (await rig.daemon.ledger.ask(m.ListErrors(store="ra"), m.ErrorList)).errors
     assert any(e.level == 9 and "GA0001" in e.message for e in errors)
-    # I6: the fault shows in the metrics too.
+    # The fault shows in the metrics too.
     await rig.daemon.update_gauges()
     async with httpx.AsyncClient() as client:
         metrics = (await client.get(rig.daemon.http_url + "/metrics")).text

@@ -5,7 +5,6 @@ order is booked in the ledger (nothing acknowledged before a durable commit)."""
 from __future__ import annotations
 
 import shutil
-import sqlite3
 import tempfile
 import time
 
@@ -14,30 +13,24 @@ import trio
 
 from goqd import messages as m
 from goqd.app import Daemon, run_daemon
+from goqd.ledger import queries
 from goqd.sim.shopify import SimShopify
-from tests.helpers.rig import loopback_config, serve_store
+from goqd.tools.fleet import open_fleet
 
 
 def _booked(daemon: Daemon) -> set[str]:
-    conn = sqlite3.connect(f"file:{daemon.config.daemon.ledger_path}?mode=ro", uri=True)
-    try:
-        return {r[0] for r in conn.execute("SELECT order_id FROM order_lines")}
-    finally:
-        conn.close()
+    with queries.open_read_only(daemon.config.daemon.ledger_path) as conn:
+        return {line.order_id for line in queries.order_lines(conn)}
 
 
 async def test_order_webhook_triggers_a_poll_and_is_acknowledged_after_booking() -> None:
     tmp = tempfile.mkdtemp(prefix="goqd-wh-", dir="/tmp")
     try:
         with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                shops = {n: SimShopify(shop_id=f"shop{n}", clock=time.time, seed=n) for n in "ab"}
+            shops = {n: SimShopify(shop_id=f"shop{n}", clock=time.time, seed=n) for n in "ab"}
+            async with open_fleet(shops) as fleet, trio.open_nursery() as nursery:
                 # A long poll interval: only the webhook can explain a quick booking.
-                stores = [
-                    await serve_store(nursery, tmp, name, sim, poll_interval="1h", push_retry="1s")
-                    for name, sim in shops.items()
-                ]
-                config = loopback_config(tmp, stores)
+                config = fleet.config(tmp, poll_interval="1h", push_retry="1s")
                 daemon: Daemon = await nursery.start(run_daemon, config)
                 await daemon.ledger.call(m.UpsertProduct(sku="MUG", total=5))
                 keys = {}

@@ -20,7 +20,6 @@ import trio
 from goqd import errors as goqd_errors
 from goqd import messages as m
 from goqd.cli import goqctl
-from goqd.control import protocol as p
 from goqd.control.client import call
 from goqd.errors import (
     ERROR_CODES,
@@ -32,7 +31,7 @@ from goqd.errors import (
     MallUnavailable,
     recorded_codes,
 )
-from goqd.ledger.db import Ledger, open_db
+from goqd.ledger import Ledger, open_db, queries
 from goqd.sim.rakuten import SimRakuten
 from tests.helpers import rig
 from tests.test_ledger import FakeNow
@@ -176,7 +175,7 @@ def test_goqctl_errors_sends_the_filters_and_shows_codes_states_and_the_next_pag
         ["errors", "--store", "ra", "--level", "8", "--code", "IE0003", "--after", "42"]
     )
     request = goqctl._request_from(args)
-    assert request == p.Errors(store="ra", level=8, code="IE0003", after=42, limit=500)
+    assert request == m.ListErrors(store="ra", level=8, code="IE0003", after=42, limit=500)
     rows = tuple(
         m.ErrorRecord(
             id=41 - n,
@@ -194,7 +193,7 @@ def test_goqctl_errors_sends_the_filters_and_shows_codes_states_and_the_next_pag
         )
         for n in range(3)
     )
-    small = p.Errors(store="ra", level=8, code="IE0003", include_cleared=True, limit=3)
+    small = m.ListErrors(store="ra", level=8, code="IE0003", include_cleared=True, limit=3)
     text = goqctl._render(m.ErrorList(errors=rows), small, argparse.Namespace())
     assert "listing_rejected (IE0003)" in text
     assert "healed " in text and "open" in text
@@ -233,10 +232,10 @@ def _mall_error_classes() -> list[type[MallError]]:
 
 def test_every_code_goqd_records_is_documented_with_its_level_in_both_guides() -> None:
     import goqd.malls.registry  # noqa: F401 - every adapter module and its error classes
-    from goqd.ledger import db
+    from goqd.ledger import error_rows
 
     # What the store actor records: goqd's code of each kind of mall failure (the class
-    # attribute; ListingRejected is never raised, the ledger records refusals itself).
+    # attribute; a refused listing is a push outcome, and the ledger records it itself).
     recorded = {vars(cls)["code"] for cls in _mall_error_classes() if "code" in vars(cls)}
     recorded.discard("listing_rejected")
     # What anything records with a literal code, and the ledger's named codes.
@@ -244,7 +243,7 @@ def test_every_code_goqd_records_is_documented_with_its_level_in_both_guides() -
     recorded |= set(
         re.findall(r'RecordError\((?:(?!RecordError\().){0,300}?\bcode="([a-z_]+)"', source, re.S)
     )
-    recorded |= {db.MULTIPLE_LINKS, db.NOT_LINKED}
+    recorded |= {error_rows.MULTIPLE_LINKS, error_rows.NOT_LINKED}
     assert recorded == ERROR_CODES.keys(), recorded ^ ERROR_CODES.keys()
     for guide in ("operator-guide.md", "operator-guide.ja.md"):
         text = (ROOT / "docs" / guide).read_text(encoding="utf-8")
@@ -260,11 +259,8 @@ def test_the_error_tree_lists_count_unknown() -> None:
 
 
 def _open(run: rig.Running, store: str) -> list[tuple[int, str, str]]:
-    return rig.ledger_rows(
-        run.ledger_path,
-        "SELECT level, code, mall_code FROM errors WHERE store = ? AND cleared_at IS NULL",
-        (store,),
-    )
+    errors = queries.read(run.ledger_path, queries.errors, store, open_only=True)
+    return [(e.level, e.code, e.mall_code) for e in errors]
 
 
 def test_a_throttle_episode_is_healed_when_the_store_recovers() -> None:
@@ -279,7 +275,7 @@ def test_a_throttle_episode_is_healed_when_the_store_recovers() -> None:
         ra.faults.throttle_rate = 0.0
         await rig.wait_for(lambda: handle.state == "running", timeout=600, what="recovery")
         await rig.wait_for(lambda: _open(run, "ra") == [], timeout=60, what="healed")
-        history = await call(run.socket, p.Errors(store="ra", include_cleared=True))
+        history = await call(run.socket, m.ListErrors(store="ra", include_cleared=True))
         assert isinstance(history, m.ErrorList)
         assert {(e.code, e.cleared_by) for e in history.errors} == {("mall_rate_limited", "healed")}
 
@@ -302,7 +298,7 @@ def test_clearing_a_level_9_error_resumes_the_store_and_books_what_it_missed() -
         # The merchant renews the key's permission at the mall (the same key works
         # again), then deletes the error message, as GoQSystem's manual asks.
         ra.faults.expired_credential = False
-        done = await call(run.socket, p.ErrorsClear(store="ra"))
+        done = await call(run.socket, m.ClearErrors(store="ra"))
         assert isinstance(done, m.Done) and done.changed == 1
         assert handle.state == "running"
         await rig.wait_for(
@@ -314,7 +310,7 @@ def test_clearing_a_level_9_error_resumes_the_store_and_books_what_it_missed() -
         ra.faults.expired_credential = True
         run.poll_all()
         await rig.wait_for(lambda: handle.state == "stopped", timeout=120, what="stopped")
-        await call(run.socket, p.ErrorsClear(store="ra"))
+        await call(run.socket, m.ClearErrors(store="ra"))
         await rig.wait_for(lambda: handle.state == "stopped", timeout=120, what="stopped again")
         assert [r[:2] for r in _open(run, "ra")] == [(9, "mall_auth")]
 

@@ -17,9 +17,9 @@ import trio.testing
 from goqd.errors import MallAuthError
 from goqd.expiry import (
     DAY,
-    EXPIRY_FIELDS,
     JST,
     days_left,
+    expiry_field,
     expiry_state,
     renewal_action,
     warning_message,
@@ -151,25 +151,45 @@ def test_every_registered_mall_has_its_own_renewal_action() -> None:
         assert action.endswith("`goqctl key set s --file new.json`")
 
 
-def test_expiry_fields_are_fields_the_adapters_read() -> None:
-    # The operator is told to add these fields: a typo here would send them astray.
-    import goqd.malls.aupay
-    import goqd.malls.shopify
-    import goqd.malls.yahoo
+# Malls whose key expiry is read from a credential field (Rakuten's is asked of the mall).
+_FIELD_MALLS = sorted(n for n, s in MALLS.items() if s.expiry is not None and s.expiry.field)
 
-    sources = {
-        "aupay": goqd.malls.aupay,
-        "shopify": goqd.malls.shopify,
-        "yahoo": goqd.malls.yahoo,
-    }
-    if importlib.util.find_spec("goqd.malls.amazon") is not None:
-        import goqd.malls.amazon
 
-        sources["amazon"] = goqd.malls.amazon
-    for mall, module in sources.items():
-        assert module.__file__ is not None
-        with open(module.__file__, encoding="utf-8") as f:
-            assert f'"{EXPIRY_FIELDS[mall]}"' in f.read(), mall
+def test_most_malls_date_their_key_by_a_credential_field() -> None:
+    assert _FIELD_MALLS == ["amazon", "aupay", "shopify", "yahoo"]
+
+
+@pytest.mark.parametrize("mall", _FIELD_MALLS)
+async def test_the_expiry_field_a_spec_names_is_the_one_its_adapter_reads(mall: str) -> None:
+    # The operator is told to add this field: the adapter must read exactly it, so the
+    # date written there is the date goqd warns by.
+    spec = MALLS[mall]
+    assert spec.expiry is not None
+    field = spec.expiry.field
+    assert expiry_field(mall) == field
+    assert field in spec.optional_fields + spec.credential_fields
+    assert not spec.is_secret_field(field)  # a date, not a secret to mask in every log
+    base = {name: "x" * 12 for name in spec.credential_fields}
+    issued = "2026-09-21T00:00:00+09:00"
+    async with httpx.AsyncClient(transport=httpx.MockTransport(_no_requests)) as http:
+        with_field = spec.open_adapter(
+            _ctx("s1", mall, "https://mall.invalid", {**base, field: issued}, http)
+        )
+        without = spec.open_adapter(_ctx("s1", mall, "https://mall.invalid", base, http))
+        assert await with_field.credential_expiry() == (
+            datetime(2026, 9, 21, tzinfo=JST).timestamp() + spec.expiry.lifetime_s
+        )
+        # Only that field: without it goqd cannot tell, and says which field to add.
+        assert await without.credential_expiry() is None
+    assert f"add {field} to its credential file" in warning_message("s1", mall, None, NOW)
+
+
+def test_titles_and_credential_names_come_from_the_mall_spec() -> None:
+    for name, spec in MALLS.items():
+        text = warning_message("s1", name, NOW + 9 * DAY, NOW)
+        assert text.startswith(f"s1 ({spec.title}): the ")
+        assert spec.expiry is not None, name
+        assert f"the {spec.expiry.credential} expires" in text
 
 
 # --------------------------------------------------------------------------------------

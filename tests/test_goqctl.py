@@ -47,14 +47,14 @@ class FakeDaemon:
         match req:
             case p.Stores():
                 return p.Ok(result=p.StoreList(stores=STORES))
-            case p.Products():
+            case m.ListProducts():
                 return p.Ok(result=m.ProductList(products=PRODUCTS))
-            case p.StockSet(sku="NOPE"):
+            case m.SetStock(sku="NOPE"):
                 return p.Err(code="not_found", message="unknown SKU 'NOPE'")
             case p.Pause(store="locked"):
                 return p.Err(code="not_allowed", message="nope")
-            case p.StockSet() | p.StockAdjust():
-                delta = req.delta if isinstance(req, p.StockAdjust) else 0
+            case m.SetStock() | m.AdjustStock():
+                delta = req.delta if isinstance(req, m.AdjustStock) else 0
                 return p.Ok(result=m.StockChanged(sku=req.sku, total=9, delta=delta, movement_id=1))
             case p.Diff(store="slow"):
                 await trio.sleep(3600)  # a catalogue read at the mall's pace
@@ -312,17 +312,19 @@ def test_commands_build_the_right_requests_with_fresh_request_ids(
         msgspec.structs.replace(r, request_id="") if p.is_mutating(r) else r for r in daemon.seen
     ]
     assert strip == [
-        p.StockAdjust(sku="TEA-500", delta=-3, reason="破損"),
-        p.StockAdjust(sku="TEA-500", delta=2),
-        p.ErrorsClear(ids=(3, 4)),
-        p.Errors(store="rakuten-a", include_cleared=True),
-        p.LinkListing(store="rakuten-a", listing_key="item-1:v1", sku="TEA-500"),
+        m.AdjustStock(sku="TEA-500", delta=-3, reason="破損"),
+        m.AdjustStock(sku="TEA-500", delta=2),
+        m.ClearErrors(ids=(3, 4)),
+        m.ListErrors(store="rakuten-a", include_cleared=True),
+        m.Link(store="rakuten-a", listing_key="item-1:v1", sku="TEA-500"),
         p.LinkAuto(store=""),
         p.Reflect(store="rakuten-a", listing_keys=()),
         p.Reflect(store="rakuten-a", listing_keys=("K1", "K2")),
-        p.ListingSet(store="amz", listing_key="SKU-1", lead_time_days=3, allow_overdraft=False),
-        p.History(sku="TEA-500", limit=5),
-        p.DeleteProduct(sku="CUP-1"),
+        m.SetListingAttrs(
+            store="amz", listing_key="SKU-1", lead_time_days=3, allow_overdraft=False
+        ),
+        m.GetHistory(sku="TEA-500", limit=5),
+        m.DeleteProduct(sku="CUP-1"),
     ]
     ids = [r.request_id for r in daemon.seen if p.is_mutating(r)]  # type: ignore[union-attr]
     assert len(ids) == len(set(ids)) and all(len(i) == 32 for i in ids)

@@ -19,7 +19,7 @@ from goqd.cli import goqctl
 from goqd.control import protocol as p
 from goqd.control.client import call
 from goqd.errors import CountUnknown, InputError
-from goqd.ledger.db import Ledger, open_db
+from goqd.ledger import Ledger, open_db
 from tests.test_e2e_catalogue import (
     Shop,
     _outbox_empty,
@@ -202,7 +202,7 @@ def test_goqctl_shows_unknown_counts_and_says_what_to_do() -> None:
             ),
         )
     )
-    text = goqctl._render(products, p.Products(), argparse.Namespace())
+    text = goqctl._render(products, m.ListProducts(), argparse.Namespace())
     assert "unknown" in text and "goqctl stock set SKU N" in text
     report = m.LinkReport(store="b", seen=1, created=1, count_unknown=1, problems=("b/free: …",))
     text = goqctl._render(report, p.Import(store="b"), argparse.Namespace())
@@ -222,6 +222,6 @@ async def test_an_unlimited_rakuten_item_is_imported_without_a_count_and_not_zer
     assert isinstance(other, m.LinkReport)
     await eventually(lambda: _outbox_empty(shop))
     assert shop.other.stock("f01/x") == 5  # left alone, not set to 0
-    changed = await call(shop.socket, p.StockSet(sku="FREE-1", quantity=3))
+    changed = await call(shop.socket, m.SetStock(sku="FREE-1", quantity=3))
     assert isinstance(changed, m.StockChanged)
     await eventually(lambda: shop.other.stock("f01/x") == 3)

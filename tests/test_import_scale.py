@@ -2,11 +2,12 @@
 staged, then applied a bounded chunk a transaction while the ledger goes on answering;
 a crash mid-apply finishes the import after the restart with every row applied exactly
 once; a retry of the same request gets the same reply. The listings CSV is read off the
-event loop too. Speed is not asserted here: ``python -m goqd.importbench`` measures it.
+event loop too. Speed is not asserted here: ``python -m goqd.tools.importbench`` measures it.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import tempfile
@@ -18,15 +19,16 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
-from goqd import app as goqd_app
 from goqd import messages as m
 from goqd.app import Daemon, run_daemon
 from goqd.config import Config, DaemonConfig
+from goqd.control import imports as goqd_app
 from goqd.control import protocol as p
 from goqd.control.client import RemoteError, call
 from goqd.csvio import ListingsReader, StockReader
 from goqd.errors import ControlError, InputError
-from goqd.ledger.db import Ledger, open_db
+from goqd.ledger import Ledger, open_db, queries
+from goqd.ledger.rows import StockImport
 from goqd.linking import fold
 from tests.helpers import rig
 
@@ -79,14 +81,24 @@ async def open_bare_daemon(config: Config) -> AsyncIterator[Daemon]:
         nursery.cancel_scope.cancel()
 
 
-def ledger_rows(config: Config, sql: str) -> list[tuple[object, ...]]:
-    return rig.ledger_rows(config.daemon.ledger_path, sql)
+def totals_of(config: Config) -> dict[str, int]:
+    return queries.read(config.daemon.ledger_path, queries.totals)
+
+
+def moves_of(config: Config) -> list[m.Movement]:
+    return queries.read(config.daemon.ledger_path, queries.movements)
+
+
+def imports_of(config: Config) -> list[StockImport]:
+    return queries.read(config.daemon.ledger_path, queries.stock_imports)
+
+
+def staged_rows(config: Config) -> int:
+    return queries.read(config.daemon.ledger_path, queries.staged_rows)
 
 
 def imported_moves(config: Config) -> int:
-    [(n,)] = ledger_rows(config, "SELECT count(*) FROM movements WHERE reason = 'stock import'")
-    assert isinstance(n, int)
-    return n
+    return sum(mv.reason == "stock import" for mv in moves_of(config))
 
 
 # ------------------------------------------------------------------ in one process
@@ -134,17 +146,15 @@ async def test_a_large_stock_import_commits_bounded_chunks_while_the_ledger_answ
                     seen.add(imported_moves(config))
     [reply] = result
     assert isinstance(reply, m.Done) and reply.changed == 1000
-    assert ledger_rows(config, "SELECT sku, total FROM products ORDER BY sku") == sorted(
-        wanted.items()
-    )
-    assert ledger_rows(
-        config, "SELECT DISTINCT cause, reason FROM movements WHERE reason = 'stock import'"
-    ) == [("set", "stock import")]
+    assert totals_of(config) == wanted
+    assert {(mv.cause, mv.reason) for mv in moves_of(config) if mv.reason == "stock import"} == {
+        ("set", "stock import")
+    }
     partial = {n for n in seen if 0 < n < 1000}
     assert len(partial) >= 2, seen  # one transaction for the file would show 0 or 1000
     assert all(n % 100 == 0 for n in seen), seen
     assert readers and threading.main_thread() not in readers  # parsed in worker threads
-    assert ledger_rows(config, "SELECT count(*) FROM stock_import_rows") == [(0,)]
+    assert staged_rows(config) == 0
 
 
 async def test_a_bad_row_after_staged_chunks_applies_nothing_and_names_its_line(
@@ -166,10 +176,10 @@ async def test_a_bad_row_after_staged_chunks_applies_nothing_and_names_its_line(
                 )
     assert refused.value.code == "bad_request"
     assert "line 502: sku 'NOT-A-PRODUCT' is not a product goqd has" in refused.value.message
-    assert ledger_rows(config, "SELECT count(*) FROM movements") == [(0,)]
-    assert ledger_rows(config, "SELECT DISTINCT total FROM products") == [(10,)]
-    assert ledger_rows(config, "SELECT state, staged FROM stock_imports") == [("discarded", 500)]
-    assert ledger_rows(config, "SELECT count(*) FROM stock_import_rows") == [(0,)]
+    assert moves_of(config) == []
+    assert set(totals_of(config).values()) == {10}
+    assert [(job.state, job.staged) for job in imports_of(config)] == [("discarded", 500)]
+    assert staged_rows(config) == 0
 
 
 async def test_a_retry_gets_the_same_reply_and_another_file_under_its_id_is_refused(
@@ -192,11 +202,7 @@ async def test_a_retry_gets_the_same_reply_and_another_file_under_its_id_is_refu
     assert first == again == m.Done(changed=2)
     assert conflict.value.code == "conflict"
     assert "already used for a different stock CSV" in conflict.value.message
-    assert ledger_rows(config, "SELECT sku, total FROM products ORDER BY sku") == [
-        ("P00000", 15),
-        ("P00001", 8),
-        ("P00002", 10),
-    ]
+    assert totals_of(config) == {"P00000": 15, "P00001": 8, "P00002": 10}
     assert imported_moves(config) == 2
 
 
@@ -217,23 +223,18 @@ async def test_an_import_left_half_staged_by_a_stop_is_discarded_at_start(tmp: s
     with trio.fail_after(30):
         async with open_bare_daemon(config):
             await rig.wait_for(
-                lambda: ledger_rows(config, "SELECT count(*) FROM stock_import_rows") == [(0,)],
+                lambda: staged_rows(config) == 0,
                 timeout=10,
                 what="the half-staged rows purged",
             )
-            assert ledger_rows(config, "SELECT state FROM stock_imports") == [("discarded",)]
+            assert [job.state for job in imports_of(config)] == ["discarded"]
             assert imported_moves(config) == 0
             # The retry of that request stages the whole file again, and applies it once.
             done = await call(
                 config.daemon.control_socket, p.StockImport(csv_text=text), request_id="req-b"
             )
     assert done == m.Done(changed=3)
-    assert ledger_rows(config, "SELECT total FROM products ORDER BY sku") == [
-        (11,),
-        (11,),
-        (11,),
-        (10,),
-    ]
+    assert list(totals_of(config).values()) == [11, 11, 11, 10]  # in SKU order
 
 
 def test_a_product_deleted_after_staging_is_skipped_and_named(tmp: str) -> None:
@@ -266,8 +267,7 @@ def test_a_product_deleted_after_staging_is_skipped_and_named(tmp: str) -> None:
     )
     # Done is done: asking again applies nothing more.
     assert one(m.ApplyStockImport(import_id=job.import_id, limit=2)) == last
-    totals = dict(ledger.conn.execute("SELECT sku, total FROM products").fetchall())
-    assert totals == {"P00000": 1, "P00002": 3}
+    assert queries.totals(ledger.conn) == {"P00000": 1, "P00002": 3}
     ledger.conn.close()
 
 
@@ -300,9 +300,11 @@ async def test_a_listings_csv_is_read_off_the_event_loop_and_checked_whole(
                     ),
                 )
             report = await call(sock, p.Import(store="ra", csv_text=good))
-            keys = ledger_rows(
-                run.config, "SELECT listing_key FROM listings WHERE listing_key LIKE 'bad/%'"
-            )
+            keys = [
+                row.listing_key
+                for row in queries.read(run.config.daemon.ledger_path, queries.listings)
+                if row.listing_key.startswith("bad/")
+            ]
     assert keys == []  # the bad file's first chunks were never applied
     assert isinstance(report, m.LinkReport) and (report.seen, report.new_listings) == (5, 5)
     assert readers and threading.main_thread() not in readers
@@ -315,7 +317,7 @@ async def test_an_import_cut_off_mid_apply_is_finished_after_restart_exactly_onc
     tmp: str,
 ) -> None:
     config = bare_config(tmp)
-    totals = catalogue(9000)  # five apply chunks of goqd.app.APPLY_CHUNK (2000)
+    totals = catalogue(9000)  # five apply chunks of goqd.control.imports.APPLY_CHUNK (2000)
     seed_products(config, totals)
     path = rig.write_toml(config)
     deltas = {sku: 1 + i % 7 for i, sku in enumerate(totals)}
@@ -351,10 +353,8 @@ async def test_an_import_cut_off_mid_apply_is_finished_after_restart_exactly_onc
         if daemon.running:
             await daemon.kill()
     assert imported_moves(config) == 9000
-    assert ledger_rows(
-        config,
-        "SELECT count(*) FROM (SELECT sku FROM movements GROUP BY sku HAVING count(*) != 1)",
-    ) == [(0,)]
-    final = dict(ledger_rows(config, "SELECT sku, total FROM products"))
+    moved = collections.Counter(mv.sku for mv in moves_of(config))
+    assert set(moved.values()) == {1}  # each row applied exactly once
+    final = totals_of(config)
     assert final == {sku: 10 + deltas[sku] for sku in totals}
     assert "stock_import_resumed" in daemon.log_text()

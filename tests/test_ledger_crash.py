@@ -10,11 +10,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from goqd.ledger.db import open_db
+from goqd.ledger import open_db, queries
 from tests.helpers.crash_writer import SKUS, line_for
 
 LINES = 600
@@ -34,25 +35,25 @@ def _spawn(db: Path, env_extra: dict[str, str] | None = None) -> subprocess.Pope
 
 
 def _check(db: Path, acked: int, *, complete: bool) -> None:
-    conn = open_db(str(db))
-    booked = {r[0]: r[1] for r in conn.execute("SELECT order_id, booked_qty FROM order_lines")}
+    conn = open_db(str(db))  # as the daemon opens it again after the crash
+    lines = queries.order_lines(conn)
+    booked = {r.order_id: r.booked_qty for r in lines}
     for n in range(acked):
         expected = 0 if n % 7 == 0 else line_for(n).quantity
         assert booked.get(f"o{n}") == expected, f"acknowledged line o{n} lost or wrong"
     if complete:
         assert len(booked) == LINES
-    for s in range(SKUS):
-        row = conn.execute("SELECT total FROM products WHERE sku = ?", (str(s),)).fetchone()
-        if row is None:
+    sold: Counter[str] = Counter()
+    for r in lines:
+        sold[r.sku] += r.booked_qty
+    moved: Counter[str] = Counter()
+    for mv in queries.movements(conn):
+        moved[mv.sku] += mv.delta
+    totals = queries.totals(conn)
+    for s in map(str, range(SKUS)):
+        if s not in totals:
             continue  # killed while the catalogue was being set up
-        total = row[0]
-        sold = conn.execute(
-            "SELECT coalesce(sum(booked_qty), 0) FROM order_lines WHERE sku = ?", (str(s),)
-        ).fetchone()[0]
-        moved = conn.execute(
-            "SELECT coalesce(sum(delta), 0) FROM movements WHERE sku = ?", (str(s),)
-        ).fetchone()[0]
-        assert total == 1000 - sold == moved
+        assert totals[s] == 1000 - sold[s] == moved[s]
     assert conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
     conn.close()
 

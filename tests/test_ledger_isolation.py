@@ -34,7 +34,7 @@ from goqd.cli.goqctl import main as goqctl_main
 from goqd.control import protocol as p
 from goqd.control.client import RemoteError, call
 from goqd.errors import LedgerError, LedgerRequestFailed, UnknownListing, UnknownSku
-from goqd.ledger import SCHEMA_VERSION, LedgerClient, open_db, open_ledger
+from goqd.ledger import SCHEMA_VERSION, LedgerClient, open_db, open_ledger, queries
 from goqd.ledger.db import Ledger
 from goqd.sim.rakuten import SimRakuten
 from tests.helpers import rig
@@ -86,10 +86,10 @@ async def test_a_request_that_raises_is_refused_alone_and_the_ledger_keeps_servi
 async def test_a_bug_in_one_request_type_is_refused_and_logged_not_fatal(
     ledger: LedgerClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(self: Ledger, sku: str, limit: int) -> m.History:
+    def broken(conn: sqlite3.Connection, sku: str, limit: int) -> m.History:
         raise KeyError(sku)
 
-    monkeypatch.setattr(Ledger, "history", broken)
+    monkeypatch.setattr(queries, "history", broken)
     with structlog.testing.capture_logs() as logs, trio.fail_after(10):
         with pytest.raises(LedgerError, match=r"GetHistory.*KeyError"):
             await ledger.call(m.GetHistory(sku="A"))
@@ -126,11 +126,15 @@ def test_a_poisoned_request_in_the_middle_of_a_batch_rolls_back_alone(tmp_path: 
     ledger.conn.close()
     # Committed: a fresh connection sees the good requests and nothing of the poisoned.
     again = Ledger(open_db(str(tmp_path / "goqd.db")), now=lambda: 2.0)
-    assert again.history("A", 10).total == 20
-    assert again.history("B", 10).total == 7
-    assert [mv.reason for mv in again.history("A", 10).movements] == ["", "before", ""]
-    assert again.conn.execute("SELECT count(*) FROM listings").fetchone()[0] == 0
-    assert again.conn.execute("SELECT count(*) FROM requests").fetchone()[0] == 0
+    assert queries.history(again.conn, "A", 10).total == 20
+    assert queries.history(again.conn, "B", 10).total == 7
+    assert [mv.reason for mv in queries.history(again.conn, "A", 10).movements] == [
+        "",
+        "before",
+        "",
+    ]
+    assert queries.listings(again.conn) == []
+    assert queries.table(again.conn, "requests") == []
 
 
 def test_a_full_disk_still_fails_the_whole_batch(tmp_path: Path) -> None:
@@ -147,8 +151,11 @@ def test_a_full_disk_still_fails_the_whole_batch(tmp_path: Path) -> None:
             ]
         )
     conn.execute("PRAGMA max_page_count=1073741823")
-    assert ledger.history("A", 10).total == 10 and ledger.history("B", 10).total == 5
-    assert conn.execute("SELECT count(*) FROM products").fetchone()[0] == 2
+    assert (
+        queries.history(ledger.conn, "A", 10).total == 10
+        and queries.history(ledger.conn, "B", 10).total == 5
+    )
+    assert [x.sku for x in queries.products(conn)] == ["A", "B"]
     done = ledger.apply_batch([m.AdjustStock(sku="A", delta=1)])
     assert isinstance(done.replies[0], m.StockChanged) and done.replies[0].total == 11
 
@@ -164,7 +171,7 @@ def test_a_transaction_a_failed_rollback_left_open_is_dropped_by_the_next_batch(
     done = ledger.apply_batch([m.AdjustStock(sku="B", delta=1)])
     assert isinstance(done.replies[0], m.StockChanged) and done.replies[0].total == 6
     assert not ledger.conn.in_transaction
-    assert ledger.history("A", 10).total == 10
+    assert queries.history(ledger.conn, "A", 10).total == 10
 
 
 class _BatchSizes:
@@ -267,8 +274,7 @@ def test_ids_stored_before_digests_keep_answering_after_the_migration(tmp_path: 
         ledger.conn.execute(statement)
     ledger.conn.close()
     migrated = Ledger(open_db(path), now=lambda: 2.0)
-    version = migrated.conn.execute("PRAGMA user_version").fetchone()[0]
-    assert version == SCHEMA_VERSION
+    assert queries.schema_version(migrated.conn) == SCHEMA_VERSION
     replies = migrated.apply_batch(
         [
             m.AdjustStock(sku="A", delta=2, request_id="old-1"),
@@ -278,7 +284,10 @@ def test_ids_stored_before_digests_keep_answering_after_the_migration(tmp_path: 
     ).replies
     assert replies[0] == stored
     assert isinstance(replies[1], m.StockChanged) and isinstance(replies[2], LedgerError)
-    assert migrated.history("A", 10).total == 12 and migrated.history("B", 10).total == 1
+    assert (
+        queries.history(migrated.conn, "A", 10).total == 12
+        and queries.history(migrated.conn, "B", 10).total == 1
+    )
 
 
 # ---------------------------------------------------------------- link and unlink
@@ -347,10 +356,10 @@ async def test_errors_clear_beyond_int64_is_a_bad_request_and_the_daemon_goes_on
 ) -> None:
     with trio.fail_after(20):
         # An older or hand-made client sends the id; the daemon refuses it at the door.
-        err = await _refused(shop.socket, p.ErrorsClear(ids=(INT64_MAX + 1,)))
+        err = await _refused(shop.socket, m.ClearErrors(ids=(INT64_MAX + 1,)))
         assert err.code == "bad_request" and "$.request.ids[0]" in err.message
         # The largest id SQLite can hold is a valid request that clears nothing.
-        done = await call(shop.socket, p.ErrorsClear(ids=(INT64_MAX,)))
+        done = await call(shop.socket, m.ClearErrors(ids=(INT64_MAX,)))
         assert done == m.Done(changed=0)
         status = await call(shop.socket, p.Status())
         assert isinstance(status, p.DaemonStatus) and len(status.stores) == 2
@@ -367,10 +376,10 @@ async def test_a_reused_request_id_with_other_content_is_a_conflict_at_the_socke
 ) -> None:
     with trio.fail_after(20):
         await call(shop.socket, p.Import(store="base"))
-        first = await call(shop.socket, p.StockSet(sku="TEA-500", quantity=5), request_id="rid-7")
-        again = await call(shop.socket, p.StockSet(sku="TEA-500", quantity=5), request_id="rid-7")
+        first = await call(shop.socket, m.SetStock(sku="TEA-500", quantity=5), request_id="rid-7")
+        again = await call(shop.socket, m.SetStock(sku="TEA-500", quantity=5), request_id="rid-7")
         assert again == first
-        err = await _refused(shop.socket, p.StockSet(sku="TEA-500", quantity=9), request_id="rid-7")
+        err = await _refused(shop.socket, m.SetStock(sku="TEA-500", quantity=9), request_id="rid-7")
         history = await shop.daemon.ledger.ask(m.GetHistory(sku="TEA-500"), m.History)
     assert err.code == "conflict" and "'rid-7'" in err.message
     assert history.total == 5 and [mv.cause for mv in history.movements] == ["set", "import"]
@@ -382,7 +391,7 @@ async def test_a_batch_the_disk_refused_is_unavailable_at_the_socket_and_a_retry
     def disk_full(self: Ledger, msgs: Any) -> Any:
         raise sqlite3.OperationalError("database or disk is full")
 
-    request = p.StockSet(sku="TEA-500", quantity=5)
+    request = m.SetStock(sku="TEA-500", quantity=5)
     with trio.fail_after(20):
         await call(shop.socket, p.Import(store="base"))
         monkeypatch.setattr(Ledger, "apply_batch", disk_full)
@@ -400,30 +409,25 @@ async def test_link_refuses_unknown_stores_listings_and_skus_with_not_found(shop
     with trio.fail_after(30):
         await call(sock, p.Import(store="base"))
         # Not imported yet: the listing is unknown, and the error says what to run.
-        err = await _refused(
-            sock, p.LinkListing(store="other", listing_key="t01/500", sku="TEA-500")
-        )
+        err = await _refused(sock, m.Link(store="other", listing_key="t01/500", sku="TEA-500"))
         assert err.code == "not_found" and "`goqctl import other` first" in err.message
-        err = await _refused(
-            sock, p.LinkListing(store="no-such-store", listing_key="x", sku="TEA-500")
-        )
+        err = await _refused(sock, m.Link(store="no-such-store", listing_key="x", sku="TEA-500"))
         assert err.code == "not_found" and "no store named 'no-such-store'" in err.message
-        err = await _refused(sock, p.LinkListing(store="base", listing_key="nope", sku="TEA-500"))
+        err = await _refused(sock, m.Link(store="base", listing_key="nope", sku="TEA-500"))
         assert err.code == "not_found" and "`goqctl import base` first" in err.message
-        err = await _refused(sock, p.LinkListing(store="base", listing_key="tea/500", sku="NOPE"))
+        err = await _refused(sock, m.Link(store="base", listing_key="tea/500", sku="NOPE"))
         assert err.code == "not_found" and "unknown SKU 'NOPE'" in err.message
-        err = await _refused(sock, p.UnlinkListing(store="base", listing_key="nope"))
+        err = await _refused(sock, m.Unlink(store="base", listing_key="nope"))
         assert err.code == "not_found" and "no listing 'nope'" in err.message
-        err = await _refused(sock, p.UnlinkListing(store="no-such-store", listing_key="x"))
+        err = await _refused(sock, m.Unlink(store="no-such-store", listing_key="x"))
         assert err.code == "not_found"
         # Nothing was created and the real listing is still the only, linked one.
-        rows = rig.ledger_rows(
-            shop.ledger_path, "SELECT store, listing_key, link_state FROM listings"
-        )
+        with queries.open_read_only(shop.ledger_path) as conn:
+            rows = [(x.store, x.listing_key, x.link_state) for x in queries.listings(conn)]
         assert rows == [("base", "tea/500", "linked")]
-        errors = await call(sock, p.Errors())
+        errors = await call(sock, m.ListErrors())
         assert isinstance(errors, m.ErrorList) and errors.errors == ()
         # After the import the same link is accepted.
         await call(sock, p.Import(store="other"))
-        done = await call(sock, p.LinkListing(store="other", listing_key="t01/500", sku="TEA-500"))
+        done = await call(sock, m.Link(store="other", listing_key="t01/500", sku="TEA-500"))
         assert isinstance(done, m.Done) and done.changed == 1

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from goqd import messages as m
-from goqd.ledger.db import Ledger, open_db
+from goqd.ledger import Ledger, open_db, queries
 
 SKUS = ("A", "B")
 INITIAL = {"A": 20, "B": 3}
@@ -106,7 +106,7 @@ def test_conservation_and_newest_state_win(
             if k not in model:
                 model[k] = (target, obs_line.updated_at, obs_line.terminal)
             else:
-                booked, at, terminal = model[k]
+                _booked, at, terminal = model[k]
                 if not terminal and obs_line.updated_at >= at:
                     model[k] = (target, obs_line.updated_at, obs_line.terminal)
         if len(pending) >= batch_size:
@@ -116,27 +116,21 @@ def test_conservation_and_newest_state_win(
         ledger.apply_batch(pending)
 
     conn: sqlite3.Connection = ledger.conn
-    booked = {
-        (r[0], r[1]): r[2]
-        for r in conn.execute("SELECT order_id, line_id, booked_qty FROM order_lines")
+    lines = queries.order_lines(conn)
+    assert {(r.order_id, r.line_id): r.booked_qty for r in lines} == {
+        k: v[0] for k, v in model.items()
     }
-    assert booked == {k: v[0] for k, v in model.items()}
+    totals = queries.totals(conn)
+    queued = {p.sku: p.quantity for p in queries.outbox(conn, "s2")}
     for sku in SKUS:
-        total = conn.execute("SELECT total FROM products WHERE sku = ?", (sku,)).fetchone()[0]
-        sold = conn.execute(
-            "SELECT coalesce(sum(booked_qty), 0) FROM order_lines WHERE sku = ?", (sku,)
-        ).fetchone()[0]
-        assert total == INITIAL[sku] + adjustments[sku] - sold  # I2 conservation
-        moved = conn.execute(
-            "SELECT coalesce(sum(delta), 0) FROM movements WHERE sku = ?", (sku,)
-        ).fetchone()[0]
+        total = totals[sku]
+        sold = sum(r.booked_qty for r in lines if r.sku == sku)
+        assert total == INITIAL[sku] + adjustments[sku] - sold  # stock is conserved
+        moved = sum(mv.delta for mv in queries.movements(conn, sku))
         assert moved == total  # every change appears once in the history
         # Every linked listing has either been told the current count or has it queued.
-        queued = conn.execute(
-            "SELECT quantity FROM outbox WHERE sku = ? AND store = 's2'", (sku,)
-        ).fetchone()
-        assert queued is not None and queued[0] == max(0, total)
-    parked = conn.execute("SELECT count(*) FROM parked_lines").fetchone()[0]
+        assert queued.get(sku) == max(0, total)
+    parked = len(queries.parked_lines(conn))
     saw_unknown = any(
         k == "obs" and isinstance(v, Obs) and _key(v) == "s1-UNKNOWN" for k, v in steps
     )

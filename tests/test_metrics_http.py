@@ -5,19 +5,23 @@ from __future__ import annotations
 import errno
 import functools
 import re
+import tomllib
 from collections.abc import Mapping
+from pathlib import Path
 
 import httpx
 import pytest
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+import goqd
 from goqd.config import is_loopback, listen_address
 from goqd.errors import ConfigError
 from goqd.http import MAX_WEBHOOK_BODY, serve_http
 from goqd.metrics import STATES, Metrics
-from tests.test_systemd import required_tool
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
@@ -100,10 +104,15 @@ def test_every_metric_is_prefixed_and_carries_no_sku_label() -> None:
             assert set(sample.labels) <= allowed, (family.name, sample.labels)
 
 
-def test_two_registries_do_not_collide() -> None:
-    # Each test (and each app) registers the same names on its own registry.
-    Metrics(CollectorRegistry())
-    Metrics(CollectorRegistry())
+def test_build_info_reports_the_version_pyproject_declares() -> None:
+    # pyproject.toml is the one place the version is written; the package, and so the
+    # build-info metric, read it from the installed distribution.
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        declared = tomllib.load(f)["project"]["version"]
+    assert goqd.__version__ == declared, "installed metadata is stale: pip install -e ."
+    reg = CollectorRegistry()
+    Metrics(reg)
+    assert value(reg, "goqd_build_info", version=declared) == 1
 
 
 # -- HTTP ------------------------------------------------------------------------------
@@ -139,6 +148,44 @@ async def start(nursery: trio.Nursery, server: Server, listen: str = "127.0.0.1:
         )
     )
     return url
+
+
+async def test_two_daemons_in_one_process_keep_their_metrics_apart() -> None:
+    # Two daemons (or two tests) in one process: each registers every goqd_ name on its
+    # own registry. Neither may see the other's values, and both must expose without
+    # prometheus_client's "Duplicated timeseries" refusal (which registering on the
+    # global registry would raise at the second daemon).
+    first, second = Server(), Server()
+    second.metrics.touch_store("yahoo-b", "yahoo")
+    first.metrics.set_state("rakuten-a", "stopped")
+    first.metrics.observe_ledger_batch(5, 0.001, 4)
+    second.metrics.set_state("rakuten-a", "degraded")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            urls = [await start(nursery, server) for server in (first, second)]
+            async with httpx.AsyncClient() as client:
+                texts = [(await client.get(f"{url}/metrics")).text for url in urls]
+            nursery.cancel_scope.cancel()
+
+    def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        return {
+            (s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    one, two = (samples(text) for text in texts)
+    state = "goqd_store_state"
+    assert one[(state, frozenset({("store", "rakuten-a"), ("state", "stopped")}))] == 1
+    assert one[(state, frozenset({("store", "rakuten-a"), ("state", "degraded")}))] == 0
+    assert two[(state, frozenset({("store", "rakuten-a"), ("state", "stopped")}))] == 0
+    assert two[(state, frozenset({("store", "rakuten-a"), ("state", "degraded")}))] == 1
+    assert one[("goqd_oversold_units_total", frozenset())] == 4
+    assert two[("goqd_oversold_units_total", frozenset())] == 0
+    assert not any(labels and ("store", "yahoo-b") in labels for _n, labels in one)
+    assert any(("store", "yahoo-b") in labels for _n, labels in two)
+    # Nothing leaked onto the process-wide registry either.
+    assert REGISTRY.get_sample_value("goqd_oversold_units_total") is None
 
 
 async def test_metrics_endpoint_exposes_touched_store_series() -> None:
@@ -316,11 +363,6 @@ def test_is_loopback_knows_every_loopback_spelling() -> None:
         assert is_loopback(host), host
     for host in ("0.0.0.0", "::", "192.0.2.1", "::ffff:192.0.2.1", "example.com"):
         assert not is_loopback(host), host
-
-
-@pytest.fixture
-def promtool() -> str:
-    return required_tool("promtool", "check the metrics output")
 
 
 async def test_metrics_output_passes_promtool_check_metrics(promtool: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -22,7 +21,10 @@ from goqd import messages as m
 from goqd.cli import goqctl
 from goqd.control import protocol as p
 from goqd.control.client import call
-from goqd.ledger.db import _MIGRATIONS, APPLICATION_ID, SCHEMA_VERSION, Ledger, open_db
+from goqd.errors import LEVEL_TEMPORARY
+from goqd.ledger import queries
+from goqd.ledger.db import Ledger
+from goqd.ledger.schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, open_db
 from goqd.linking import fold
 from tests.test_e2e_rakuten import (
     Rig,
@@ -169,7 +171,7 @@ def test_a_migrated_ledger_shows_lines_parked_before_as_errors(tmp_path: Path) -
     path = str(tmp_path / "v6.db")
     conn = sqlite3.connect(path, isolation_level=None)
     conn.create_function("goqd_fold", 1, fold, deterministic=True)
-    for script in _MIGRATIONS[:6]:
+    for script in MIGRATIONS[:6]:
         for statement in script.split(";"):
             if statement.strip():
                 conn.execute(statement)
@@ -182,15 +184,16 @@ def test_a_migrated_ledger_shows_lines_parked_before_as_errors(tmp_path: Path) -
     conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
     conn.close()
     migrated = open_db(path)
-    assert migrated.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    rows = migrated.execute(
-        "SELECT store, level, code, listing_key, message, first_seen FROM errors "
-        "WHERE cleared_at IS NULL"
-    ).fetchall()
-    assert len(rows) == 1
-    store, level, code, key, message, first_seen = rows[0]
-    assert (store, level, code, key, first_seen) == ("ra", 8, "listing_not_linked", "k/1", 5)
-    assert "2 order line(s)" in message and "goqctl parked --store ra" in message
+    assert queries.schema_version(migrated) == SCHEMA_VERSION
+    [error] = queries.errors(migrated, open_only=True)
+    assert (error.store, error.level, error.code, error.listing_key, error.first_seen) == (
+        "ra",
+        LEVEL_TEMPORARY,
+        "listing_not_linked",
+        "k/1",
+        5,
+    )
+    assert "2 order line(s)" in error.message and "goqctl parked --store ra" in error.message
 
 
 # ------------------------------------------------------------------ ambiguity
@@ -232,7 +235,7 @@ def test_an_unambiguous_link_has_no_warning(ledger: Ledger) -> None:
 
 def test_goqctl_prints_the_link_warning() -> None:
     done = m.Done(changed=1, warnings=("複数の商品が紐づいています: unlink one",))
-    text = goqctl._render_done(done, p.LinkListing(store="s", listing_key="k", sku="A"))
+    text = goqctl._render_done(done, m.Link(store="s", listing_key="k", sku="A"))
     assert text.splitlines() == [
         "link listing: 1 changed",
         "warning: 複数の商品が紐づいています: unlink one",
@@ -267,11 +270,11 @@ async def test_parked_lines_and_an_ambiguous_link_show_in_goqctl_stores_metrics_
     info = await levels()
     assert (info["ra"].state, info["ra"].error_level, info["ra"].parked) == ("running", 8, 1)
     assert info["rb"].error_level == 0
-    listed = await call(rig.socket, p.Parked(store="ra"))
+    listed = await call(rig.socket, m.ListParked(store="ra"))
     assert isinstance(listed, m.ParkedList)
     [row] = listed.lines
     assert (row.order_id, row.listing_key, row.quantity) == (order.order_id, new_key, 2)
-    errors_ = await call(rig.socket, p.Errors(store="ra", code="listing_not_linked"))
+    errors_ = await call(rig.socket, m.ListErrors(store="ra", code="listing_not_linked"))
     assert isinstance(errors_, m.ErrorList) and len(errors_.errors) == 1
     await rig.daemon.update_gauges()
     async with httpx.AsyncClient() as client:
@@ -284,7 +287,7 @@ async def test_parked_lines_and_an_ambiguous_link_show_in_goqctl_stores_metrics_
 
     # Linking books the sale: its error is resolved and the store's level goes back.
     await rig.daemon.ledger.call(m.UpsertProduct(sku="NEW-1", total=9, store="ra"))
-    done = await call(rig.socket, p.LinkListing(store="ra", listing_key=new_key, sku="NEW-1"))
+    done = await call(rig.socket, m.Link(store="ra", listing_key=new_key, sku="NEW-1"))
     assert isinstance(done, m.Done) and done.released == 1
     assert await rig.total("NEW-1") == 7
     assert (await levels())["ra"].error_level == 0
@@ -323,9 +326,8 @@ def _promtool_with(tmp_path: Path, old: str, new: str) -> subprocess.CompletedPr
     )
 
 
-needs_promtool: Callable[[Callable[..., None]], Callable[..., None]] = pytest.mark.skipif(
-    shutil.which("promtool") is None, reason="promtool not installed (Debian: prometheus)"
-)
+# tests/conftest.py's fixture: skipped without promtool, failed without it in CI.
+needs_promtool = pytest.mark.usefixtures("promtool")
 
 
 @needs_promtool

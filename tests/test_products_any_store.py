@@ -28,7 +28,7 @@ from goqd.cli import goqctl
 from goqd.control import protocol as p
 from goqd.control.client import RemoteError, call
 from goqd.errors import LedgerError, LedgerRequestFailed
-from goqd.ledger.db import Ledger, open_db
+from goqd.ledger import Ledger, catalogue, open_db, queries
 from goqd.sim.rakuten import SimRakuten
 from tests.helpers import rig
 from tests.test_control import envelope, raw_exchange
@@ -105,7 +105,7 @@ def products(ledger: Ledger) -> dict[str, tuple[int, bool, str]]:
 
 
 def movements(ledger: Ledger) -> int:
-    return int(ledger.conn.execute("SELECT count(*) FROM movements").fetchone()[0])
+    return len(queries.movements(ledger.conn))
 
 
 # ------------------------------------------------------------------ product add (ledger)
@@ -193,7 +193,7 @@ def test_a_product_add_failing_half_way_leaves_nothing_and_the_batch_goes_on(
     imp(ledger, "yahoo", listing("y-tea", "TEA-1"), rules=("casefold",))
     imp(ledger, "amazon", listing("a-tea", "TEA-1"))
     add(ledger, "OTHER", 1)
-    real = ledger._link_by_code
+    real = catalogue.link_by_code
     calls = []
 
     def flaky(*args: Any) -> None:
@@ -202,7 +202,7 @@ def test_a_product_add_failing_half_way_leaves_nothing_and_the_batch_goes_on(
             raise RuntimeError("disk says no")  # after the product and one link exist
         real(*args)
 
-    monkeypatch.setattr(ledger, "_link_by_code", flaky)
+    monkeypatch.setattr(catalogue, "link_by_code", flaky)
     result = ledger.apply_batch(
         [
             m.AddProduct(sku="TEA-1", quantity=5, stores=STORES),
@@ -370,7 +370,7 @@ class Shop:
         return status.outbox == 0
 
     async def products(self) -> dict[str, tuple[int, bool, str]]:
-        reply = await call(self.socket, p.Products())
+        reply = await call(self.socket, m.ListProducts())
         assert isinstance(reply, m.ProductList)
         return {x.sku: (x.total, x.count_known, x.first_store) for x in reply.products}
 

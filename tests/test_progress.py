@@ -41,11 +41,12 @@ from goqd.app import Daemon, run_daemon
 from goqd.cli import progress
 from goqd.cli.goqctl import main as goqctl_main
 from goqd.config import Config, DaemonConfig
+from goqd.control import imports, reconcile
 from goqd.control import protocol as p
 from goqd.control import server as server_mod
 from goqd.control.client import DaemonUnreachable, call
 from goqd.control.server import PeerInfo, WithProgress, serve_control
-from goqd.ledger.db import open_db
+from goqd.ledger import open_db, queries
 from goqd.linking import fold
 from goqd.sim.rakuten import SimRakuten
 from tests.helpers import rig
@@ -100,13 +101,22 @@ async def open_bare_daemon(config: Config) -> AsyncIterator[Daemon]:
         nursery.cancel_scope.cancel()
 
 
-def rows(config: Config, sql: str) -> list[tuple[Any, ...]]:
-    return rig.ledger_rows(config.daemon.ledger_path, sql)
+def import_states(config: Config) -> list[str]:
+    return [x.state for x in queries.read(config.daemon.ledger_path, queries.stock_imports)]
+
+
+def outbox(config: Config) -> list[queries.Push]:
+    return queries.read(config.daemon.ledger_path, queries.outbox)
+
+
+def latest_version(config: Config) -> int:
+    """The newest version in the outbox (0 when it is empty)."""
+    return max((x.version for x in outbox(config)), default=0)
 
 
 def imported_moves(config: Config) -> int:
-    [(n,)] = rows(config, "SELECT count(*) FROM movements WHERE reason = 'stock import'")
-    return int(n)
+    moves = queries.read(config.daemon.ledger_path, queries.movements)
+    return sum(mv.reason == "stock import" for mv in moves)
 
 
 async def wait_until(check: Any, what: str) -> None:
@@ -163,21 +173,21 @@ def sock_path() -> Iterator[str]:
 
 
 async def scripted(req: p.ControlRequest, peer: PeerInfo, report: p.ReportProgress) -> p.Ok | p.Err:
-    """StockSet: 10,000 reports over 10 s (of SKU STUCK: the same report every 0.5 s
-    for 60 s). StockAdjust: 10 s without a word. StockImport: a report every 0.5 s for
+    """SetStock: 10,000 reports over 10 s (of SKU STUCK: the same report every 0.5 s
+    for 60 s). AdjustStock: 10 s without a word. StockImport: a report every 0.5 s for
     10 s."""
     match req:
-        case p.StockSet(sku="STUCK"):
+        case m.SetStock(sku="STUCK"):
             for _ in range(120):
                 report(p.Progress(phase="work", done=5, total=10, unit="steps"))
                 await trio.sleep(0.5)
             return p.Ok(result=m.Done(changed=1))
-        case p.StockSet():
+        case m.SetStock():
             for i in range(1, 10_001):
                 report(p.Progress(phase="work", done=i, total=10_000, unit="steps"))
                 await trio.sleep(0.001)
             return p.Ok(result=m.Done(changed=10_000))
-        case p.StockAdjust():
+        case m.AdjustStock():
             await trio.sleep(10)
             return p.Ok(result=m.Done(changed=1))
         case p.StockImport():
@@ -211,7 +221,7 @@ async def test_progress_is_coalesced_to_a_few_frames_a_second_and_the_reply_foll
     async with serving_scripted(sock_path):
         with trio.fail_after(60):
             result = await call(
-                sock_path, p.StockSet(sku="A", quantity=1), on_progress=seen.append, timeout=30
+                sock_path, m.SetStock(sku="A", quantity=1), on_progress=seen.append, timeout=30
             )
     assert result == m.Done(changed=10_000)
     dones = [x.done for x in seen]
@@ -227,7 +237,7 @@ async def test_a_request_that_does_not_ask_for_progress_gets_its_one_reply_only(
     async with serving_scripted(sock_path):
         with trio.fail_after(60):
             stream = await send_raw(
-                sock_path, frame(p.StockSet(sku="A", quantity=1), "r1", progress=False)
+                sock_path, frame(m.SetStock(sku="A", quantity=1), "r1", progress=False)
             )
             async with stream:
                 first = await read_json(stream)
@@ -254,7 +264,7 @@ async def test_progress_keeps_a_call_alive_past_its_timeout_and_silence_does_not
             # Asking for progress but hearing nothing for 2 s.
             with pytest.raises(DaemonUnreachable) as silent:
                 await call(
-                    sock_path, p.StockAdjust(sku="A", delta=1), timeout=2, on_progress=seen.append
+                    sock_path, m.AdjustStock(sku="A", delta=1), timeout=2, on_progress=seen.append
                 )
     assert done == m.Done(changed=20)
     assert len(seen) >= 15
@@ -273,7 +283,7 @@ async def test_a_daemon_repeating_the_same_progress_does_not_keep_the_client_wai
             with pytest.raises(DaemonUnreachable) as stuck:
                 await call(
                     sock_path,
-                    p.StockSet(sku="STUCK", quantity=1),
+                    m.SetStock(sku="STUCK", quantity=1),
                     timeout=2,
                     on_progress=seen.append,
                 )
@@ -328,8 +338,8 @@ async def test_a_reader_that_stops_reading_stalls_neither_the_daemon_nor_the_imp
     tmp: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     n = 20_000
-    monkeypatch.setattr(goqd_app, "STAGE_CHUNK", 500)
-    monkeypatch.setattr(goqd_app, "APPLY_CHUNK", 200)
+    monkeypatch.setattr(imports, "STAGE_CHUNK", 500)
+    monkeypatch.setattr(imports, "APPLY_CHUNK", 200)
     monkeypatch.setattr(
         goqd_app,
         "serve_control",
@@ -348,7 +358,7 @@ async def test_a_reader_that_stops_reading_stalls_neither_the_daemon_nor_the_imp
             assert first["progress"]["phase"] == "stage"
 
             def finished() -> bool:
-                return rows(config, "SELECT state FROM stock_imports") == [("done",)]
+                return import_states(config) == ["done"]
 
             while not finished():
                 status = await call(sock, p.Status(), timeout=10)
@@ -378,8 +388,8 @@ async def test_a_client_gone_mid_import_leaves_it_to_finish_and_a_retry_gets_the
     tmp: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     n = 20_000
-    monkeypatch.setattr(goqd_app, "STAGE_CHUNK", 500)
-    monkeypatch.setattr(goqd_app, "APPLY_CHUNK", 200)
+    monkeypatch.setattr(imports, "STAGE_CHUNK", 500)
+    monkeypatch.setattr(imports, "APPLY_CHUNK", 200)
     config, text = seeded_config(tmp, n)
     sock = config.daemon.control_socket
     request = p.StockImport(csv_text=text)
@@ -401,8 +411,8 @@ async def test_garbage_while_a_progress_stream_is_open_is_refused_and_harms_no_o
     tmp: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     n = 20_000
-    monkeypatch.setattr(goqd_app, "STAGE_CHUNK", 500)
-    monkeypatch.setattr(goqd_app, "APPLY_CHUNK", 200)
+    monkeypatch.setattr(imports, "STAGE_CHUNK", 500)
+    monkeypatch.setattr(imports, "APPLY_CHUNK", 200)
     config, text = seeded_config(tmp, n)
     sock = config.daemon.control_socket
     garbage = b"\xff{not json!"
@@ -445,7 +455,7 @@ async def test_import_diff_and_reflect_all_report_progress_and_retries_get_the_s
 ) -> None:
     n = 600
     monkeypatch.setattr(server_mod, "PROGRESS_INTERVAL", 0.0)  # every report a frame
-    monkeypatch.setattr(goqd_app, "REFLECT_CHUNK", 100)
+    monkeypatch.setattr(reconcile, "REFLECT_CHUNK", 100)
     sim = SimRakuten(shop_id="500001", clock=time.time, seed=1, enforce_rate_limits=False)
     for i in range(n):
         sim.add_listing(f"item{i:05d}/v1", link_code=f"SKU{i:05d}", quantity=i % 7)
@@ -474,19 +484,17 @@ async def test_import_diff_and_reflect_all_report_progress_and_retries_get_the_s
             compared: list[p.Progress] = []
             report = await call(sock, p.Diff(store="base"), on_progress=compared.append)
 
-            await wait_until(
-                lambda: rows(config, "SELECT count(*) FROM outbox") == [(0,)], "the pushes"
-            )
+            await wait_until(lambda: outbox(config) == [], "the pushes")
             await call(sock, p.Pause(store="base"))  # the outbox stays as queued
             queued: list[p.Progress] = []
             reflected = await call(
                 sock, p.Reflect(store="base"), request_id="ref-1", on_progress=queued.append
             )
-            [(versions, count)] = rows(config, "SELECT max(version), count(*) FROM outbox")
+            versions, count = latest_version(config), len(outbox(config))
             again = await call(sock, p.Reflect(store="base"), request_id="ref-1")
-            [(versions_again, _)] = rows(config, "SELECT max(version), count(*) FROM outbox")
+            versions_again = latest_version(config)
             await call(sock, p.Reflect(store="base"))
-            [(versions_new, _)] = rows(config, "SELECT max(version), count(*) FROM outbox")
+            versions_new = latest_version(config)
             nursery.cancel_scope.cancel()
 
     assert first["progress"]["phase"] == "import" and first["progress"]["unit"] == "listings"
@@ -521,8 +529,8 @@ async def test_goqctl_prints_plain_progress_lines_on_stderr_and_only_the_json_on
     tmp: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     n = 20_000
-    monkeypatch.setattr(goqd_app, "STAGE_CHUNK", 500)
-    monkeypatch.setattr(goqd_app, "APPLY_CHUNK", 200)
+    monkeypatch.setattr(imports, "STAGE_CHUNK", 500)
+    monkeypatch.setattr(imports, "APPLY_CHUNK", 200)
     config, text = seeded_config(tmp, n)
     path = os.path.join(tmp, "stock.csv")
     with open(path, "w", encoding="utf-8") as f:
@@ -607,13 +615,13 @@ async def test_ctrl_c_leaves_the_import_running_and_the_printed_command_gets_its
             async for chunk in proc.stderr:
                 err += chunk
             code = await proc.wait()
-            stopped_early = rows(config, "SELECT state FROM stock_imports")
+            stopped_early = import_states(config)
             message = err.decode()
             [again] = re.findall(r"(goqctl --request-id \S+ .*)$", message, re.MULTILINE)
             argv = shlex.split(again)[1:]
             rerun = await trio.to_thread.run_sync(goqctl_main, ["--json", *argv])
     assert code == 130, message
     assert "interrupted" in message and "goes on with it" in message
-    assert stopped_early != [("done",)]  # goqctl stopped before the import did
+    assert stopped_early != ["done"]  # goqctl stopped before the import did
     assert rerun == 0
     assert imported_moves(config) == n  # finished, and applied once

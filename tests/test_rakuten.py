@@ -7,8 +7,7 @@ import base64
 import functools
 import json
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -17,6 +16,7 @@ import pytest
 import trio
 
 from goqd.errors import (
+    LEVEL_CREDENTIAL,
     ConfigError,
     MallAuthError,
     MallProtocolError,
@@ -28,8 +28,8 @@ from goqd.malls.base import OrderPage, StoreContext
 from goqd.malls.rakuten import RakutenAdapter, format_jst
 from goqd.messages import OrderLine, PushItem
 from goqd.secret import Secret
-from goqd.sim.http import serve_sim
 from goqd.sim.rakuten import BULK_GET, BULK_UPSERT, GET_ORDER, SEARCH_ORDER, SimRakuten
+from tests.helpers.malls import ServedMall, start_mall
 
 FIXTURES = Path(__file__).parent / "fixtures" / "rakuten"
 BASE = 1_790_000_000.0  # 2026-09-21 23:13:20 JST
@@ -59,22 +59,9 @@ def fixture(name: str) -> bytes:
     return (FIXTURES / name).read_bytes()
 
 
-@dataclass
-class Env:
-    sim: SimRakuten
-    url: str
-    http: httpx.AsyncClient
-
+class Env(ServedMall[SimRakuten]):
     def adapter(self, creds: dict[str, str] | None = None, **options: Any) -> RakutenAdapter:
-        ctx = StoreContext(
-            store="r1",
-            mall="rakuten",
-            base_url=self.url,
-            credentials={k: Secret(v) for k, v in (creds or self.sim.credentials()).items()},
-            http=self.http,
-            clock=wall,
-            options=options,
-        )
+        ctx = self.context(store="r1", credentials=creds or None, **options)
         adapter = rakuten.SPEC.open_adapter(ctx)
         assert isinstance(adapter, RakutenAdapter)
         return adapter
@@ -89,18 +76,8 @@ async def start_env(
     sim = SimRakuten(shop_id=SHOP, clock=wall, **sim_options)
     for i in range(listings):
         sim.add_listing(f"item{i}/v{i}", link_code=f"SKU-{i}", name=f"商品{i}", quantity=50)
-    url = await nursery.start(serve_sim, sim.app)
-    http = httpx.AsyncClient(timeout=http_timeout)
-    nursery.start_soon(_close_at_cancel, http)
-    return Env(sim, url, http)
-
-
-async def _close_at_cancel(http: httpx.AsyncClient) -> None:
-    try:
-        await trio.sleep_forever()
-    finally:
-        with trio.CancelScope(shield=True):
-            await http.aclose()
+    served = await start_mall(nursery, sim, http_timeout=http_timeout)
+    return Env(served.sim, served.url, served.http)
 
 
 @pytest.fixture
@@ -156,7 +133,7 @@ async def test_wrong_license_key_is_auth_error_without_leaking_it(
     with pytest.raises(MallAuthError) as info:
         await env.adapter(creds).check_credentials()
     assert info.value.code == "GA0001"
-    assert info.value.level == 9
+    assert info.value.level == LEVEL_CREDENTIAL
     assert "wrongwrong" not in str(info.value)
     assert env.sim.service_secret not in str(info.value)
 
@@ -580,32 +557,6 @@ async def test_throttle_is_rate_limited_and_the_adapter_backs_off(
     await adapter.push_stock([push("item1/v1", 3)])
     assert trio.current_time() - start >= 7
     assert env.sim.stock("item1/v1") == 3
-
-
-MALFORMED = ["missing_field", "wrong_type", "html", "truncated"]
-OPERATIONS: dict[str, Callable[[RakutenAdapter], Any]] = {
-    "fetch_orders": lambda a: a.fetch_orders(None),
-    "read_stock": lambda a: a.read_stock(["item1/v1"]),
-    "iter_listings": lambda a: _drain(a.iter_listings()),
-    "credential_expiry": lambda a: a.credential_expiry(),
-}
-
-
-async def _drain(listings: AsyncIterator[Any]) -> list[Any]:
-    return [x async for x in listings]
-
-
-@pytest.mark.parametrize("kind", MALFORMED)
-@pytest.mark.parametrize("operation", sorted(OPERATIONS))
-@bounded
-async def test_malformed_bodies_are_protocol_errors(
-    nursery: trio.Nursery, autojump_clock: Any, kind: str, operation: str
-) -> None:
-    env = await start_env(nursery)
-    env.sim.place_order([("item1/v1", 1)])
-    env.sim.faults.malformed = kind
-    with pytest.raises(MallProtocolError):
-        await OPERATIONS[operation](env.adapter())
 
 
 @bounded

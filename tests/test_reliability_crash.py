@@ -4,7 +4,7 @@ The simulated malls (Rakuten, Shopify, au PAY) are served over loopback by this 
 process; the daemon is ``python -m goqd.cli.goqd run --config FILE`` in a subprocess
 with ``GOQD_CRASHPOINT=name@N``, which SIGKILLs itself the N-th time it reaches the named
 point. After every crash the daemon is restarted; at the end it is stopped with SIGTERM
-and ``goqd.sim.checker`` compares every mall with the ledger: nothing lost, nothing
+and ``tests.helpers.checker`` compares every mall with the ledger: nothing lost, nothing
 booked twice, every listing converged, no stale value applied (I1–I4).
 
 Each test prints its figures (crash points × restarts survived, orders, lines); run
@@ -30,12 +30,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from goqd.control import protocol as p
+from goqd import messages as m
 from goqd.errors import ControlError
-from goqd.ledger.db import open_db
-from goqd.sim import checker
+from goqd.ledger import open_db, queries
 from goqd.sim.market import Market
-from tests.helpers import rig
+from tests.helpers import checker, rig
 
 pytestmark = pytest.mark.slow
 
@@ -78,10 +77,7 @@ def _applied_but_queued(
     """Listings whose mall applied, since ``before``, the count the ledger still has in
     its outbox for them: a push whose outcome goqd never recorded."""
     queued = {
-        (store, key): qty
-        for store, key, qty in rig.ledger_rows(
-            r.ledger_path, "SELECT store, listing_key, quantity FROM outbox"
-        )
+        (x.store, x.listing_key): x.quantity for x in queries.read(r.ledger_path, queries.outbox)
     }
     return [
         (s, k)
@@ -150,7 +146,7 @@ async def test_crash_at_each_named_point_then_restart_loses_nothing(
     market = r.fleet.market(random.Random(zlib.crc32(point.encode())))
     _orders(market, 8)
     crashed = 0
-    cursors_before = rig.ledger_rows(r.ledger_path, "SELECT store, cursor FROM cursors")
+    cursors_before = queries.read(r.ledger_path, queries.cursors)
     unrecorded = 0  # crashes after which a mall shows a push the ledger still has queued
     for i, nth in enumerate(nths):
         histories = _history_lengths(r)
@@ -164,17 +160,14 @@ async def test_crash_at_each_named_point_then_restart_loses_nothing(
         if row == "C1" and i == 0:
             # The first poll response of the process died before the ledger had it:
             # nothing was acknowledged, no cursor moved.
-            assert rig.ledger_rows(r.ledger_path, "SELECT store, cursor FROM cursors") == (
-                cursors_before
-            )
-            assert rig.ledger_rows(r.ledger_path, "SELECT count(*) FROM order_lines") == [(0,)]
+            assert queries.read(r.ledger_path, queries.cursors) == cursors_before
+            assert queries.read(r.ledger_path, queries.order_lines) == []
         unrecorded += bool(_applied_but_queued(r, histories))
         _orders(market, 3)
     report = await _finish(r, market)
     if row == "C3":
         # The re-poll after the crash saw committed lines again and absorbed them.
-        dups = rig.ledger_rows(r.ledger_path, "SELECT value FROM meta WHERE key='duplicates'")
-        assert dups[0][0] > 0
+        assert queries.read(r.ledger_path, queries.counter, "duplicates") > 0
     if row in ("C5", "C5b"):
         # At least one crash came after the mall applied a push and before the ledger
         # heard of it (the push is still queued): the same absolute value goes out again.
@@ -210,7 +203,7 @@ async def test_random_sigkills_soak_loses_nothing(prig: rig.ProcessRig) -> None:
             if r.daemon.running and rng.random() < 0.5:
                 try:
                     sku = rng.choice(sorted(CATALOGUE))
-                    await r.daemon.request(p.StockAdjust(sku=sku, delta=3, reason="soak"))
+                    await r.daemon.request(m.AdjustStock(sku=sku, delta=3, reason="soak"))
                     market.real[sku] += 3
                     restocks += 1
                 except ControlError:
@@ -269,13 +262,14 @@ _CHECKPOINT_WRITER = textwrap.dedent(
     """
     import sys, time
     from goqd import messages as m
-    from goqd.ledger.db import Ledger, open_db
+    from goqd.ledger import queries
+    from goqd.ledger import Ledger, open_db
 
     path, start = sys.argv[1], int(sys.argv[2])
     conn = open_db(path)
     conn.execute("PRAGMA wal_autocheckpoint=0")  # only our explicit checkpoints
     ledger = Ledger(conn, now=time.time)
-    if not conn.execute("SELECT count(*) FROM products").fetchone()[0]:
+    if not queries.products(conn):
         ledger.apply_batch(
             [m.UpsertProduct(sku=f"S{s}", total=100000) for s in range(20)]
             + [m.UpsertListing(store="x", listing_key=f"k{s}", sku=f"S{s}") for s in range(20)]
@@ -338,14 +332,11 @@ def test_sigkill_during_wal_checkpoints_keeps_the_ledger_sound(tmp_path: Path) -
         kills += 1
         conn = open_db(str(db))  # quick_check inside; refuses a damaged file
         try:
-            booked = conn.execute("SELECT count(*), coalesce(sum(booked_qty), 0) FROM order_lines")
-            count, units = booked.fetchone()
-            assert count >= acked  # nothing acknowledged is missing (more may have committed)
-            totals = conn.execute("SELECT coalesce(sum(total), 0) FROM products").fetchone()[0]
-            assert totals == 20 * 100000 - units
-            moved = conn.execute(
-                "SELECT coalesce(sum(delta), 0) FROM movements WHERE cause = 'order'"
-            ).fetchone()[0]
+            booked = queries.order_lines(conn)
+            units = sum(x.booked_qty for x in booked)
+            assert len(booked) >= acked  # nothing acknowledged is missing (more may have committed)
+            assert sum(queries.totals(conn).values()) == 20 * 100000 - units
+            moved = sum(mv.delta for mv in queries.movements(conn) if mv.cause == "order")
             assert moved == -units
             assert conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
         except sqlite3.Error as exc:  # pragma: no cover - the failure we are looking for

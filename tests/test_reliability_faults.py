@@ -7,7 +7,7 @@ simulated malls in one ``trio.run`` under ``MockClock(autojump_threshold=0)``. T
 daemon's HTTP transport hands requests straight to the simulators (no sockets) and the
 ledger's worker thread runs inline, so virtual minutes of outages and backoff cost
 milliseconds and a seed replays exactly (``PYTHONHASHSEED=0 python -m tests.helpers.rig
-SEED`` in a fresh process). Every scenario ends with ``goqd.sim.checker.check``.
+SEED`` in a fresh process). Every scenario ends with ``tests.helpers.checker.check``.
 
 ``test_seeded_fault_plans_lose_nothing`` is the CI job: as many seeds as fit
 ``GOQD_DST_BUDGET`` seconds (default 45), starting at ``GOQD_DST_START`` (default 1); a
@@ -34,12 +34,12 @@ import trio
 from goqd import messages as m
 from goqd.control import protocol as p
 from goqd.control.client import call
-from goqd.ledger.db import Ledger, open_db
-from goqd.sim import checker, faults
-from goqd.sim.checker import EpisodeRecord, check, check_throttling, propagation_delays
-from goqd.sim.faults import Episode, FaultPlan, run_plan
+from goqd.errors import LEVEL_CREDENTIAL, LEVEL_TEMPORARY
+from goqd.ledger import Ledger, open_db, queries
 from goqd.sim.rakuten import SimRakuten
-from tests.helpers import rig
+from tests.helpers import checker, faults, rig
+from tests.helpers.checker import EpisodeRecord, check, check_throttling, propagation_delays
+from tests.helpers.faults import Episode, FaultPlan, run_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 clock = rig.mock_wall_clock
@@ -48,8 +48,7 @@ RA_UPSERT = "inventories.bulk.upsert"
 
 
 def _cursor(run: rig.Running, store: str) -> str | None:
-    rows = rig.ledger_rows(run.ledger_path, "SELECT cursor FROM cursors WHERE store = ?", (store,))
-    return rows[0][0] if rows else None
+    return queries.read(run.ledger_path, queries.cursors).get(store)
 
 
 async def _settle(run: rig.Running, limit: float = 900.0) -> float:
@@ -73,12 +72,8 @@ def _check(run: rig.Running, **kw: Any) -> checker.CheckReport:
     return report
 
 
-def _errors(run: rig.Running, store: str) -> list[tuple[Any, ...]]:
-    return rig.ledger_rows(
-        run.ledger_path,
-        "SELECT level, code, message, listing_key, count FROM errors WHERE store = ?",
-        (store,),
-    )
+def _errors(run: rig.Running, store: str) -> list[m.ErrorRecord]:
+    return queries.read(run.ledger_path, queries.errors, store)
 
 
 def _metric(run: rig.Running, name: str, **labels: str) -> float:
@@ -121,8 +116,7 @@ def _tiny(tmp_path: Path) -> tuple[dict[str, SimRakuten], str, Ledger, dict[str,
         )
     ledger.apply_batch([m.OrderLinesSeen(store="ra", lines=tuple(lines), cursor="c1")])
     for key, sku in (("aa/A", "A"), ("ab/B", "B")):
-        total = ledger.conn.execute("SELECT total FROM products WHERE sku=?", (sku,)).fetchone()[0]
-        sim.apply_stock(key, total)
+        sim.apply_stock(key, queries.totals(ledger.conn)[sku])
     ledger.conn.execute("DELETE FROM outbox")
     return sims, path, ledger, initial
 
@@ -494,10 +488,11 @@ def test_e4_a_listing_the_mall_refuses_stays_pending_alone_with_its_own_error() 
         run.poll_all()
         await rig.wait_for(lambda: rb.stock(fine) == 10, timeout=60, what="the fine listing")
         await trio.sleep(20)
-        outbox = rig.ledger_rows(run.ledger_path, "SELECT store, listing_key FROM outbox")
-        assert outbox == [("rb", refused)]
-        errors = [e for e in _errors(run, "rb") if e[3] == refused]
-        assert errors and errors[0][0] == 8 and "IE1101" in errors[0][1] + errors[0][2]
+        outbox = queries.read(run.ledger_path, queries.outbox)
+        assert [(x.store, x.listing_key) for x in outbox] == [("rb", refused)]
+        errors = [e for e in _errors(run, "rb") if e.listing_key == refused]
+        assert errors and errors[0].level == LEVEL_TEMPORARY
+        assert "IE1101" in errors[0].code + errors[0].message
         assert rb.stock(refused) == 3  # untouched at the mall
         del rb.refusals[refused]  # the merchant fixes the item; the retry goes through
         await _settle(run, limit=600)
@@ -525,7 +520,8 @@ def test_e5_maintenance_degrades_one_store_others_unaffected_then_catches_up() -
         assert delays and max(delays) < 5.0, delays
         ra.faults.maintenance = False
         await _settle(run)
-        assert any(e[0] == 8 for e in _errors(run, "ra"))  # stays for the operator
+        # stays for the operator
+        assert any(e.level == LEVEL_TEMPORARY for e in _errors(run, "ra"))
         _check(run)
 
     rig.run_dst(body, seed=15, stores=THREE)
@@ -540,7 +536,7 @@ def test_e6_a_silent_noop_is_found_by_the_discrepancy_check_and_reflected() -> N
         market.place("ra", "TS-RED-S", 3, clock())
         run.poll_all()
         await trio.sleep(30)
-        assert rig.ledger_rows(run.ledger_path, "SELECT count(*) FROM outbox") == [(0,)]
+        assert queries.read(run.ledger_path, queries.outbox) == []
         assert rb.stock(key) == 12  # the mall said yes and did nothing
         rb.faults.silent_noop = False
         diff = await call(run.socket, p.Diff(store="rb"))
@@ -576,9 +572,8 @@ def test_an_order_first_seen_cancelled_after_a_push_overwrote_its_sale_is_repair
         await rig.wait_for(lambda: rb.stock(key) == 18, timeout=30, what="the push to rb")
         rb.cancel_order(sale.order.order_id)
         assert rb.stock(key) == 19  # 20 - 2, and the cancelled unit put back once more
-        assert rig.ledger_rows(
-            run.ledger_path, "SELECT count(*) FROM order_lines WHERE store = 'rb'"
-        ) == [(0,)]  # rb has not been polled since the sale
+        # rb has not been polled since the sale
+        assert queries.read(run.ledger_path, queries.order_lines, "rb") == []
         await _settle(run)
         assert rb.stock(key) == 18
         _check(run)
@@ -606,7 +601,7 @@ def test_a1_a2_expired_key_stops_the_store_keeps_its_work_and_renewal_resumes_it
         run.poll_all()
         await rig.wait_for(lambda: handle.state == "stopped", timeout=120, what="stopped")
         assert handle.error_level == 9
-        assert any(e[0] == 9 for e in _errors(run, "ra"))
+        assert any(e.level == LEVEL_CREDENTIAL for e in _errors(run, "ra"))
         assert _metric(run, "goqd_polls_total", store="ra", outcome="auth") >= 1
         seen = len(ra.requests)
         market.place("rb", "MUG-WHT", 2, clock())  # a change ra must get later
@@ -614,18 +609,15 @@ def test_a1_a2_expired_key_stops_the_store_keeps_its_work_and_renewal_resumes_it
         await trio.sleep(600)  # ten minutes stopped: no polling, no pushing
         assert len(ra.requests) == seen
         assert _cursor(run, "ra") == cursor
-        assert rig.ledger_rows(
-            run.ledger_path, "SELECT count(*) FROM outbox WHERE store = 'ra'"
-        ) == [(1,)]  # MUG-WHT's new count waits for ra
+        # MUG-WHT's new count waits for ra
+        assert len(queries.read(run.ledger_path, queries.outbox, "ra")) == 1
         reply = await call(run.socket, p.KeySet(store="ra", credentials=ra.issue_credentials()))
         assert isinstance(reply, m.Done)
         await _settle(run)
         assert handle.state == "running"
         assert not any(
-            e[0] == 9
-            for e in rig.ledger_rows(
-                run.ledger_path, "SELECT level FROM errors WHERE store='ra' AND cleared_at IS NULL"
-            )
+            e.level == LEVEL_CREDENTIAL
+            for e in queries.read(run.ledger_path, queries.errors, "ra", open_only=True)
         )
         _check(run)
 
@@ -661,7 +653,7 @@ def test_m2_lines_for_unknown_or_ambiguous_listings_park_then_book_once_linked()
         assert order is not None
         run.poll_all()
         await rig.wait_for(
-            lambda: rig.ledger_rows(run.ledger_path, "SELECT count(*) FROM parked_lines") == [(1,)],
+            lambda: len(queries.read(run.ledger_path, queries.parked_lines)) == 1,
             timeout=60,
             what="a parked line",
         )
@@ -669,14 +661,12 @@ def test_m2_lines_for_unknown_or_ambiguous_listings_park_then_book_once_linked()
         rb.add_listing("ts-red-m2/TS-RED-M", link_code="TS-RED-M", quantity=6)
         # goqd links only listings it has seen: the operator imports the store first.
         await call(run.socket, p.Import(store="rb"))
-        await call(
-            run.socket, p.LinkListing(store="rb", listing_key="ts-red-m2/TS-RED-M", sku="TS-RED-M")
-        )
+        await call(run.socket, m.Link(store="rb", listing_key="ts-red-m2/TS-RED-M", sku="TS-RED-M"))
         amb = rb.place_order([(run.fleet.keys["rb"]["TS-RED-M"], 1)])
         assert amb is not None
         run.poll_all()
         await rig.wait_for(
-            lambda: rig.ledger_rows(run.ledger_path, "SELECT count(*) FROM parked_lines") == [(2,)],
+            lambda: len(queries.read(run.ledger_path, queries.parked_lines)) == 2,
             timeout=60,
             what="two parked lines",
         )
@@ -684,11 +674,11 @@ def test_m2_lines_for_unknown_or_ambiguous_listings_park_then_book_once_linked()
         assert report.ok and report.parked == 2
         # The operator resolves both; the parked lines are booked exactly once.
         await run.daemon.ledger.call(m.UpsertProduct(sku="NEW-1", total=5))
-        await call(run.socket, p.LinkListing(store="ra", listing_key="new-item/NEW-1", sku="NEW-1"))
-        await call(run.socket, p.UnlinkListing(store="rb", listing_key="ts-red-m2/TS-RED-M"))
+        await call(run.socket, m.Link(store="ra", listing_key="new-item/NEW-1", sku="NEW-1"))
+        await call(run.socket, m.Unlink(store="rb", listing_key="ts-red-m2/TS-RED-M"))
         run.fleet.keys["ra"]["NEW-1"] = "new-item/NEW-1"
         await rig.wait_for(
-            lambda: rig.ledger_rows(run.ledger_path, "SELECT count(*) FROM parked_lines") == [(0,)],
+            lambda: queries.read(run.ledger_path, queries.parked_lines) == [],
             timeout=60,
             what="parked lines released",
         )
@@ -709,8 +699,7 @@ def test_d1_d2_duplicates_are_counted_and_edits_corrected_once() -> None:
             run.poll_all()
             await trio.sleep(15)
         assert _metric(run, "goqd_order_lines_total", outcome="duplicate") > 0
-        dups = rig.ledger_rows(run.ledger_path, "SELECT value FROM meta WHERE key='duplicates'")
-        assert dups[0][0] > 0
+        assert queries.read(run.ledger_path, queries.counter, "duplicates") > 0
         for x in placed:
             assert x is not None
             run.fleet.sims[x.store].edit_quantity(x.order.order_id, x.order.lines[0].line_id, 1)
@@ -749,15 +738,14 @@ async def test_d3_an_order_seen_by_webhook_and_by_poll_is_applied_once(tmp_path:
             hook = sh.pending_webhooks[0]
             async with httpx.AsyncClient() as http:
                 assert await sh.deliver_webhooks(http) == 1  # answered 200 after the poll
-                assert rig.ledger_rows(path, "SELECT count(*) FROM order_lines") == [(1,)]
+                assert len(queries.read(path, queries.order_lines)) == 1
                 sh.pending_webhooks.append(hook)  # Shopify delivers it again
                 assert await sh.deliver_webhooks(http) == 1
             daemon.handles["sh"].request_poll()  # and the timer comes round
             await rig.wait_for(lambda: rig.converged(fleet, path), timeout=20)
             report = check(fleet.sims, path, initial=fleet.initial, keys=fleet.keys)
             assert report.ok and report.booked == 1, report.summary()
-            dups = rig.ledger_rows(path, "SELECT value FROM meta WHERE key='duplicates'")
-            assert dups[0][0] >= 1
+            assert queries.read(path, queries.counter, "duplicates") >= 1
             nursery.cancel_scope.cancel()
 
 

@@ -30,11 +30,11 @@ from goqd import messages as m
 from goqd.cli.goqd import main as goqd_main
 from goqd.control import protocol as p
 from goqd.control.client import call
-from goqd.ledger import SCHEMA_VERSION
-from goqd.sim import checker
-from goqd.sim.checker import check
+from goqd.errors import LEVEL_TEMPORARY
+from goqd.ledger import SCHEMA_VERSION, queries
 from goqd.sim.rakuten import SimRakuten
-from tests.helpers import rig
+from tests.helpers import checker, rig
+from tests.helpers.checker import check
 
 ROOT = Path(__file__).resolve().parents[1]
 clock = rig.mock_wall_clock
@@ -169,7 +169,7 @@ def test_k3_a_bad_ledger_refuses_the_start_and_is_left_untouched(
     elif damage == "torn-page":
         _torn(db)
     else:
-        from goqd.ledger.db import open_db
+        from goqd.ledger import open_db
 
         conn = open_db(str(db))
         conn.execute("INSERT INTO meta VALUES ('marker', 42)")
@@ -200,7 +200,7 @@ def test_k3_a_torn_ledger_page_refuses_the_start_and_is_left_untouched(tmp_path:
 
 def _torn(db: Path) -> None:
     """A ledger whose movements b-tree root page is garbage (a torn write)."""
-    from goqd.ledger.db import open_db
+    from goqd.ledger import open_db
 
     conn = open_db(str(db))
     conn.execute("INSERT INTO meta VALUES ('marker', 42)")
@@ -238,8 +238,8 @@ def test_s1_disk_full_during_commit_acknowledges_nothing_degrades_and_retries(
         conn = conns[0]
         handle = run.daemon.handles["ra"]
         market = run.fleet.market(random.Random(31))
-        cursor = rig.ledger_rows(run.ledger_path, "SELECT cursor FROM cursors WHERE store='ra'")
-        booked = rig.ledger_rows(run.ledger_path, "SELECT count(*) FROM order_lines")
+        cursor = queries.read(run.ledger_path, queries.cursors).get("ra")
+        booked = queries.read(run.ledger_path, queries.order_lines)
         pages = conn.execute("PRAGMA page_count").fetchone()[0]
         conn.execute(f"PRAGMA max_page_count = {pages}")
         for _ in range(300):  # enough lines that the next commit needs new pages
@@ -249,11 +249,8 @@ def test_s1_disk_full_during_commit_acknowledges_nothing_degrades_and_retries(
         assert "ledger" in handle.message or "disk" in handle.message, handle.message
         await trio.sleep(60)
         # Nothing acknowledged: no line booked, the cursor where it was.
-        assert rig.ledger_rows(run.ledger_path, "SELECT count(*) FROM order_lines") == booked
-        assert (
-            rig.ledger_rows(run.ledger_path, "SELECT cursor FROM cursors WHERE store='ra'")
-            == cursor
-        )
+        assert queries.read(run.ledger_path, queries.order_lines) == booked
+        assert queries.read(run.ledger_path, queries.cursors).get("ra") == cursor
         assert (await call(run.socket, p.Status())).stores  # the daemon still answers
         conn.execute("PRAGMA max_page_count = 1073741823")  # space freed
         await rig.wait_for(
@@ -275,7 +272,7 @@ def test_s1_disk_full_during_commit_acknowledges_nothing_degrades_and_retries(
 
 def test_x1_the_same_mutating_request_twice_is_applied_once_with_the_same_reply() -> None:
     async def body(run: rig.Running) -> None:
-        req = p.StockAdjust(sku="TEA-SEN", delta=7, reason="delivery")
+        req = m.AdjustStock(sku="TEA-SEN", delta=7, reason="delivery")
         first = await call(run.socket, req, request_id="req-x1-0001")
         again = await call(run.socket, req, request_id="req-x1-0001")
         assert first == again
@@ -293,7 +290,7 @@ def test_x2_operator_stock_changes_racing_bookings_lose_no_update() -> None:
         async with trio.open_nursery() as nursery:
 
             async def operator(i: int) -> None:
-                await call(run.socket, p.StockAdjust(sku="TS-RED-S", delta=1, reason=f"op{i}"))
+                await call(run.socket, m.AdjustStock(sku="TS-RED-S", delta=1, reason=f"op{i}"))
 
             for i in range(30):
                 nursery.start_soon(operator, i)
@@ -301,7 +298,7 @@ def test_x2_operator_stock_changes_racing_bookings_lose_no_update() -> None:
                 if i % 5 == 0:
                     run.poll_all()
                     nursery.start_soon(
-                        call, run.socket, p.StockSet(sku="MUG-WHT", quantity=50 + i, reason="count")
+                        call, run.socket, m.SetStock(sku="MUG-WHT", quantity=50 + i, reason="count")
                     )
         run.poll_all()
         await rig.wait_for(
@@ -425,29 +422,22 @@ def test_m3_an_absurd_quantity_is_rejected_naming_the_order_and_the_rest_is_book
         ra.listings[key].quantity = 20  # the mall's own counter is not the point here
         run.poll_all()
         await rig.wait_for(
-            lambda: rig.ledger_rows(run.ledger_path, "SELECT count(*) FROM order_lines") == [(1,)],
+            lambda: len(queries.read(run.ledger_path, queries.order_lines)) == 1,
             timeout=120,
             what="the plausible line booked",
         )
-        errors = rig.ledger_rows(
-            run.ledger_path, "SELECT level, code, message FROM errors WHERE store='ra'"
-        )
+        errors = queries.read(run.ledger_path, queries.errors, "ra")
         assert any(
-            code == "bad_order_line" and absurd.order_id in msg and level == 8
-            for level, code, msg in errors
+            e.code == "bad_order_line"
+            and absurd.order_id in e.message
+            and e.level == LEVEL_TEMPORARY
+            for e in errors
         ), errors
         totals = await run.totals()
         assert totals["TEA-SEN"] == 20 and totals["MUG-WHT"] == 2
-        assert rig.ledger_rows(
-            run.ledger_path,
-            "SELECT count(*) FROM order_lines WHERE order_id = ?",
-            (absurd.order_id,),
-        ) == [(0,)]
-        assert rig.ledger_rows(
-            run.ledger_path,
-            "SELECT count(*) FROM movements WHERE order_id = ?",
-            (absurd.order_id,),
-        ) == [(0,)]
+        with queries.open_read_only(run.ledger_path) as conn:
+            assert not any(x.order_id == absurd.order_id for x in queries.order_lines(conn))
+            assert not any(mv.order_id == absurd.order_id for mv in queries.movements(conn))
 
     rig.run_dst(body, seed=35, stores=TWO)
 
@@ -477,7 +467,7 @@ def test_a_sale_right_after_the_import_is_taken_off_the_total() -> None:
 
 def test_the_checker_explains_a_before_import_booking(tmp_path: Path) -> None:
     """A base-store sale that really is older than the import is fine (I1, I2 hold)."""
-    from goqd.ledger.db import Ledger, open_db
+    from goqd.ledger import Ledger, open_db
 
     sim = SimRakuten(shop_id="600002", clock=lambda: 1_790_000_000.0)
     sim.add_listing("aa/A", quantity=5)

@@ -421,7 +421,7 @@ def test_a_store_stopped_at_level_9_stays_stopped_until_its_error_is_cleared() -
         await trio.sleep(600)
         assert handle.state == "stopped" and handle.error_level == 9
         # Clearing the error resumes it, and the reloaded key is the one that works.
-        await call(run.socket, p.ErrorsClear(store="ra"))
+        await call(run.socket, m.ClearErrors(store="ra"))
         polls = handle.polls
         await rig.wait_for(lambda: handle.polls > polls + 5, timeout=600, what="polls")
         assert run.daemon.handles["ra"].state == "running"
@@ -582,7 +582,7 @@ async def test_sighup_reloads_a_running_process_and_tells_systemd() -> None:
 
                 async def adjust_and_wait(delta: int) -> None:
                     want = (r.fleet.stock("ra", sku) or 0) + delta
-                    await call(r.config.daemon.control_socket, p.StockAdjust(sku=sku, delta=delta))
+                    await call(r.config.daemon.control_socket, m.AdjustStock(sku=sku, delta=delta))
                     await rig.wait_for(
                         lambda: r.fleet.stock("ra", sku) == want, timeout=20, what="the push"
                     )

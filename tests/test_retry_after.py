@@ -1,4 +1,5 @@
-"""Retry-After: one parser for all five adapters (``goqd.malls.base.parse_retry_after``).
+"""Retry-After: one parser for all five adapters (``goqd.malls.base.parse_retry_after``),
+and one throttle path in the client core (``goqd.malls.client``).
 
 Only finite, non-negative delta-seconds or an HTTP date count; the wait is capped at
 ``RETRY_AFTER_CAP_S``; anything else is the adapter's default. Before, three of the five
@@ -19,8 +20,15 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from goqd.errors import MallRateLimited
-from goqd.malls.base import RETRY_AFTER_CAP_S, parse_retry_after
+from goqd.errors import (
+    MallAuthError,
+    MallProtocolError,
+    MallRateLimited,
+    MallUnavailable,
+)
+from goqd.malls.base import RETRY_AFTER_CAP_S, StoreContext, parse_retry_after
+from goqd.malls.client import MallClient, error_class
+from goqd.malls.ratelimit import TokenBucket
 from tests.test_adapter_fuzz import MALLS, Canned
 
 NOW = 1_790_000_000.0
@@ -140,3 +148,52 @@ def test_a_hostile_retry_after_is_bounded_and_the_next_call_goes_out(mall: str, 
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert throttled == 1
+
+
+# --------------------------------------------------------------------------------------
+# The client core: one throttle path, whatever the wait came from
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wait", [math.inf, math.nan, -math.inf, 1e300, -5.0])
+def test_a_throttle_blocks_the_bucket_no_longer_than_the_cap(wait: float) -> None:
+    # A wait computed from a mall's numbers (Shopify's throttle status) is bounded like
+    # a Retry-After header: the same bound, in the same place.
+    async def main() -> None:
+        async with httpx.AsyncClient() as http:
+            ctx = StoreContext(
+                store="s1",
+                mall="test",
+                base_url="http://x.invalid",
+                credentials={},
+                http=http,
+                clock=lambda: NOW + trio.current_time(),
+            )
+            bucket = TokenBucket(1.0, 1.0)
+            error = MallClient(ctx, "test").throttled(
+                "429", bucket=bucket, wait=wait, default=DEFAULT
+            )
+            assert error.retry_after is not None
+            assert 0.0 <= error.retry_after <= RETRY_AFTER_CAP_S
+            assert (error.mall, error.store) == ("test", "s1")
+            started = trio.current_time()
+            with trio.fail_after(RETRY_AFTER_CAP_S + 60):
+                await bucket.acquire()
+            assert trio.current_time() - started <= RETRY_AFTER_CAP_S + 1
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_reply_table_gives_the_graver_class_when_status_and_code_disagree() -> None:
+    table = {
+        401: MallAuthError,
+        429: MallRateLimited,
+        "AUTH1": MallAuthError,
+        "BUSY": MallUnavailable,
+    }
+    assert error_class(table, 429, "AUTH1") is MallAuthError
+    assert error_class(table, 429, "BUSY") is MallRateLimited
+    assert error_class(table, 500, "BUSY") is MallUnavailable
+    assert error_class(table, 503) is MallUnavailable
+    assert error_class(table, 400, "OTHER") is MallProtocolError
+    assert error_class(table, 200, "OTHER", otherwise=MallUnavailable) is MallUnavailable

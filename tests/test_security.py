@@ -29,8 +29,11 @@ import httpx
 import pytest
 import trio
 
+from goqd import messages as m
 from goqd.control import protocol as p
 from goqd.control.client import RemoteError, call
+from goqd.errors import LEVEL_CREDENTIAL
+from goqd.ledger import queries
 from goqd.sim.base import SimMall
 from goqd.sim.http import Request, Response
 from tests.helpers import rig
@@ -124,20 +127,22 @@ async def test_credential_canary_never_appears_in_any_output(prig: rig.ProcessRi
     await r.settle()
 
     # Collect every output channel.
-    for req in (p.Status(), p.Stores(), p.Errors(include_cleared=True), p.Products()):
+    for req in (p.Status(), p.Stores(), m.ListErrors(include_cleared=True), m.ListProducts()):
         replies.append(await r.daemon.request(req))
     for store in r.stores:
-        replies.append(await r.daemon.request(p.Listings(store=store)))
+        replies.append(await r.daemon.request(m.ListListings(store=store)))
         replies.append(await r.daemon.request(p.Diff(store=store), timeout=30))
     for sku in r.fleet.initial:
-        replies.append(await r.daemon.request(p.History(sku=sku)))
+        replies.append(await r.daemon.request(m.GetHistory(sku=sku)))
     log = r.daemon.log_text()
     url = re.search(r'"url": "(http://127\.0\.0\.1:\d+)"', log)
     assert url is not None
     async with httpx.AsyncClient() as http:
         metrics = (await http.get(url.group(1) + "/metrics")).text
     assert await r.daemon.stop() == 0
-    errors = rig.ledger_rows(r.ledger_path, "SELECT store, level, code, message FROM errors")
+    errors = [
+        (e.store, e.level, e.code, e.message) for e in queries.read(r.ledger_path, queries.errors)
+    ]
     assert any(level == 9 for _s, level, _c, _m in errors)
     assert any(level == 8 for _s, level, _c, _m in errors)
     assert {s for s, level, _c, _m in errors if level == 9} == set(r.stores)
@@ -172,10 +177,8 @@ async def test_credential_canary_never_appears_in_any_output(prig: rig.ProcessRi
 
 
 def _all_stopped(r: rig.ProcessRig) -> bool:
-    rows = rig.ledger_rows(
-        r.ledger_path, "SELECT DISTINCT store FROM errors WHERE level = 9 AND cleared_at IS NULL"
-    )
-    return {x[0] for x in rows} == set(r.stores)
+    open_errors = queries.read(r.ledger_path, queries.errors, open_only=True)
+    return {e.store for e in open_errors if e.level == LEVEL_CREDENTIAL} == set(r.stores)
 
 
 def _builtins(x: Any) -> Any:
@@ -271,8 +274,6 @@ def _existing_group(name: str) -> int | None:
 
 
 async def _done(req: p.ControlRequest, peer: Any) -> p.Ok | p.Err:
-    from goqd import messages as m
-
     return p.Ok(result=m.Done())
 
 
@@ -437,18 +438,17 @@ def test_hostile_xml_from_a_mall_is_refused_as_a_level_8_protocol_error(
         run.poll_all()
         await rig.wait_for(lambda: handle.state == "degraded", timeout=120, what="degraded")
         assert handle.error_level == 8
-        errors = rig.ledger_rows(
-            run.ledger_path, "SELECT level, code, message FROM errors WHERE store = 'x'"
-        )
+        errors = [
+            (e.level, e.code, e.message) for e in queries.read(run.ledger_path, queries.errors, "x")
+        ]
         assert errors and all(level == 8 for level, _c, _m in errors)
         assert "lollol" not in json.dumps(errors)  # nothing was expanded
         etc = Path("/etc/hostname")
         hostname = etc.read_text().strip() if etc.exists() else ""
         if hostname:
             assert hostname not in json.dumps(errors)
-        samples = rig.ledger_rows(run.ledger_path, "SELECT count(*) FROM order_lines")
-        assert samples == [(0,)]
-        from goqd.sim.checker import metric_samples
+        assert queries.read(run.ledger_path, queries.order_lines) == []
+        from tests.helpers.checker import metric_samples
 
         metrics = metric_samples(run.metrics_text())
         assert metrics[("goqd_polls_total", (("outcome", "protocol"), ("store", "x")))] >= 1

@@ -14,7 +14,7 @@ import math
 
 import pytest
 
-from goqd import simbench as sb
+from goqd.tools import simbench as sb
 
 # --------------------------------------------------------------------------- measuring
 

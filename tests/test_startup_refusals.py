@@ -25,7 +25,7 @@ import pytest
 
 from goqd.cli.goqd import main as goqd_main
 from goqd.errors import LedgerError
-from goqd.ledger.db import _probe_write, open_db
+from goqd.ledger.schema import _probe_write, open_db
 from tests.test_daemon_notify import notify_listener, received
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -33,8 +33,7 @@ from goqd.malls.registry import MALLS
 from goqd.malls.shopify import sign_webhook
 from goqd.messages import MallListing
 from goqd.secret import Secret
-from goqd.sim import checker
-from tests.helpers import rig
+from tests.helpers import checker, rig
 
 
 def _metric(run: rig.Running, name: str, **labels: str) -> float:

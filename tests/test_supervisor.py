@@ -10,7 +10,8 @@ import structlog
 import trio
 import trio.testing
 
-from goqd.supervisor import ChildReturned, ChildSpec, backoff_delay, supervise
+from goqd.errors import ChildReturned
+from goqd.supervisor import ChildSpec, backoff_delay, supervise
 
 
 class Boom(Exception):

@@ -164,23 +164,6 @@ GUIDES = (REPO / "docs" / "operator-guide.md", REPO / "docs" / "operator-guide.j
 _SYSTEM_UNIT_DIRS = (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))
 
 
-def required_tool(name: str, why: str) -> str:
-    """The path of the program ``name``. Missing, it skips the test on a developer's
-    machine but fails it in CI (CI=true), where ``why`` must be checked: .ci/run installs
-    the tools. test_metrics_http and test_alert_rules use it too."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"{name} is not installed; CI must {why}")
-        pytest.skip(f"{name} not installed")
-    return path
-
-
-@pytest.fixture
-def systemd_analyze() -> str:
-    return required_tool("systemd-analyze", "verify the unit files")
-
-
 def _exec_start(unit: Path) -> Path:
     """The program the unit's ExecStart= runs."""
     match = re.search(r"^ExecStart=[-@:+!]*(\S+)", unit.read_text(), re.MULTILINE)

@@ -17,8 +17,7 @@ from goqd import messages as m
 from goqd.errors import MallUnavailable
 from goqd.ledger import LedgerClient
 from goqd.malls import rakuten
-from goqd.sim import checker
-from tests.helpers import rig
+from tests.helpers import checker, rig
 
 # Fixtures ``ledger`` and ``now`` (tests/conftest.py): test_ledger's catalogue.
 from tests.test_ledger import FakeNow, drain, line, see, total
@@ -273,13 +272,13 @@ async def test_the_watch_list_is_holds_then_recent_sellers_then_the_rest_in_turn
 async def test_recent_means_among_the_latest_movements(
     ledger: LedgerClient, now: FakeNow, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import goqd.ledger.db as db
+    import goqd.ledger.watch as watch
 
     await see(ledger, line(key="r1-A", qty=1, at=5))
     await see(ledger, line(order="o2", key="r1-B", qty=1, at=6))
     reply = await ledger.ask(m.GetWatchList(store="r2", below=0, limit=10), m.WatchList)
     assert reply.listing_keys == ("r2-B", "r2-A")
-    monkeypatch.setattr(db, "WATCH_RECENT_MOVES", 1)  # only B's sale is recent now
+    monkeypatch.setattr(watch, "WATCH_RECENT_MOVES", 1)  # only B's sale is recent now
     reply = await ledger.ask(m.GetWatchList(store="r2", below=0, limit=10), m.WatchList)
     assert reply.listing_keys == ("r2-B",)
 

@@ -19,12 +19,10 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from goqd.errors import MallAuthError, MallProtocolError, MallRateLimited, MallUnavailable
 from goqd.malls import yahoo
-from goqd.malls.base import StoreContext
 from goqd.malls.yahoo import YahooAdapter
 from goqd.messages import ListingAttrs, PushItem
-from goqd.secret import Secret
-from goqd.sim.http import serve_sim
 from goqd.sim.yahoo import SimYahoo
+from tests.helpers.malls import serve_mall, store_context
 
 FIXTURES = Path(__file__).parent / "fixtures" / "yahoo"
 EPOCH = 1_717_200_000.0  # 2024-06-01 00:00 UTC
@@ -35,9 +33,6 @@ def wall() -> float:
     return EPOCH + trio.current_time()
 
 
-_serve = serve_sim
-
-
 def make_adapter(
     url: str,
     creds: dict[str, str],
@@ -45,16 +40,7 @@ def make_adapter(
     urls: dict[str, str] | None = None,
     **options: Any,
 ) -> YahooAdapter:
-    ctx = StoreContext(
-        store="yshop",
-        mall="yahoo",
-        base_url=url,
-        credentials={k: Secret(v) for k, v in creds.items()},
-        http=http,
-        clock=wall,
-        options=options,
-        urls=urls or {},
-    )
+    ctx = store_context("yahoo", url, http, wall, creds, store="yshop", urls=urls, options=options)
     return YahooAdapter(ctx)
 
 
@@ -63,11 +49,9 @@ async def open_sim(
     *, sim_kw: dict[str, Any] | None = None, **options: Any
 ) -> AsyncIterator[tuple[SimYahoo, YahooAdapter, str, httpx.AsyncClient]]:
     sim = SimYahoo(shop_id="mystore", clock=wall, **(sim_kw or {}))
-    async with trio.open_nursery() as nursery:
-        url: str = await nursery.start(_serve, sim.app)
-        async with httpx.AsyncClient(timeout=5.0) as http:
-            yield sim, make_adapter(url, sim.credentials(), http, **options), url, http
-        nursery.cancel_scope.cancel()
+    async with serve_mall(sim, http_timeout=5.0) as shop:
+        adapter = make_adapter(shop.url, sim.credentials(), shop.http, **options)
+        yield sim, adapter, shop.url, shop.http
 
 
 def push(key: str, qty: int, version: int = 1, overdraft: bool | None = None) -> PushItem:
@@ -687,30 +671,6 @@ async def test_sim_locks_a_url_out_after_a_burst(autojump_clock: trio.testing.Mo
         assert sim.throttled_requests == 2
         await trio.sleep(31)
         assert await first.read_stock(["A-1"]) == {"A-1": 1}
-
-
-MALFORMED = ["missing_field", "wrong_type", "html", "truncated"]
-
-
-@pytest.mark.parametrize("kind", MALFORMED)
-@pytest.mark.parametrize("operation", ["fetch_orders", "read_stock", "push_stock", "listings"])
-async def test_malformed_bodies_are_protocol_errors(
-    autojump_clock: trio.testing.MockClock, kind: str, operation: str
-) -> None:
-    async with open_sim() as (sim, adapter, _, _):
-        sim.add_item("A-1", quantity=3)
-        sim.place_order([("A-1", 1)])
-        await adapter.check_credentials()
-        sim.faults.malformed = kind
-        with pytest.raises(MallProtocolError):
-            if operation == "fetch_orders":
-                await adapter.fetch_orders(None)
-            elif operation == "read_stock":
-                await adapter.read_stock(["A-1"])
-            elif operation == "push_stock":
-                await adapter.push_stock([push("A-1", 1)])
-            else:
-                _ = [listing async for listing in adapter.iter_listings()]
 
 
 # --------------------------------------------------------------------------------------

@@ -32,21 +32,14 @@ from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import IO
 
+from goqd.errors import CsvError as CsvError
+
 ENCODINGS = ("utf-8-sig", "cp932")
 DEFAULT_ENCODING = "utf-8-sig"
 _BOM = b"\xef\xbb\xbf"
 _CP932_SAME = str.maketrans({"\u2014": "\u2015"})
 _NUMBER = re.compile(r"[+-]?[0-9]+(\.[0-9]+)?")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-class CsvError(Exception):
-    """The CSV could not be written; nothing was (FILE is as it was)."""
-
-    def __init__(self, message: str, hint: str = "") -> None:
-        self.message = message
-        self.hint = hint
-        super().__init__(message)
 
 
 def excel_cell(text: str) -> str:

@@ -21,7 +21,7 @@ import shlex
 import sys
 import time
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from goqd.cli import csvout, progress
 from goqd.control import protocol as p
 from goqd.control.client import DaemonUnreachable, RemoteError, call_sync, new_request_id
 from goqd.csvio import decode_csv_bytes
-from goqd.errors import ControlError, InputError
+from goqd.errors import LEVEL_CREDENTIAL, LEVEL_TEMPORARY, ControlError, InputError
 
 DEFAULT_SOCKET = "/run/goqd/control.sock"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -411,142 +411,167 @@ def _build_parser() -> argparse.ArgumentParser:
         "with the id goqctl printed then, the same command waits for that run and gets "
         "its result instead of running again",
     )
-    cmds = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, Any] = {}
+    for words, help_, positionals in _COMMANDS:
+        name, _, sub = words.partition(" ")
+        where = top
+        if sub:
+            if name not in groups:
+                group_help, metavar = _GROUPS[name]
+                group = _add_command(top, name, group_help, common)
+                groups[name] = group.add_subparsers(
+                    dest=f"{name}_command", metavar=metavar, required=True
+                )
+            where = groups[name]
+        sp = _add_command(where, sub or name, help_, common, usage=_USAGE.get(words))
+        for dest in positionals.split():
+            metavar, type_ = _POSITIONALS[dest]
+            sp.add_argument(dest, metavar=metavar, type=type_)
+        options = _OPTIONS.get(words)
+        if options is not None:
+            options(sp, common)
+    return parser
 
-    def add(
-        sub: Any, name: str, help_: str, *, usage: str | None = None
-    ) -> argparse.ArgumentParser:
-        sp: argparse.ArgumentParser = sub.add_parser(
-            name, help=help_, description=help_, parents=[common], usage=usage
-        )
-        sp.set_defaults(_parser=sp)
-        return sp
 
-    add(cmds, "status", "daemon, stores and ledger at a glance")
-    add(cmds, "stores", "every store's state, error level, last poll and push, key expiry")
-
-    errors = add(
-        cmds,
-        "errors",
-        "open errors (エラー), highest level first, then newest",
-        usage="goqctl errors [--store S] [--level 8|9] [--code C] [--all] [--after ID] "
-        "[--limit N]\n       goqctl errors clear (ID ...|--store S)",
+def _add_command(
+    where: Any,
+    name: str,
+    help_: str,
+    common: argparse.ArgumentParser,
+    *,
+    usage: str | None = None,
+) -> argparse.ArgumentParser:
+    sp: argparse.ArgumentParser = where.add_parser(
+        name, help=help_, description=help_, parents=[common], usage=usage
     )
-    errors.add_argument("--store", default="", help="only this store")
-    errors.add_argument("--level", type=int, choices=(8, 9), help="only this error level")
-    errors.add_argument(
+    sp.set_defaults(_parser=sp)
+    return sp
+
+
+# Every command: its words, its help, and its positional arguments (``_POSITIONALS``),
+# in the order `goqctl --help` lists them. Its options are added by ``_OPTIONS``.
+_COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("status", "daemon, stores and ledger at a glance", ""),
+    ("stores", "every store's state, error level, last poll and push, key expiry", ""),
+    ("errors", "open errors (エラー), highest level first, then newest", ""),
+    ("parked", "parked order lines (連携できない商品): sales that lower no other store yet", ""),
+    (
+        "key set",
+        "renew a store's credential: tested against the mall, stored 0600, store resumed",
+        "store",
+    ),
+    ("pause", "stop polling and pushing for a store", "store"),
+    ("resume", "resume a paused or stopped store", "store"),
+    ("poll-now", "poll a store's orders now", "store"),
+    ("listings", "a store's listings and their links", "store"),
+    ("diff", "差異商品: listings whose mall count differs from goqd's", "store"),
+    ("products", "products (商品) with their total stock", ""),
+    ("link", "紐づけ: link a listing to a product", ""),
+    ("unlink", "unlink a listing from its product", "store listing"),
+    ("stock set", "set a product's total", "sku quantity"),
+    ("stock adjust", "add to (or, with -N, take from) a product's total", "sku delta"),
+    ("stock import", "set or adjust totals from a CSV (UTF-8 or Shift_JIS)", "file"),
+    ("stock list", "棚卸: every product's total, held and shown count", ""),
+    ("history", "a product's total and its latest movements", "sku"),
+    ("listing set", "change a listing's push attributes", "store listing"),
+    ("delete", "stop syncing a product (nothing is deleted at any mall)", "sku"),
+    ("import", "import a store's listings from its mall, or from a CSV", "store"),
+    (
+        "product add",
+        "create a product with its 総在庫数 and link the listings of every store that the "
+        "link condition matches to it (an existing SKU is refused)",
+        "sku",
+    ),
+    ("reflect", "反映: push goqd's counts to a store", "store"),
+)
+# Commands with subcommands: their help and the subcommands' metavar.
+_GROUPS = {
+    "key": ("credentials", "set"),
+    "stock": ("総在庫数: set, adjust or import product totals", "set|adjust|import|list"),
+    "listing": ("listing attributes", "set"),
+    "product": ("register products by hand", "add"),
+}
+_POSITIONALS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "store": ("STORE", str),
+    "listing": ("LISTING", str),
+    "sku": ("SKU", str),
+    "quantity": ("N", int),
+    "delta": ("±N", int),
+    "file": ("FILE", str),
+}
+_USAGE = {
+    "errors": "goqctl errors [--store S] [--level 8|9] [--code C] [--all] [--after ID] "
+    "[--limit N]\n       goqctl errors clear (ID ...|--store S)",
+    "link": "goqctl link STORE LISTING SKU\n       goqctl link --auto [STORE]",
+    "reflect": "goqctl reflect STORE (LISTING ...|--all|--differing)",
+}
+
+
+def _errors_options(sp: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    sp.add_argument("--store", default="", help="only this store")
+    sp.add_argument(
+        "--level",
+        type=int,
+        choices=(LEVEL_TEMPORARY, LEVEL_CREDENTIAL),
+        help="only this error level",
+    )
+    sp.add_argument(
         "--code", default="", help="only this code (goqd's, or the mall's own, e.g. IE0003)"
     )
-    errors.add_argument("--all", action="store_true", help="include cleared and resolved errors")
-    errors.add_argument("--after", type=int, default=0, metavar="ID", help="the page after ID")
-    errors.add_argument("--limit", type=int, default=500)
-    errors_sub = errors.add_subparsers(dest="errors_command", metavar="clear")
-    clear = add(errors_sub, "clear", "clear errors by id, or every open error of a store")
+    sp.add_argument("--all", action="store_true", help="include cleared and resolved errors")
+    sp.add_argument("--after", type=int, default=0, metavar="ID", help="the page after ID")
+    sp.add_argument("--limit", type=int, default=500)
+    sub = sp.add_subparsers(dest="errors_command", metavar="clear")
+    clear = _add_command(sub, "clear", "clear errors by id, or every open error of a store", common)
     clear.add_argument("ids", nargs="*", type=int, metavar="ID")
     clear.add_argument("--store", dest="clear_store", default="", help="every error of STORE")
 
-    parked = add(
-        cmds,
-        "parked",
-        "parked order lines (連携できない商品): sales that lower no other store yet",
-    )
-    parked.add_argument("--store", default="", help="only this store")
-    parked.add_argument(
+
+def _parked_options(sp: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    sp.add_argument("--store", default="", help="only this store")
+    sp.add_argument(
         "--after",
         nargs=3,
         default=("", "", ""),
         metavar=("STORE", "ORDER", "LINE"),
         help="the page after this line",
     )
-    parked.add_argument("--limit", type=int, default=500)
+    sp.add_argument("--limit", type=int, default=500)
 
-    key = add(cmds, "key", "credentials")
-    key_sub = key.add_subparsers(dest="key_command", metavar="set", required=True)
-    key_set = add(
-        key_sub,
-        "set",
-        "renew a store's credential: tested against the mall, stored 0600, store resumed",
-    )
-    key_set.add_argument("store", metavar="STORE")
-    key_set.add_argument(
+
+def _key_set_options(sp: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    sp.add_argument(
         "--file",
         metavar="F",
         help="JSON object of credential fields (default: stdin; typed input is hidden)",
     )
 
-    for name, help_ in (
-        ("pause", "stop polling and pushing for a store"),
-        ("resume", "resume a paused or stopped store"),
-        ("poll-now", "poll a store's orders now"),
-        ("listings", "a store's listings and their links"),
-        ("diff", "差異商品: listings whose mall count differs from goqd's"),
-    ):
-        sp = add(cmds, name, help_)
-        sp.add_argument("store", metavar="STORE")
-        if name == "listings":
-            _paging(sp)
-            _listing_filters(sp)
-        if name in ("listings", "diff"):
-            _csv_options(sp)
 
-    products = add(cmds, "products", "products (商品) with their total stock")
-    _paging(products)
-    _csv_options(products)
+def _link_options(sp: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    sp.add_argument("args", nargs="*", metavar="ARG")
+    sp.add_argument("--auto", action="store_true", help="link what the link condition now matches")
 
-    link = add(
-        cmds,
-        "link",
-        "紐づけ: link a listing to a product",
-        usage="goqctl link STORE LISTING SKU\n       goqctl link --auto [STORE]",
-    )
-    link.add_argument("args", nargs="*", metavar="ARG")
-    link.add_argument(
-        "--auto", action="store_true", help="link what the link condition now matches"
-    )
 
-    unlink = add(cmds, "unlink", "unlink a listing from its product")
-    unlink.add_argument("store", metavar="STORE")
-    unlink.add_argument("listing", metavar="LISTING")
+def _reason_option(sp: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    sp.add_argument("--reason", default="")
 
-    stock = add(cmds, "stock", "総在庫数: set, adjust or import product totals")
-    stock_sub = stock.add_subparsers(dest="stock_command", metavar="set|adjust|import|list")
-    stock_sub.required = True
-    st_set = add(stock_sub, "set", "set a product's total")
-    st_set.add_argument("sku", metavar="SKU")
-    st_set.add_argument("quantity", type=int, metavar="N")
-    st_set.add_argument("--reason", default="")
-    st_adj = add(stock_sub, "adjust", "add to (or, with -N, take from) a product's total")
-    st_adj.add_argument("sku", metavar="SKU")
-    st_adj.add_argument("delta", type=int, metavar="±N")
-    st_adj.add_argument("--reason", default="")
-    st_imp = add(stock_sub, "import", "set or adjust totals from a CSV (UTF-8 or Shift_JIS)")
-    st_imp.add_argument("file", metavar="FILE")
-    st_list = add(stock_sub, "list", "棚卸: every product's total, held and shown count")
-    _paging(st_list)
-    _csv_options(st_list)
 
-    history = add(cmds, "history", "a product's total and its latest movements")
-    history.add_argument("sku", metavar="SKU")
-    history.add_argument("--limit", type=int, default=50)
+def _history_options(sp: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    sp.add_argument("--limit", type=int, default=50)
 
-    listing = add(cmds, "listing", "listing attributes")
-    listing_sub = listing.add_subparsers(dest="listing_command", metavar="set", required=True)
-    ls_set = add(listing_sub, "set", "change a listing's push attributes")
-    ls_set.add_argument("store", metavar="STORE")
-    ls_set.add_argument("listing", metavar="LISTING")
-    ls_set.add_argument("--lead-time", type=int, metavar="N", help="days (Amazon)")
-    ls_set.add_argument("--restock-date", metavar="YYYY-MM-DD", help="入荷予定日 (Amazon)")
-    ls_set.add_argument(
+
+def _listing_set_options(sp: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    sp.add_argument("--lead-time", type=int, metavar="N", help="days (Amazon)")
+    sp.add_argument("--restock-date", metavar="YYYY-MM-DD", help="入荷予定日 (Amazon)")
+    sp.add_argument(
         "--allow-overdraft", choices=("yes", "no"), help="超過購入 (Yahoo!ショッピング)"
     )
 
-    delete = add(cmds, "delete", "stop syncing a product (nothing is deleted at any mall)")
-    delete.add_argument("sku", metavar="SKU")
 
-    imp = add(cmds, "import", "import a store's listings from its mall, or from a CSV")
-    imp.add_argument("store", metavar="STORE")
-    imp.add_argument("--csv", metavar="FILE", help="goqd CSV (UTF-8 or Shift_JIS)")
-    imp.add_argument(
+def _import_options(sp: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    sp.add_argument("--csv", metavar="FILE", help="goqd CSV (UTF-8 or Shift_JIS)")
+    sp.add_argument(
         "--create-products",
         action="store_true",
         help="create a product (SKU: the listing's link code; 総在庫数: the mall's count) "
@@ -554,34 +579,29 @@ def _build_parser() -> argparse.ArgumentParser:
         "always does this, so there the flag changes nothing",
     )
 
-    product = add(cmds, "product", "register products by hand")
-    product_sub = product.add_subparsers(dest="product_command", metavar="add", required=True)
-    pr_add = add(
-        product_sub,
-        "add",
-        "create a product with its 総在庫数 and link the listings of every store that the "
-        "link condition matches to it (an existing SKU is refused)",
-    )
-    pr_add.add_argument("sku", metavar="SKU")
-    pr_add.add_argument("--quantity", type=int, required=True, metavar="N", help="総在庫数")
-    pr_add.add_argument("--name", default="", help="商品名")
 
-    reflect = add(
-        cmds,
-        "reflect",
-        "反映: push goqd's counts to a store",
-        usage="goqctl reflect STORE (LISTING ...|--all|--differing)",
-    )
-    reflect.add_argument("store", metavar="STORE")
-    reflect.add_argument("listings", nargs="*", metavar="LISTING")
-    reflect.add_argument("--all", action="store_true", help="every linked listing of the store")
-    reflect.add_argument(
+def _product_add_options(sp: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    sp.add_argument("--quantity", type=int, required=True, metavar="N", help="総在庫数")
+    sp.add_argument("--name", default="", help="商品名")
+
+
+def _reflect_options(sp: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    sp.add_argument("listings", nargs="*", metavar="LISTING")
+    sp.add_argument("--all", action="store_true", help="every linked listing of the store")
+    sp.add_argument(
         "--differing",
         action="store_true",
         help="the listings the store's last `goqctl diff` found 差異 or with attributes "
         "changed at the mall (their counts and attributes are pushed)",
     )
-    return parser
+
+
+def _table_options(*parts: Callable[[argparse.ArgumentParser], None]) -> _Options:
+    def options(sp: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+        for part in parts:
+            part(sp)
+
+    return options
 
 
 def _request_id(text: str) -> str:
@@ -629,100 +649,133 @@ def _csv_options(sp: argparse.ArgumentParser) -> None:
     )
 
 
+_Options = Callable[[argparse.ArgumentParser, argparse.ArgumentParser], None]
+# The options of each command that has any, by its words.
+_OPTIONS: dict[str, _Options] = {
+    "errors": _errors_options,
+    "parked": _parked_options,
+    "key set": _key_set_options,
+    "listings": _table_options(_paging, _listing_filters, _csv_options),
+    "diff": _table_options(_csv_options),
+    "products": _table_options(_paging, _csv_options),
+    "link": _link_options,
+    "stock set": _reason_option,
+    "stock adjust": _reason_option,
+    "stock list": _table_options(_paging, _csv_options),
+    "history": _history_options,
+    "listing set": _listing_set_options,
+    "import": _import_options,
+    "product add": _product_add_options,
+    "reflect": _reflect_options,
+}
+
+
 def _page_limit(args: argparse.Namespace) -> int:
     return DEFAULT_PAGE if args.limit is None else int(args.limit)
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The command as words: ``stock set``, ``errors clear``, ``errors``, ``poll-now``."""
+    sub = getattr(args, f"{args.command}_command", None)
+    return f"{args.command} {sub}" if sub else str(args.command)
+
+
+def _errors_clear(args: argparse.Namespace) -> p.ControlRequest:
+    if bool(args.ids) == bool(args.clear_store):
+        raise _Usage(args._parser, "give error IDs or --store STORE (not both)")
+    return m.ClearErrors(ids=tuple(args.ids), store=args.clear_store)
+
+
+def _link(args: argparse.Namespace) -> p.ControlRequest:
+    if args.auto:
+        if len(args.args) > 1:
+            raise _Usage(args._parser, "link --auto takes at most one STORE")
+        return p.LinkAuto(store=args.args[0] if args.args else "")
+    if len(args.args) != 3:
+        raise _Usage(args._parser, "link needs STORE LISTING SKU (or --auto [STORE])")
+    store, listing_key, sku = args.args
+    return m.Link(store=store, listing_key=listing_key, sku=sku)
+
+
+def _listing_set(args: argparse.Namespace) -> p.ControlRequest:
+    if args.lead_time is None and args.restock_date is None and args.allow_overdraft is None:
+        raise _Usage(
+            args._parser, "give at least one of --lead-time, --restock-date, --allow-overdraft"
+        )
+    overdraft = None if args.allow_overdraft is None else args.allow_overdraft == "yes"
+    return m.SetListingAttrs(
+        store=args.store,
+        listing_key=args.listing,
+        lead_time_days=args.lead_time,
+        restock_date=args.restock_date,
+        allow_overdraft=overdraft,
+    )
+
+
+def _reflect(args: argparse.Namespace) -> p.ControlRequest:
+    if [bool(args.listings), args.all, args.differing].count(True) != 1:
+        raise _Usage(
+            args._parser, "name the LISTINGs to push, or --all, or --differing (one of them)"
+        )
+    return p.Reflect(store=args.store, listing_keys=tuple(args.listings), differing=args.differing)
+
+
+def _products(args: argparse.Namespace) -> p.ControlRequest:
+    return m.ListProducts(after=args.after, limit=_page_limit(args))
+
+
+# What each command sends, by ``_command``. A command's arguments are its parser's.
+_REQUESTS: dict[str, Callable[[argparse.Namespace], p.ControlRequest]] = {
+    "status": lambda a: p.Status(),
+    "stores": lambda a: p.Stores(),
+    "errors": lambda a: m.ListErrors(
+        store=a.store,
+        include_cleared=a.all,
+        level=a.level,
+        code=a.code,
+        after=a.after,
+        limit=a.limit,
+    ),
+    "errors clear": _errors_clear,
+    "parked": lambda a: m.ListParked(store=a.store, after=tuple(a.after), limit=a.limit),
+    "key set": lambda a: p.KeySet(store=a.store, credentials=_read_credentials(a.file, a.store)),
+    "pause": lambda a: p.Pause(store=a.store),
+    "resume": lambda a: p.Resume(store=a.store),
+    "poll-now": lambda a: p.PollNow(store=a.store),
+    "products": _products,
+    "listings": lambda a: m.ListListings(
+        store=a.store, after=a.after, limit=_page_limit(a), state=a.state, search=a.search
+    ),
+    "link": _link,
+    "unlink": lambda a: m.Unlink(store=a.store, listing_key=a.listing),
+    "stock set": lambda a: m.SetStock(sku=a.sku, quantity=a.quantity, reason=a.reason),
+    "stock adjust": lambda a: m.AdjustStock(sku=a.sku, delta=a.delta, reason=a.reason),
+    "stock import": lambda a: p.StockImport(csv_text=_read_csv(a.file)),
+    "stock list": _products,
+    "history": lambda a: m.GetHistory(sku=a.sku, limit=a.limit),
+    "listing set": _listing_set,
+    "delete": lambda a: m.DeleteProduct(sku=a.sku),
+    "import": lambda a: p.Import(
+        store=a.store,
+        csv_text=_read_csv(a.csv) if a.csv else None,
+        create_products=a.create_products,
+    ),
+    "product add": lambda a: p.ProductAdd(sku=a.sku, quantity=a.quantity, name=a.name),
+    "diff": lambda a: p.Diff(store=a.store),
+    "reflect": _reflect,
+}
+# Commands that can write their rows as CSV (--csv FILE).
+_CSV_COMMANDS = frozenset({"products", "listings", "diff", "stock list"})
+
+
 def _request_from(args: argparse.Namespace) -> p.ControlRequest:
-    sp: argparse.ArgumentParser = args._parser
-    cmd = args.command
-    if cmd == "status":
-        return p.Status()
-    if cmd == "stores":
-        return p.Stores()
-    if cmd == "errors":
-        if args.errors_command == "clear":
-            if bool(args.ids) == bool(args.clear_store):
-                raise _Usage(sp, "give error IDs or --store STORE (not both)")
-            return p.ErrorsClear(ids=tuple(args.ids), store=args.clear_store)
-        return p.Errors(
-            store=args.store,
-            include_cleared=args.all,
-            level=args.level,
-            code=args.code,
-            after=args.after,
-            limit=args.limit,
-        )
-    if cmd == "parked":
-        return p.Parked(store=args.store, after=tuple(args.after), limit=args.limit)
-    if cmd == "key":
-        return p.KeySet(store=args.store, credentials=_read_credentials(args.file, args.store))
-    if cmd == "pause":
-        return p.Pause(store=args.store)
-    if cmd == "resume":
-        return p.Resume(store=args.store)
-    if cmd == "poll-now":
-        return p.PollNow(store=args.store)
-    if cmd in ("products", "listings", "diff") or getattr(args, "stock_command", "") == "list":
+    command = _command(args)
+    if command in _CSV_COMMANDS:
         _check_csv_options(args)
-    if cmd == "products":
-        return p.Products(after=args.after, limit=_page_limit(args))
-    if cmd == "listings":
-        return p.Listings(
-            store=args.store,
-            after=args.after,
-            limit=_page_limit(args),
-            state=args.state,
-            search=args.search,
-        )
-    if cmd == "link":
-        if args.auto:
-            if len(args.args) > 1:
-                raise _Usage(sp, "link --auto takes at most one STORE")
-            return p.LinkAuto(store=args.args[0] if args.args else "")
-        if len(args.args) != 3:
-            raise _Usage(sp, "link needs STORE LISTING SKU (or --auto [STORE])")
-        store, listing_key, sku = args.args
-        return p.LinkListing(store=store, listing_key=listing_key, sku=sku)
-    if cmd == "unlink":
-        return p.UnlinkListing(store=args.store, listing_key=args.listing)
-    if cmd == "stock":
-        if args.stock_command == "set":
-            return p.StockSet(sku=args.sku, quantity=args.quantity, reason=args.reason)
-        if args.stock_command == "adjust":
-            return p.StockAdjust(sku=args.sku, delta=args.delta, reason=args.reason)
-        if args.stock_command == "list":
-            return p.Products(after=args.after, limit=_page_limit(args))
-        return p.StockImport(csv_text=_read_csv(args.file))
-    if cmd == "history":
-        return p.History(sku=args.sku, limit=args.limit)
-    if cmd == "listing":
-        if args.lead_time is None and args.restock_date is None and args.allow_overdraft is None:
-            raise _Usage(sp, "give at least one of --lead-time, --restock-date, --allow-overdraft")
-        overdraft = None if args.allow_overdraft is None else args.allow_overdraft == "yes"
-        return p.ListingSet(
-            store=args.store,
-            listing_key=args.listing,
-            lead_time_days=args.lead_time,
-            restock_date=args.restock_date,
-            allow_overdraft=overdraft,
-        )
-    if cmd == "delete":
-        return p.DeleteProduct(sku=args.sku)
-    if cmd == "import":
-        csv_text = _read_csv(args.csv) if args.csv else None
-        return p.Import(store=args.store, csv_text=csv_text, create_products=args.create_products)
-    if cmd == "product":
-        return p.ProductAdd(sku=args.sku, quantity=args.quantity, name=args.name)
-    if cmd == "diff":
-        return p.Diff(store=args.store)
-    if cmd == "reflect":
-        if [bool(args.listings), args.all, args.differing].count(True) != 1:
-            raise _Usage(sp, "name the LISTINGs to push, or --all, or --differing (one of them)")
-        return p.Reflect(
-            store=args.store, listing_keys=tuple(args.listings), differing=args.differing
-        )
-    raise _Usage(sp, f"unknown command {cmd!r}")  # argparse's choices make this unreachable
+    build = _REQUESTS.get(command)
+    if build is None:  # argparse's choices make this unreachable
+        raise _Usage(args._parser, f"unknown command {command!r}")
+    return build(args)
 
 
 def _read_credentials(file: str | None, store: str) -> dict[str, str]:
@@ -846,9 +899,9 @@ def _csv_pages(
     if isinstance(request, p.Diff):
         yield _call(args, request, timeout)
         return
-    if not isinstance(request, p.Products | p.Listings):
+    if not isinstance(request, m.ListProducts | m.ListListings):
         return  # the parser offers --csv on diff, products, listings and stock list only
-    page: p.Products | p.Listings = msgspec.structs.replace(request, limit=CSV_PAGE)
+    page: m.ListProducts | m.ListListings = msgspec.structs.replace(request, limit=CSV_PAGE)
     while True:
         result = call_sync(args.socket, page, timeout=timeout, request_id=new_request_id())
         yield result
@@ -953,9 +1006,8 @@ def _render(result: p.ControlResult, request: p.ControlRequest, args: argparse.N
     if isinstance(result, m.History):
         return _render_history(result)
     if isinstance(result, m.ProductList):
-        if getattr(args, "command", "") == "stock":
-            return _render_stock_list(result, getattr(request, "limit", 0))
-        return _render_products(result, getattr(request, "limit", 0))
+        stock = getattr(args, "command", "") == "stock"
+        return _render_products(result, getattr(request, "limit", 0), stock=stock)
     if isinstance(result, m.ListingList):
         return _render_listings(result, request)
     if isinstance(result, p.DiffReport):
@@ -1072,7 +1124,9 @@ def _render_errors(result: m.ErrorList, request: p.ControlRequest) -> str:
             clip={8: 80},
         )
     ]
-    stopped = sorted({e.store for e in result.errors if e.level >= 9 and e.cleared_at is None})
+    stopped = sorted(
+        {e.store for e in result.errors if e.level >= LEVEL_CREDENTIAL and e.cleared_at is None}
+    )
     for store in stopped:
         out.append(f"→ level 9 (credential) for {store}: goqctl key set {store}")
     if any(e.cleared_at is None for e in result.errors):
@@ -1095,7 +1149,7 @@ def _error_state(e: m.ErrorRecord) -> str:
 def _errors_command(request: p.ControlRequest) -> str:
     """The `goqctl errors` command that asked for this page, without --after."""
     words = ["goqctl", "errors"]
-    if isinstance(request, p.Errors):
+    if isinstance(request, m.ListErrors):
         if request.store:
             words += ["--store", shlex.quote(request.store)]
         if request.level is not None:
@@ -1181,48 +1235,29 @@ def _render_history(h: m.History) -> str:
     return f"{head}\n{table}"
 
 
-def _render_products(pl: m.ProductList, limit: int) -> str:
+def _render_products(pl: m.ProductList, limit: int, *, stock: bool = False) -> str:
+    """`goqctl products`, or with ``stock`` the 棚卸 of `goqctl stock list`: what goqd
+    counts for each product, what it holds back and what it shows."""
     if not pl.products:
         return "no products"
-    rows = [
-        [
-            x.sku,
-            x.name,
-            str(x.total) if x.count_known else "unknown",
-            str(x.listings),
-            x.first_store or "-",
-        ]
-        for x in pl.products
-    ]
-    headers = ["SKU", "NAME", "TOTAL", "LISTINGS", "FIRST STORE"]
-    out = _table(headers, rows, right={2, 3}, clip={1: NAME_WIDTH})
+    rows = []
+    for x in pl.products:
+        known = x.count_known
+        total = str(x.total) if known else "unknown"
+        if stock:
+            shown = str(max(0, x.total - x.held)) if known else "-"
+            rows.append([x.sku, x.name, total, str(x.held) if x.held else "-", shown])
+        else:
+            rows.append([x.sku, x.name, total, str(x.listings), x.first_store or "-"])
+    if stock:
+        headers, right, command = ["SKU", "NAME", "TOTAL", "HELD", "SHOWN"], {2, 3, 4}, "stock list"
+    else:
+        headers, right = ["SKU", "NAME", "TOTAL", "LISTINGS", "FIRST STORE"], {2, 3}
+        command = "products"
+    out = _table(headers, rows, right=right, clip={1: NAME_WIDTH})
     if limit and len(pl.products) >= limit:
-        out += f"\n→ more: goqctl products --after {shlex.quote(pl.products[-1].sku)}"
-    if any(not x.count_known for x in pl.products):
-        out += "\n→ TOTAL unknown: not synced until you set it: goqctl stock set SKU N"
-    return out
-
-
-def _render_stock_list(pl: m.ProductList, limit: int) -> str:
-    """棚卸: what goqd counts for each product, what it holds back and what it shows."""
-    if not pl.products:
-        return "no products"
-    rows = [
-        [
-            x.sku,
-            x.name,
-            str(x.total) if x.count_known else "unknown",
-            str(x.held) if x.held else "-",
-            str(max(0, x.total - x.held)) if x.count_known else "-",
-        ]
-        for x in pl.products
-    ]
-    out = _table(
-        ["SKU", "NAME", "TOTAL", "HELD", "SHOWN"], rows, right={2, 3, 4}, clip={1: NAME_WIDTH}
-    )
-    if limit and len(pl.products) >= limit:
-        out += f"\n→ more: goqctl stock list --after {shlex.quote(pl.products[-1].sku)}"
-    if any(x.held for x in pl.products):
+        out += f"\n→ more: goqctl {command} --after {shlex.quote(pl.products[-1].sku)}"
+    if stock and any(x.held for x in pl.products):
         out += "\n→ HELD: sales a mall showed before its order came; SHOWN is what the malls get"
     if any(not x.count_known for x in pl.products):
         out += "\n→ TOTAL unknown: not synced until you set it: goqctl stock set SKU N"

@@ -7,7 +7,7 @@ converged); 2 usage.
 from __future__ import annotations
 
 import argparse
-import math
+import importlib
 import os
 import signal
 import sys
@@ -22,6 +22,21 @@ from goqd.errors import ConfigError, GoqdError
 log = structlog.get_logger("goqd.cli")
 
 
+# Subcommands that run a tool rather than the daemon. Their options are defined by the
+# tool itself and their modules imported only once one of them is chosen: the tools
+# import every simulator, and `goqd run` must load none of that.
+_TOOLS: dict[str, tuple[str, str]] = {
+    "demo": (
+        "goqd.tools.demo",
+        "simulated malls + a real daemon on a temporary ledger, on a fast clock",
+    ),
+    "sim": (
+        "goqd.tools.simbench",
+        "market benchmark: sync latency, oversold units, API budget vs a baseline",
+    ),
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="goqd", description="Stock synchronisation across Japanese malls (在庫連携)."
@@ -34,52 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and its credentials")
     check.add_argument("file")
 
-    from goqd.demo import DEMO_SPEED
-
-    demo = sub.add_parser(
-        "demo",
-        help="simulated malls + a real daemon on a temporary ledger, on a fast clock",
-        description="Simulated malls on 127.0.0.1, a real daemon on a temporary ledger and "
-        "a market placing orders. The demo's clock runs --speed times faster than real "
-        "time: every time it takes or shows is in simulated seconds, and the malls' own "
-        "delays keep their length in it (Amazon shows an order 2 simulated minutes late).",
-    )
-    demo.add_argument(
-        "--seconds",
-        type=_positive_float,
-        default=30.0,
-        help="simulated seconds the market runs (default 30)",
-    )
-    demo.add_argument(
-        "--speed",
-        type=_positive_float,
-        default=DEMO_SPEED,
-        help=f"simulated seconds per real second (default {DEMO_SPEED:g}: all five malls "
-        "in under a minute)",
-    )
-    demo.add_argument("--seed", type=int, default=1)
-    demo.add_argument(
-        "--order-rate", type=_positive_float, default=4.0, help="orders per simulated second"
-    )
-    demo.add_argument(
-        "--poll-interval",
-        default="min",
-        help="goqd's poll interval for every store, or 'min' (default): each mall's fastest",
-    )
-    demo.add_argument("--json", action="store_true", help="print only the summary, as JSON")
-    demo.add_argument("--keep", metavar="DIR", help="keep the ledger and config in DIR")
-    demo.add_argument(
-        "--malls",
-        type=_mall_list,
-        help="comma-separated malls to simulate (default: all of them)",
-    )
-
-    from goqd.simbench import add_sim_arguments
-
-    sim = sub.add_parser(
-        "sim", help="market benchmark: sync latency, oversold units, API budget vs a baseline"
-    )
-    add_sim_arguments(sim)
+    for name, (_, summary) in _TOOLS.items():
+        # No options (not even --help) here: everything after the name goes to the
+        # tool's own parser (``_tool_parser``).
+        sub.add_parser(name, help=summary, add_help=False)
 
     bench = sub.add_parser("bench", help="benchmarks (print figures, assert nothing)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -92,8 +65,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tool_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of ``goqd <name>`` for a tool subcommand, its options defined by the
+    tool's ``add_arguments``."""
+    module_name, summary = _TOOLS[name]
+    tool = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"goqd {name}", description=summary)
+    tool.add_arguments(parser)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``argv`` parsed; a tool subcommand's options by the tool's own parser."""
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command in _TOOLS:
+        tool_args = _tool_parser(args.command).parse_args(rest)
+        tool_args.command = args.command
+        return tool_args
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         if args.command == "run":
             return _run(args.config)
@@ -104,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             return _bench(args)
         if args.command == "sim":
-            from goqd.simbench import run_sim_command
+            from goqd.tools.simbench import run_sim_command
 
             return run_sim_command(args)
     except KeyboardInterrupt:
@@ -156,7 +152,7 @@ def _check(file: str) -> int:
     """
     from goqd.config import check_host, load_config, load_credentials
     from goqd.errors import LedgerError
-    from goqd.ledger.db import open_db
+    from goqd.ledger.schema import open_db
 
     config = load_config(file)
     check_host(config)
@@ -214,28 +210,9 @@ def _run(file: str) -> int:
     return 0
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a number more than 0, not {text!r}")
-    return value
-
-
-def _mall_list(text: str) -> list[str]:
-    from goqd.demo import parse_malls
-
-    try:
-        return parse_malls(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _demo(args: argparse.Namespace) -> int:
-    from goqd.demo import demo_polls, demo_stores, format_summary, run_demo
     from goqd.logs import configure_logging
+    from goqd.tools.demo import demo_polls, demo_stores, format_summary, run_demo
 
     try:
         demo_polls(demo_stores(args.malls), args.poll_interval)
@@ -261,8 +238,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from goqd.bench import bench_ledger, format_result
     from goqd.logs import configure_logging
+    from goqd.tools.ledgerbench import bench_ledger, format_result
 
     configure_logging("warning", json=False, stream=sys.stderr)
     if args.bench == "ledger":

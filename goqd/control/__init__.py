@@ -1,9 +1,12 @@
 """The control socket: goqctl's protocol, the daemon's server and the client.
 
 Request and result types live in ``goqd.control.protocol`` (imported as ``p`` by the
-daemon); the ledger's reply Structs that travel as results (``Done``, ``StockChanged``,
-``History``, ...) stay in ``goqd.messages``. Note that ``protocol.History`` is the
-*request*; its reply is ``goqd.messages.History``.
+daemon); the ledger's requests that goqctl sends as they are (``SetStock``, ``Link``,
+``GetHistory``, ...) and its reply Structs that travel as results (``Done``,
+``StockChanged``, ``History``, ...) stay in ``goqd.messages``, under one name each
+(``messages.GetHistory`` is the request, ``messages.History`` its reply). What each
+request does is ``goqd.control.operator``'s (not imported here: goqctl imports this
+package and needs none of the daemon).
 """
 
 from goqd.control.client import DaemonUnreachable, RemoteError, call, call_sync, new_request_id

@@ -49,30 +49,8 @@ from goqd.control.protocol import (
     receive_frame,
 )
 from goqd.errors import ControlError
-
-
-class DaemonUnreachable(ControlError):
-    """No daemon answered on the socket: missing, refused, not permitted, or gone.
-
-    ``sent``: the request may have reached the daemon (the connection broke or the time
-    ran out after it was sent), so it may have been applied, or be running still."""
-
-    def __init__(self, path: str, reason: str, *, hint: str = "", sent: bool = False) -> None:
-        self.path = path
-        self.reason = reason
-        self.hint = hint
-        self.sent = sent
-        super().__init__(f"cannot reach goqd at {path}: {reason}")
-
-
-class RemoteError(ControlError):
-    """The daemon refused the request with an ``Err`` reply."""
-
-    def __init__(self, code: str, message: str, hint: str = "") -> None:
-        self.code = code
-        self.message = message
-        self.hint = hint
-        super().__init__(f"{code}: {message}")
+from goqd.errors import DaemonUnreachable as DaemonUnreachable
+from goqd.errors import RemoteError as RemoteError
 
 
 class _ConnectionLost(Exception):

@@ -3,7 +3,7 @@
 One frame is a 4-byte big-endian length followed by that many bytes of msgspec JSON. A
 connection carries any number of request/reply pairs, strictly in turn::
 
-    client -> Envelope(v=1, id="<uuid4 hex>", request=StockSet(sku="A-1", quantity=5))
+    client -> Envelope(v=1, id="<uuid4 hex>", request=SetStock(sku="A-1", quantity=5))
     server -> ReplyEnvelope(v=1, id="<same id>", reply=Ok(result=StockChanged(...)))
            or ReplyEnvelope(v=1, id="<same id>", reply=Err(code="not_found", ...))
 
@@ -26,8 +26,11 @@ what the ledger deduplicates on.
 
 Requests are tagged frozen Structs with ``forbid_unknown_fields``: a typo or a field from
 a newer goqctl is refused with ``bad_request``, never guessed at. Tags are snake_case and
-stable: renaming one breaks every goqctl in the field. Results reuse the ledger's reply
-Structs from ``goqd.messages``; the few that only the control socket needs live here.
+stable: renaming one breaks every goqctl in the field. A request that is a ledger request
+as it stands is decoded straight into that Struct of ``goqd.messages`` (which carries
+this socket's tag and constraints); the others are defined here. Results reuse the
+ledger's reply Structs from ``goqd.messages``; the few that only the control socket
+needs live here.
 
 This module must never carry a credential anywhere but ``KeySet.credentials`` (which no
 reply ever echoes), and it must never read more than the announced, capped frame length.
@@ -45,7 +48,10 @@ from msgspec import Meta
 
 from goqd import limits
 from goqd import messages as m
+from goqd.errors import BadEnvelope as BadEnvelope
+from goqd.errors import ConnectionClosed as ConnectionClosed
 from goqd.errors import ControlError
+from goqd.errors import FrameTooLarge as FrameTooLarge
 
 PROTOCOL_VERSION = 1
 # 32 MiB: enough for a 100,000-row catalogue or stock CSV in one all-or-nothing request.
@@ -71,36 +77,21 @@ ERROR_CODES = frozenset(
 )
 
 # --------------------------------------------------------------------------------------
-# Field constraints. Limits are generous for real catalogues and small enough that one
-# request cannot make the daemon allocate much more than its frame.
+# Requests
+#
+# A request that maps one-to-one onto a ledger request is that ledger request: its
+# Struct in ``goqd.messages`` carries this socket's tag and constraints, and the daemon
+# hands it to the ledger as decoded (``goqd.control.operator`` has one table row for
+# it). The requests here are the others: they need the daemon's configuration, a mall
+# session, the supervisor or several ledger requests.
 # --------------------------------------------------------------------------------------
 
-# The caps and the date rule are goqd.limits', shared with the CSV readers.
-StoreName = Annotated[str, Meta(min_length=1, max_length=limits.MAX_STORE_NAME)]
-OptStoreName = Annotated[str, Meta(max_length=limits.MAX_STORE_NAME)]  # "" means every store
-Sku = Annotated[str, Meta(min_length=1, max_length=limits.MAX_SKU)]
-ListingKey = Annotated[str, Meta(min_length=1, max_length=limits.MAX_LISTING_KEY)]
-Reason = Annotated[str, Meta(max_length=1000)]
-Cursor = Annotated[str, Meta(max_length=512)]
-PageLimit = Annotated[int, Meta(ge=1, le=10_000)]
-HistoryLimit = Annotated[int, Meta(ge=0, le=10_000)]
-Quantity = Annotated[int, Meta(ge=0, le=limits.MAX_QUANTITY)]
-Delta = Annotated[int, Meta(ge=-limits.MAX_DELTA, le=limits.MAX_DELTA)]
-LeadTimeDays = Annotated[int, Meta(ge=0, le=limits.MAX_LEAD_TIME_DAYS)]
-IsoDate = Annotated[str, Meta(pattern=limits.DATE_PATTERN)]
-# A row id. SQLite binds only signed 64-bit integers, so every int in this block has an
-# upper bound: a bigger value is a bad_request here, never an error inside the ledger.
-ErrorId = Annotated[int, Meta(ge=1, le=2**63 - 1)]
-RequestId = Annotated[str, Meta(max_length=128)]
+# Caps of the fields only these requests have. The shared ones (``m.StoreName``,
+# ``m.Sku``, ...) are goqd.messages', which takes them from goqd.limits, shared with the
+# CSV readers.
 CredentialField = Annotated[str, Meta(min_length=1, max_length=100)]
 CredentialValue = Annotated[str, Meta(max_length=8192)]
 CsvText = Annotated[str, Meta(max_length=MAX_REQUEST_BYTES)]
-MAX_SEARCH = 200  # `goqctl listings --search`: characters, ample for a name
-
-
-# --------------------------------------------------------------------------------------
-# Requests
-# --------------------------------------------------------------------------------------
 
 
 class _Request(
@@ -112,7 +103,7 @@ class _Request(
 class _Mutating(_Request, frozen=True, kw_only=True):
     """A request that changes something. The server fills ``request_id`` from the envelope."""
 
-    request_id: RequestId = ""
+    request_id: m.RequestId = ""
 
 
 class Status(_Request, frozen=True, kw_only=True, tag="status"):
@@ -123,42 +114,10 @@ class Stores(_Request, frozen=True, kw_only=True, tag="stores"):
     """Every store's state, error level, last good poll/push, outbox and key expiry."""
 
 
-class Errors(_Request, frozen=True, kw_only=True, tag="errors"):
-    """Errors, highest level first, then newest first; filtered by store, level and code
-    (goqd's, or the mall's own such as ``IE0003``), paged by ``after`` (the last id shown)."""
-
-    store: OptStoreName = ""
-    include_cleared: bool = False
-    level: Annotated[int, Meta(ge=1, le=9)] | None = None
-    code: Annotated[str, Meta(max_length=100)] = ""
-    after: Annotated[int, Meta(ge=0, le=2**63 - 1)] = 0
-    limit: PageLimit = 500
-
-
-class Parked(_Request, frozen=True, kw_only=True, tag="parked"):
-    """Parked order lines (連携できない商品): store, order, line, listing, quantity, since
-    when, and what to run. ``after`` is the last (store, order, line) of the page before."""
-
-    store: OptStoreName = ""
-    after: tuple[OptStoreName, Cursor, Cursor] = ("", "", "")
-    limit: PageLimit = 500
-
-
-class ErrorsClear(_Mutating, frozen=True, kw_only=True, tag="errors_clear"):
-    """Clear errors by id, or every open error of ``store``."""
-
-    ids: Annotated[tuple[ErrorId, ...], Meta(max_length=10_000)] = ()
-    store: OptStoreName = ""
-
-    def __post_init__(self) -> None:
-        if not self.ids and not self.store:
-            raise ValueError("errors_clear needs error ids or a store")
-
-
 class KeySet(_Mutating, frozen=True, kw_only=True, tag="key_set"):
     """A renewed credential. Never logged and never echoed in a reply."""
 
-    store: StoreName
+    store: m.StoreName
     credentials: Annotated[
         dict[CredentialField, CredentialValue], Meta(min_length=1, max_length=32)
     ]
@@ -173,90 +132,21 @@ class KeySet(_Mutating, frozen=True, kw_only=True, tag="key_set"):
 
 
 class Pause(_Mutating, frozen=True, kw_only=True, tag="pause"):
-    store: StoreName
+    store: m.StoreName
 
 
 class Resume(_Mutating, frozen=True, kw_only=True, tag="resume"):
-    store: StoreName
+    store: m.StoreName
 
 
 class PollNow(_Mutating, frozen=True, kw_only=True, tag="poll_now"):
-    store: StoreName
-
-
-class Products(_Request, frozen=True, kw_only=True, tag="products"):
-    after: Cursor = ""
-    limit: PageLimit = 500
-
-
-class Listings(_Request, frozen=True, kw_only=True, tag="listings"):
-    """A store's listings in key order from ``after``; ``state`` keeps one link state
-    (or ``parked``: listings with parked order lines), ``search`` those whose key, code,
-    SKU or name contains the text."""
-
-    store: StoreName
-    after: Cursor = ""
-    limit: PageLimit = 500
-    state: Literal["", "linked", "unlinked", "ambiguous", "parked"] = ""
-    search: Annotated[str, Meta(max_length=MAX_SEARCH)] = ""
-
-
-class LinkListing(_Mutating, frozen=True, kw_only=True, tag="link_listing"):
-    store: StoreName
-    listing_key: ListingKey
-    sku: Sku
-
-
-class UnlinkListing(_Mutating, frozen=True, kw_only=True, tag="unlink_listing"):
-    store: StoreName
-    listing_key: ListingKey
+    store: m.StoreName
 
 
 class LinkAuto(_Mutating, frozen=True, kw_only=True, tag="link_auto"):
     """Link what the store's link condition now matches ("" = every store)."""
 
-    store: OptStoreName = ""
-
-
-class StockSet(_Mutating, frozen=True, kw_only=True, tag="stock_set"):
-    sku: Sku
-    quantity: Quantity
-    reason: Reason = ""
-
-
-class StockAdjust(_Mutating, frozen=True, kw_only=True, tag="stock_adjust"):
-    sku: Sku
-    delta: Delta
-    reason: Reason = ""
-
-
-class History(_Request, frozen=True, kw_only=True, tag="history"):
-    """A product's total and its latest movements (the reply is ``messages.History``)."""
-
-    sku: Sku
-    limit: HistoryLimit = 100
-
-
-class ListingSet(_Mutating, frozen=True, kw_only=True, tag="listing_set"):
-    """Change push attributes of one listing; ``None`` leaves a value as it is."""
-
-    store: StoreName
-    listing_key: ListingKey
-    lead_time_days: LeadTimeDays | None = None
-    restock_date: IsoDate | None = None
-    allow_overdraft: bool | None = None
-
-    def __post_init__(self) -> None:
-        if self.restock_date is not None and not limits.is_calendar_date(self.restock_date):
-            raise ValueError(
-                f"restock_date {self.restock_date!r} is not a calendar date (YYYY-MM-DD)"
-            )
-
-
-class DeleteProduct(_Mutating, frozen=True, kw_only=True, tag="delete_product"):
-    """Stop syncing a product. Never deletes anything at a mall."""
-
-    sku: Sku
+    store: m.OptStoreName = ""
 
 
 class Import(_Mutating, frozen=True, kw_only=True, tag="import"):
@@ -265,7 +155,7 @@ class Import(_Mutating, frozen=True, kw_only=True, tag="import"):
     ``create_products``: a listing no product matches creates one, in any store (the
     base store's always do)."""
 
-    store: StoreName
+    store: m.StoreName
     csv_text: CsvText | None = None
     create_products: bool = False
 
@@ -274,8 +164,8 @@ class ProductAdd(_Mutating, frozen=True, kw_only=True, tag="product_add"):
     """Register a product by hand with its 総在庫数, then link the listings of every store
     that the link condition matches to it. An existing SKU is a ``conflict``."""
 
-    sku: Sku
-    quantity: Quantity
+    sku: m.Sku
+    quantity: m.Quantity
     name: Annotated[str, Meta(max_length=limits.MAX_NAME)] = ""
 
     def __post_init__(self) -> None:
@@ -287,15 +177,15 @@ class ProductAdd(_Mutating, frozen=True, kw_only=True, tag="product_add"):
 class Diff(_Request, frozen=True, kw_only=True, tag="diff"):
     """差異商品: linked listings whose mall count differs from the ledger's."""
 
-    store: StoreName
+    store: m.StoreName
 
 
 class Reflect(_Mutating, frozen=True, kw_only=True, tag="reflect"):
     """反映: push the ledger's counts. An empty ``listing_keys`` means every listing;
     ``differing``: the listings the store's last diff found 差異."""
 
-    store: StoreName
-    listing_keys: Annotated[tuple[ListingKey, ...], Meta(max_length=100_000)] = ()
+    store: m.StoreName
+    listing_keys: Annotated[tuple[m.ListingKey, ...], Meta(max_length=100_000)] = ()
     differing: bool = False
 
     def __post_init__(self) -> None:
@@ -312,34 +202,24 @@ class StockImport(_Mutating, frozen=True, kw_only=True, tag="stock_import"):
 ControlRequest = (
     Status
     | Stores
-    | Errors
-    | Parked
-    | ErrorsClear
     | KeySet
     | Pause
     | Resume
     | PollNow
-    | Products
-    | Listings
-    | LinkListing
-    | UnlinkListing
     | LinkAuto
-    | StockSet
-    | StockAdjust
-    | History
-    | ListingSet
-    | DeleteProduct
     | ProductAdd
     | Import
     | Diff
     | Reflect
     | StockImport
+    | m.OperatorLedgerRequest
 )
 
 
 def is_mutating(req: ControlRequest) -> bool:
-    """True for requests that change state (logged with their peer, deduplicated by id)."""
-    return isinstance(req, _Mutating)
+    """True for requests that change state (logged with their peer, deduplicated by id):
+    those with a ``request_id``, which the server fills from the envelope."""
+    return "request_id" in req.__struct_fields__
 
 
 def request_tag(req: ControlRequest) -> str:
@@ -537,32 +417,6 @@ _header_decoder = msgspec.json.Decoder(_Header)
 _reply_decoder = msgspec.json.Decoder(ReplyEnvelope)
 _server_frame_decoder = msgspec.json.Decoder(_ServerFrame)
 _encoder = msgspec.json.Encoder()
-
-
-class FrameTooLarge(ControlError):
-    """The peer announced a frame bigger than this side accepts."""
-
-    def __init__(self, size: int, limit: int) -> None:
-        self.size = size
-        self.limit = limit
-        super().__init__(f"frame of {size} bytes exceeds the limit of {limit} bytes")
-
-
-class ConnectionClosed(ControlError):
-    """The peer closed the connection, cleanly between frames (``partial=False``) or not."""
-
-    def __init__(self, *, partial: bool) -> None:
-        self.partial = partial
-        super().__init__("connection closed mid-frame" if partial else "connection closed")
-
-
-class BadEnvelope(ControlError):
-    """A request frame that could not be decoded. Carries the ready-made ``Err``."""
-
-    def __init__(self, err: Err, request_id: str) -> None:
-        self.err = err
-        self.request_id = request_id
-        super().__init__(err.message)
 
 
 def encode_frame(obj: Envelope | ReplyEnvelope | ProgressEnvelope) -> bytes:

@@ -86,6 +86,10 @@ class PeerInfo:
     uid: int
     gid: int
 
+    def log_fields(self) -> dict[str, int]:
+        """The peer as every control log line names it."""
+        return {"peer_pid": self.pid, "peer_uid": self.uid}
+
 
 Handler = Callable[[ControlRequest, PeerInfo], Awaitable[Ok | Err]]
 # A handler that also takes the request's progress reporter (``no_progress`` when the
@@ -589,9 +593,7 @@ async def _connection(stream: trio.SocketStream, conf: _Conf) -> None:
             peer = conf.peer_of(stream)
             # Checked before a slot is taken: a refused peer never holds one.
             if not await conf.check(peer):
-                conf.refused_peers.note(
-                    peer.uid, peer_pid=peer.pid, peer_uid=peer.uid, peer_gid=peer.gid
-                )
+                conf.refused_peers.note(peer.uid, **peer.log_fields(), peer_gid=peer.gid)
                 await _send(
                     stream,
                     conf,
@@ -605,9 +607,7 @@ async def _connection(stream: trio.SocketStream, conf: _Conf) -> None:
                 return
             full = conf.limits.admit(peer.uid)
             if full is not None:
-                conf.refused_connections.note(
-                    peer.uid, peer_pid=peer.pid, peer_uid=peer.uid, reason=full
-                )
+                conf.refused_connections.note(peer.uid, **peer.log_fields(), reason=full)
                 await _send(
                     stream,
                     conf,
@@ -632,7 +632,7 @@ async def _converse(stream: trio.SocketStream, peer: PeerInfo, conf: _Conf) -> N
         with trio.move_on_after(conf.idle_timeout):
             first = await stream.receive_some(HEADER.size)
         if first is None:
-            log.info("control_connection_idle", peer_pid=peer.pid, peer_uid=peer.uid)
+            log.info("control_connection_idle", **peer.log_fields())
             return
         if not first:
             return  # closed cleanly between frames
@@ -645,8 +645,7 @@ async def _converse(stream: trio.SocketStream, peer: PeerInfo, conf: _Conf) -> N
             log.info(
                 "control_frame_timed_out",
                 timeout_s=conf.frame_timeout,
-                peer_pid=peer.pid,
-                peer_uid=peer.uid,
+                **peer.log_fields(),
             )
             return
 
@@ -662,7 +661,7 @@ async def _receive_and_answer(
     try:
         header = first + await receive_exactly(stream, HEADER.size - len(first), started=True)
     except ConnectionClosed:
-        log.info("control_frame_truncated", peer_pid=peer.pid, peer_uid=peer.uid)
+        log.info("control_frame_truncated", **peer.log_fields())
         return False
     (size,) = HEADER.unpack(header)
     if size > conf.max_request_bytes:
@@ -670,8 +669,7 @@ async def _receive_and_answer(
             "control_request_too_large",
             size=size,
             limit=conf.max_request_bytes,
-            peer_pid=peer.pid,
-            peer_uid=peer.uid,
+            **peer.log_fields(),
         )
         # The unread body leaves the stream unframeable: answer, then close.
         await _send(
@@ -688,7 +686,7 @@ async def _receive_and_answer(
         return False
     busy = conf.limits.reserve(peer.uid, size)
     if busy is not None:
-        conf.refused_connections.note(peer.uid, peer_pid=peer.pid, peer_uid=peer.uid, reason=busy)
+        conf.refused_connections.note(peer.uid, **peer.log_fields(), reason=busy)
         await _send(
             stream,
             conf,
@@ -700,7 +698,7 @@ async def _receive_and_answer(
         try:
             body = await receive_exactly(stream, size, started=True)
         except ConnectionClosed:
-            log.info("control_frame_truncated", peer_pid=peer.pid, peer_uid=peer.uid)
+            log.info("control_frame_truncated", **peer.log_fields())
             return False
         # The frame is in: answering (the handler may take minutes) is not the
         # sender's slowness, so it runs outside the frame's deadline.
@@ -712,8 +710,7 @@ async def _receive_and_answer(
                 "control_request_rejected",
                 code=exc.err.code,
                 reason=exc.err.message,
-                peer_pid=peer.pid,
-                peer_uid=peer.uid,
+                **peer.log_fields(),
             )
             return await _send(stream, conf, exc.request_id, exc.err)
         del body
@@ -810,8 +807,7 @@ async def _answer(
             "control_request",
             request=tag,
             request_id=envelope.id,
-            peer_pid=peer.pid,
-            peer_uid=peer.uid,
+            **peer.log_fields(),
             **_loggable_fields(req),
         )
     try:
@@ -825,8 +821,7 @@ async def _answer(
             "control_request_failed",
             request=tag,
             request_id=envelope.id,
-            peer_pid=peer.pid,
-            peer_uid=peer.uid,
+            **peer.log_fields(),
         )
         return Err(
             code="internal",

@@ -1,6 +1,6 @@
 """The ledger actor: the only writer of the SQLite file.
 
-Why a worker thread and not aiosqlite: the design card named aiosqlite, but aiosqlite
+Why a worker thread and not aiosqlite: aiosqlite was the first choice, but it
 awaits asyncio futures and fails under ``trio.run``. The same idea, one connection on
 one worker thread, is done here with trio's own ``trio.to_thread.run_sync`` and a
 ``CapacityLimiter(1)``: one thread hop per *batch*, never per line, because a hop costs
@@ -9,7 +9,7 @@ about as much as a durable commit.
 Group commit: the actor takes one request, drains everything else already waiting (up
 to ``max_batch``), applies them all in one transaction, commits, then answers every
 caller and wakes every store whose outbox changed. Nobody is answered before the
-commit is durable (docs/reliability.md I6).
+commit is durable: an answer is a promise that survives a crash.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ import trio
 
 from goqd import messages as m
 from goqd.errors import GoqdError, LedgerError, LedgerUnavailable
-from goqd.ledger.db import Ledger, Now, Synchronous, open_db
+from goqd.ledger.db import Ledger
+from goqd.ledger.schema import Synchronous, open_db
+from goqd.wallclock import WallClock
 
 log = structlog.get_logger("goqd.ledger")
 
@@ -111,7 +113,7 @@ async def run_ledger(
     wakeups: Wakeups,
     *,
     synchronous: Synchronous = "full",
-    now: Now = time.time,
+    now: WallClock = time.time,
     metrics: LedgerMetrics | None = None,
     max_batch: int = MAX_BATCH,
     check: bool = True,
@@ -216,7 +218,7 @@ async def open_ledger(
     path: str,
     *,
     synchronous: Synchronous = "full",
-    now: Now = time.time,
+    now: WallClock = time.time,
     metrics: LedgerMetrics | None = None,
     check: bool = True,
 ) -> AsyncIterator[LedgerClient]:
@@ -236,7 +238,7 @@ async def _run_ledger_kw(
     receive: trio.MemoryReceiveChannel[_Call],
     wakeups: Wakeups,
     synchronous: Synchronous,
-    now: Now,
+    now: WallClock,
     metrics: LedgerMetrics | None,
     check: bool,
     *,

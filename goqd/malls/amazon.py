@@ -1,6 +1,6 @@
 """Amazon SP-API adapter for the JP marketplace (Orders v0, Listings Items 2021-08-01).
 
-Facts and their sources are in ``malls.md`` §3 and in Amazon's own models
+Facts and their sources are in docs/malls.md §3 and in Amazon's own models
 (``tests/fixtures/spapi``); the tests validate every request this module sends, and every
 response the simulator (``goqd.sim.amazon``) answers, against those models. Choices
 marked [I] are assumptions the simulator mirrors and makes configurable.
@@ -9,8 +9,8 @@ Auth. Login with Amazon (LWA) ``POST /auth/o2/token`` with the refresh-token gra
 an access token for one hour [V]; it goes out as ``x-amz-access-token`` and is renewed a
 minute before it expires. A 403 with a token we did not just mint is refreshed once and
 retried (Amazon says "Expired Token" with a 403 [V]); a 403 right after a refresh, or an
-LWA ``invalid_grant`` / ``invalid_client``, is ``MallAuthError`` (level 9: the yearly app
-authorization [V-secondary] must be renewed).
+LWA ``invalid_grant`` / ``invalid_client``, is ``MallAuthError`` (``LEVEL_CREDENTIAL``:
+the yearly app authorization [V-secondary] must be renewed).
 
 Orders. ``getOrders`` with ``LastUpdatedAfter = cursor - overlap_s`` and
 ``LastUpdatedBefore = now - lag_s``; Amazon refuses a ``LastUpdatedBefore`` later than two
@@ -35,7 +35,7 @@ link code ``SellerSKU`` (option ``link_field = "asin"`` links by ASIN instead);
 ``updated_at`` is ``LastUpdateDate``.
 
 Statuses. Live: PendingAvailability, Pending, Unshipped, PartiallyShipped, Shipped,
-InvoiceUnconfirmed (malls.md §3.3 [I]: Amazon lowers the MFN quantity at purchase, so
+InvoiceUnconfirmed (docs/malls.md §3.3 [I]: Amazon lowers the MFN quantity at purchase, so
 every non-cancelled order holds its units, pre-orders included). Canceled is a
 cancellation Amazon never undoes (terminal). Unfulfillable applies to Multi-Channel
 Fulfillment orders only [V] and is in neither set.
@@ -78,42 +78,40 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any, TypeVar
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, urlsplit
 
-import httpx
 import msgspec
-import trio
 
-from goqd.errors import (
-    ConfigError,
-    MallAuthError,
-    MallError,
-    MallProtocolError,
-    MallRateLimited,
-    MallUnavailable,
-)
-from goqd.logs import register_secret
+from goqd.errors import ConfigError, MallAuthError, MallError, MallProtocolError, MallRateLimited
 from goqd.malls.adapterstate import SeenOrders
 from goqd.malls.base import (
     DECODE_ERRORS,
+    KeyExpiry,
     MallLimits,
     MallSpec,
     OrderPage,
     StoreContext,
-    header_safe,
     opt_choice,
     opt_integer,
     opt_number,
     opt_text,
-    parse_retry_after,
+    push_outcome,
     read_options,
+)
+from goqd.malls.client import (
+    OAUTH_REFUSALS,
+    MallClient,
+    Reply,
+    Table,
+    TokenAuth,
+    TokenResponse,
+    error_class,
+    short,
 )
 from goqd.malls.ratelimit import shared_bucket
 from goqd.messages import ListingAttrs, MallCount, MallListing, OrderLine, PushItem, PushOutcome
-from goqd.secret import Secret
 
 MALL = "amazon"
 MARKETPLACE_JP = "A1VC38T7YXB528"
@@ -123,9 +121,9 @@ LWA_PATH = "/auth/o2/token"
 ORDERS_PATH = "/orders/v0/orders"
 LISTINGS_PATH = "/listings/2021-08-01/items"
 
-ACCESS_TOKEN_MARGIN_S = 60.0  # renew this long before the hour is up
 AUTHORIZATION_LIFETIME_S = 365 * 86400.0  # app authorization is renewed yearly [V-secondary]
-MAX_BODY_BYTES = 16 * 1024 * 1024
+# The credential-file field with the day the seller authorised the app (YYYY-MM-DD).
+AUTHORIZED_FIELD = "authorized_at"
 ORDERS_PAGE_MAX = 100  # MaxResultsPerPage 1-100 [V]
 SEARCH_PAGE_MAX = 20  # searchListingsItems pageSize maximum [V]
 LEAD_TIME_MAX_DAYS = 30  # "greater than the allowed maximum '30'" [V: models#2344]
@@ -179,18 +177,18 @@ TERMINAL_STATUSES = frozenset({"Canceled"})
 DEFAULT_CHANNEL = "DEFAULT"  # merchant-fulfilled (MFN) [V]
 LINK_FIELDS = ("sku", "asin")
 CREDENTIAL_FIELDS = ("client_id", "client_secret", "refresh_token", "seller_id")
-# LWA (OAuth 2, RFC 6749 §5.2) errors that mean the credential itself no longer works.
-_LWA_AUTH_ERRORS = frozenset(
-    {"invalid_grant", "invalid_client", "unauthorized_client", "access_denied"}
-)
+# How SP-API's replies are classified (an access token refused is the app's
+# authorisation: LEVEL_CREDENTIAL), and LWA's (an OAuth refusal of the refresh token too).
+TABLE: Table = {401: MallAuthError, 403: MallAuthError, 429: MallRateLimited}
+LWA_TABLE: Table = {**TABLE, **OAUTH_REFUSALS}
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
 
 # The watch reads 100 listings a round: five searchListingsItems calls, about a second
 # of its 5 req/s plan, every 5 s; a push batch of 20 is read in one call first.
 LIMITS = MallLimits(push_batch=20, read_batch=20, min_poll_interval=60.0, watch_max=100)
 
-T = TypeVar("T")
 
+T = TypeVar("T")
 
 # --------------------------------------------------------------------------------------
 # Wire formats. Response Structs ignore unknown fields (Amazon adds fields); fields
@@ -214,17 +212,6 @@ class _Error(msgspec.Struct, kw_only=True):
 
 class _ErrorList(msgspec.Struct, kw_only=True):
     errors: list[_Error] | None = None
-
-
-class _TokenResponse(msgspec.Struct, kw_only=True):
-    access_token: str
-    token_type: str = "bearer"
-    expires_in: float = 3600.0
-
-
-class _TokenError(msgspec.Struct, kw_only=True):
-    error: str = ""
-    error_description: str = ""
 
 
 class _Order(_Pascal):
@@ -316,13 +303,6 @@ class _ItemSearchResults(_Camel):
     pagination: _Pagination | None = None
 
 
-@dataclass(frozen=True)
-class _Reply:
-    status: int
-    body: bytes
-    headers: httpx.Headers
-
-
 class _SeenOrder(msgspec.Struct, frozen=True):
     """Items of one order as of one ``LastUpdateDate`` (kept in ``ctx.state``)."""
 
@@ -349,11 +329,6 @@ def parse_iso(text: str) -> float:
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     return value.timestamp()
-
-
-def _short(text: str | None, limit: int = 200) -> str:
-    text = (text or "").strip()
-    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _lwa_url(configured: str) -> str:
@@ -402,23 +377,14 @@ class AmazonAdapter:
             )
             for api, (rate, burst) in RATES.items()
         }
-        self._token_lock = trio.Lock()
-        self._access_token: Secret | None = None
-        self._access_expires_at = 0.0
+        self._client = MallClient(ctx, MALL, model="the SP-API model")
+        self._auth = TokenAuth(self._client, self._mint)
         self._seen = SeenOrders(ctx.state, _SEEN_KEY, _SeenOrder)
 
     # -- errors ------------------------------------------------------------------------
 
-    def _err(self, cls: type[MallError], message: str, code: str = "") -> MallError:
-        return cls(message, mall=MALL, store=self._ctx.store, code=code)
-
-    def _decode(self, kind: type[T], reply: _Reply, api: str) -> T:
-        try:
-            return msgspec.json.decode(reply.body, type=kind)
-        except DECODE_ERRORS as exc:
-            raise self._err(
-                MallProtocolError, f"{api}: response does not match the SP-API model ({exc})"
-            ) from exc
+    def _decode(self, kind: type[T], reply: Reply, api: str) -> T:
+        return self._client.decode(kind, reply.body, api)
 
     @staticmethod
     def _first_error(body: bytes) -> tuple[str, str]:
@@ -430,71 +396,35 @@ class AmazonAdapter:
         if not errors:
             return "", ""
         first = errors[0]
-        text = " ".join(p for p in (_short(first.message), _short(first.details)) if p)
+        text = " ".join(p for p in (short(first.message), short(first.details)) if p)
         return first.code or "", text
 
-    def _raise_for_status(self, api: str, reply: _Reply) -> None:
+    def _raise_for_status(self, api: str, reply: Reply) -> None:
         code, text = self._first_error(reply.body)
         detail = " ".join(p for p in (code, text) if p) or "no error body"
         status = reply.status
-        if status in (401, 403):
-            raise self._err(
-                MallAuthError,
+        cls = error_class(TABLE, status)
+        message = f"{api}: HTTP {status} ({detail})"
+        if cls is MallAuthError:
+            message = (
                 f"{api}: Amazon refused the access ({detail}, HTTP {status}); check that the "
                 "app is still authorized for this seller (Seller Central > Apps) and run "
-                "`goqctl key set`",
-                code or "Unauthorized",
+                "`goqctl key set`"
             )
-        if status == 429:
-            bucket = self._buckets[api]
-            retry_after = self._retry_after(reply.headers.get("retry-after"), api)
-            bucket.block_for(retry_after)
-            raise MallRateLimited(
-                f"{api}: throttled ({detail})",
-                retry_after=retry_after,
-                mall=MALL,
-                store=self._ctx.store,
-                code=code or "QuotaExceeded",
-            )
-        if status >= 500:
-            raise self._err(MallUnavailable, f"{api}: HTTP {status} ({detail})", code)
-        raise self._err(MallProtocolError, f"{api}: HTTP {status} ({detail})", code)
-
-    def _retry_after(self, value: str | None, api: str) -> float:
-        """Seconds from a ``Retry-After`` header; SP-API rarely sends one [I], so otherwise
-        the time the usage plan needs to grant one request, in whole seconds (60 for
-        getOrders; the plan's own rate, not the bucket's slower one)."""
-        default = float(math.ceil(1.0 / RATES[api][0]))
-        return parse_retry_after(value, now=self._ctx.clock(), default=default)
+            code = code or "Unauthorized"
+        elif cls is MallRateLimited:
+            message = f"{api}: throttled ({detail})"
+            code = code or "QuotaExceeded"
+        raise self._client.reply_error(
+            cls,
+            message,
+            code,
+            reply=reply,
+            bucket=self._buckets[api],
+            retry_default=_retry_default(api),
+        )
 
     # -- HTTP --------------------------------------------------------------------------
-
-    async def _send(
-        self,
-        api: str,
-        method: str,
-        url: str,
-        *,
-        headers: dict[str, str],
-        content: bytes | None = None,
-        params: Mapping[str, str] | None = None,
-    ) -> _Reply:
-        try:
-            async with self._ctx.http.stream(
-                method, url, headers=headers, content=content, params=params
-            ) as response:
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > MAX_BODY_BYTES:
-                        raise self._err(MallProtocolError, f"{api}: response larger than 16 MiB")
-                return _Reply(response.status_code, bytes(body), response.headers)
-        except httpx.TimeoutException as exc:
-            raise self._err(MallUnavailable, f"{api}: timed out") from exc
-        except httpx.DecodingError as exc:
-            raise self._err(MallProtocolError, f"{api}: undecodable response body") from exc
-        except httpx.HTTPError as exc:
-            raise self._err(MallUnavailable, f"{api}: {type(exc).__name__}") from exc
 
     async def _call(
         self,
@@ -505,7 +435,7 @@ class AmazonAdapter:
         params: Mapping[str, str] | None = None,
         body: Any = None,
         accept: tuple[int, ...] = (200,),
-    ) -> _Reply:
+    ) -> Reply:
         """One SP-API call: rate, access token, status mapping.
 
         A 403 with an access token minted before this call is taken for an expired one:
@@ -513,7 +443,7 @@ class AmazonAdapter:
         """
         content = None if body is None else msgspec.json.encode(body)
         for attempt in range(2):
-            token, minted = await self._ensure_access_token()
+            token, minted = await self._auth.token()
             headers = {
                 "x-amz-access-token": token.reveal(),
                 "accept": "application/json",
@@ -524,39 +454,25 @@ class AmazonAdapter:
             # Paced from the answer (``TokenBucket.slot``): Amazon counts a call when it
             # arrives. Paced from the send, six patches once arrived within 184 ms, where
             # 5 a second with a burst of 5 allows six in no less than 200 ms.
-            async with self._buckets[api].slot():
-                reply = await self._send(
-                    api, method, self._base + path, headers=headers, content=content, params=params
-                )
+            reply = await self._client.send(
+                api,
+                method,
+                self._base + path,
+                headers=headers,
+                bucket=self._buckets[api],
+                content=content,
+                params=params,
+            )
             if reply.status in accept:
                 return reply
             if reply.status == 403 and attempt == 0 and not minted:
-                await self._refresh(stale=token)
+                await self._auth.refresh(stale=token)
                 continue
             self._raise_for_status(api, reply)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    # -- LWA tokens --------------------------------------------------------------------
-
-    async def _ensure_access_token(self) -> tuple[Secret, bool]:
-        """The current access token, and whether this call had to mint it."""
-        async with self._token_lock:
-            if (
-                self._access_token is None
-                or self._ctx.clock() + ACCESS_TOKEN_MARGIN_S >= self._access_expires_at
-            ):
-                return await self._refresh_locked(), True
-            return self._access_token, False
-
-    async def _refresh(self, *, stale: Secret | None) -> None:
-        async with self._token_lock:
-            # Another task may have refreshed while we waited for the lock.
-            if stale is not None and self._access_token is not stale:
-                return
-            await self._refresh_locked()
-
-    async def _refresh_locked(self) -> Secret:
-        api = "lwa"
+    async def _mint(self) -> TokenResponse:
+        """An access token from Login with Amazon (the refresh-token grant)."""
         creds = self._ctx.credentials
         form = {
             "grant_type": "refresh_token",
@@ -564,53 +480,23 @@ class AmazonAdapter:
             "client_id": creds["client_id"].reveal(),
             "client_secret": creds["client_secret"].reveal(),
         }
-        async with self._buckets[api].slot():
-            reply = await self._send(
-                api,
-                "POST",
-                self._lwa_url,
-                headers={
-                    "content-type": "application/x-www-form-urlencoded;charset=UTF-8",
-                    "accept": "application/json",
-                    "user-agent": USER_AGENT,
-                },
-                content=urlencode(form).encode("ascii"),
-            )
-        if reply.status == 200:
-            token = self._decode(_TokenResponse, reply, api)
-            if not header_safe(token.access_token) or not token.expires_in > 0:
-                raise self._err(MallProtocolError, "lwa: token response without a usable token")
-            # Minted at run time: a secret the credential file never held.
-            register_secret(token.access_token, transient=True)
-            self._access_token = Secret(token.access_token)
-            self._access_expires_at = self._ctx.clock() + token.expires_in
-            return self._access_token
-        self._access_token = None
-        try:
-            err = msgspec.json.decode(reply.body, type=_TokenError)
-        except DECODE_ERRORS:
-            err = _TokenError()
-        detail = " ".join(p for p in (err.error, _short(err.error_description)) if p)
-        detail = detail or f"HTTP {reply.status}"
-        if err.error in _LWA_AUTH_ERRORS or reply.status in (401, 403):
-            raise self._err(
-                MallAuthError,
-                f"lwa: Login with Amazon refused the credential ({detail}); re-authorize the "
-                "app for this seller and run `goqctl key set`",
-                err.error or f"http_{reply.status}",
-            )
-        if reply.status == 429:
-            retry_after = self._retry_after(reply.headers.get("retry-after"), api)
-            self._buckets[api].block_for(retry_after)
-            raise MallRateLimited(
-                f"lwa: throttled ({detail})",
-                retry_after=retry_after,
-                mall=MALL,
-                store=self._ctx.store,
-            )
-        if reply.status >= 500:
-            raise self._err(MallUnavailable, f"lwa: {detail}", err.error)
-        raise self._err(MallProtocolError, f"lwa: {detail}", err.error)
+        return await self._client.request_token(
+            "lwa",
+            self._lwa_url,
+            form,
+            headers={
+                "content-type": "application/x-www-form-urlencoded;charset=UTF-8",
+                "accept": "application/json",
+                "user-agent": USER_AGENT,
+            },
+            bucket=self._buckets["lwa"],
+            table=LWA_TABLE,
+            retry_default=_retry_default("lwa"),
+            auth_hint=(
+                "Login with Amazon refused the credential: re-authorize the app for this "
+                "seller and run `goqctl key set`"
+            ),
+        )
 
     # -- credentials -------------------------------------------------------------------
 
@@ -621,7 +507,7 @@ class AmazonAdapter:
         must belong to the token; the two cheapest calls that prove all three cost one
         of getOrders' 20 burst tokens and one listings token.
         """
-        await self._refresh(stale=None)
+        await self._auth.refresh()
         await self._call(
             "searchListingsItems",
             "GET",
@@ -643,13 +529,13 @@ class AmazonAdapter:
 
     async def credential_expiry(self) -> float | None:
         """``authorized_at`` + 365 days, when the credential file says when that was."""
-        given = self._ctx.credentials.get("authorized_at")
+        given = self._ctx.credentials.get(AUTHORIZED_FIELD)
         if given is None or not given.reveal():
             return None
         try:
             day = date.fromisoformat(given.reveal().strip()[:10])
         except ValueError as exc:
-            raise self._err(
+            raise self._client.error(
                 MallProtocolError, "credential field authorized_at is not a YYYY-MM-DD date"
             ) from exc
         # [I] Seller Central shows the authorization day in the seller's local time.
@@ -669,7 +555,7 @@ class AmazonAdapter:
             try:
                 cursor_at = parse_iso(cursor)
             except ValueError as exc:
-                raise self._err(
+                raise self._client.error(
                     MallProtocolError, f"cursor {cursor!r} is not an ISO 8601 datetime"
                 ) from exc
         span = clock.window(
@@ -745,16 +631,16 @@ class AmazonAdapter:
             if not token:
                 return list(found.values())
             if token in tokens:
-                raise self._err(MallProtocolError, f"{api}: NextToken repeated itself")
+                raise self._client.error(MallProtocolError, f"{api}: NextToken repeated itself")
             tokens.add(token)
             params = {"MarketplaceIds": self._marketplace, "NextToken": token}
-        raise self._err(MallProtocolError, f"{api}: more than {MAX_PAGES} pages")
+        raise self._client.error(MallProtocolError, f"{api}: more than {MAX_PAGES} pages")
 
     def _stamp(self, order: _Order) -> float:
         try:
             return parse_iso(order.last_update_date)
         except ValueError as exc:
-            raise self._err(
+            raise self._client.error(
                 MallProtocolError,
                 f"getOrders: order {order.amazon_order_id} has a malformed LastUpdateDate",
             ) from exc
@@ -772,10 +658,10 @@ class AmazonAdapter:
             if not page.next_token:
                 return tuple(items)
             if page.next_token in tokens:
-                raise self._err(MallProtocolError, f"{api}: NextToken repeated itself")
+                raise self._client.error(MallProtocolError, f"{api}: NextToken repeated itself")
             tokens.add(page.next_token)
             params = {"NextToken": page.next_token}
-        raise self._err(MallProtocolError, f"{api}: more than {MAX_PAGES} pages")
+        raise self._client.error(MallProtocolError, f"{api}: more than {MAX_PAGES} pages")
 
     def _order_lines(
         self, order: _Order, items: Sequence[_OrderItem], cancelled: bool
@@ -865,7 +751,7 @@ class AmazonAdapter:
             )
         submission = self._decode(_Submission, reply, api)
         issues = submission.issues or []
-        text = "; ".join(f"{i.code} {_short(i.message)}" for i in issues)
+        text = "; ".join(f"{i.code} {short(i.message)}" for i in issues)
         if submission.status == "ACCEPTED":
             return _outcome(item, accepted=True, message=text)
         errors = [i for i in issues if i.severity == "ERROR"] or issues
@@ -970,10 +856,10 @@ class AmazonAdapter:
             if not token or not page.items:
                 return
             if token in tokens:
-                raise self._err(MallProtocolError, f"{api}: pageToken repeated itself")
+                raise self._client.error(MallProtocolError, f"{api}: pageToken repeated itself")
             tokens.add(token)
             params = {**params, "pageToken": token}
-        raise self._err(MallProtocolError, f"{api}: more than {MAX_PAGES} pages")
+        raise self._client.error(MallProtocolError, f"{api}: more than {MAX_PAGES} pages")
 
     def _listing(self, item: _Item) -> MallListing | None:
         found = _mfn_quantity(item, self._marketplace)
@@ -1032,6 +918,13 @@ def _mfn_quantity(item: _Item, marketplace: str) -> tuple[int, _AttrAvailability
     return (attr.quantity if attr and attr.quantity is not None else 0), attr
 
 
+def _retry_default(api: str) -> float:
+    """The wait after a throttle without a usable ``Retry-After`` (SP-API rarely sends
+    one [I]): the time the usage plan needs to grant one request, in whole seconds (60
+    for getOrders; the plan's own rate, not the bucket's slower one)."""
+    return float(math.ceil(1.0 / RATES[api][0]))
+
+
 def _push_problem(item: PushItem) -> str:
     """Why Amazon would refuse this item's values, found before spending a call on it."""
     if item.quantity < 0:
@@ -1051,27 +944,16 @@ def _push_problem(item: PushItem) -> str:
 
 
 def _outcome(item: PushItem, *, accepted: bool, code: str = "", message: str = "") -> PushOutcome:
-    return PushOutcome(
-        listing_key=item.listing_key,
-        version=item.version,
-        accepted=accepted,
-        code=code,
-        message=message,
-        quantity=item.quantity,
-    )
-
-
-def open_adapter(ctx: StoreContext) -> AmazonAdapter:
-    return AmazonAdapter(ctx)
+    return push_outcome(item, accepted=accepted, code=code, message=message, quantity=item.quantity)
 
 
 SPEC = MallSpec(
     name=MALL,
     title="Amazon.co.jp",
-    open_adapter=open_adapter,
+    open_adapter=AmazonAdapter,
     limits=LIMITS,
     credential_fields=CREDENTIAL_FIELDS,
-    optional_fields=("authorized_at",),
+    optional_fields=(AUTHORIZED_FIELD,),
     # The client id (the app's) and the seller id are not secrets.
     secret_fields=("client_secret", "refresh_token"),
     options={
@@ -1084,4 +966,14 @@ SPEC = MallSpec(
     },
     default_live_statuses=LIVE_STATUSES,
     default_cancel_statuses=CANCEL_STATUSES,
+    expiry=KeyExpiry(
+        credential="app authorisation (アプリ認可, 1 year)",
+        field=AUTHORIZED_FIELD,
+        lifetime_s=AUTHORIZATION_LIFETIME_S,
+        renewal=(
+            "re-authorise the app in Seller Central (アプリの認可を更新; yearly), write the new "
+            "refresh_token and authorized_at (YYYY-MM-DD) with the other fields to a JSON file "
+            "and run `goqctl key set {store} --file new.json`"
+        ),
+    ),
 )

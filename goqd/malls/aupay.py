@@ -63,6 +63,7 @@ from goqd.errors import (
 )
 from goqd.malls.base import (
     DECODE_ERRORS,
+    KeyExpiry,
     MallLimits,
     MallSpec,
     OrderPage,
@@ -72,9 +73,10 @@ from goqd.malls.base import (
     opt_flag,
     opt_integer,
     opt_number,
-    parse_retry_after,
+    push_outcome,
     read_options,
 )
+from goqd.malls.client import MAX_BODY_BYTES, MallClient, Reply, Table, error_class
 from goqd.malls.ratelimit import shared_bucket
 from goqd.messages import ListingAttrs, MallListing, OrderLine, PushItem, PushOutcome
 
@@ -95,6 +97,8 @@ RATE_MARGIN: Final = 0.9
 
 # The API key is valid 90 days from its issue date [V].
 KEY_LIFETIME_S: Final = 90 * 86400
+# The credential-file field with that date (YYYY-MM-DD, JST).
+ISSUED_FIELD: Final = "issued_at"
 
 LIVE_STATUSES: Final = (
     "新規受付",
@@ -107,7 +111,7 @@ LIVE_STATUSES: Final = (
     "予約中",
     "保留",
     # Decremented while under review so a rejected order costs a restore, never an
-    # oversell [I, malls.md §4.2 daemon mapping].
+    # oversell [I, docs/malls.md §4.2 daemon mapping].
     "不正取引審査中",
     # Same reasoning for a review put on hold: book it now, restore if it ends in 審査NG.
     "審査保留",
@@ -121,11 +125,21 @@ TERMINAL_CANCEL_STATUSES: Final = frozenset(CANCEL_STATUSES)
 # Error codes are not published [I]. These are the codes the simulator uses for a
 # rejected key / wrong shop, for maintenance and for throttling; a message naming the
 # key, authentication or the source IP also counts as an auth failure, because vendor
-# tools report expired key, unregistered IP and wrong shop id alike [V: malls.md §4.1].
+# tools report expired key, unregistered IP and wrong shop id alike [V: docs/malls.md §4.1].
 DEFAULT_AUTH_CODES: Final = ("PME0106", "PME0107")
 AUTH_MESSAGE_MARKERS: Final = ("認証", "APIキー", "接続元IP", "IPアドレス", "ショップID", "店舗ID")
 MAINTENANCE_CODES: Final = frozenset({"PME9001"})
 THROTTLE_CODES: Final = frozenset({"PME9002"})
+# How the shop API's replies are classified; a store's ``auth_error_codes`` are added.
+# What it does not name: a 4xx is a request that did not fit the API (the mall's words
+# say how), anything else a well-formed error goqd cannot classify [I], retried.
+TABLE: Final[Table] = {
+    401: MallAuthError,
+    403: MallAuthError,
+    429: MallRateLimited,
+    **dict.fromkeys(MAINTENANCE_CODES, MallUnavailable),
+    **dict.fromkeys(THROTTLE_CODES, MallRateLimited),
+}
 # itemCancelStatus values meaning "this line is cancelled" [I: values not published].
 DEFAULT_ITEM_CANCEL_VALUES: Final = ("キャンセル", "キャンセル済", "キャンセル済み", "1")
 
@@ -136,6 +150,8 @@ _LIST_TAGS: Final = frozenset(
 _MAX_PAGES: Final = 2000
 _MAX_DEPTH: Final = 32  # the shop API's answers nest about five deep
 _MESSAGE_MAX: Final = 300
+# An error the mall reported inside an answer (HTTP 200) that is not at hand.
+_ANSWERED: Final = Reply(200, httpx.Headers(), b"")
 
 
 # --------------------------------------------------------------------------------------
@@ -389,9 +405,9 @@ class AupayAdapter:
         self._item_page: int = opts["items_page_size"]  # [I]
         self._read_single_max: int = opts["read_single_max"]
         self._fetch_names: bool = opts["fetch_names"]
-        self._max_body: int = opts["max_body_bytes"]
+        self._client = MallClient(ctx, MALL, max_body=opts["max_body_bytes"])
         self._default_retry_after: float = opts["retry_after_default"]
-        self._auth_codes = frozenset(opts["auth_error_codes"])
+        self._table: Table = {**TABLE, **dict.fromkeys(opts["auth_error_codes"], MallAuthError)}
         self._item_cancel_values = frozenset(opts["item_cancel_values"])
         self._link_field: str = opts["link_field"]
         self._live = frozenset(ctx.live_statuses or LIVE_STATUSES)
@@ -405,9 +421,6 @@ class AupayAdapter:
 
     # -- errors ------------------------------------------------------------------------
 
-    def _where(self) -> dict[str, str]:
-        return {"mall": MALL, "store": self._ctx.store}
-
     def _clean(self, text: str) -> str:
         """Mall text for a message: one line, bounded, and never a credential."""
         text = " ".join(text.split())[:_MESSAGE_MAX]
@@ -419,29 +432,24 @@ class AupayAdapter:
                 text = text.replace(value, "***")
         return text
 
-    def _protocol(self, api: str, what: str) -> MallProtocolError:
-        return MallProtocolError(f"{api}: {what}", **self._where())
-
-    def _is_auth(self, code: str, message: str) -> bool:
-        return code in self._auth_codes or any(m in message for m in AUTH_MESSAGE_MARKERS)
-
-    def _mall_error(self, api: str, code: str, message: str, http_status: int) -> MallError:
+    def _mall_error(self, api: str, code: str, message: str, reply: Reply) -> MallError:
         """Map an error the mall reported in its own format to a goqd error."""
         text = self._clean(f"{code} {message}".strip()) or "no error detail"
-        where = f"{api}: HTTP {http_status}: {text}" if http_status != 200 else f"{api}: {text}"
-        if http_status in (401, 403) or self._is_auth(code, message):
-            return MallAuthError(
-                f"{where} (API key, shop id or source IP rejected)", **self._where()
-            )
-        if http_status == 429 or code in THROTTLE_CODES:
-            return MallRateLimited(where, retry_after=self._default_retry_after, **self._where())
-        if http_status >= 500 or code in MAINTENANCE_CODES:
-            return MallUnavailable(where, **self._where())
-        if 400 <= http_status < 500:
-            # Our request did not fit the API: report it with the mall's words.
-            return MallProtocolError(where, **self._where())
-        # A well-formed error we cannot classify [I]: temporary, retried with backoff.
-        return MallUnavailable(where, **self._where())
+        status = reply.status
+        where = f"{api}: HTTP {status}: {text}" if status != 200 else f"{api}: {text}"
+        unfit = MallProtocolError if 400 <= status < 500 else MallUnavailable
+        cls = error_class(self._table, status, code, otherwise=unfit)
+        if any(m in message for m in AUTH_MESSAGE_MARKERS):
+            cls = MallAuthError
+        if cls is MallAuthError:
+            where = f"{where} (API key, shop id or source IP rejected)"
+        return self._client.reply_error(
+            cls,
+            where,
+            reply=reply,
+            bucket=self._buckets[api],
+            retry_default=self._default_retry_after,
+        )
 
     # -- transport ---------------------------------------------------------------------
 
@@ -449,7 +457,9 @@ class AupayAdapter:
         secret = self._ctx.credentials.get(name)
         value = secret.reveal() if secret is not None else ""
         if not value:
-            raise MallAuthError(f"credential field {name!r} is missing or empty", **self._where())
+            raise self._client.error(
+                MallAuthError, f"credential field {name!r} is missing or empty"
+            )
         return value
 
     def _shop_id(self) -> str:
@@ -477,82 +487,59 @@ class AupayAdapter:
             ),
             "Accept": "application/xml",
         }
-        bucket = self._buckets[api]
-        method = "POST" if body is not None else "GET"
         # Paced from the answer (``TokenBucket.slot``): the mall counts a call on arrival.
-        async with bucket.slot():
-            try:
-                async with self._ctx.http.stream(
-                    method, f"{self._prefix}/{api}", params=params, content=body, headers=headers
-                ) as response:
-                    declared = response.headers.get("content-length", "")
-                    if declared.isdigit() and int(declared) > self._max_body:
-                        raise self._protocol(api, f"response of {declared} bytes refused")
-                    raw = bytearray()
-                    async for chunk in response.aiter_bytes():
-                        raw += chunk
-                        if len(raw) > self._max_body:
-                            raise self._protocol(
-                                api, f"response over {self._max_body} bytes refused"
-                            )
-                    status = response.status_code
-                    retry_after = response.headers.get("retry-after")
-                    content_type = response.headers.get("content-type", "")
-            except httpx.TimeoutException as exc:
-                raise MallUnavailable(f"{api}: timed out", **self._where()) from exc
-            except httpx.HTTPError as exc:
-                # The exception text can carry the URL (and the shop id in it): name the type.
-                raise MallUnavailable(f"{api}: {type(exc).__name__}", **self._where()) from exc
-
-        if status == 429:
-            wait = parse_retry_after(
-                retry_after, now=self._ctx.clock(), default=self._default_retry_after
-            )
-            bucket.block_for(wait)
-            code, message = self._error_detail(bytes(raw))
-            text = self._clean(f"{code} {message}".strip())
-            raise MallRateLimited(
-                f"{api}: HTTP 429 {text}".rstrip(), retry_after=wait, **self._where()
-            )
-        if status != 200:
-            code, message = self._error_detail(bytes(raw))
-            error = self._mall_error(api, code, message, status)
-            if isinstance(error, MallRateLimited) and error.retry_after is not None:
-                bucket.block_for(error.retry_after)
-            raise error
-        tree = self._parse(api, bytes(raw), content_type)
+        reply = await self._client.send(
+            api,
+            "POST" if body is not None else "GET",
+            f"{self._prefix}/{api}",
+            headers=headers,
+            bucket=self._buckets[api],
+            content=body,
+            params=params,
+        )
+        if reply.status != 200:
+            code, message = self._error_detail(reply.body)
+            raise self._mall_error(api, code, message, reply)
+        tree = self._parse(api, reply.body, reply.headers.get("content-type", ""))
         envelope = self._convert(api, tree, _Envelope)
         if envelope.result.status != 0 and body is None:
             err = envelope.result.error or _Error()
-            error = self._mall_error(api, err.code, err.message, 200)
-            if isinstance(error, MallRateLimited) and error.retry_after is not None:
-                bucket.block_for(error.retry_after)
-            raise error
+            raise self._mall_error(api, err.code, err.message, reply)
         return tree
 
     def _parse(self, api: str, raw: bytes, content_type: str) -> dict[str, Any]:
         head = raw.lstrip()[:100].lower()
         if "html" in content_type.lower() or head.startswith((b"<!doctype html", b"<html")):
-            raise self._protocol(api, "answered with an HTML page instead of XML")
+            raise self._client.error(
+                MallProtocolError, api=api, message="answered with an HTML page instead of XML"
+            )
         try:
             root = SafeET.fromstring(raw)
         except (ET.ParseError, defusedxml.DefusedXmlException) as exc:
-            raise self._protocol(api, f"unreadable XML ({type(exc).__name__})") from exc
+            raise self._client.error(
+                MallProtocolError, api=api, message=f"unreadable XML ({type(exc).__name__})"
+            ) from exc
         if root.tag != "response":
-            raise self._protocol(api, f"unexpected root element <{self._clean(str(root.tag))}>")
+            raise self._client.error(
+                MallProtocolError,
+                api=api,
+                message=f"unexpected root element <{self._clean(str(root.tag))}>",
+            )
         try:
             tree = _xml_to_obj(root)
         except ValueError as exc:
-            raise self._protocol(api, str(exc)) from exc
+            raise self._client.error(MallProtocolError, api=api, message=str(exc)) from exc
         if not isinstance(tree, dict):
-            raise self._protocol(api, "empty <response>")
+            raise self._client.error(MallProtocolError, api=api, message="empty <response>")
         return tree
 
     def _convert(self, api: str, tree: dict[str, Any], kind: type[_W]) -> _W:
         try:
             return msgspec.convert(tree, kind, strict=False)
         except msgspec.ValidationError as exc:
-            raise self._protocol(api, f"unexpected response: {self._clean(str(exc))}") from exc
+            raise self._client.error(
+                MallProtocolError, api=api, message=f"unexpected response: {self._clean(str(exc))}"
+            ) from exc
 
     def _error_detail(self, raw: bytes) -> tuple[str, str]:
         """``(code, message)`` from an error body, or blanks when it is not au PAY XML."""
@@ -585,7 +572,7 @@ class AupayAdapter:
 
     async def credential_expiry(self) -> float | None:
         """Issue date (credential field ``issued_at``, JST) + 90 days; None if absent."""
-        secret = self._ctx.credentials.get("issued_at")
+        secret = self._ctx.credentials.get(ISSUED_FIELD)
         if secret is None or not secret.reveal().strip():
             return None
         issued = _parse_jst(secret.reveal()[:10].replace("/", "-"))
@@ -655,8 +642,10 @@ class AupayAdapter:
                 orders_seen += 1
                 ordered_at = _parse_jst(info.order_date)
                 if ordered_at is None:
-                    raise self._protocol(
-                        API_ORDERS, f"order {info.order_id}: orderDate {info.order_date!r}"
+                    raise self._client.error(
+                        MallProtocolError,
+                        api=API_ORDERS,
+                        message=f"order {info.order_id}: orderDate {info.order_date!r}",
                     )
                 if ordered_at + 60 <= floor:
                     continue
@@ -671,7 +660,9 @@ class AupayAdapter:
                 break
             start_count += self._order_page
         else:
-            raise self._protocol(API_ORDERS, f"more than {_MAX_PAGES} pages")
+            raise self._client.error(
+                MallProtocolError, api=API_ORDERS, message=f"more than {_MAX_PAGES} pages"
+            )
         # Orders that left the window can no longer be observed: forget them.
         self._seen = seen_now
         # Never later than au PAY's time when the search ran.
@@ -721,7 +712,11 @@ class AupayAdapter:
         terminal = order_cancelled and status in TERMINAL_CANCEL_STATUSES
         for d in info.detail:
             if not d.order_detail_id.strip() or not d.item_code.strip():
-                raise self._protocol(API_ORDERS, f"order {info.order_id}: detail without ids")
+                raise self._client.error(
+                    MallProtocolError,
+                    api=API_ORDERS,
+                    message=f"order {info.order_id}: detail without ids",
+                )
             item_code = d.item_code.strip()
             child = _real_code(d.item_management_id)
             line_cancelled = d.item_cancel_status.strip() in self._item_cancel_values
@@ -756,7 +751,9 @@ class AupayAdapter:
             if len(rows) < self._stock_page or (total is not None and start + len(rows) > total):
                 return
             start += self._stock_page
-        raise self._protocol(API_SEARCH_STOCKS, f"more than {_MAX_PAGES} pages")
+        raise self._client.error(
+            MallProtocolError, api=API_SEARCH_STOCKS, message=f"more than {_MAX_PAGES} pages"
+        )
 
     async def _search_items(self) -> AsyncIterator[_ResultItem]:
         base = {"shopId": self._shop_id(), "totalCount": str(self._item_page)}
@@ -771,21 +768,29 @@ class AupayAdapter:
             if len(rows) < self._item_page or (total is not None and start + len(rows) > total):
                 return
             start += self._item_page
-        raise self._protocol(API_SEARCH_ITEMS, f"more than {_MAX_PAGES} pages")
+        raise self._client.error(
+            MallProtocolError, api=API_SEARCH_ITEMS, message=f"more than {_MAX_PAGES} pages"
+        )
 
     def _count(self, api: str, text: str) -> int | None:
         text = text.strip()
         if not text:
             return None
         if not text.isdigit():
-            raise self._protocol(api, f"maxCount {self._clean(text)!r} is not a number")
+            raise self._client.error(
+                MallProtocolError,
+                api=api,
+                message=f"maxCount {self._clean(text)!r} is not a number",
+            )
         return int(text)
 
     def _plain_count(self, row: _ResultStock) -> int:
         text = row.stock_count.strip()
         if not text.isdigit():
-            raise self._protocol(
-                API_SEARCH_STOCKS, f"{row.item_code}: stockCount {self._clean(text)!r}"
+            raise self._client.error(
+                MallProtocolError,
+                api=API_SEARCH_STOCKS,
+                message=f"{row.item_code}: stockCount {self._clean(text)!r}",
             )
         return int(text)
 
@@ -801,7 +806,11 @@ class AupayAdapter:
             h, v = cs.choices_stock_horizontal_code, cs.choices_stock_vertical_code
             child = child_code(h, v)
             if not child:
-                raise self._protocol(API_SEARCH_STOCKS, f"{item_code}: choice without codes")
+                raise self._client.error(
+                    MallProtocolError,
+                    api=API_SEARCH_STOCKS,
+                    message=f"{item_code}: choice without codes",
+                )
             key = listing_key_for(item_code, child)
             self._choice_codes[key] = (h.strip(), v.strip())
             counts[key] = cs.choices_stock_count
@@ -893,9 +902,8 @@ class AupayAdapter:
     def _outcome(
         self, entry: _Entry, accepted: bool, code: str = "", message: str = ""
     ) -> PushOutcome:
-        return PushOutcome(
-            listing_key=entry.item.listing_key,
-            version=entry.item.version,
+        return push_outcome(
+            entry.item,
             accepted=accepted,
             code=code,
             message=message,
@@ -1010,21 +1018,17 @@ class AupayAdapter:
         if response.result.status != 0 and not errors:
             # Not about any one item (auth, size, maintenance): the whole call failed.
             err = response.result.error or _Error()
-            raise self._mall_error(API_UPDATE_STOCK, err.code, err.message, 200)
+            raise self._mall_error(API_UPDATE_STOCK, err.code, err.message, _ANSWERED)
         return errors
-
-
-def open_adapter(ctx: StoreContext) -> AupayAdapter:
-    return AupayAdapter(ctx)
 
 
 SPEC = MallSpec(
     name=MALL,
     title="au PAY マーケット",
-    open_adapter=open_adapter,
+    open_adapter=AupayAdapter,
     limits=MallLimits(push_batch=200, read_batch=1000, min_poll_interval=60.0),
     credential_fields=("api_key", "shop_id"),
-    optional_fields=("issued_at",),
+    optional_fields=(ISSUED_FIELD,),
     secret_fields=("api_key",),
     options={
         "push_batch": opt_integer(200, 1, 1000),
@@ -1039,7 +1043,7 @@ SPEC = MallSpec(
         "items_page_size": opt_integer(100, 1, 1000),
         "read_single_max": opt_integer(3, 0, 1000),
         "fetch_names": opt_flag(True),
-        "max_body_bytes": opt_integer(16 * 1024 * 1024, 1024, 256 * 1024 * 1024),
+        "max_body_bytes": opt_integer(MAX_BODY_BYTES, 1024, 256 * 1024 * 1024),
         "retry_after_default": opt_number(5.0, 0, 600),
         "auth_error_codes": opt_codes(DEFAULT_AUTH_CODES),
         "item_cancel_values": opt_codes(DEFAULT_ITEM_CANCEL_VALUES),
@@ -1047,4 +1051,14 @@ SPEC = MallSpec(
     },
     default_live_statuses=LIVE_STATUSES,
     default_cancel_statuses=CANCEL_STATUSES,
+    expiry=KeyExpiry(
+        credential="API key (APIキー, 90 days)",
+        field=ISSUED_FIELD,
+        lifetime_s=KEY_LIFETIME_S,
+        renewal=(
+            "re-issue the API key in Wow!manager (各種お申し込み → API利用申請; APIキー再発行), "
+            "write api_key, shop_id and issued_at (YYYY-MM-DD) to a JSON file and run "
+            "`goqctl key set {store} --file new.json`"
+        ),
+    ),
 )

@@ -7,7 +7,11 @@ raises only goqd's errors (``goqd.errors.MallError`` and subclasses); nothing ab
 credential: messages are built from the mall's own error codes and texts.
 
 Adding a mall adds a module here, a simulator in ``goqd/sim``, a test file and a line
-in ``goqd/malls/registry.py``; it never touches the store actor.
+in ``goqd/malls/registry.py``; it never touches the store actor. Everything goqd knows
+about a mall besides its adapter is on its ``MallSpec``: credential fields and which are
+secret, options, limits, default statuses, and how its key expires and is renewed
+(``KeyExpiry``). How a request goes out and how the answer becomes a goqd error is
+``goqd.malls.client``, the same for every mall.
 
 Shared here so every adapter behaves the same: the ``options`` a mall accepts
 (``OptionSpec``, checked by ``check-config`` before anything runs), the one
@@ -36,10 +40,10 @@ from goqd.malls.adapterstate import AdapterState, MemoryState
 from goqd.malls.clock import MallClock, parse_http_date
 from goqd.messages import ListingAttrs, MallCount, MallListing, OrderLine, PushItem, PushOutcome
 from goqd.secret import Secret
+from goqd.wallclock import WallClock
 
 log = structlog.get_logger("goqd.malls")
 
-WallClock = Callable[[], float]
 # Writes a store's whole credential (every field, as the store now uses it) where the
 # next start reads it. Given by the core; never raises for a failed write.
 CredentialSaver = Callable[[Mapping[str, Secret]], Awaitable[None]]
@@ -92,7 +96,7 @@ class StoreContext(msgspec.Struct, frozen=True, kw_only=True):
     http: httpx.AsyncClient
     clock: WallClock
     # Per-store overrides of the mall's default order statuses (strings, as the mall
-    # spells them); empty means the mall's defaults from malls.md.
+    # spells them); empty means the mall's defaults from docs/malls.md.
     live_statuses: tuple[str, ...] = ()
     cancel_statuses: tuple[str, ...] = ()
     options: dict[str, Any] = msgspec.field(default_factory=dict)
@@ -185,6 +189,25 @@ async def read_listings(adapter: MallAdapter, listing_keys: Sequence[str]) -> di
     return {key: MallCount(quantity=quantity) for key, quantity in counts.items()}
 
 
+def push_outcome(
+    item: PushItem,
+    *,
+    accepted: bool,
+    code: str = "",
+    message: str = "",
+    quantity: int | None = None,
+) -> PushOutcome:
+    """The outcome of pushing ``item``: what the mall said, and the count it was sent."""
+    return PushOutcome(
+        listing_key=item.listing_key,
+        version=item.version,
+        accepted=accepted,
+        code=code,
+        message=message,
+        quantity=quantity,
+    )
+
+
 AdapterFactory = Callable[[StoreContext], MallAdapter]
 WebhookCheck = Callable[[dict[str, Secret], bytes, Mapping[str, str]], bool | None]
 
@@ -270,6 +293,24 @@ def opt_codes(default: tuple[str, ...]) -> OptionSpec:
     return OptionSpec(kind="codes", default=default)
 
 
+class KeyExpiry(msgspec.Struct, frozen=True, kw_only=True):
+    """How a mall's credential runs out, and what an operator does about it.
+
+    ``credential`` names it for messages ("licenseKey (ライセンスキー, 90 days)").
+    ``field`` is the credential-file field the adapter computes the expiry from, where
+    the mall cannot be asked ("" when it can: Rakuten's expiry-date API); without it in
+    the file goqd cannot warn, and says to add it. ``lifetime_s`` is how long the
+    credential lasts from that field's date (0: the field is the expiry itself).
+    ``renewal`` is what to do, ending in `goqctl key set`; "{store}" is replaced by the
+    store's name.
+    """
+
+    credential: str
+    renewal: str
+    field: str = ""
+    lifetime_s: float = 0.0
+
+
 class MallSpec(msgspec.Struct, frozen=True, kw_only=True):
     """A mall as the registry knows it.
 
@@ -281,7 +322,9 @@ class MallSpec(msgspec.Struct, frozen=True, kw_only=True):
     a key in the file the mall does not name at all is treated as secret too.
 
     ``options`` are the ``[stores.options]`` the mall accepts; anything else is refused
-    by ``check-config``. ``webhook`` is set for malls that push order events (Shopify).
+    by ``check-config``. ``expiry`` says how the credential runs out (``KeyExpiry``),
+    which ``goqd.expiry`` turns into warnings. ``webhook`` is set for malls that push
+    order events (Shopify).
     """
 
     name: str
@@ -294,6 +337,8 @@ class MallSpec(msgspec.Struct, frozen=True, kw_only=True):
     options: dict[str, OptionSpec] = msgspec.field(default_factory=dict)
     default_live_statuses: tuple[str, ...] = ()
     default_cancel_statuses: tuple[str, ...] = ()
+    # When the credential expires and how it is renewed; None: goqd cannot tell.
+    expiry: KeyExpiry | None = None
     # For malls that push order events: (credentials, raw body, headers) -> None when the
     # signature is wrong, else whether the event may have changed orders (then goqd
     # polls that store at once). Served at ``POST /webhooks/<store>``.
@@ -399,8 +444,8 @@ class GuardedAdapter:
     Adapters translate the failures they expect; a response shaped in a way nobody
     expected can still make their parsing raise ``KeyError``, ``IndexError``,
     ``RecursionError`` and the like. Here any such exception becomes a
-    ``MallProtocolError`` naming the mall, the store and the call (level 8: the store
-    goes degraded and retries), and the traceback is logged once per call and exception
+    ``MallProtocolError`` naming the mall, the store and the call (``LEVEL_TEMPORARY``:
+    the store goes degraded and retries), and the traceback is logged once per call and exception
     type, since it is a bug to fix. Results are checked for numbers no mall sends.
     ``trio.Cancelled`` and other ``BaseException`` pass through untouched.
     """

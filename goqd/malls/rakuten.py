@@ -3,14 +3,14 @@
 Orders come from RakutenPayOrderAPI (``searchOrder`` then ``getOrder``), stock goes out
 through Inventory API 2.0 ``bulk-upsert`` (ABSOLUTE) and is read back with ``bulk-get``,
 listings come from ItemAPI 2.0 ``items.search``, and the licenseKey's expiry from
-LicenseManagementAPI. Facts and their sources are in ``malls.md`` §1; every choice
+LicenseManagementAPI. Facts and their sources are in docs/malls.md §1; every choice
 marked [I] below is an assumption the simulator (``goqd.sim.rakuten``) mirrors.
 
 Auth: ``Authorization: ESA base64(serviceSecret:licenseKey)``. Any 401 (GA0001 /
 ES01-01) and ``ES04-01`` (the API function is not enabled for the shop) raise
 ``MallAuthError``: both need an operator.
 
-How orders are found. Rakuten has no "updated after" search [I, malls.md §1.2], so each
+How orders are found. Rakuten has no "updated after" search [I, docs/malls.md §1.2], so each
 poll makes two searches:
 
 1. ``dateType=1`` (order date) from ``cursor - overlap_s`` to now, statuses live+cancel:
@@ -49,35 +49,27 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
-import httpx
 import msgspec
 
-from goqd.errors import (
-    ConfigError,
-    MallAuthError,
-    MallError,
-    MallProtocolError,
-    MallRateLimited,
-    MallUnavailable,
-)
+from goqd.errors import ConfigError, MallAuthError, MallError, MallProtocolError, MallRateLimited
 from goqd.logs import register_secret
 from goqd.malls.base import (
     DECODE_ERRORS,
+    KeyExpiry,
     MallLimits,
     MallSpec,
     OrderPage,
     StoreContext,
     opt_choice,
     opt_integer,
-    parse_retry_after,
+    push_outcome,
     read_options,
 )
+from goqd.malls.client import MallClient, Reply, Table, error_class, short
 from goqd.malls.ratelimit import TokenBucket, shared_bucket
-from goqd.malls.transport import READ
 from goqd.messages import ListingAttrs, MallListing, OrderLine, PushItem, PushOutcome
 
 # POST APIs that change nothing: searchOrder, getOrder and bulk-get only read.
@@ -93,7 +85,6 @@ BULK_GET_PATH = "/es/2.0/inventories/bulk-get"
 ITEM_SEARCH_PATH = "/es/2.0/items/search"
 KEY_EXPIRY_PATH = "/es/1.0/license-management/license-key/expiry-date"
 
-MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_WINDOW_S = 63 * 86400  # searchOrder: endDatetime - startDatetime <= 63 days [V]
 MAX_LOOKBACK_S = 730 * 86400  # searchOrder: startDatetime within the past 2 years [V]
 SEARCH_PAGE_MAX = 1000  # requestRecordsAmount [V]
@@ -107,7 +98,7 @@ ITEM_SEARCH_HITS = 100  # items.search hits 1..100 [V]
 
 LIVE_STATUSES = ("100", "200", "300", "400", "500", "600", "700")
 CANCEL_STATUSES = ("900",)
-# 900 キャンセル確定 is final; 800 キャンセル確定待ち can still be withdrawn (malls.md §1.3).
+# 900 キャンセル確定 is final; 800 キャンセル確定待ち can still be withdrawn (docs/malls.md §1.3).
 TERMINAL_STATUSES = frozenset({"900"})
 CHANGE_STATUS = "400"
 
@@ -119,10 +110,19 @@ CHANGE_STATUS = "400"
 LINK_FIELDS = ("merchantDefinedSkuId", "variantId", "manageNumber+variantId")
 DEFAULT_LINK_FIELD = "merchantDefinedSkuId"
 
-# Credential-problem gateway codes: GA0001 (expired key, field note), ES01-01 (bad key),
-# GE0011 (Inventory API auth). ES04-01 = the function is not enabled for the shop.
-_AUTH_CODES = frozenset({"GA0001", "ES01-01", "GE0011"})
+# How the gateway's replies are classified. Credential problems: HTTP 401, GA0001
+# (expired key, field note), ES01-01 (bad key; every ES01 code is read as one), GE0011
+# (Inventory API auth). ES04-01 = the function is not enabled for the shop, which only
+# an operator can change too.
 _FUNCTION_DISABLED = "ES04-01"
+TABLE: Table = {
+    401: MallAuthError,
+    429: MallRateLimited,
+    "GA0001": MallAuthError,
+    "ES01-01": MallAuthError,
+    "GE0011": MallAuthError,
+    _FUNCTION_DISABLED: MallAuthError,
+}
 _DEFAULT_RETRY_AFTER = 1.0  # [I] the throttle body/headers are undocumented
 _PROPERTY_INDEX = re.compile(r"^inventories\[(\d+)\]")
 
@@ -271,13 +271,6 @@ class _ExpiryResponse(_Wire):
     expiry_date: str
 
 
-@dataclass(frozen=True)
-class _Reply:
-    status: int
-    body: bytes
-    headers: httpx.Headers
-
-
 # --------------------------------------------------------------------------------------
 # Time helpers: Rakuten speaks JST with a "+0900" offset (exactly; "+09:00" is refused).
 # --------------------------------------------------------------------------------------
@@ -317,10 +310,6 @@ def _windows(start: int, end: int, width: int) -> Iterator[tuple[int, int]]:
         start = stop + 1
 
 
-def _short(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
 class RakutenAdapter:
     """One store's RMS session: HTTP client (borrowed), a token bucket per RMS API, and
     the in-memory set of orders already returned at a terminal cancel status."""
@@ -345,7 +334,7 @@ class RakutenAdapter:
         register_secret(self._auth_header().removeprefix("ESA "))
         self._live = frozenset(ctx.live_statuses or SPEC.default_live_statuses)
         self._cancel = frozenset(ctx.cancel_statuses or SPEC.default_cancel_statuses)
-        # One bucket per RMS API. Orders: ≈1 req/s [I, malls.md §1.6]; Inventory bulk-upsert
+        # One bucket per RMS API. Orders: ≈1 req/s [I, docs/malls.md §1.6]; Inventory bulk-upsert
         # 1 req/s and bulk-get 5 req/s [V]; items.search and expiry-date 1 req/s [I]. Burst 1:
         # "5 per second" is read as evenly spaced, never 5 at once and 5 more [I].
         # Requests are spaced 10% wider than the limit: the first request of a session also
@@ -357,26 +346,14 @@ class RakutenAdapter:
         self._bulk_get_bucket = shared_bucket(ctx.rate_buckets, "bulk_get", 5.0 * margin, 1)
         self._item_bucket = shared_bucket(ctx.rate_buckets, "item", 1.0 * margin, 1)
         self._license_bucket = shared_bucket(ctx.rate_buckets, "license", 1.0 * margin, 1)
+        self._client = MallClient(ctx, MALL)
         # Orders returned at a terminal status, not yet known to be committed:
         # (the cursor returned with them, their numbers).
         self._final_pending: tuple[str, set[str]] | None = None
         self._final_seen: set[str] = set()
 
-    # -- errors ------------------------------------------------------------------------
-
-    def _kw(self) -> dict[str, str]:
-        return {"mall": MALL, "store": self._ctx.store}
-
-    def _protocol(self, message: str, code: str = "") -> MallProtocolError:
-        return MallProtocolError(message, code=code, **self._kw())
-
-    def _decode(self, kind: type[T], reply: _Reply, api: str) -> T:
-        try:
-            return msgspec.json.decode(reply.body, type=kind)
-        except DECODE_ERRORS as exc:
-            raise self._protocol(
-                f"{api}: response does not match the documented format ({exc})"
-            ) from exc
+    def _decode(self, kind: type[T], reply: Reply, api: str) -> T:
+        return self._client.decode(kind, reply.body, api)
 
     # -- HTTP --------------------------------------------------------------------------
 
@@ -395,52 +372,34 @@ class RakutenAdapter:
         body: Any = None,
         params: dict[str, str] | None = None,
         secret_in_url: bool = False,
-    ) -> _Reply:
-        """One request under ``bucket``; gateway-level failures are raised here."""
+    ) -> Reply:
+        """One request under ``bucket``; gateway-level failures are raised here.
+
+        ``secret_in_url``: the expiry-date call carries the licenseKey in its URL.
+        """
         headers = {"Authorization": self._auth_header(), "Accept": "application/json"}
         content: bytes | None = None
         if body is not None:
             content = msgspec.json.encode(body)
             headers["Content-Type"] = "application/json; charset=utf-8"
-        url = self._ctx.base_url.rstrip("/") + path
         # Paced from the answer (``TokenBucket.slot``): RMS counts a call on arrival, and
         # a send held up at start-up (a new connection, a busy process) crowded the next.
-        async with bucket.slot():
-            try:
-                async with self._ctx.http.stream(
-                    method,
-                    url,
-                    headers=headers,
-                    content=content,
-                    params=params,
-                    # POSTs that only read may be sent again on a fresh connection.
-                    extensions=READ if api in _READ_POSTS else None,
-                ) as response:
-                    chunks: list[bytes] = []
-                    size = 0
-                    async for chunk in response.aiter_bytes():
-                        size += len(chunk)
-                        if size > MAX_BODY_BYTES:
-                            raise self._protocol(f"{api}: response larger than 16 MiB")
-                        chunks.append(chunk)
-                    reply = _Reply(response.status_code, b"".join(chunks), response.headers)
-            except httpx.HTTPError as exc:
-                # The exception text may quote the URL, which carries the licenseKey for the
-                # expiry-date call: only the exception type goes into our message, and the
-                # chain is cut where the URL holds a secret.
-                if isinstance(exc, httpx.TimeoutException):
-                    error: MallError = MallUnavailable(f"{api}: timed out", **self._kw())
-                elif isinstance(exc, httpx.DecodingError):
-                    error = self._protocol(f"{api}: undecodable response ({type(exc).__name__})")
-                else:
-                    error = MallUnavailable(f"{api}: {type(exc).__name__}", **self._kw())
-                if secret_in_url:
-                    raise error from None
-                raise error from exc
+        reply = await self._client.send(
+            api,
+            method,
+            self._ctx.base_url.rstrip("/") + path,
+            headers=headers,
+            bucket=bucket,
+            content=content,
+            params=params,
+            # POSTs that only read may be sent again on a fresh connection.
+            read=api in _READ_POSTS,
+            secret_in_url=secret_in_url,
+        )
         self._raise_for_gateway(api, bucket, reply)
         return reply
 
-    def _raise_for_gateway(self, api: str, bucket: TokenBucket, reply: _Reply) -> None:
+    def _raise_for_gateway(self, api: str, bucket: TokenBucket, reply: Reply) -> None:
         code, text = "", ""
         if reply.body[:1] == b"{" and b'"Results"' in reply.body[:4096]:
             try:
@@ -448,40 +407,38 @@ class RakutenAdapter:
             except DECODE_ERRORS:
                 results = None
             if results is not None:
-                code, text = results.error_code, _short(results.message)
+                code, text = results.error_code, short(results.message)
         status = reply.status
         detail = " ".join(p for p in (code, text) if p) or f"HTTP {status}"
-        if status == 401 or code in _AUTH_CODES or code.startswith("ES01"):
-            raise MallAuthError(
-                f"{api}: Rakuten rejected the serviceSecret/licenseKey ({detail}); "
-                "renew the licenseKey in RMS and run `goqctl key set`",
-                code=code or "http_401",
-                **self._kw(),
-            )
-        if code == _FUNCTION_DISABLED:
-            raise MallAuthError(
+        if code.startswith("ES01"):
+            cls: type[MallError] = MallAuthError
+        elif status in TABLE or code in TABLE or status >= 500:
+            cls = error_class(TABLE, status, code)
+        elif code:
+            cls = MallProtocolError
+        else:
+            return  # an answer for the caller to read (a 4xx about the request, say)
+        if cls is MallAuthError and code == _FUNCTION_DISABLED and status != 401:
+            message = (
                 f"{api}: the API function is not enabled for this shop ({detail}); enable it "
-                "in RMS 拡張サービス一覧 > WEB APIサービス > 利用機能編集",
-                code=code,
-                **self._kw(),
+                "in RMS 拡張サービス一覧 > WEB APIサービス > 利用機能編集"
             )
-        if status == 429:
-            retry_after = parse_retry_after(
-                reply.headers.get("retry-after"),
-                now=self._ctx.clock(),
-                default=_DEFAULT_RETRY_AFTER,
+        elif cls is MallAuthError:
+            message = (
+                f"{api}: Rakuten rejected the serviceSecret/licenseKey ({detail}); "
+                "renew the licenseKey in RMS and run `goqctl key set`"
             )
-            bucket.block_for(retry_after)
-            raise MallRateLimited(
-                f"{api}: throttled ({detail})",
-                retry_after=retry_after,
-                code=code or "http_429",
-                **self._kw(),
-            )
-        if status >= 500:
-            raise MallUnavailable(f"{api}: HTTP {status} ({detail})", code=code, **self._kw())
-        if code:
-            raise self._protocol(f"{api}: gateway error ({detail}, HTTP {status})", code=code)
+            code = code or "http_401"
+        elif cls is MallRateLimited:
+            message = f"{api}: throttled ({detail})"
+            code = code or "http_429"
+        elif cls is MallProtocolError:
+            message = f"{api}: gateway error ({detail}, HTTP {status})"
+        else:
+            message = f"{api}: HTTP {status} ({detail})"
+        raise self._client.reply_error(
+            cls, message, code, reply=reply, bucket=bucket, retry_default=_DEFAULT_RETRY_AFTER
+        )
 
     # -- credentials -------------------------------------------------------------------
 
@@ -501,12 +458,14 @@ class RakutenAdapter:
             secret_in_url=True,
         )
         if reply.status != 200:
-            raise self._protocol(f"{api}: unexpected HTTP {reply.status}")
+            raise self._client.error(MallProtocolError, f"{api}: unexpected HTTP {reply.status}")
         expiry = self._decode(_ExpiryResponse, reply, api).expiry_date
         try:
             return parse_jst(expiry)
         except ValueError as exc:
-            raise self._protocol(f"{api}: bad expiryDate {expiry!r}") from exc
+            raise self._client.error(
+                MallProtocolError, f"{api}: bad expiryDate {expiry!r}"
+            ) from exc
 
     # -- orders ------------------------------------------------------------------------
 
@@ -633,7 +592,7 @@ class RakutenAdapter:
         # cannot read now is read again on a later poll while it is in a search window.
         return self._decode(_GetOrderResponse, reply, api).orders or []
 
-    def _order_api_error(self, api: str, reply: _Reply) -> MallProtocolError:
+    def _order_api_error(self, api: str, reply: Reply) -> MallProtocolError:
         """A 4xx from the order API names what it disliked in MessageModelList."""
         code, text = "", ""
         try:
@@ -642,10 +601,12 @@ class RakutenAdapter:
             messages = []
         for message in messages:
             if message.message_type == "ERROR":
-                code, text = message.message_code, _short(message.message)
+                code, text = message.message_code, short(message.message)
                 break
         detail = " ".join(p for p in (code, text) if p) or "no message"
-        return self._protocol(f"{api}: HTTP {reply.status} ({detail})", code=code)
+        return self._client.error(
+            MallProtocolError, f"{api}: HTTP {reply.status} ({detail})", code=code
+        )
 
     def _order_lines(self, order: _Order) -> list[OrderLine]:
         status = str(order.order_progress)
@@ -701,8 +662,9 @@ class RakutenAdapter:
         try:
             return max(parse_jst(s) for s in stamps if s)
         except ValueError as exc:
-            raise self._protocol(
-                f"rpay.order.getOrder: order {order.order_number} has a malformed datetime"
+            raise self._client.error(
+                MallProtocolError,
+                f"rpay.order.getOrder: order {order.order_number} has a malformed datetime",
             ) from exc
 
     def _link_code(self, manage_number: str, variant_id: str, merchant_sku: str | None) -> str:
@@ -761,15 +723,12 @@ class RakutenAdapter:
             reply = await self._call(api, self._upsert_bucket, "POST", BULK_UPSERT_PATH, body=body)
             if reply.status == 204 or (reply.status == 200 and not reply.body.strip()):
                 for i, _, _ in pending:
-                    outcomes[i] = PushOutcome(
-                        listing_key=items[i].listing_key,
-                        version=items[i].version,
-                        accepted=True,
-                        quantity=items[i].quantity,
-                    )
+                    outcomes[i] = push_outcome(items[i], accepted=True, quantity=items[i].quantity)
                 return
             if reply.status not in (400, 404):
-                raise self._protocol(f"{api}: unexpected HTTP {reply.status}")
+                raise self._client.error(
+                    MallProtocolError, f"{api}: unexpected HTTP {reply.status}"
+                )
             errors = self._decode(_InventoryErrors, reply, api).errors
             named: dict[int, list[_InventoryError]] = {}
             for error in errors:
@@ -779,8 +738,9 @@ class RakutenAdapter:
                     named.setdefault(int(match.group(1)), []).append(error)
             if not named:
                 first = errors[0] if errors else _InventoryError()
-                raise self._protocol(
-                    f"{api}: request refused ({first.code} {_short(first.message)})",
+                raise self._client.error(
+                    MallProtocolError,
+                    f"{api}: request refused ({first.code} {short(first.message)})",
                     code=first.code,
                 )
             for j, refusals in named.items():
@@ -788,7 +748,7 @@ class RakutenAdapter:
                 outcomes[i] = _refused(
                     items[i],
                     refusals[0].code,
-                    "; ".join(_short(e.message) for e in refusals),
+                    "; ".join(short(e.message) for e in refusals),
                 )
             pending = [p for j, p in enumerate(pending) if j not in named]
 
@@ -819,17 +779,18 @@ class RakutenAdapter:
                     result[key] = row.quantity
         return result
 
-    def _inventory_error(self, api: str, reply: _Reply) -> MallProtocolError:
+    def _inventory_error(self, api: str, reply: Reply) -> MallProtocolError:
         try:
             errors = msgspec.json.decode(reply.body, type=_InventoryErrors).errors
         except DECODE_ERRORS:
             errors = []
         if errors:
-            return self._protocol(
-                f"{api}: HTTP {reply.status} ({errors[0].code} {_short(errors[0].message)})",
+            return self._client.error(
+                MallProtocolError,
+                f"{api}: HTTP {reply.status} ({errors[0].code} {short(errors[0].message)})",
                 code=errors[0].code,
             )
-        return self._protocol(f"{api}: unexpected HTTP {reply.status}")
+        return self._client.error(MallProtocolError, f"{api}: unexpected HTTP {reply.status}")
 
     # -- listings ----------------------------------------------------------------------
 
@@ -888,23 +849,13 @@ class RakutenAdapter:
 
 
 def _refused(item: PushItem, code: str, message: str) -> PushOutcome:
-    return PushOutcome(
-        listing_key=item.listing_key,
-        version=item.version,
-        accepted=False,
-        code=code,
-        message=message,
-    )
-
-
-def open_adapter(ctx: StoreContext) -> RakutenAdapter:
-    return RakutenAdapter(ctx)
+    return push_outcome(item, accepted=False, code=code, message=message)
 
 
 SPEC = MallSpec(
     name=MALL,
     title="楽天市場",
-    open_adapter=open_adapter,
+    open_adapter=RakutenAdapter,
     # A poll is at least two searchOrder calls at 1 req/s, plus paging and getOrder; 10 s
     # leaves room for that and for the merchant's other tools sharing the shop's limits.
     limits=MallLimits(push_batch=UPSERT_MAX, read_batch=BULK_GET_MAX, min_poll_interval=10.0),
@@ -921,4 +872,13 @@ SPEC = MallSpec(
     },
     default_live_statuses=LIVE_STATUSES,
     default_cancel_statuses=CANCEL_STATUSES,
+    # No field: the licenseKey's expiry is asked at LicenseManagementAPI.
+    expiry=KeyExpiry(
+        credential="licenseKey (ライセンスキー, 90 days)",
+        renewal=(
+            "issue a new licenseKey in RMS (WEB APIサービス → ライセンスキー発行), write it with "
+            "service_secret and license_key to a JSON file and run "
+            "`goqctl key set {store} --file new.json`"
+        ),
+    ),
 )

@@ -30,7 +30,7 @@ from typing import Any, Protocol, TypeVar
 import msgspec
 import trio
 
-WallClock = Callable[[], float]
+from goqd.wallclock import WallClock
 
 # The longest a persisted "blocked until" may hold a bucket after a restart. A wall clock
 # set back, or a record written under a wrong clock, must not park a store for good;
@@ -48,7 +48,8 @@ class BucketState(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Limiter(Protocol):
-    """A bucket ``Limiters`` can save and restore (``TokenBucket``, Shopify's cost bucket).
+    """A bucket ``Limiters`` can save and restore (a ``SavedLevel``: ``TokenBucket``,
+    Shopify's cost bucket).
 
     ``on_change`` is called after every change, before the call that made it goes out.
     """
@@ -94,6 +95,75 @@ def held_until(current: float, blocked_until: float, now: float, wall: float) ->
     return current
 
 
+class SavedLevel:
+    """What every bucket ``Limiters`` keeps shares: ``level`` units saved up (at most
+    ``size``, refilling at ``rate`` per second) as of trio time ``_stamp``, and a trio-time
+    "no call before" the mall asked for; saved as a ``BucketState`` and restored from one.
+    ``TokenBucket`` counts calls, Shopify's cost bucket query-cost points."""
+
+    def __init__(self, rate: float, size: float) -> None:
+        self.rate = rate
+        self.size = size
+        self.level = size
+        self._stamp: float | None = None
+        self._blocked_until = 0.0
+        # Called whenever the state changes (see ``Limiters``).
+        self.on_change: Callable[[], None] | None = None
+
+    def _saved(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    def _in_flight(self) -> float:
+        """Units taken by calls still out that ``level`` does not yet lack."""
+        return 0.0
+
+    def _refill(self, now: float) -> None:
+        if self._stamp is None:
+            self._stamp = now
+        if now <= self._stamp:
+            return  # blocked (the stamp was moved ahead): nothing accrues yet
+        self.level = min(self.size, self.level + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    async def _refilled(self) -> float:
+        """Wait out a "no call before", then refill to now; returns now (trio time)."""
+        while True:
+            now = trio.current_time()
+            if now >= self._blocked_until:
+                self._refill(now)
+                return now
+            # A later throttle may move the deadline while this sleeps: look again.
+            await trio.sleep_until(self._blocked_until)
+
+    def state(self, now: float, wall: float) -> BucketState:
+        """This bucket in wall time; ``now`` (trio) and ``wall`` are the same instant."""
+        return saved_state(
+            self.level, self._stamp, self._blocked_until, now, wall, self._in_flight()
+        )
+
+    def restore(self, saved: BucketState, now: float, wall: float) -> None:
+        """Start where a previous process left off (``saved`` is its last record).
+
+        Calls that were still out when it stopped count as spent now: the mall may have
+        counted them at any time up to the moment the process died. A record from the
+        future (the wall clock was set back) refills nothing.
+        """
+        out = max(0.0, saved.out) if math.isfinite(saved.out) else self.size
+        self.level = max(0.0, restored_level(saved, wall, self.rate, self.size) - out)
+        self._stamp = now
+        self.block_until(saved.blocked_until, now, wall)
+
+    def block_until(self, blocked_until: float, now: float, wall: float) -> None:
+        """Honour a persisted "no call before" (wall time), at most ``MAX_BLOCK_S`` on."""
+        self._blocked_until = held_until(self._blocked_until, blocked_until, now, wall)
+
+    def start_empty(self, now: float) -> None:
+        """Assume the mall has just counted a full bucket (nothing better is known)."""
+        self.level = 0.0
+        self._stamp = now
+
+
 class _Held:
     """A token ``TokenBucket.slot`` holds for the call made inside it."""
 
@@ -126,8 +196,8 @@ async def take_again() -> None:
     held.out = True
 
 
-class TokenBucket:
-    """``rate`` tokens per second, at most ``burst`` saved up; starts full.
+class TokenBucket(SavedLevel):
+    """``rate`` tokens per second, at most ``burst`` (its ``size``) saved up; starts full.
 
     ``restore`` (a restarted process) and ``start_empty`` (nothing trustworthy known)
     change where it starts.
@@ -136,28 +206,13 @@ class TokenBucket:
     def __init__(self, rate: float, burst: float) -> None:
         if not (rate > 0 and math.isfinite(rate)) or not (burst >= 1 and math.isfinite(burst)):
             raise ValueError("rate must be > 0 and burst >= 1")
-        self.rate = rate
-        self.burst = burst
-        self._tokens = burst
-        self._stamp: float | None = None
+        super().__init__(rate, burst)
         self._out = 0
         self._lock = trio.Lock()
-        self._blocked_until = 0.0
         self._answered = trio.Event()
-        # Called whenever the state changes (see ``Limiters``).
-        self.on_change: Callable[[], None] | None = None
 
-    def _refill(self, now: float) -> None:
-        if self._stamp is None:
-            self._stamp = now
-        if now <= self._stamp:
-            return  # blocked (``block_for`` moved the stamp ahead): nothing accrues yet
-        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-        self._stamp = now
-
-    def _saved(self) -> None:
-        if self.on_change is not None:
-            self.on_change()
+    def _in_flight(self) -> float:
+        return self._out
 
     async def acquire(self) -> None:
         """Wait for one token and spend it now (the call goes out at once)."""
@@ -186,12 +241,8 @@ class TokenBucket:
     async def _take(self, *, save: bool) -> None:
         async with self._lock:
             while True:
-                now = trio.current_time()
-                if now < self._blocked_until:
-                    await trio.sleep_until(self._blocked_until)
-                    continue
-                self._refill(now)
-                free = self._tokens - self._out
+                await self._refilled()
+                free = self.level - self._out
                 # Float rounding can leave 0.9999999999999998 tokens; asking for a sleep
                 # of 1e-17 s would never move a MockClock. Forgive that much.
                 if free >= 1 - 1e-9:
@@ -208,7 +259,7 @@ class TokenBucket:
     def _spend(self) -> None:
         self._refill(trio.current_time())
         self._out -= 1
-        self._tokens = max(0.0, self._tokens - 1)
+        self.level = max(0.0, self.level - 1)
         self._answered.set()
         self._answered = trio.Event()
         self._saved()
@@ -217,36 +268,9 @@ class TokenBucket:
         """The mall said to back off (Retry-After): no token before then, and none saved."""
         now = trio.current_time()
         self._blocked_until = max(self._blocked_until, now + seconds)
-        self._tokens = 0
+        self.level = 0
         self._stamp = self._blocked_until
         self._saved()
-
-    # -- persistence -------------------------------------------------------------------
-
-    def state(self, now: float, wall: float) -> BucketState:
-        """This bucket in wall time; ``now`` (trio) and ``wall`` are the same instant."""
-        return saved_state(self._tokens, self._stamp, self._blocked_until, now, wall, self._out)
-
-    def restore(self, saved: BucketState, now: float, wall: float) -> None:
-        """Start where a previous process left off (``saved`` is its last record).
-
-        Calls that were still out when it stopped count as spent now: the mall may have
-        counted them at any time up to the moment the process died. A record from the
-        future (the wall clock was set back) refills nothing.
-        """
-        out = max(0.0, saved.out) if math.isfinite(saved.out) else self.burst
-        self._tokens = max(0.0, restored_level(saved, wall, self.rate, self.burst) - out)
-        self._stamp = now
-        self.block_until(saved.blocked_until, now, wall)
-
-    def block_until(self, blocked_until: float, now: float, wall: float) -> None:
-        """Honour a persisted "no call before" (wall time), at most ``MAX_BLOCK_S`` on."""
-        self._blocked_until = held_until(self._blocked_until, blocked_until, now, wall)
-
-    def start_empty(self, now: float) -> None:
-        """Assume the mall has just counted a full burst (nothing better is known)."""
-        self._tokens = 0.0
-        self._stamp = now
 
 
 class Limiters(dict[str, Any]):

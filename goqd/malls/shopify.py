@@ -1,6 +1,6 @@
 """Shopify adapter: GraphQL Admin API client for one shop, plus webhook helpers.
 
-What it speaks (malls.md §5): ``POST /admin/api/{API_VERSION}/graphql.json`` with the
+What it speaks (docs/malls.md §5): ``POST /admin/api/{API_VERSION}/graphql.json`` with the
 ``X-Shopify-Access-Token`` header. Every request is a *named* GraphQL operation sent with
 ``operationName`` (the simulator dispatches on that name; it cannot run a GraphQL engine).
 
@@ -33,13 +33,11 @@ import json
 import math
 import re
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 from urllib.parse import quote
 
-import httpx
 import msgspec
 import trio
 
@@ -52,6 +50,7 @@ from goqd.errors import (
 )
 from goqd.malls.base import (
     DECODE_ERRORS,
+    KeyExpiry,
     MallLimits,
     MallSpec,
     OrderPage,
@@ -61,17 +60,11 @@ from goqd.malls.base import (
     opt_integer,
     opt_number,
     opt_text,
-    parse_retry_after,
+    push_outcome,
     read_options,
 )
-from goqd.malls.ratelimit import (
-    BucketState,
-    held_until,
-    restored_level,
-    saved_state,
-    shared_limiter,
-)
-from goqd.malls.transport import READ
+from goqd.malls.client import MallClient, Reply, Table, error_class
+from goqd.malls.ratelimit import SavedLevel, shared_limiter
 from goqd.messages import ListingAttrs, MallListing, OrderLine, PushItem, PushOutcome
 from goqd.secret import Secret
 
@@ -79,10 +72,8 @@ MALL = "shopify"
 
 # The Admin API version every request is pinned to. 2026-04 is the first version where
 # ``changeFromQuantity`` is mandatory and ``@idempotent`` is required on
-# inventorySetQuantities (malls.md §5.2 [V]); this adapter relies on both.
+# inventorySetQuantities (docs/malls.md §5.2 [V]); this adapter relies on both.
 API_VERSION = "2026-04"
-
-MAX_BODY = 16 * 1024 * 1024
 
 # Shopify refuses a query whose *requested* cost exceeds 1000 before running it
 # (shopify.dev "Single query limit" [V]). The brief's orders(first: 100) with
@@ -96,7 +87,23 @@ MORE_LINES_FIRST = 250
 VARIANTS_PAGE = 100
 MUTATION_COST = 10  # Shopify's flat cost for a mutation [V: rate-limit docs]
 
+# The credential-file field an expiring token's end is written in.
+EXPIRES_FIELD = "expires_at"
+
 WEBHOOK_ORDER_TOPICS = ("orders/create", "orders/updated", "orders/cancelled")
+
+# How the Admin API's HTTP replies are classified, and the code each is recorded with.
+# 402 is a frozen shop (an unpaid bill), 423 a locked one: the merchant must act at
+# Shopify, but nothing about goqd's credential is wrong, so it keeps retrying. 403 is a
+# missing scope or a revoked app: only a new credential fixes that.
+TABLE: Table = {
+    401: MallAuthError,
+    402: MallUnavailable,
+    403: MallAuthError,
+    423: MallUnavailable,
+    429: MallRateLimited,
+}
+_STATUS_CODES = {401: "unauthorized", 403: "forbidden", 429: "throttled"}
 
 # Status strings goqd uses for a Shopify order (Shopify has no single status field):
 # "open", "closed" (archived, still a sale) and "cancelled" (cancelledAt is set).
@@ -372,75 +379,47 @@ class _VariantsData(_Wire):
 # --------------------------------------------------------------------------------------
 
 
-class CostBucket:
+class CostBucket(SavedLevel):
     """Shopify's leaky bucket, mirrored locally so we rarely get THROTTLED.
 
     ``acquire(cost)`` waits until ``cost`` points are available and takes them. Each
     response's ``throttleStatus`` resyncs the level with the server (minus what other
     requests of ours it may not have counted yet, see ``settle``), which also gives back
     the difference between requested and actual cost. Time is ``trio.current_time()``. A
-    ``goqd.malls.ratelimit.Limiter``: the store's ``Limiters`` keep its level across
-    restarts (a new process that started full was THROTTLED by its first queries).
+    ``goqd.malls.ratelimit.SavedLevel``: the store's ``Limiters`` keep its level across
+    restarts (a new process that started full was THROTTLED by its first queries). The
+    level already lacks the points of requests in flight.
     """
 
     def __init__(self, rate: float, size: float) -> None:
-        self.rate = rate
-        self.size = size
-        self.available = size
-        self._stamp: float | None = None
-        self._blocked_until = 0.0
+        super().__init__(rate, size)
         # Requests taken by ``acquire``: ticket -> (cost, answers received before it was
         # sent, the number of its own answer or 0 while it is out).
         self._sent: dict[int, tuple[float, int, int]] = {}
         self._tickets = 0
         self._answers = 0
         self._lock = trio.Lock()
-        self.on_change: Callable[[], None] | None = None
 
-    def _changed(self) -> None:
-        if self.on_change is not None:
-            self.on_change()
-
-    def state(self, now: float, wall: float) -> BucketState:
-        # ``available`` already lacks the points of requests in flight.
-        return saved_state(self.available, self._stamp, self._blocked_until, now, wall, 0.0)
-
-    def restore(self, saved: BucketState, now: float, wall: float) -> None:
-        self.available = restored_level(saved, wall, self.rate, self.size)
-        self._stamp = now
-        self.block_until(saved.blocked_until, now, wall)
-
-    def block_until(self, blocked_until: float, now: float, wall: float) -> None:
-        self._blocked_until = held_until(self._blocked_until, blocked_until, now, wall)
-
-    def start_empty(self, now: float) -> None:
-        self.available = 0.0
-        self._stamp = now
-
-    def _refill(self, now: float) -> None:
-        if self._stamp is not None:
-            self.available = min(self.size, self.available + (now - self._stamp) * self.rate)
-        self._stamp = now
+    @property
+    def available(self) -> float:
+        """Points the next request may take now (as of the last refill)."""
+        return self.level
 
     async def acquire(self, cost: float) -> int:
         """Take ``cost`` points; the ticket names this request to ``settle``."""
         cost = min(cost, self.size)
         async with self._lock:
             while True:
-                now = trio.current_time()
-                if now < self._blocked_until:
-                    await trio.sleep_until(self._blocked_until)
-                    continue
-                self._refill(now)
-                if self.available >= cost:
-                    self.available -= cost
+                await self._refilled()
+                if self.level >= cost:
+                    self.level -= cost
                     self._tickets += 1
                     self._sent[self._tickets] = (cost, self._answers, 0)
-                    self._changed()
+                    self._saved()
                     return self._tickets
                 # At least a microsecond: a 1e-15 s wait (float rounding) never moves a
                 # virtual clock, and spending early would get THROTTLED by Shopify.
-                await trio.sleep(max(1e-6, (cost - self.available) / self.rate))
+                await trio.sleep(max(1e-6, (cost - self.level) / self.rate))
 
     def settle(
         self, cost: float, status: _ThrottleStatus | None, ticket: int | None = None
@@ -482,13 +461,13 @@ class CostBucket:
         self._refill(now)
         self.rate = status.restore_rate
         self.size = max(1.0, status.maximum_available)
-        self.available = max(0.0, min(self.size, status.currently_available - owed))
-        self._changed()
+        self.level = max(0.0, min(self.size, status.currently_available - owed))
+        self._saved()
 
     def block_for(self, seconds: float) -> None:
         now = trio.current_time()
         self._blocked_until = max(self._blocked_until, now + bounded_wait(seconds, default=1.0))
-        self._changed()
+        self._saved()
 
 
 def _plausible(status: _ThrottleStatus) -> bool:
@@ -592,81 +571,44 @@ class ShopifyAdapter:
         self._bucket = shared_limiter(
             ctx.rate_buckets, "cost", lambda: CostBucket(opts["cost_rate"], opts["cost_bucket"])
         )
+        self._client = MallClient(ctx, MALL)
         self._live = ctx.live_statuses or SPEC.default_live_statuses
         self._cancel = ctx.cancel_statuses or SPEC.default_cancel_statuses
 
     # -- errors ---------------------------------------------------------------------------
 
-    def _fail(self, cls: type[MallError], message: str, *, code: str = "") -> MallError:
-        return cls(message, mall=MALL, store=self._ctx.store, code=code)
-
-    def _throttled(self, retry_after: float, message: str) -> MallRateLimited:
-        # Computed from the mall's numbers: bounded like any Retry-After.
-        retry_after = bounded_wait(retry_after, default=1.0)
-        self._bucket.block_for(retry_after)
-        return MallRateLimited(
-            message, retry_after=retry_after, mall=MALL, store=self._ctx.store, code="throttled"
-        )
-
     # -- transport ------------------------------------------------------------------------
 
-    async def _post(self, payload: bytes, *, read: bool) -> tuple[int, httpx.Headers, bytes]:
+    async def _post(self, operation: str, payload: bytes, *, read: bool) -> Reply:
         """One GraphQL POST; a ``read`` (a query, no mutation) may be sent again on a
         fresh connection if the pooled one turns out closed."""
         token = self._ctx.credentials.get("access_token")
         if token is None:
-            raise self._fail(MallAuthError, "credential file has no access_token")
+            raise self._client.error(MallAuthError, "credential file has no access_token")
         headers = {
             "X-Shopify-Access-Token": token.reveal(),
             "Content-Type": "application/json",
             "Accept": "application/json",
         }
-        try:
-            async with self._ctx.http.stream(
-                "POST",
-                self._url,
-                content=payload,
-                headers=headers,
-                extensions=READ if read else None,
-            ) as resp:
-                chunks: list[bytes] = []
-                size = 0
-                # aclosing: leaving early (too large) must not leave the generator open.
-                # httpx types aiter_bytes as AsyncIterator; it is an async generator.
-                chunks_in = cast(AsyncGenerator[bytes, None], resp.aiter_bytes())
-                async with aclosing(chunks_in) as body:
-                    async for chunk in body:
-                        size += len(chunk)
-                        if size > MAX_BODY:
-                            raise self._fail(
-                                MallProtocolError, f"response larger than {MAX_BODY} bytes"
-                            )
-                        chunks.append(chunk)
-                return resp.status_code, resp.headers, b"".join(chunks)
-        except httpx.TimeoutException as exc:
-            raise self._fail(MallUnavailable, f"timeout: {type(exc).__name__}") from exc
-        except httpx.HTTPError as exc:
-            # Connect errors, resets and protocol breakage (e.g. a body cut short).
-            raise self._fail(MallUnavailable, f"transport error: {type(exc).__name__}") from exc
+        return await self._client.send(
+            operation, "POST", self._url, headers=headers, content=payload, read=read
+        )
 
-    def _http_error(self, status: int, headers: httpx.Headers, body: bytes) -> MallError:
-        text = _error_text(body) or f"HTTP {status}"
-        if status == 401:
-            return self._fail(MallAuthError, f"401 {text}", code="unauthorized")
-        if status == 403:
-            # Missing scope or revoked app: only a new credential fixes it (level 9).
-            return self._fail(MallAuthError, f"403 {text}", code="forbidden")
-        if status == 429:
-            retry = parse_retry_after(
-                headers.get("retry-after"), now=self._ctx.clock(), default=2.0
-            )
-            return self._throttled(retry, f"429 {text}")
-        if status >= 500 or status in (402, 423):
-            # 402 frozen shop (unpaid bill), 423 locked shop: the merchant must act at
-            # Shopify, but nothing about our credential is wrong; keep retrying.
-            return self._fail(MallUnavailable, f"{status} {text}", code=f"http_{status}")
-        return self._fail(
-            MallProtocolError, f"unexpected HTTP {status}: {text}", code=f"http_{status}"
+    def _http_error(self, reply: Reply) -> MallError:
+        status = reply.status
+        text = _error_text(reply.body) or f"HTTP {status}"
+        cls = error_class(TABLE, status)
+        if cls is MallProtocolError:
+            text = f"unexpected HTTP {status}: {text}"
+        else:
+            text = f"{status} {text}"
+        return self._client.reply_error(
+            cls,
+            text,
+            _STATUS_CODES.get(status, f"http_{status}"),
+            reply=reply,
+            bucket=self._bucket,
+            retry_default=2.0,
         )
 
     async def _call(
@@ -684,16 +626,16 @@ class ShopifyAdapter:
         ticket = await self._bucket.acquire(cost)
         status_info: _ThrottleStatus | None = None
         try:
-            status, headers, body = await self._post(
-                payload, read=document.lstrip().startswith("query ")
+            reply = await self._post(
+                operation, payload, read=document.lstrip().startswith("query ")
             )
-            if status != 200:
-                raise self._http_error(status, headers, body)
+            if reply.status != 200:
+                raise self._http_error(reply)
             try:
-                env = msgspec.json.decode(body, type=_Envelope)
+                env = msgspec.json.decode(reply.body, type=_Envelope)
             except DECODE_ERRORS as exc:
-                kind = headers.get("content-type", "?")
-                raise self._fail(
+                kind = reply.headers.get("content-type", "?")
+                raise self._client.error(
                     MallProtocolError, f"{operation}: response is not GraphQL JSON ({kind}): {exc}"
                 ) from exc
             cost_info = env.extensions.cost if env.extensions else None
@@ -701,11 +643,13 @@ class ShopifyAdapter:
             if env.errors:
                 raise self._graphql_error(operation, env.errors, cost_info)
             if bytes(env.data) in (b"null", b""):
-                raise self._fail(MallProtocolError, f"{operation}: response has no data")
+                raise self._client.error(MallProtocolError, f"{operation}: response has no data")
             try:
                 return msgspec.json.decode(env.data, type=data_type)
             except DECODE_ERRORS as exc:
-                raise self._fail(MallProtocolError, f"{operation}: unexpected data: {exc}") from exc
+                raise self._client.error(
+                    MallProtocolError, f"{operation}: unexpected data: {exc}"
+                ) from exc
         finally:
             self._bucket.settle(cost, status_info, ticket)
 
@@ -713,7 +657,7 @@ class ShopifyAdapter:
         self, operation: str, errors: list[_GqlError] | str, cost: _Cost | None
     ) -> MallError:
         if isinstance(errors, str):
-            return self._fail(MallProtocolError, f"{operation}: {errors}")
+            return self._client.error(MallProtocolError, f"{operation}: {errors}")
         codes = [e.extensions.code if e.extensions else "" for e in errors]
         text = "; ".join(f"{c or 'ERROR'}: {e.message}" for c, e in zip(codes, errors, strict=True))
         if "THROTTLED" in codes:
@@ -723,12 +667,20 @@ class ShopifyAdapter:
                 requested = cost.requested_query_cost or 1.0
                 deficit = max(1.0, requested - ts.currently_available)
                 retry = deficit / ts.restore_rate
-            return self._throttled(retry, f"{operation}: {text}")
+            return self._client.throttled(
+                f"{operation}: {text}",
+                bucket=self._bucket,
+                wait=retry,
+                default=1.0,
+                code="throttled",
+            )
         if "ACCESS_DENIED" in codes:
-            return self._fail(MallAuthError, f"{operation}: {text}", code="access_denied")
+            return self._client.error(MallAuthError, f"{operation}: {text}", code="access_denied")
         if "INTERNAL_SERVER_ERROR" in codes or "SERVICE_UNAVAILABLE" in codes:
-            return self._fail(MallUnavailable, f"{operation}: {text}")
-        return self._fail(MallProtocolError, f"{operation}: {text}", code=codes[0] or "graphql")
+            return self._client.error(MallUnavailable, f"{operation}: {text}")
+        return self._client.error(
+            MallProtocolError, f"{operation}: {text}", code=codes[0] or "graphql"
+        )
 
     # -- locations --------------------------------------------------------------------------
 
@@ -736,7 +688,7 @@ class ShopifyAdapter:
         if self._location is None:
             data = await self._call("GoqdPing", Q_PING, {}, PING_COST, _PingData)
             if data.location is None:
-                raise self._fail(MallProtocolError, "shop has no primary location")
+                raise self._client.error(MallProtocolError, "shop has no primary location")
             self._location = data.location.id
         return self._location
 
@@ -748,7 +700,7 @@ class ShopifyAdapter:
             self._location = data.location.id
 
     async def credential_expiry(self) -> float | None:
-        expires = self._ctx.credentials.get("expires_at")
+        expires = self._ctx.credentials.get(EXPIRES_FIELD)
         if expires is None:
             return None
         return _parse_iso(expires.reveal().strip())
@@ -797,7 +749,9 @@ class ShopifyAdapter:
             if not info.has_next_page:
                 break
             if not info.end_cursor or info.end_cursor == after:
-                raise self._fail(MallProtocolError, "GoqdOrders: hasNextPage without a new cursor")
+                raise self._client.error(
+                    MallProtocolError, "GoqdOrders: hasNextPage without a new cursor"
+                )
             after = info.end_cursor
         # Never later than Shopify's time when the search ran.
         done = clock.cursor_after(began, end)
@@ -805,7 +759,7 @@ class ShopifyAdapter:
 
     async def _more_lines(self, order_id: str, after: str | None) -> _LineConn:
         if not after:
-            raise self._fail(MallProtocolError, "lineItems: hasNextPage without a cursor")
+            raise self._client.error(MallProtocolError, "lineItems: hasNextPage without a cursor")
         data = await self._call(
             "GoqdOrderLineItems",
             Q_ORDER_LINES,
@@ -814,7 +768,9 @@ class ShopifyAdapter:
             _OrderLinesData,
         )
         if data.order is None:
-            raise self._fail(MallProtocolError, f"order {order_id} vanished while paging its lines")
+            raise self._client.error(
+                MallProtocolError, f"order {order_id} vanished while paging its lines"
+            )
         return data.order.line_items
 
     def _order_lines(self, order: _Order, items: list[_LineItem]) -> list[OrderLine]:
@@ -897,17 +853,17 @@ class ShopifyAdapter:
             )
             payload = data.inventory_set_quantities
             if payload is None:
-                raise self._fail(MallProtocolError, "inventorySetQuantities returned null")
+                raise self._client.error(MallProtocolError, "inventorySetQuantities returned null")
             codes = {err.code for err in payload.user_errors}
             if "IDEMPOTENCY_CONCURRENT_REQUEST" in codes:
                 # Our earlier attempt with this key is still running at Shopify.
-                raise self._fail(
+                raise self._client.error(
                     MallUnavailable, "inventorySetQuantities: IDEMPOTENCY_CONCURRENT_REQUEST"
                 )
             if "IDEMPOTENCY_PREVIOUS_ATTEMPT_FAILED" in codes:
                 # Shopify asks for a new key: the failed attempt applied nothing.
                 if attempt >= 3:
-                    raise self._fail(
+                    raise self._client.error(
                         MallUnavailable,
                         "inventorySetQuantities: IDEMPOTENCY_PREVIOUS_ATTEMPT_FAILED",
                     )
@@ -929,12 +885,7 @@ class ShopifyAdapter:
             if not refused or payload.inventory_adjustment_group is not None:
                 # Accepted: everything, or everything but the refused ones.
                 for pos, item in rest:
-                    outcomes[pos] = PushOutcome(
-                        listing_key=item.listing_key,
-                        version=item.version,
-                        accepted=True,
-                        quantity=item.quantity,
-                    )
+                    outcomes[pos] = push_outcome(item, accepted=True, quantity=item.quantity)
                 return
             # Shopify refused the whole request because of the items above and applied
             # nothing: send the others again (a different input, so a different key).
@@ -989,7 +940,9 @@ class ShopifyAdapter:
                 try:
                     node = msgspec.convert(raw, type=_InventoryItem)
                 except msgspec.ValidationError as exc:
-                    raise self._fail(MallProtocolError, f"GoqdInventoryLevels: {exc}") from exc
+                    raise self._client.error(
+                        MallProtocolError, f"GoqdInventoryLevels: {exc}"
+                    ) from exc
                 qty = _available(node)
                 if node.tracked and qty is None:
                     continue  # known item, but not stocked at this location
@@ -1025,7 +978,7 @@ class ShopifyAdapter:
             if not info.has_next_page:
                 return
             if not info.end_cursor or info.end_cursor == after:
-                raise self._fail(
+                raise self._client.error(
                     MallProtocolError, "GoqdVariants: hasNextPage without a new cursor"
                 )
             after = info.end_cursor
@@ -1048,9 +1001,8 @@ def _refusal(item: PushItem, err: _UserError) -> PushOutcome:
     code = err.code or "USER_ERROR"
     field = ".".join(err.field or ()) or "-"
     if code == "CHANGE_FROM_QUANTITY_STALE":
-        return PushOutcome(
-            listing_key=item.listing_key,
-            version=item.version,
+        return push_outcome(
+            item,
             accepted=False,
             code="stale",
             message=(
@@ -1058,9 +1010,8 @@ def _refusal(item: PushItem, err: _UserError) -> PushOutcome:
                 f"{item.previous_quantity}: a sale goqd has not booked yet?)"
             ),
         )
-    return PushOutcome(
-        listing_key=item.listing_key,
-        version=item.version,
+    return push_outcome(
+        item,
         accepted=False,
         code=code,
         message=f"{code}: {err.message} (field {field})",
@@ -1160,7 +1111,7 @@ SPEC = MallSpec(
     open_adapter=ShopifyAdapter,
     limits=LIMITS,
     credential_fields=("access_token", "webhook_secret"),
-    optional_fields=("expires_at",),
+    optional_fields=(EXPIRES_FIELD,),
     secret_fields=("access_token", "webhook_secret"),
     options={
         "overlap_s": opt_number(600, 0, 7 * 86400),
@@ -1176,4 +1127,14 @@ SPEC = MallSpec(
     default_live_statuses=(STATUS_OPEN, STATUS_CLOSED),
     default_cancel_statuses=(STATUS_CANCELLED,),
     webhook=check_webhook,
+    # Only some tokens expire; those carry expires_at (ISO 8601).
+    expiry=KeyExpiry(
+        credential="access token",
+        field=EXPIRES_FIELD,
+        renewal=(
+            "rotate the access token in the Shopify admin (the app's API credentials), write "
+            "access_token, webhook_secret and expires_at (if it expires) to a JSON file and run "
+            "`goqctl key set {store} --file new.json`"
+        ),
+    ),
 )

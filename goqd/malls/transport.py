@@ -37,8 +37,7 @@ import httpx
 from goqd.malls.base import DELTA_SECONDS
 from goqd.malls.clock import MallClock, parse_http_date
 from goqd.malls.ratelimit import take_again
-
-WallClock = Callable[[], float]
+from goqd.wallclock import WallClock
 
 # A POST that only reads: ``client.stream("POST", url, extensions=READ, ...)``.
 READ: dict[str, Any] = {"goqd_read": True}

@@ -9,16 +9,17 @@ public-key signature headers ``X-sws-signature`` (Base64 of RSA PKCS#1 v1.5 encr
 Access tokens last one hour and are refreshed at the YConnect v2 token endpoint with the
 refresh token (28 days). An expired access token (401 + ``WWW-Authenticate: Bearer
 error="invalid_token"``) is refreshed once and the call retried; a refused refresh
-(``invalid_grant``) is ``MallAuthError`` (level 9). A refresh response without a new
-refresh token keeps the old one. A new one (Yahoo may rotate it and stop taking the old)
-replaces it, with ``refresh_token_issued_at``, in the store's credential, which the core
-writes where a restart reads it (``goqd.malls.base.replace_credentials``). The refresh
-token is read from the store's credential at each refresh, since every adapter of the
-store (an operator's diff or import too) shares it: one refused right after another
-adapter rotated it is tried again with the new one.
+(``invalid_grant``) is ``MallAuthError`` (``LEVEL_CREDENTIAL``). A refresh response
+without a new refresh token keeps the old one. A new one (Yahoo may rotate it and stop
+taking the old) replaces it, with ``refresh_token_issued_at``, in the store's
+credential, which the core writes where a restart reads it
+(``goqd.malls.base.replace_credentials``). The refresh token is read from the store's
+credential at each refresh, since every adapter of the store (an operator's diff or
+import too) shares it: one refused right after another adapter rotated it is tried again
+with the new one.
 
 Orders. ``orderList`` (XML POST) is searched by **order time** only: the Store API pages
-show no update-time condition (malls.md §8 lists it as unknown), so a cancellation of an
+show no update-time condition (docs/malls.md §8 lists it as unknown), so a cancellation of an
 older order would never fall inside a window of new orders. [I] Each poll therefore
 searches the order-time window ``[now - change_lookback_days, now]`` (option
 ``change_lookback_days``, default 14), asks for ``LastUpdateTime`` in the ``Field`` list,
@@ -76,9 +77,7 @@ from typing import Any, TypeVar
 
 import defusedxml
 import defusedxml.ElementTree as SafeET
-import httpx
 import msgspec
-import trio
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -93,7 +92,7 @@ from goqd.errors import (
 from goqd.logs import register_secret
 from goqd.malls.adapterstate import SeenOrders
 from goqd.malls.base import (
-    DECODE_ERRORS,
+    KeyExpiry,
     MallLimits,
     MallSpec,
     OrderPage,
@@ -102,13 +101,21 @@ from goqd.malls.base import (
     opt_choice,
     opt_integer,
     opt_number,
-    parse_retry_after,
+    push_outcome,
     read_options,
     replace_credentials,
 )
+from goqd.malls.client import (
+    OAUTH_REFUSALS,
+    MallClient,
+    Reply,
+    Table,
+    TokenAuth,
+    TokenResponse,
+    error_class,
+)
 from goqd.malls.clock import describe_skew
 from goqd.malls.ratelimit import TokenBucket, shared_bucket
-from goqd.malls.transport import READ
 from goqd.messages import ListingAttrs, MallCount, MallListing, OrderLine, PushItem, PushOutcome
 from goqd.secret import Secret
 
@@ -121,11 +128,11 @@ PUSH_BATCH = 1000  # setStock / getStock: "カンマ区切りで最大1,000個" 
 READ_BATCH = 1000
 ITEM_LIST_PAGE = 100  # myItemList results: 最大値100 [V]
 REFRESH_TOKEN_LIFETIME_S = 28 * 86400.0  # 4 weeks [V]
-ACCESS_TOKEN_MARGIN_S = 60.0  # refresh this long before the access token expires
+# When the refresh token was issued: its 28 days count from there.
+ISSUED_FIELD = "refresh_token_issued_at"
 # [I] No documented length; far longer than any token, far shorter than the credential
 # file may be, so a token that will not fit is refused before the old one is replaced.
 MAX_REFRESH_TOKEN = 4096
-MAX_BODY = 16 * 1024 * 1024
 MAX_QUANTITY = 999_999_999  # setStock quantity range [V]
 CANCELLED_FINAL = "4"  # キャンセル: "二度と有効にすることはできない" [V, NE manual]
 RATE_PER_URL = 1.0  # "1クエリ/秒" per URL [V]
@@ -155,10 +162,11 @@ CREDENTIAL_FIELDS = (
     "public_key_pem",
     "public_key_version",
 )
-# Token endpoint errors that mean "this credential no longer works" (RFC 6749 §5.2).
-_AUTH_TOKEN_ERRORS = frozenset(
-    {"invalid_grant", "invalid_client", "unauthorized_client", "access_denied"}
-)
+# How the Store API's replies are classified (401/403 further checked for a stale
+# signature, see ``_raise_for_status``), and the token endpoint's: there a 403 is not a
+# refused credential, only a 401 or an OAuth refusal is.
+TABLE: Table = {401: MallAuthError, 403: MallAuthError, 429: MallRateLimited}
+TOKEN_TABLE: Table = {401: MallAuthError, 429: MallRateLimited, **OAUTH_REFUSALS}
 # POST APIs that change nothing (the token endpoint and setStock do).
 _READ_POSTS = frozenset({"orderList", "orderInfo", "getStock"})
 # XML elements that may repeat and are therefore always decoded as lists.
@@ -174,18 +182,6 @@ _T = TypeVar("_T")
 # --------------------------------------------------------------------------------------
 # Wire formats (decoded from XML via a dict; unknown elements are ignored)
 # --------------------------------------------------------------------------------------
-
-
-class _TokenResponse(msgspec.Struct, frozen=True):
-    access_token: str
-    token_type: str = "Bearer"
-    expires_in: int = 3600
-    refresh_token: str | None = None
-
-
-class _TokenError(msgspec.Struct, frozen=True):
-    error: str = ""
-    error_description: str = ""
 
 
 class _OrderSummary(msgspec.Struct, frozen=True, rename="pascal"):
@@ -433,9 +429,8 @@ class YahooAdapter:
         self._store_base = ctx.base_url.rstrip("/") + STORE_API
         self._token_url = _token_url(ctx.urls.get("token", ctx.base_url))
         self._buckets: dict[str, TokenBucket] = {}
-        self._token_lock = trio.Lock()
-        self._access_token: Secret | None = None
-        self._access_expires_at = 0.0
+        self._client = MallClient(ctx, MALL)
+        self._auth = TokenAuth(self._client, self._mint)
         self._public_key: RSAPublicKey | None = None
         # orderInfo answers of the orders in the last poll's window, by OrderId; each
         # also in the state as "order/<OrderId>".
@@ -443,13 +438,10 @@ class YahooAdapter:
 
     # -- errors and credentials --------------------------------------------------------
 
-    def _err(self, cls: type[MallError], message: str, code: str = "") -> MallError:
-        return cls(message, mall=MALL, store=self._ctx.store, code=code)
-
     def _cred(self, name: str) -> Secret:
         value = self._ctx.credentials.get(name)
         if value is None or not value.reveal():
-            raise self._err(MallAuthError, f"credential field {name!r} is missing")
+            raise self._client.error(MallAuthError, f"credential field {name!r} is missing")
         return value
 
     def _key(self) -> RSAPublicKey:
@@ -458,9 +450,11 @@ class YahooAdapter:
             try:
                 key = load_pem_public_key(pem)
             except ValueError as exc:
-                raise self._err(MallAuthError, "public_key_pem is not a PEM public key") from exc
+                raise self._client.error(
+                    MallAuthError, "public_key_pem is not a PEM public key"
+                ) from exc
             if not isinstance(key, RSAPublicKey):
-                raise self._err(MallAuthError, "public_key_pem is not an RSA public key")
+                raise self._client.error(MallAuthError, "public_key_pem is not an RSA public key")
             self._public_key = key
         return self._public_key
 
@@ -491,49 +485,13 @@ class YahooAdapter:
 
     # -- HTTP --------------------------------------------------------------------------
 
-    async def _send(
-        self,
-        api: str,
-        method: str,
-        url: str,
-        *,
-        headers: dict[str, str],
-        content: bytes | None = None,
-        params: dict[str, str] | None = None,
-    ) -> tuple[int, httpx.Headers, bytes]:
-        try:
-            async with self._ctx.http.stream(
-                method,
-                url,
-                headers=headers,
-                content=content,
-                params=params,
-                # POSTs that only read may be sent again on a fresh connection.
-                extensions=READ if api in _READ_POSTS else None,
-            ) as resp:
-                body = bytearray()
-                async for chunk in resp.aiter_bytes():
-                    body += chunk
-                    if len(body) > MAX_BODY:
-                        raise self._err(MallProtocolError, f"{api}: response larger than 16 MiB")
-                return resp.status_code, resp.headers, bytes(body)
-        except httpx.TimeoutException as exc:
-            raise self._err(MallUnavailable, f"{api}: timed out") from exc
-        except httpx.DecodingError as exc:
-            raise self._err(MallProtocolError, f"{api}: undecodable response body") from exc
-        except httpx.HTTPError as exc:
-            raise self._err(MallUnavailable, f"{api}: {type(exc).__name__}") from exc
-
-    def _retry_after(self, headers: httpx.Headers) -> float:
-        return parse_retry_after(
-            headers.get("retry-after"), now=self._ctx.clock(), default=self._lockout_s
-        )
-
     def _parse_xml(self, api: str, body: bytes) -> ET.Element:
         try:
             root: ET.Element = SafeET.fromstring(body)
         except (ET.ParseError, defusedxml.DefusedXmlException, ValueError) as exc:
-            raise self._err(MallProtocolError, f"{api}: response is not well-formed XML") from exc
+            raise self._client.error(
+                MallProtocolError, f"{api}: response is not well-formed XML"
+            ) from exc
         return root
 
     def _mall_error(self, api: str, status: int, body: bytes) -> tuple[str, str]:
@@ -546,49 +504,44 @@ class YahooAdapter:
         message = (root.findtext(".//Message") or "").strip()[:300]
         return code, message or f"HTTP {status}"
 
-    def _raise_for_status(
-        self,
-        api: str,
-        status: int,
-        headers: httpx.Headers,
-        body: bytes,
-        *,
-        signed_offset: float | None = None,
-    ) -> None:
+    def _raise_for_status(self, api: str, reply: Reply, *, signed_offset: float) -> None:
+        status = reply.status
         if status == 200:
             return
-        code, message = self._mall_error(api, status, body)
+        code, message = self._mall_error(api, status, reply.body)
         text = f"{api}: {code} {message}".strip() if code else f"{api}: {message}"
-        if status == 401 and "invalid_token" in headers.get("www-authenticate", ""):
+        if status == 401 and "invalid_token" in reply.headers.get("www-authenticate", ""):
             raise _InvalidToken()
-        if status in (401, 403):
+        cls = error_class(TABLE, status)
+        if cls is MallAuthError:
             # 403: not approved for this API, store not granted to this app, signature
-            # refused. A clock off makes every signature stale: that is level 8 (fix the
-            # clock), never a key to renew. The refusal's own Date is the newest sample.
+            # refused. A clock off makes every signature stale: that is a temporary error
+            # (fix the clock), never a key to renew. The refusal's own Date is the newest
+            # sample.
             skew = self._ctx.mall_clock.latest_offset()
             if skew is not None:
-                error = self._err(
+                error = self._client.error(
                     MallUnavailable,
                     f"{api}: clock skew: Yahoo refused the signed request ({text}) while its "
                     f"clock is {describe_skew(skew)} goqd's; a signature carries the time, so "
                     "set this host's clock right (NTP) before renewing the key",
                     "clock_skew",
                 )
-                if signed_offset is not None and abs(skew - signed_offset) > SIGNATURE_SKEW_S:
+                if abs(skew - signed_offset) > SIGNATURE_SKEW_S:
                     # Signed by a clock Yahoo has left (either way): sign again.
                     raise _StaleSignature(error)
                 if abs(skew) > SIGNATURE_SKEW_S:
                     raise error
-            raise self._err(MallAuthError, text, code)
-        if status == 429:
-            retry_after = self._retry_after(headers)
-            self._bucket(api).block_for(retry_after)
-            raise MallRateLimited(
-                text, retry_after=retry_after, mall=MALL, store=self._ctx.store, code=code
-            )
-        if status >= 500:
-            raise self._err(MallUnavailable, text, code)
-        raise _Rejected(text, mall_code=code, mall_message=message, store=self._ctx.store)
+        if cls is MallProtocolError:
+            raise _Rejected(text, mall_code=code, mall_message=message, store=self._ctx.store)
+        raise self._client.reply_error(
+            cls,
+            text,
+            code,
+            reply=reply,
+            bucket=self._bucket(api),
+            retry_default=self._lockout_s,
+        )
 
     async def _store_call(
         self,
@@ -603,7 +556,8 @@ class YahooAdapter:
 
         An expired access token is refreshed and the call retried exactly once; a call
         refused while Yahoo's clock is far from goqd's is signed again once with Yahoo's
-        time, and if refused again is a level-8 ``clock_skew`` error, not a rejected key.
+        time, and if refused again is a ``clock_skew`` error (temporary), not a rejected
+        key.
         """
         if form is not None:
             content: bytes | None = urllib.parse.urlencode(form).encode()
@@ -613,34 +567,43 @@ class YahooAdapter:
         resigned = False
         attempt = 0
         while True:
-            token = await self._ensure_access_token()
-            # Paced from the answer (``TokenBucket.slot``): Yahoo counts a call on
-            # arrival and locks the URL out for a minute if two come too close.
-            async with self._bucket(api).slot():
+            token, _ = await self._auth.token()
+            offset = 0.0
+
+            def signed(bearer: Secret = token) -> dict[str, str]:
+                # Made once the rate token is held (Yahoo counts a call on arrival and
+                # locks the URL out for a minute if two come too close), so the time in
+                # the signature is the time the call leaves.
+                nonlocal offset
                 offset = self._signature_offset()
                 headers = {
-                    "Authorization": f"Bearer {token.reveal()}",
+                    "Authorization": f"Bearer {bearer.reveal()}",
                     **self._signature_headers(offset),
                 }
                 if content is not None:
                     headers["Content-Type"] = ctype
-                status, resp_headers, body = await self._send(
-                    api,
-                    method,
-                    f"{self._store_base}/{api}",
-                    headers=headers,
-                    content=content,
-                    params=params,
-                )
+                return headers
+
+            reply = await self._client.send(
+                api,
+                method,
+                f"{self._store_base}/{api}",
+                headers=signed,
+                bucket=self._bucket(api),
+                content=content,
+                params=params,
+                # POSTs that only read may be sent again on a fresh connection.
+                read=api in _READ_POSTS,
+            )
             try:
-                self._raise_for_status(api, status, resp_headers, body, signed_offset=offset)
+                self._raise_for_status(api, reply, signed_offset=offset)
             except _InvalidToken:
                 if attempt:
-                    raise self._err(
+                    raise self._client.error(
                         MallAuthError, f"{api}: access token refused right after refresh"
                     ) from None
                 attempt += 1
-                await self._refresh(stale=token)
+                await self._auth.refresh(stale=token)
                 continue
             except _StaleSignature as stale:
                 # The refusal's own Date measured Yahoo's clock: the next signature
@@ -649,115 +612,71 @@ class YahooAdapter:
                     raise stale.error from None
                 resigned = True
                 continue
-            return self._parse_xml(api, body)
+            return self._parse_xml(api, reply.body)
 
     def _decode(self, api: str, elem: ET.Element | None, type_: type[_T]) -> _T:
         if elem is None:
-            raise self._err(MallProtocolError, f"{api}: expected element missing")
+            raise self._client.error(MallProtocolError, f"{api}: expected element missing")
         try:
             return msgspec.convert(_element_to_obj(elem), type_, strict=False)
         except (msgspec.ValidationError, ValueError) as exc:
-            raise self._err(MallProtocolError, f"{api}: {exc}") from exc
+            raise self._client.error(MallProtocolError, f"{api}: {exc}") from exc
 
     def _result_set(self, api: str, root: ET.Element) -> ET.Element:
         if root.tag != "ResultSet":
-            raise self._err(MallProtocolError, f"{api}: root element is <{root.tag}>")
+            raise self._client.error(MallProtocolError, f"{api}: root element is <{root.tag}>")
         return root
 
     # -- tokens ------------------------------------------------------------------------
 
-    async def _ensure_access_token(self) -> Secret:
-        async with self._token_lock:
-            margin = self._ctx.clock() + ACCESS_TOKEN_MARGIN_S
-            if self._access_token is None or margin >= self._access_expires_at:
-                await self._refresh_locked()
-            assert self._access_token is not None
-            return self._access_token
-
-    async def _refresh(self, *, stale: Secret | None) -> None:
-        async with self._token_lock:
-            # Another task may have refreshed while we waited for the lock.
-            if stale is not None and self._access_token is not stale:
-                return
-            await self._refresh_locked()
-
-    async def _refresh_locked(self) -> None:
+    async def _mint(self) -> TokenResponse:
         sent = self._ctx.credentials.get("refresh_token")
         try:
-            await self._grant(sent)
+            return await self._grant(sent)
         except MallAuthError:
             # Another adapter of the store may have used the same refresh token meanwhile
             # and been handed the one Yahoo takes now: that one, once.
             current = self._ctx.credentials.get("refresh_token")
             if current is None or current == sent:
                 raise
-            await self._grant(current)
+            return await self._grant(current)
 
-    async def _grant(self, refresh_token: Secret | None) -> None:
+    async def _grant(self, refresh_token: Secret | None) -> TokenResponse:
         """One refresh at the token endpoint; a rotated refresh token is kept."""
         api = "token"
         if refresh_token is None or not refresh_token.reveal():
-            raise self._err(MallAuthError, "credential field 'refresh_token' is missing")
+            raise self._client.error(MallAuthError, "credential field 'refresh_token' is missing")
         form = {
             "grant_type": "refresh_token",
             "client_id": self._cred("client_id").reveal(),
             "client_secret": self._cred("client_secret").reveal(),
             "refresh_token": refresh_token.reveal(),
         }
-        async with self._bucket(api).slot():
-            headers = {
+        token = await self._client.request_token(
+            api,
+            self._token_url,
+            form,
+            headers=lambda: {
                 "Content-Type": "application/x-www-form-urlencoded",
-                # Yahoo grants a 28-day refresh token only to apps that sign (malls.md §2.2).
+                # Yahoo grants a 28-day refresh token only to apps that sign (docs/malls.md §2.2).
                 **self._signature_headers(),
-            }
-            status, resp_headers, body = await self._send(
-                api,
-                "POST",
-                self._token_url,
-                headers=headers,
-                content=urllib.parse.urlencode(form).encode(),
-            )
-        if status == 200:
-            try:
-                tok = msgspec.json.decode(body, type=_TokenResponse)
-            except DECODE_ERRORS as exc:
-                raise self._err(MallProtocolError, "token: undecodable token response") from exc
-            if not header_safe(tok.access_token) or tok.expires_in <= 0:
-                raise self._err(MallProtocolError, "token: token response without a usable token")
-            rotated = tok.refresh_token or ""
-            if rotated == refresh_token.reveal():
-                rotated = ""
-            if rotated and (not header_safe(rotated) or len(rotated) > MAX_REFRESH_TOKEN):
-                raise self._err(MallProtocolError, "token: unusable new refresh token")
-            now = self._ctx.clock()
-            # Tokens minted at run time are secrets the credential file never held.
-            register_secret(tok.access_token, transient=True)
-            self._access_token = Secret(tok.access_token)
-            self._access_expires_at = now + tok.expires_in
-            if rotated:
-                # The old one may stop working, and the 28 days restart: kept as a
-                # renewed key is, so a restart does not read the old one.
-                register_secret(rotated, transient=True)
-                issued = datetime.fromtimestamp(now, JST).isoformat(timespec="seconds")
-                await replace_credentials(
-                    self._ctx, {"refresh_token": rotated, "refresh_token_issued_at": issued}
-                )
-            return
-        try:
-            err = msgspec.json.decode(body, type=_TokenError)
-        except DECODE_ERRORS:
-            err = _TokenError()
-        text = f"token: {err.error or f'HTTP {status}'} {err.error_description[:200]}".strip()
-        if err.error in _AUTH_TOKEN_ERRORS or status == 401:
-            self._access_token = None
-            raise self._err(MallAuthError, text, err.error)
-        if status == 429:
-            retry_after = self._retry_after(resp_headers)
-            self._bucket(api).block_for(retry_after)
-            raise MallRateLimited(text, retry_after=retry_after, mall=MALL, store=self._ctx.store)
-        if status >= 500:
-            raise self._err(MallUnavailable, text, err.error)
-        raise self._err(MallProtocolError, text, err.error)
+            },
+            bucket=self._bucket(api),
+            table=TOKEN_TABLE,
+            retry_default=self._lockout_s,
+        )
+        rotated = token.refresh_token or ""
+        if rotated == refresh_token.reveal():
+            rotated = ""
+        if rotated and (not header_safe(rotated) or len(rotated) > MAX_REFRESH_TOKEN):
+            raise self._client.error(MallProtocolError, "token: unusable new refresh token")
+        if rotated:
+            # The old one may stop working, and the 28 days restart: kept as a renewed
+            # key is, so a restart does not read the old one.
+            register_secret(rotated, transient=True)
+            issued = datetime.fromtimestamp(self._ctx.clock(), JST).isoformat(timespec="seconds")
+            await replace_credentials(self._ctx, {"refresh_token": rotated, ISSUED_FIELD: issued})
+        return token
 
     # -- keys --------------------------------------------------------------------------
 
@@ -781,8 +700,7 @@ class YahooAdapter:
         ``orderCount`` is the cheapest order API, and order APIs are the ones that need
         Yahoo's extra approval, so a pass here means polling will work.
         """
-        async with self._token_lock:
-            await self._refresh_locked()
+        await self._auth.refresh()
         # orderCount is a GET order API: its parameter is ``sellerId``, as in Yahoo's
         # other GET order APIs (orderChangeHistory's page) and the public clients that
         # call it; the form posts of the stock APIs are the ones that take ``seller_id``.
@@ -793,7 +711,7 @@ class YahooAdapter:
 
     async def credential_expiry(self) -> float | None:
         # Read from the store's credential: a rotation by any of its adapters moves it.
-        issued = self._ctx.credentials.get("refresh_token_issued_at")
+        issued = self._ctx.credentials.get(ISSUED_FIELD)
         obtained = _parse_issued_at(issued.reveal()) if issued else None
         if obtained is None:
             return None
@@ -898,7 +816,7 @@ class YahooAdapter:
         root = await self._store_call(api, xml=ET.tostring(req, encoding="utf-8"))
         detail = self._decode(api, self._result_set(api, root).find(".//OrderInfo"), _OrderDetail)
         if detail.order_id != order_id:
-            raise self._err(
+            raise self._client.error(
                 MallProtocolError, f"{api}: asked for {order_id}, got {detail.order_id}"
             )
         return detail
@@ -913,7 +831,9 @@ class YahooAdapter:
             return []
         updated_at = parse_time(detail.last_update_time) or parse_time(detail.order_time)
         if updated_at is None:
-            raise self._err(MallProtocolError, f"orderInfo: {detail.order_id} has no usable time")
+            raise self._client.error(
+                MallProtocolError, f"orderInfo: {detail.order_id} has no usable time"
+            )
         return [
             OrderLine(
                 order_id=detail.order_id,
@@ -936,9 +856,8 @@ class YahooAdapter:
         for i, item in enumerate(items):
             problem = _push_problem(item)
             if problem:
-                outcomes[i] = PushOutcome(
-                    listing_key=item.listing_key,
-                    version=item.version,
+                outcomes[i] = push_outcome(
+                    item,
                     accepted=False,
                     code="invalid_item",
                     message=problem,
@@ -963,9 +882,8 @@ class YahooAdapter:
                 if blamed is None:
                     raise
                 i, item = remaining.pop(blamed)
-                outcomes[i] = PushOutcome(
-                    listing_key=item.listing_key,
-                    version=item.version,
+                outcomes[i] = push_outcome(
+                    item,
                     accepted=False,
                     code=exc.mall_code,
                     message=exc.mall_message,
@@ -973,12 +891,7 @@ class YahooAdapter:
                 )
                 continue
             for i, item in remaining:
-                outcomes[i] = PushOutcome(
-                    listing_key=item.listing_key,
-                    version=item.version,
-                    accepted=True,
-                    quantity=item.quantity,
-                )
+                outcomes[i] = push_outcome(item, accepted=True, quantity=item.quantity)
             return
 
     async def _set_stock(self, items: Sequence[PushItem], overdraft: bool) -> None:
@@ -1089,17 +1002,13 @@ class YahooAdapter:
                 return
 
 
-def open_adapter(ctx: StoreContext) -> YahooAdapter:
-    return YahooAdapter(ctx)
-
-
 SPEC = MallSpec(
     name=MALL,
     title="Yahoo!ショッピング",
-    open_adapter=open_adapter,
+    open_adapter=YahooAdapter,
     limits=LIMITS,
     credential_fields=CREDENTIAL_FIELDS,
-    optional_fields=("refresh_token_issued_at",),
+    optional_fields=(ISSUED_FIELD,),
     # The client id, seller id and the store's *public* key are not secrets.
     secret_fields=("client_secret", "refresh_token"),
     options={
@@ -1114,4 +1023,14 @@ SPEC = MallSpec(
     },
     default_live_statuses=LIVE_STATUSES,
     default_cancel_statuses=CANCEL_STATUSES,
+    expiry=KeyExpiry(
+        credential="refresh token (リフレッシュトークン, 28 days)",
+        field=ISSUED_FIELD,
+        lifetime_s=REFRESH_TOKEN_LIFETIME_S,
+        renewal=(
+            "re-authorise goqd for the store with Yahoo! ID連携 (the refresh token lasts 28 "
+            "days), write the new refresh_token and refresh_token_issued_at with the other "
+            "fields to a JSON file and run `goqctl key set {store} --file new.json`"
+        ),
+    ),
 )

@@ -1,6 +1,6 @@
 """Simulated Amazon SP-API (JP marketplace): LWA token endpoint, Orders v0, Listings Items.
 
-Speaks the paths, headers, bodies and error shapes of ``malls.md`` §3 and of Amazon's
+Speaks the paths, headers, bodies and error shapes of docs/malls.md §3 and of Amazon's
 own models (``tests/fixtures/spapi``), so the adapter in ``goqd/malls/amazon.py`` talks to it
 exactly as to the real service (only the base URL differs; LWA is served on the same
 host). The tests validate every request and response recorded in ``exchanges`` against
@@ -58,11 +58,11 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Unpack
 
 import trio
 
-from goqd.sim.base import SimLine, SimListing, SimMall, SimOrder, WallClock
+from goqd.sim.base import RatePlan, RefreshTokenMall, SimArgs, SimLine, SimListing, SimOrder
 from goqd.sim.http import Request, Response
 
 JST = timezone(timedelta(hours=9))
@@ -135,6 +135,10 @@ def _parse_iso(text: str) -> float:
     return value.timestamp()
 
 
+def _json_text(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, ensure_ascii=False)
+
+
 def _csv(values: list[str] | None) -> list[str]:
     return [v for raw in values or () for v in raw.split(",") if v]
 
@@ -160,12 +164,6 @@ class PatchRecord:
 
 
 @dataclass
-class _Rate:
-    tokens: float
-    stamp: float
-
-
-@dataclass
 class _Pages:
     """What a NextToken / pageToken stands for: the rest of a result."""
 
@@ -180,7 +178,7 @@ class _BadRequest(Exception):
         self.message = message
 
 
-class SimAmazon(SimMall):
+class SimAmazon(RefreshTokenMall):
     """Amazon SP-API for one seller (``shop_id`` is the seller id) in one marketplace."""
 
     mall = "amazon"
@@ -188,10 +186,6 @@ class SimAmazon(SimMall):
     def __init__(
         self,
         *,
-        shop_id: str,
-        clock: WallClock,
-        seed: int = 0,
-        clock_offset: float = 0.0,
         marketplace_id: str = MARKETPLACE_JP,
         data_lag_s: float = 120.0,
         min_before_s: float = 120.0,
@@ -201,8 +195,9 @@ class SimAmazon(SimMall):
         items_page_size: int = 100,
         retry_after_header: bool = False,
         initial_status: str = "Pending",
+        **base: Unpack[SimArgs],
     ) -> None:
-        super().__init__(shop_id=shop_id, clock=clock, seed=seed, clock_offset=clock_offset)
+        super().__init__(**base)
         if unknown_sku not in ("invalid", "accept"):
             raise ValueError("unknown_sku must be 'invalid' or 'accept'")
         self.marketplace_id = marketplace_id
@@ -216,17 +211,12 @@ class SimAmazon(SimMall):
         self._initial_status = initial_status
         self.client_id = f"amzn1.application-oa2-client.{self.rng.getrandbits(128):032x}"
         self.client_secret = f"amzn1.oa2-cs.v1.{self.rng.getrandbits(256):064x}"
-        self._refresh_tokens: set[str] = set()
-        self._access_tokens: dict[str, float] = {}  # token -> expires at (sim clock)
-        self._rates: dict[str, _Rate] = {}
         self._pages: dict[str, _Pages] = {}
         self._versions: dict[str, list[tuple[float, str]]] = {}  # order -> (updated, status)
         self._channel: dict[str, str] = {}  # order id -> MFN / AFN
         self._other_channels: dict[str, dict[str, dict[str, Any]]] = {}
         self._pending: list[tuple[float, str, list[dict[str, Any]]]] = []
         self._request_serial = 0
-        self.token_refreshes = 0
-        self.throttled_requests = 0
         # Bounded so a long demo or benchmark run does not grow without limit.
         self.exchanges: deque[SimExchange] = deque(maxlen=HISTORY)
         self.patches: deque[PatchRecord] = deque(maxlen=HISTORY)
@@ -360,7 +350,7 @@ class SimAmazon(SimMall):
     def issue_credentials(self) -> dict[str, str]:
         """The seller authorizes the app again: a new LWA refresh token."""
         token = f"Atzr|{base64.urlsafe_b64encode(self.rng.randbytes(48)).decode()}"
-        self._refresh_tokens.add(token)
+        self._refresh_tokens[token] = math.inf  # LWA refresh tokens do not expire
         self._current = {
             "client_id": self.client_id,
             "client_secret": self.client_secret,
@@ -369,15 +359,6 @@ class SimAmazon(SimMall):
             "authorized_at": datetime.fromtimestamp(self.clock(), JST).date().isoformat(),
         }
         return dict(self._current)
-
-    def expire_credentials(self) -> None:
-        """Every refresh and access token issued so far stops working."""
-        self._refresh_tokens.clear()
-        self._access_tokens.clear()
-
-    def expire_access_tokens(self) -> None:
-        """Access tokens die early (as if their hour had passed); refresh tokens live."""
-        self._access_tokens.clear()
 
     # -- HTTP --------------------------------------------------------------------------
 
@@ -407,44 +388,49 @@ class SimAmazon(SimMall):
                 return "patchListingsItem", {"sellerId": seller, "sku": sku}
         return None
 
+    # Guard hooks: the SP-API's answers in its error format.
+
+    def route_refusal(self, request: Request, api: str) -> Response | None:
+        if api == "lwa" or api in USAGE_PLANS:
+            return None
+        return self._error(404, "NotFound", "Resource not found.")
+
+    def guarded(self, request: Request, api: str) -> bool:
+        return api != "lwa"  # LWA is api.amazon.com, another service
+
+    def maintenance_reply(self, api: str) -> Response:
+        return self._error(503, "ServiceUnavailable", "Service temporarily unavailable.")
+
+    def server_error_reply(self, api: str) -> Response:
+        return self._error(
+            500, "InternalFailure", "We encountered an internal error. Please try again."
+        )
+
+    def auth_refusal(self, request: Request, api: str, *, expired: bool) -> Response | None:
+        state = self.access_expired(request.headers.get("x-amz-access-token", ""))
+        if expired or state:
+            return self._error(403, "Unauthorized", MSG_UNAUTHORIZED, MSG_EXPIRED)
+        if state is None:
+            return self._error(403, "Unauthorized", MSG_UNAUTHORIZED)
+        return None
+
+    def rate_plan(self, api: str) -> RatePlan | None:
+        rate, burst = USAGE_PLANS[api]
+        # A client that paces itself exactly at the plan's rate may arrive with 1 - ε
+        # tokens because of float rounding; that is not over the limit.
+        return RatePlan(rate, burst, slack=1e-9)
+
+    def throttle_reply(self, api: str, wait: float, *, cost: float, forced: bool) -> Response:
+        headers = {"Retry-After": str(max(1, math.ceil(wait)))} if self.retry_after_header else {}
+        return self._error(429, "QuotaExceeded", MSG_QUOTA, headers=headers)
+
     async def handle(self, request: Request, api: str) -> Response:
         self.settle()
-        if request.path == LWA_PATH:
+        if api == "lwa":
             return self._lwa(request)
         route = self._route(request)
-        if route is None:
-            return self._error(404, "NotFound", "Resource not found.")
+        assert route is not None  # route_refusal answered every other request
         operation, params = route
-        response = await self._sp_api(request, operation, params)
-        self.exchanges.append(
-            SimExchange(
-                operation,
-                request.method,
-                request.path,
-                {k: list(v) for k, v in request.query.items()},
-                request.body,
-                response.status,
-                response.body,
-            )
-        )
-        return response
-
-    async def _sp_api(self, request: Request, operation: str, params: dict[str, str]) -> Response:
-        denied = self._check_auth(request)
-        if denied is not None:
-            return denied
-        rate, _ = USAGE_PLANS[operation]
-        wait = self._over_rate(operation)
-        if wait is not None:
-            return self._throttled(wait)
-        if self.faults.maintenance:
-            return self._error(503, "ServiceUnavailable", "Service temporarily unavailable.")
-        if self.roll(self.faults.error_rate):
-            return self._error(
-                500, "InternalFailure", "We encountered an internal error. Please try again."
-            )
-        if self.roll(self.faults.throttle_rate):
-            return self._throttled(self.faults.retry_after)
         handler: Callable[[Request, dict[str, str]], Response] = {
             "getOrders": self._get_orders,
             "getOrderItems": self._get_order_items,
@@ -456,41 +442,26 @@ class SimAmazon(SimMall):
             response = handler(request, params)
         except _BadRequest as exc:
             response = self._error(400, exc.code, exc.message)
-        response.headers["x-amzn-RateLimit-Limit"] = f"{rate:g}"
+        response.headers["x-amzn-RateLimit-Limit"] = f"{USAGE_PLANS[operation][0]:g}"
         if operation == "patchListingsItem" and self.faults.timeout_after_apply:
             # The patch is applied; the answer never comes within a client timeout.
             await trio.sleep(3600)
         return response
 
-    def _check_auth(self, request: Request) -> Response | None:
-        token = request.headers.get("x-amz-access-token", "")
-        expires = self._access_tokens.get(token)
-        if self.faults.expired_credential or (expires is not None and self.clock() >= expires):
-            return self._error(403, "Unauthorized", MSG_UNAUTHORIZED, MSG_EXPIRED)
-        if expires is None:
-            return self._error(403, "Unauthorized", MSG_UNAUTHORIZED)
-        return None
-
-    def _over_rate(self, operation: str) -> float | None:
-        """None when the usage plan grants the call, else seconds until it would."""
-        rate, burst = USAGE_PLANS[operation]
-        now = trio.current_time()
-        state = self._rates.get(operation)
-        if state is None:
-            state = self._rates[operation] = _Rate(tokens=burst, stamp=now)
-        state.tokens = min(burst, state.tokens + (now - state.stamp) * rate)
-        state.stamp = now
-        # A client that paces itself exactly at the plan's rate may arrive with 1 - ε
-        # tokens here because of float rounding; that is not over the limit.
-        if state.tokens >= 1 - 1e-9:
-            state.tokens = max(0.0, state.tokens - 1)
-            return None
-        return (1 - state.tokens) / rate
-
-    def _throttled(self, wait: float) -> Response:
-        self.throttled_requests += 1
-        headers = {"Retry-After": str(max(1, math.ceil(wait)))} if self.retry_after_header else {}
-        return self._error(429, "QuotaExceeded", MSG_QUOTA, headers=headers)
+    def answered(self, request: Request, api: str, response: Response) -> None:
+        if api not in USAGE_PLANS:
+            return  # only SP-API operations are validated against the models
+        self.exchanges.append(
+            SimExchange(
+                api,
+                request.method,
+                request.path,
+                {k: list(v) for k, v in request.query.items()},
+                request.body,
+                response.status,
+                response.body,
+            )
+        )
 
     def _error(
         self,
@@ -513,24 +484,14 @@ class SimAmazon(SimMall):
         return f"{n:08x}-0000-4000-8000-{(n * 2654435761) % 16**12:012x}"
 
     def _ok(self, payload: dict[str, Any]) -> Response:
-        """A 200 JSON answer, spoiled as ``faults.malformed`` asks."""
-        kind = self.faults.malformed
-        headers = {"x-amzn-RequestId": self._request_id()}
-        if kind == "html":
-            return Response(
-                200,
-                "<!DOCTYPE html><html><body><h1>Service Unavailable</h1></body></html>",
-                content_type="text/html; charset=utf-8",
-                headers=headers,
-            )
-        if kind == "missing_field":
-            payload = {}
-        elif kind == "wrong_type":
-            payload = {k: 12345 for k in payload}
-        text = json.dumps(payload, ensure_ascii=False)
-        if kind == "truncated":
-            text = text[: len(text) // 2]
-        return Response(200, text, headers=headers)
+        """A 200 JSON answer (spoiled as ``faults.malformed`` asks)."""
+        return self.reply_ok(
+            payload,
+            _json_text,
+            drop_field=lambda p: {},
+            wrong_type=lambda p: {k: 12345 for k in p},
+            headers={"x-amzn-RequestId": self._request_id()},
+        )
 
     # -- LWA ---------------------------------------------------------------------------
 
@@ -553,7 +514,7 @@ class SimAmazon(SimMall):
                 401,
             )
         token = form.get("refresh_token", "")
-        if self.faults.expired_credential or token not in self._refresh_tokens:
+        if self.faults.expired_credential or not self.refresh_ok(token):
             return Response.json(
                 {
                     "error": "invalid_grant",
@@ -562,9 +523,8 @@ class SimAmazon(SimMall):
                 },
                 400,
             )
-        self.token_refreshes += 1
         access = f"Atza|{base64.urlsafe_b64encode(self.rng.randbytes(48)).decode()}"
-        self._access_tokens[access] = self.clock() + ACCESS_TOKEN_LIFETIME_S
+        self.add_access_token(access, ACCESS_TOKEN_LIFETIME_S)
         return Response.json(
             {
                 "access_token": access,

@@ -33,6 +33,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Unpack
 from xml.etree.ElementTree import Element  # the type defusedxml returns; never parses
 from xml.sax.saxutils import escape
 
@@ -40,8 +41,8 @@ import defusedxml
 import defusedxml.ElementTree as SafeET
 import trio
 
-from goqd.sim.base import SimListing, SimMall, SimOrder, WallClock
-from goqd.sim.http import Request, Response
+from goqd.sim.base import ApiKeyArgs, ApiKeyMall, RatePlan, SimListing, SimOrder
+from goqd.sim.http import XML_TYPE, Request, Response
 
 JST = dt.timezone(dt.timedelta(hours=9), "JST")
 
@@ -81,6 +82,14 @@ def _ok(inner: str = "") -> str:
     return _doc("<result><status>0</status></result>" + inner)
 
 
+def _wrong_type(text: str) -> str:
+    numeric = r"<(unit|stockCount|choicesStockCount|resultCount|maxCount)>[^<]*</\1>"
+    mangled, n = re.subn(numeric, r"<\1>many</\1>", text)
+    if n == 0:
+        mangled = re.sub(r"<status>[^<]*</status>", "<status>ok</status>", text)
+    return mangled
+
+
 def _parse_date(text: str) -> dt.date | None:
     for fmt in ("%Y%m%d", "%Y-%m-%d", "%Y/%m/%d"):
         try:
@@ -90,29 +99,10 @@ def _parse_date(text: str) -> dt.date | None:
     return None
 
 
-class _Bucket:
-    """Non-blocking token bucket on trio time: the mall's side of a rate limit."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.tokens = burst
-        self.stamp = trio.current_time()
-
-    def take(self) -> bool:
-        now = trio.current_time()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
-
-
 Route = Callable[[Request], Awaitable[Response]]
 
 
-class SimAupay(SimMall):
+class SimAupay(ApiKeyMall):
     """A simulated au PAY マーケット shop. See the module docstring for the assumptions."""
 
     mall = "aupay"
@@ -120,11 +110,6 @@ class SimAupay(SimMall):
     def __init__(
         self,
         *,
-        shop_id: str,
-        clock: WallClock,
-        seed: int = 0,
-        clock_offset: float = 0.0,
-        key_lifetime_days: float = 90.0,
         auth_error_status: int = 401,
         rate_limit: float = 1.0,
         rate_burst: float = 2.0,
@@ -134,9 +119,9 @@ class SimAupay(SimMall):
         item_page_max: int = 500,
         status_on_item_error: int = 1,
         item_cancel_value: str = "キャンセル",
+        **base: Unpack[ApiKeyArgs],
     ) -> None:
-        super().__init__(shop_id=shop_id, clock=clock, seed=seed, clock_offset=clock_offset)
-        self.key_lifetime_s = key_lifetime_days * 86400
+        super().__init__(**base)
         self.auth_error_status = auth_error_status
         self.rate_limit = rate_limit
         self.rate_burst = rate_burst
@@ -146,11 +131,8 @@ class SimAupay(SimMall):
         self.item_page_max = item_page_max
         self.status_on_item_error = status_on_item_error
         self.item_cancel_value = item_cancel_value
-        self.throttled_requests = 0
         self.update_calls = 0
-        self._keys: dict[str, float] = {}  # API key -> issued at (sim wall clock)
         self._current_key = ""
-        self._buckets: dict[str, _Bucket] = {}
         self._order_serial = 10_000_000
         self._detail_serial = 90_000_000
         self._lots: dict[str, int] = {}
@@ -251,28 +233,20 @@ class SimAupay(SimMall):
     def issue_credentials(self) -> dict[str, str]:
         """A new API key, as an operator copies it from Wow!manager (valid 90 days)."""
         key = "".join(f"{self.rng.getrandbits(8):02x}" for _ in range(32))
-        now = self.clock()
-        self._keys[key] = now
+        self.add_key(key)
         self._current_key = key
         return self._credential_dict(key)
 
-    def expire_credentials(self) -> None:
-        """Every key issued so far stops working."""
-        self._keys.clear()
-        self._current_key = ""
-
     def credentials(self) -> dict[str, str]:
-        if not self._key_valid(self._current_key):
+        """The key issued last, or a new one once that has stopped working."""
+        if not self.key_valid(self._current_key):
             return self.issue_credentials()
         return self._credential_dict(self._current_key)
 
     def _credential_dict(self, key: str) -> dict[str, str]:
-        issued = dt.datetime.fromtimestamp(self._keys[key], JST).strftime("%Y-%m-%d")
-        return {"api_key": key, "shop_id": self.shop_id, "issued_at": issued}
-
-    def _key_valid(self, key: str) -> bool:
-        issued = self._keys.get(key)
-        return issued is not None and self.clock() < issued + self.key_lifetime_s
+        issued = self._keys[key] - self.key_lifetime_s
+        day = dt.datetime.fromtimestamp(issued, JST).strftime("%Y-%m-%d")
+        return {"api_key": key, "shop_id": self.shop_id, "issued_at": day}
 
     # -- HTTP --------------------------------------------------------------------------
 
@@ -288,7 +262,36 @@ class SimAupay(SimMall):
         )
         return Response.xml(body, status=status, headers=headers or None)
 
-    def _throttle(self, retry_after: float) -> Response:
+    # Guard hooks: Wow!manager's answers in its <response><result> error format.
+
+    def route_refusal(self, request: Request, api: str) -> Response | None:
+        if request.path.startswith("/wmshopapi/") and (request.method, api) in self._routes:
+            return None
+        return self._error(404, CODE_NOT_FOUND, "指定されたAPIは存在しません。")
+
+    def maintenance_reply(self, api: str) -> Response:
+        return self._error(503, CODE_MAINTENANCE, "ただいまシステムメンテナンス中です。")
+
+    def server_error_reply(self, api: str) -> Response:
+        # [I] the web server's own page, not the API's XML.
+        return Response(
+            500,
+            "<html><body><h1>500 Internal Server Error</h1></body></html>",
+            content_type="text/html; charset=utf-8",
+        )
+
+    def auth_refusal(self, request: Request, api: str, *, expired: bool) -> Response | None:
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if expired or scheme != "Bearer" or not self.key_valid(key.strip()):
+            return self._error(self.auth_error_status, CODE_AUTH, MESSAGE_AUTH)
+        return None
+
+    def rate_plan(self, api: str) -> RatePlan | None:
+        return RatePlan(self.rate_limit, self.rate_burst)
+
+    def throttle_reply(self, api: str, wait: float, *, cost: float, forced: bool) -> Response:
+        # [I] The mall's own limit says the interval it allows; a forced one the plan's.
+        retry_after = wait if forced else max(1.0, 1.0 / self.rate_limit)
         return self._error(
             429,
             CODE_THROTTLED,
@@ -296,64 +299,22 @@ class SimAupay(SimMall):
             **{"retry-after": f"{retry_after:g}"},
         )
 
-    def _authorised(self, request: Request) -> bool:
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        return (
-            scheme == "Bearer"
-            and self._key_valid(key.strip())
-            and not self.faults.expired_credential
-        )
+    busy_page = (
+        "<html><head><title>au PAY マーケット</title></head>"
+        "<body>ただいまアクセスが集中しています。</body></html>"
+    )
 
     async def handle(self, request: Request, api: str) -> Response:
-        faults = self.faults
-        if faults.maintenance:
-            return self._error(503, CODE_MAINTENANCE, "ただいまシステムメンテナンス中です。")
-        if not request.path.startswith("/wmshopapi/"):
-            return self._error(404, CODE_NOT_FOUND, "指定されたAPIは存在しません。")
-        if not self._authorised(request):
-            return self._error(self.auth_error_status, CODE_AUTH, MESSAGE_AUTH)
-        bucket = self._buckets.get(api)
-        if bucket is None:
-            bucket = self._buckets[api] = _Bucket(self.rate_limit, self.rate_burst)
-        if not bucket.take():
-            self.throttled_requests += 1
-            return self._throttle(max(1.0, 1.0 / self.rate_limit))
-        if self.roll(faults.throttle_rate):
-            return self._throttle(faults.retry_after)
-        if self.roll(faults.error_rate):
-            return Response(
-                500,
-                "<html><body><h1>500 Internal Server Error</h1></body></html>",
-                content_type="text/html; charset=utf-8",
-            )
-        route = self._routes.get((request.method, api))
-        if route is None:
-            return self._error(404, CODE_NOT_FOUND, "指定されたAPIは存在しません。")
-        response = await route(request)
-        if faults.malformed and response.status == 200:
-            return self._malformed(response, faults.malformed)
-        return response
-
-    def _malformed(self, response: Response, kind: str) -> Response:
-        text = response.body.decode("utf-8")
-        if kind == "html":
-            return Response(
-                200,
-                "<html><head><title>au PAY マーケット</title></head>"
-                "<body>ただいまアクセスが集中しています。</body></html>",
-                content_type="text/html; charset=utf-8",
-            )
-        if kind == "truncated":
-            return Response.xml(text[: max(1, len(text) // 2)])
-        if kind == "missing_field":
-            return Response.xml(re.sub(r"<status>[^<]*</status>", "", text))
-        if kind == "wrong_type":
-            numeric = r"<(unit|stockCount|choicesStockCount|resultCount|maxCount)>[^<]*</\1>"
-            mangled, n = re.subn(numeric, r"<\1>many</\1>", text)
-            if n == 0:
-                mangled = re.sub(r"<status>[^<]*</status>", "<status>ok</status>", text)
-            return Response.xml(mangled)
-        return response
+        response = await self._routes[(request.method, api)](request)
+        if not self.faults.malformed or response.status != 200:
+            return response
+        return self.reply_ok(
+            response.body.decode("utf-8"),
+            str,
+            drop_field=lambda text: re.sub(r"<status>[^<]*</status>", "", text),
+            wrong_type=_wrong_type,
+            content_type=XML_TYPE,
+        )
 
     def _check_shop(self, shop_id: str) -> Response | None:
         if shop_id.strip() != self.shop_id:

@@ -1,34 +1,132 @@
 """What every simulated mall shares: listings whose stock the mall itself lowers,
-orders that move through statuses, fault switches, and a request history.
+orders that move through statuses, fault switches, a request history, the guard
+pipeline every request goes through and the rate bucket each mall's limits run on.
 
 A mall-specific simulator (``goqd/sim/<mall>.py``) subclasses ``SimMall`` and adds its
 wire format: routes, auth scheme, bodies, status codes, error shapes, batch and rate
 limits. The market generator and the checker use only this base class, so they work
 the same for every mall.
 
+The guard pipeline (``SimMall.guard``) runs these checks in this order, the first that
+refuses answers, and only a request that passes them all reaches ``handle``:
+
+1. route: a path or method the mall does not serve gets the mall's 404 (or 405);
+2. maintenance: ``faults.maintenance`` answers the mall's maintenance reply, before the
+   mall has looked at who is asking, as a front end in maintenance does;
+3. server error: ``faults.error_rate`` answers the mall's 5xx, again before any check;
+4. auth: the credential presented (or ``faults.expired_credential``);
+5. rate limit: the mall prices the request (one call, or a GraphQL query's cost), then
+   ``faults.throttle_rate`` may throttle it (counted in ``forced_throttles``), then the
+   mall's own limit (``rate_plan``; counted in ``throttled_requests``); limits belong
+   to a known caller, so they come after auth.
+
+Each step is a hook whose reply the subclass renders in its mall's format; the
+decisions (which fault fires, whether the bucket grants) are made here once. Endpoints
+a real mall serves from another host (OAuth token endpoints) skip the pipeline
+(``guarded`` is False for them).
+
 Time: the wall clock shared with the daemon under test (epoch seconds; under a
 ``MockClock`` derived from ``trio.current_time()``), plus the simulator's
 ``clock_offset``: a mall whose clock disagrees with goqd's (seconds, minutes, nine hours
 of a zone read wrong) stamps its orders, filters its searches, checks signatures and
 dates its responses by ``clock()``, its own time. Every response carries an HTTP
-``Date`` from it, as real malls' servers send one.
+``Date`` from it, as real malls' servers send one. Rate buckets run on
+``trio.current_time()``, the clock the adapters' own buckets pace themselves by.
 
 Nothing here may ever reach a real mall host: simulators listen on loopback only.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate
+from typing import TypedDict, TypeVar, Unpack
 
 import trio
 
-from goqd.sim.http import App, Request, Response
+from goqd.sim.http import HTML_TYPE, JSON_TYPE, App, Request, Response
+from goqd.wallclock import WallClock
 
-WallClock = Callable[[], float]
+
+class SimArgs(TypedDict, total=False):
+    """What every simulator's constructor takes besides its mall's own options."""
+
+    shop_id: str
+    clock: WallClock
+    seed: int
+    clock_offset: float
+
+
+class ApiKeyArgs(SimArgs, total=False):
+    """What an ``ApiKeyMall``'s constructor takes besides its mall's own options."""
+
+    key_lifetime_days: float
+
+
+@dataclass(frozen=True)
+class RatePlan:
+    """A mall's limit on one API: ``rate`` per second with room for ``burst``.
+
+    ``key`` names the bucket (APIs with the same key share one; "" = the API name).
+    ``slack`` is how far short of a whole token a request may still pass (a client
+    pacing itself exactly at the rate arrives a hair early under float rounding or
+    network jitter); ``lockout`` > 0 locks the bucket that long once it refuses.
+    """
+
+    rate: float
+    burst: float
+    key: str = ""
+    slack: float = 0.0
+    lockout: float = 0.0
+
+
+class RateBucket:
+    """A token bucket that refuses instead of waiting: the mall's side of a limit.
+
+    Starts full. ``take`` answers None when granted, else the seconds until the amount
+    would be granted (the rest of a lock-out while one runs).
+    """
+
+    def __init__(self, plan: RatePlan, now: float) -> None:
+        self.plan = plan
+        self.rate = plan.rate
+        self.size = plan.burst
+        self.tokens = plan.burst
+        self.stamp = now
+        self.locked_until = 0.0
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.size, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def take(self, now: float, amount: float = 1.0) -> float | None:
+        if now < self.locked_until:
+            return self.locked_until - now
+        self._refill(now)
+        if self.tokens + self.plan.slack >= amount:
+            self.tokens -= amount  # below zero by at most the slack: it is paid back
+            return None
+        if self.plan.lockout > 0:
+            self.locked_until = now + self.plan.lockout
+            return self.plan.lockout
+        return (amount - self.plan.slack - self.tokens) / self.rate
+
+    def refund(self, amount: float) -> None:
+        """Give back what a request was charged beyond what it used."""
+        self.tokens = min(self.size, self.tokens + amount)
+
+    def drain_for(self, now: float, amount: float, wait: float) -> None:
+        """Empty the bucket as far as a real one refusing ``amount`` for ``wait``
+        seconds would be, so the state the mall reports agrees with its answer."""
+        self._refill(now)
+        self.tokens = max(0.0, amount - wait * self.rate)
+
+
+Body = TypeVar("Body")
 
 
 @dataclass
@@ -58,7 +156,8 @@ class SimListing:
     quantity: int | None  # None = unlimited
     allow_overdraft: bool = False
     attrs: dict[str, str] = field(default_factory=dict)
-    # (version-ish) history of absolute values this listing was set to, for I4 checks
+    # Every value this listing was set to, in order: the no-stale-overwrite check of
+    # docs/reliability.md reads it.
     set_history: list[int] = field(default_factory=list)
 
 
@@ -97,7 +196,10 @@ class SimMall(ABC):
     def __init__(
         self, *, shop_id: str, clock: WallClock, seed: int = 0, clock_offset: float = 0.0
     ) -> None:
+        # Subclasses take their mall's options by keyword and pass the rest on as
+        # ``**base: Unpack[SimArgs]``.
         self.shop_id = shop_id
+        self.seed = seed
         self.wall_clock = clock
         # Seconds this mall's clock is ahead of the shared wall clock (negative: behind).
         # A test may change it at any time: the mall's clock jumps.
@@ -109,6 +211,11 @@ class SimMall(ABC):
         self.requests: list[RecordedRequest] = []
         self.oversold_units = 0
         self.refused_orders = 0
+        # Requests refused by the mall's own limit (an adapter going over it), and
+        # throttle answers forced by ``faults.throttle_rate``.
+        self.throttled_requests = 0
+        self.forced_throttles = 0
+        self.buckets: dict[str, RateBucket] = {}
         self._serial = 0
         self.app = App(self._dispatch)
 
@@ -117,6 +224,11 @@ class SimMall(ABC):
         return self.wall_clock() + self.clock_offset
 
     # -- catalogue and market ----------------------------------------------------------
+
+    def normal_key(self, listing_key: str) -> str:
+        """The key the mall files ``listing_key`` under (a mall may refuse it with
+        ValueError, or normalise it)."""
+        return listing_key
 
     def add_listing(
         self,
@@ -128,6 +240,7 @@ class SimMall(ABC):
         allow_overdraft: bool = False,
         attrs: dict[str, str] | None = None,
     ) -> SimListing:
+        listing_key = self.normal_key(listing_key)
         listing = SimListing(
             listing_key,
             link_code or listing_key,
@@ -248,20 +361,132 @@ class SimMall(ABC):
         if self.faults.latency:
             await trio.sleep(self.faults.latency)
         api = self.api_name(request)
-        response = await self.handle(request, api)
+        response = await self.guard(request, api)
         response.headers.setdefault("date", formatdate(self.clock(), usegmt=True))
         # Recorded on the shared wall clock: the harness lines requests up with its own
         # plans and with other malls whatever this mall's clock says.
         self.requests.append(
             RecordedRequest(self.wall_clock(), request.method, request.path, api, response.status)
         )
+        self.answered(request, api, response)
         return response
+
+    async def guard(self, request: Request, api: str) -> Response:
+        """The guard pipeline (order in the module docstring), then ``handle``."""
+        missing = self.route_refusal(request, api)
+        if missing is not None:
+            return missing
+        if not self.guarded(request, api):
+            return await self.handle(request, api)
+        if self.faults.maintenance:
+            return self.maintenance_reply(api)
+        if self.roll(self.faults.error_rate):
+            return self.server_error_reply(api)
+        denied = self.auth_refusal(request, api, expired=self.faults.expired_credential)
+        if denied is not None:
+            return denied
+        cost = self.price(request, api)
+        if isinstance(cost, Response):
+            return cost
+        if self.roll(self.faults.throttle_rate):
+            self.forced_throttles += 1
+            return self.throttle_reply(api, self.faults.retry_after, cost=cost, forced=True)
+        bucket = self.bucket(api)
+        if bucket is not None:
+            wait = bucket.take(trio.current_time(), cost)
+            if wait is not None:
+                self.throttled_requests += 1
+                return self.throttle_reply(api, wait, cost=cost, forced=False)
+        return await self.handle(request, api)
+
+    def bucket(self, api: str) -> RateBucket | None:
+        """The bucket ``api`` is counted in (None: the mall sets no limit on it)."""
+        plan = self.rate_plan(api)
+        if plan is None:
+            return None
+        key = plan.key or api
+        bucket = self.buckets.get(key)
+        if bucket is None or bucket.plan != plan:  # a test changed the mall's limit
+            bucket = self.buckets[key] = RateBucket(plan, trio.current_time())
+        return bucket
 
     def api_name(self, request: Request) -> str:
         return request.path
 
+    # -- hooks of the guard pipeline ------------------------------------------------------
+
     @abstractmethod
-    async def handle(self, request: Request, api: str) -> Response: ...
+    def route_refusal(self, request: Request, api: str) -> Response | None:
+        """The mall's answer to a path or method it does not serve; None: routed."""
+
+    def guarded(self, request: Request, api: str) -> bool:
+        """False for endpoints the real mall serves apart from its API (token hosts)."""
+        return True
+
+    @abstractmethod
+    def maintenance_reply(self, api: str) -> Response: ...
+
+    @abstractmethod
+    def server_error_reply(self, api: str) -> Response: ...
+
+    @abstractmethod
+    def auth_refusal(self, request: Request, api: str, *, expired: bool) -> Response | None:
+        """The mall's refusal of the credential presented, or None to let it through.
+
+        ``expired``: the ``expired_credential`` fault is on, so whatever is presented
+        counts as an expired credential.
+        """
+
+    def price(self, request: Request, api: str) -> float | Response:
+        """What the request costs against the mall's limit; a Response refuses it
+        before it is charged (a query the mall cannot price)."""
+        return 1.0
+
+    def rate_plan(self, api: str) -> RatePlan | None:
+        """The mall's limit on ``api``; None: no limit."""
+        return None
+
+    @abstractmethod
+    def throttle_reply(self, api: str, wait: float, *, cost: float, forced: bool) -> Response:
+        """The mall's throttle answer; ``wait`` is the seconds until it would grant."""
+
+    @abstractmethod
+    async def handle(self, request: Request, api: str) -> Response:
+        """A request that passed every guard."""
+
+    def answered(self, request: Request, api: str, response: Response) -> None:
+        """Called with every answer, after it is recorded (for a mall's own logs)."""
+        return  # most malls keep no log beyond ``requests``
+
+    # -- fault injection: spoiled bodies ------------------------------------------------
+
+    # The page the mall's front end serves instead of the API when overloaded.
+    busy_page = "<!DOCTYPE html><html><body><h1>Service Unavailable</h1></body></html>"
+
+    def reply_ok(
+        self,
+        body: Body,
+        render: Callable[[Body], str],
+        *,
+        drop_field: Callable[[Body], Body],
+        wrong_type: Callable[[Body], Body],
+        content_type: str = JSON_TYPE,
+        headers: Mapping[str, str] | None = None,
+    ) -> Response:
+        """A 200 answer of ``body``, spoiled as ``faults.malformed`` asks: "html" the
+        busy page, "missing_field" / "wrong_type" the mall's own way of losing a field
+        the client needs or giving it the wrong type, "truncated" half the text."""
+        kind = self.faults.malformed
+        if kind == "html":
+            return Response(200, self.busy_page, content_type=HTML_TYPE, headers=headers)
+        if kind == "missing_field":
+            body = drop_field(body)
+        elif kind == "wrong_type":
+            body = wrong_type(body)
+        text = render(body)
+        if kind == "truncated":
+            text = text[: max(1, len(text) // 2)]
+        return Response(200, text, content_type=content_type, headers=headers)
 
     def roll(self, rate: float) -> bool:
         return rate > 0 and self.rng.random() < rate
@@ -270,3 +495,61 @@ class SimMall(ABC):
     def credentials(self) -> dict[str, str]:
         """Credentials that this simulator accepts right now (for the store's file)."""
         ...
+
+
+class RefreshTokenMall(SimMall):
+    """A mall whose API takes short-lived access tokens minted by an OAuth refresh-token
+    grant (Amazon's LWA, Yahoo's YConnect). Expiry times are on the mall's own clock."""
+
+    def __init__(self, **base: Unpack[SimArgs]) -> None:
+        super().__init__(**base)
+        # Private names: tests/test_security.py reads them for its canaries.
+        # Private names: tests/test_security.py reads them for its canaries.
+        self._refresh_tokens: dict[str, float] = {}  # token -> expires at
+        self._access_tokens: dict[str, float] = {}
+        self.token_refreshes = 0
+
+    def refresh_ok(self, token: str) -> bool:
+        return self.clock() < self._refresh_tokens.get(token, -math.inf)
+
+    def add_access_token(self, token: str, lifetime: float) -> None:
+        self.token_refreshes += 1
+        self._access_tokens[token] = self.clock() + lifetime
+
+    def access_expired(self, token: str) -> bool | None:
+        """Whether ``token`` has expired; None: never issued, or revoked."""
+        expires = self._access_tokens.get(token)
+        return None if expires is None else self.clock() >= expires
+
+    def expire_credentials(self) -> None:
+        """Every refresh and access token issued so far stops working."""
+        self._refresh_tokens.clear()
+        self._access_tokens.clear()
+
+    def expire_access_tokens(self) -> None:
+        """Access tokens die early (as if their hour had passed); refresh tokens live."""
+        self._access_tokens.clear()
+
+
+class ApiKeyMall(SimMall):
+    """A mall whose credential is a long-lived key that stops working
+    ``key_lifetime_days`` after it is issued (Rakuten's licenseKey, au PAY's API key).
+    Expiry times are on the mall's own clock."""
+
+    def __init__(self, *, key_lifetime_days: float = 90.0, **base: Unpack[SimArgs]) -> None:
+        super().__init__(**base)
+        self.key_lifetime_s = key_lifetime_days * 86400
+        # key -> expires at. Private name: tests/test_security.py reads it for canaries.
+        self._keys: dict[str, float] = {}
+
+    def add_key(self, key: str) -> None:
+        self._keys[key] = self.clock() + self.key_lifetime_s
+
+    def key_valid(self, key: str) -> bool:
+        return self.clock() < self._keys.get(key, -math.inf)
+
+    def expire_credentials(self) -> None:
+        """Every key issued so far expires now."""
+        now = self.clock()
+        for key in self._keys:
+            self._keys[key] = min(self._keys[key], now)

@@ -21,6 +21,9 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 MAX_BODY = 8 * 1024 * 1024
+JSON_TYPE = "application/json; charset=utf-8"
+XML_TYPE = "application/xml; charset=utf-8"
+HTML_TYPE = "text/html; charset=utf-8"
 
 
 class Request:
@@ -52,7 +55,7 @@ class Response:
         status: int = 200,
         body: bytes | str = b"",
         *,
-        content_type: str = "application/json; charset=utf-8",
+        content_type: str = JSON_TYPE,
         headers: Mapping[str, str] | None = None,
     ) -> None:
         self.status = status
@@ -69,7 +72,7 @@ class Response:
     def xml(
         cls, text: str, status: int = 200, headers: Mapping[str, str] | None = None
     ) -> Response:
-        return cls(status, text, content_type="application/xml; charset=utf-8", headers=headers)
+        return cls(status, text, content_type=XML_TYPE, headers=headers)
 
 
 Handler = Callable[[Request], Awaitable[Response]]

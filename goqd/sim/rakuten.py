@@ -40,11 +40,11 @@ import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Unpack
 
 import trio
 
-from goqd.sim.base import SimListing, SimMall, SimOrder, WallClock
+from goqd.sim.base import ApiKeyArgs, ApiKeyMall, RatePlan, SimListing, SimOrder
 from goqd.sim.http import Request, Response
 
 JST = timezone(timedelta(hours=9), "JST")
@@ -121,29 +121,6 @@ def _results(
     return Response.json({"Results": {"errorCode": code, "message": message}}, status, headers)
 
 
-class _RateWindow:
-    """A token bucket that refuses instead of waiting (the mall's side of a rate limit)."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        # Burst 1: "n per second" is enforced as one request per 1/n s [I].
-        self.burst = 1.0
-        self.tokens = self.burst
-        self.stamp: float | None = None
-
-    def take(self, now: float) -> bool:
-        if self.stamp is None:
-            self.stamp = now
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        # A tenth of a token of slack: a client that spaced its requests right can still
-        # see them arrive a little closer together (network jitter under a real clock).
-        if self.tokens >= 0.9:
-            self.tokens -= 1
-            return True
-        return False
-
-
 @dataclass
 class _Change:
     change_id: int
@@ -176,7 +153,7 @@ class _OrderMeta:
     status_before_change: str | None = None
 
 
-class SimRakuten(SimMall):
+class SimRakuten(ApiKeyMall):
     """Simulated RMS for one shop. See the module docstring for what is assumed."""
 
     mall = "rakuten"
@@ -184,29 +161,24 @@ class SimRakuten(SimMall):
     def __init__(
         self,
         *,
-        shop_id: str,
-        clock: WallClock,
-        seed: int = 0,
-        clock_offset: float = 0.0,
-        key_lifetime_days: float = 90.0,
         min_get_order_version: int = 7,
         search_result_cap: int = 15000,
         rate_limits: Mapping[str, float] | None = None,
         enforce_rate_limits: bool = True,
         rotation_revokes_old: bool = False,
+        **base: Unpack[ApiKeyArgs],
     ) -> None:
-        super().__init__(shop_id=shop_id, clock=clock, seed=seed, clock_offset=clock_offset)
+        super().__init__(**base)
+        shop_id = self.shop_id
         self.shop_number = (
             shop_id
             if len(shop_id) == 6 and shop_id.isdigit()
             else f"{zlib.crc32(shop_id.encode()) % 1_000_000:06d}"
         )
-        self.key_lifetime_s = key_lifetime_days * 86400
         self.min_get_order_version = min_get_order_version
         self.search_result_cap = search_result_cap
         self.enforce_rate_limits = enforce_rate_limits
         self.rotation_revokes_old = rotation_revokes_old
-        self.throttled_requests = 0
         # RMS functions the shop has not enabled: requests get ES04-01.
         self.disabled_functions: set[str] = set()
         # Stock Rakuten stored for SKUs it does not know: invisible to every read [V].
@@ -215,10 +187,8 @@ class SimRakuten(SimMall):
         # does for 予約商品 (IE1101) or 定期購入 (IE1102) items.
         self.refusals: dict[str, tuple[str, str, str]] = {}
         self._rates = {**DEFAULT_RATES, **(rate_limits or {})}
-        self._windows = {api: _RateWindow(rate) for api, rate in self._rates.items()}
-        self._key_rng = random.Random(f"rakuten-keys-{shop_id}-{seed}")
+        self._key_rng = random.Random(f"rakuten-keys-{shop_id}-{self.seed}")
         self.service_secret = f"SP{self.shop_number}_{self._token()}"
-        self._keys: dict[str, float] = {}  # licenseKey -> expiry (epoch)
         self._latest_key = ""
         self._meta: dict[str, _OrderMeta] = {}
         self._detail_serial = 100_000_000
@@ -237,19 +207,11 @@ class SimRakuten(SimMall):
 
     def issue_credentials(self) -> dict[str, str]:
         """A new licenseKey valid for ``key_lifetime_days``, as RMS issues one."""
-        now = self.clock()
         if self.rotation_revokes_old:
-            for key in self._keys:
-                self._keys[key] = min(self._keys[key], now)
+            self.expire_credentials()
         self._latest_key = f"SL{self.shop_number}_{self._token()}"
-        self._keys[self._latest_key] = now + self.key_lifetime_s
+        self.add_key(self._latest_key)
         return self.credentials()
-
-    def expire_credentials(self) -> None:
-        """Every licenseKey issued so far expires now."""
-        now = self.clock()
-        for key in self._keys:
-            self._keys[key] = min(self._keys[key], now)
 
     def set_key_expiry(self, license_key: str, expires_at: float) -> None:
         self._keys[license_key] = expires_at
@@ -263,41 +225,20 @@ class SimRakuten(SimMall):
         except (binascii.Error, UnicodeDecodeError):
             return False
         secret, sep, key = raw.partition(":")
-        expiry = self._keys.get(key)
-        return (
-            bool(sep)
-            and secret == self.service_secret
-            and expiry is not None
-            and (self.clock() < expiry)
-        )
+        return bool(sep) and secret == self.service_secret and self.key_valid(key)
 
     # -- catalogue and orders ------------------------------------------------------------
 
-    def add_listing(
-        self,
-        listing_key: str,
-        *,
-        link_code: str = "",
-        name: str = "",
-        quantity: int | None = 0,
-        allow_overdraft: bool = False,
-        attrs: dict[str, str] | None = None,
-    ) -> SimListing:
-        """``listing_key`` is ``manageNumber/variantId``; ``link_code`` becomes the SKU's
-        merchantDefinedSkuId. Rakuten lower-cases manageNumber, so the key does too."""
+    def normal_key(self, listing_key: str) -> str:
+        """Listing keys are ``manageNumber/variantId`` (a listing's ``link_code`` is the
+        SKU's merchantDefinedSkuId). Rakuten lower-cases manageNumber, so the key does
+        too."""
         manage_number, sep, variant_id = listing_key.partition("/")
         if not sep or not _ID_RE.match(manage_number) or not _ID_RE.match(variant_id):
             raise ValueError(
                 f"Rakuten listing keys are manageNumber/variantId, got {listing_key!r}"
             )
-        return super().add_listing(
-            f"{manage_number.lower()}/{variant_id}",
-            link_code=link_code,
-            name=name,
-            quantity=quantity,
-            allow_overdraft=allow_overdraft,
-            attrs=attrs,
-        )
+        return f"{manage_number.lower()}/{variant_id}"
 
     def initial_status(self) -> str:
         return "100"
@@ -388,24 +329,40 @@ class SimRakuten(SimMall):
     def api_name(self, request: Request) -> str:
         return _ROUTES.get((request.method, request.path), request.path)
 
-    async def handle(self, request: Request, api: str) -> Response:
-        faults = self.faults
-        if api not in self._rates:
-            if any(path == request.path for _, path in _ROUTES):
-                return _results("ES02-05", "Method Not Allowed", 405)
-            return _results("ES02-01", "Not Found", 404)
-        if faults.expired_credential or not self._authorised(request):
+    # Guard hooks: RMS's answers in its {"Results": {...}} error format.
+
+    def route_refusal(self, request: Request, api: str) -> Response | None:
+        if api in self._rates:
+            return None
+        if any(path == request.path for _, path in _ROUTES):
+            return _results("ES02-05", "Method Not Allowed", 405)
+        return _results("ES02-01", "Not Found", 404)
+
+    def maintenance_reply(self, api: str) -> Response:
+        return _results("ES03-01", "Service Unavailable", 503)
+
+    def server_error_reply(self, api: str) -> Response:
+        return _results("ES03-00", "Internal Server Error", 500)
+
+    def auth_refusal(self, request: Request, api: str, *, expired: bool) -> Response | None:
+        if expired or not self._authorised(request):
             return _results("GA0001", "Un-Authorised", 401)
-        if faults.maintenance:
-            return _results("ES03-01", "Service Unavailable", 503)
-        if self.roll(faults.error_rate):
-            return _results("ES03-00", "Internal Server Error", 500)
-        retry_headers = {"Retry-After": f"{faults.retry_after:g}"}
-        if self.roll(faults.throttle_rate):
-            return _results("ES05-01", "Too Many Requests", 429, retry_headers)
-        if self.enforce_rate_limits and not self._windows[api].take(trio.current_time()):
-            self.throttled_requests += 1
-            return _results("ES05-01", "Too Many Requests", 429, retry_headers)
+        return None
+
+    def rate_plan(self, api: str) -> RatePlan | None:
+        if not self.enforce_rate_limits:
+            return None
+        # Burst 1: "n per second" is enforced as one request per 1/n s [I]. A tenth of a
+        # token of slack: a client that spaced its requests right can still see them
+        # arrive a little closer together (network jitter under a real clock).
+        return RatePlan(self._rates[api], 1.0, slack=0.1)
+
+    def throttle_reply(self, api: str, wait: float, *, cost: float, forced: bool) -> Response:
+        # [I] RMS's Retry-After is the fault plan's value whichever limit refused.
+        headers = {"Retry-After": f"{self.faults.retry_after:g}"}
+        return _results("ES05-01", "Too Many Requests", 429, headers)
+
+    async def handle(self, request: Request, api: str) -> Response:
         if api in self.disabled_functions:
             return _results("ES04-01", "Bad Request", 400)
         if api == BULK_UPSERT:
@@ -419,24 +376,20 @@ class SimRakuten(SimMall):
         }
         return handlers[api](request)
 
+    busy_page = "<html><head><title>RMS</title></head><body>メンテナンス中です</body></html>"
+
     def _ok(self, obj: dict[str, Any], primary: str) -> Response:
-        """A 200 JSON body, spoiled as ``faults.malformed`` says. ``primary`` is the field
-        a client cannot do without."""
-        kind = self.faults.malformed
-        if kind == "html":
-            return Response(
-                200,
-                "<html><head><title>RMS</title></head><body>メンテナンス中です</body></html>",
-                content_type="text/html; charset=utf-8",
-            )
-        if kind == "missing_field":
-            obj = {k: v for k, v in obj.items() if k != primary}
-        elif kind == "wrong_type":
-            obj = {**obj, primary: 20261128 if isinstance(obj.get(primary), str) else "x"}
-        text = json.dumps(obj, ensure_ascii=False)
-        if kind == "truncated":
-            text = text[: len(text) // 2]
-        return Response(200, text)
+        """A 200 JSON body (spoiled as ``faults.malformed`` says). ``primary`` is the
+        field a client cannot do without."""
+        return self.reply_ok(
+            obj,
+            lambda o: json.dumps(o, ensure_ascii=False),
+            drop_field=lambda o: {k: v for k, v in o.items() if k != primary},
+            wrong_type=lambda o: {
+                **o,
+                primary: 20261128 if isinstance(o.get(primary), str) else "x",
+            },
+        )
 
     @staticmethod
     def _json_object(request: Request) -> dict[str, Any] | None:

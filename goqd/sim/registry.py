@@ -37,7 +37,7 @@ class SimSpec:
     # Creates a listing for ``sku``; returns it (its ``listing_key`` is what goqd uses).
     add: Callable[[SimMall, str, str, str, int], SimListing] = _add_plain
     # How long after the market stops this mall can still be catching up: Amazon
-    # publishes orders to getOrders about two minutes late [V, malls.md §3.2].
+    # publishes orders to getOrders about two minutes late [V, docs/malls.md §3.2].
     settle_s: float = 30.0
 
 

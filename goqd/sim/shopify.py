@@ -1,4 +1,4 @@
-"""A simulated Shopify shop speaking the GraphQL Admin API (malls.md §5).
+"""A simulated Shopify shop speaking the GraphQL Admin API (docs/malls.md §5).
 
 Same path and header as the real service: ``POST /admin/api/{API_VERSION}/graphql.json``
 with ``X-Shopify-Access-Token``. It cannot run a GraphQL engine, so it **dispatches on
@@ -24,11 +24,13 @@ Modelled, with the assumptions marked [I]:
   with any userError applies nothing (``atomic_set=True`` [I]; False applies the
   valid quantities).
 - Cost-based throttling: a leaky bucket of ``bucket_size`` points refilled at
-  ``cost_rate`` points/s on ``trio.current_time()``; requested cost above
-  ``max_query_cost`` (1000 [V]) is refused before running; the difference between
-  requested and actual cost is refunded. Throttled answers are HTTP 200 with
-  ``THROTTLED`` and ``extensions.cost.throttleStatus`` [I]; ``throttle_http_status=429``
-  sends them as 429 with Retry-After instead.
+  ``cost_rate`` points/s on ``trio.current_time()``. The requested cost is computed
+  from the query text received, by Shopify's published rules (``query_cost``), never
+  taken from the client; above ``max_query_cost`` (1000 [V]) the query is refused
+  before running; the difference between requested and actual cost is refunded.
+  Throttled answers are HTTP 200 with ``THROTTLED`` and
+  ``extensions.cost.throttleStatus`` [I]; ``throttle_http_status=429`` sends them as 429
+  with Retry-After instead.
 - Webhooks: with ``webhook_url``, order events queue signed deliveries that
   ``deliver_webhooks(http)`` POSTs (the caller runs it).
 
@@ -38,31 +40,28 @@ It listens on loopback only (``serve_sim``) and never contacts a real Shopify ho
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import math
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Unpack
 
 import httpx
 import msgspec
 import trio
 from msgspec import UNSET, Meta, UnsetType
 
-from goqd.malls.shopify import (
-    API_VERSION,
-    MUTATION_COST,
-    levels_cost,
-    order_lines_cost,
-    orders_cost,
-    sign_webhook,
-    variants_cost,
-)
-from goqd.secret import Secret
-from goqd.sim.base import SimListing, SimMall, SimOrder, WallClock
+from goqd.sim.base import RateBucket, RatePlan, SimArgs, SimListing, SimMall, SimOrder
 from goqd.sim.http import Request, Response
+
+# The Admin API version this shop serves. 2026-04 is the first where
+# ``changeFromQuantity`` is mandatory and ``@idempotent`` is required on
+# inventorySetQuantities (docs/malls.md §5.2 [V]).
+API_VERSION = "2026-04"
 
 UNAUTHORIZED_BODY = {
     "errors": "[API] Invalid API key or access token (unrecognized login or wrong password)"
@@ -96,6 +95,182 @@ _TERM = re.compile(r"^updated_at:(>=|<=|>|<)'?([^']+?)'?$")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 PageSize = Annotated[int, Meta(ge=1, le=250)]
+
+
+# --------------------------------------------------------------------------------------
+# Requested query cost, from the query text (Shopify's published rules [V: shopify.dev
+# "GraphQL Admin API rate limits", cost calculation]): a scalar or enum field costs 0,
+# an object 1 plus its selection, a connection 2 plus ``first`` (or ``last``) times the
+# cost of one node, a list sized by its ``ids`` that many times its element; an
+# interface or union the most expensive of its fragments; a mutation 10. ``pageInfo``
+# and the ``edges`` wrapper are not counted [I].
+# --------------------------------------------------------------------------------------
+
+MUTATION_COST = 10
+
+_GQL_TOKEN = re.compile(
+    r"""(?P<skip>[\s,]+|\#[^\n]*)|(?P<string>"(?:[^"\\]|\\.)*")|(?P<spread>\.\.\.)"""
+    r"""|(?P<number>-?\d+(?:\.\d+)?)|(?P<name>[_A-Za-z][_0-9A-Za-z]*)|(?P<punct>[{}()\[\]:!$@=])"""
+)
+
+
+@dataclass
+class _Field:
+    name: str
+    args: dict[str, Any]
+    selection: list[_Field] | None  # None: a scalar or enum
+    fragment: bool = False  # an inline fragment: ``... on Type { ... }``
+
+
+class _CostParser:
+    """Just enough of a GraphQL reader to price one operation (no named fragments)."""
+
+    def __init__(self, text: str, variables: dict[str, Any]) -> None:
+        self.tokens: list[str] = []
+        pos = 0
+        while pos < len(text):
+            m = _GQL_TOKEN.match(text, pos)
+            if m is None:
+                raise ValueError(f"unexpected character {text[pos]!r} at {pos}")
+            if m.lastgroup != "skip":
+                self.tokens.append(m.group())
+            pos = m.end()
+        self.at = 0
+        self.variables = variables
+
+    def peek(self) -> str:
+        return self.tokens[self.at] if self.at < len(self.tokens) else ""
+
+    def next(self, expected: str | None = None) -> str:
+        token = self.peek()
+        if not token or (expected is not None and token != expected):
+            raise ValueError(f"expected {expected or 'more'}, found {token or 'the end'}")
+        self.at += 1
+        return token
+
+    def operation(self) -> tuple[str, list[_Field]]:
+        kind = "query"
+        if self.peek() in ("query", "mutation", "subscription"):
+            kind = self.next()
+            if self.peek() not in ("(", "@", "{"):
+                self.next()  # the operation's name
+            if self.peek() == "(":
+                self.skip_group("(", ")")  # variable definitions
+            self.directives()
+        return kind, self.selection_set()
+
+    def skip_group(self, opening: str, closing: str) -> None:
+        depth = 0
+        while True:
+            token = self.next()
+            depth += (token == opening) - (token == closing)
+            if depth == 0:
+                return
+
+    def directives(self) -> None:
+        while self.peek() == "@":
+            self.next()
+            self.next()
+            if self.peek() == "(":
+                self.arguments()
+
+    def selection_set(self) -> list[_Field]:
+        self.next("{")
+        fields: list[_Field] = []
+        while self.peek() != "}":
+            if self.peek() == "...":
+                self.next()
+                if self.peek() == "on":
+                    self.next()
+                    self.next()  # the type condition
+                elif self.peek() not in ("{", "@"):
+                    raise ValueError("named fragments are not supported")
+                self.directives()
+                fields.append(_Field("...", {}, self.selection_set(), fragment=True))
+                continue
+            name = self.next()
+            if self.peek() == ":":  # ``alias: field``
+                self.next()
+                name = self.next()
+            args = self.arguments() if self.peek() == "(" else {}
+            self.directives()
+            selection = self.selection_set() if self.peek() == "{" else None
+            fields.append(_Field(name, args, selection))
+        self.next("}")
+        return fields
+
+    def arguments(self) -> dict[str, Any]:
+        self.next("(")
+        args: dict[str, Any] = {}
+        while self.peek() != ")":
+            name = self.next()
+            self.next(":")
+            args[name] = self.value()
+        self.next(")")
+        return args
+
+    def value(self) -> Any:
+        token = self.next()
+        if token == "$":
+            return self.variables.get(self.next())
+        if token == "[":
+            items = []
+            while self.peek() != "]":
+                items.append(self.value())
+            self.next("]")
+            return items
+        if token == "{":
+            self.at -= 1
+            self.skip_group("{", "}")
+            return None  # input objects do not size anything
+        if token[0] == '"':
+            return json.loads(token)
+        if token[0].isdigit() or token[0] == "-":
+            return float(token) if "." in token else int(token)
+        return token  # an enum value, true, false or null
+
+
+def _selection_cost(fields: list[_Field]) -> int:
+    plain = sum(_field_cost(f) for f in fields if not f.fragment)
+    fragments = [_selection_cost(f.selection or []) for f in fields if f.fragment]
+    return plain + max(fragments, default=0)
+
+
+def _node_cost(connection: list[_Field]) -> int:
+    """One node of a connection: ``nodes { ... }`` or ``edges { node { ... } }``."""
+    costs = [0]
+    for f in connection:
+        if f.name == "nodes" and f.selection is not None:
+            costs.append(1 + _selection_cost(f.selection))
+        elif f.name == "edges" and f.selection is not None:
+            costs += [
+                1 + _selection_cost(n.selection or []) for n in f.selection if n.name == "node"
+            ]
+    return max(costs)
+
+
+def _field_cost(f: _Field) -> int:
+    if f.selection is None:
+        return 0
+    size = f.args.get("first", f.args.get("last"))
+    if size is not None:
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise ValueError(f"{f.name}: first/last must be an integer")
+        return 2 + size * _node_cost(f.selection)
+    ids = f.args.get("ids")
+    if isinstance(ids, list):
+        return len(ids) * (1 + _selection_cost(f.selection))
+    return 1 + _selection_cost(f.selection)
+
+
+def query_cost(query: str, variables: dict[str, Any]) -> int:
+    """The requested cost of ``query`` run with ``variables``, as Shopify computes it
+    before running a query. Raises ValueError for text it cannot read."""
+    parser = _CostParser(query, variables)
+    kind, selection = parser.operation()
+    if kind == "mutation":
+        return MUTATION_COST
+    return _selection_cost(selection)
 
 
 # --------------------------------------------------------------------------------------
@@ -155,6 +330,10 @@ class _VariantsVars(_Vars):
     after: str | None = None
 
 
+class _BadBody(Exception):
+    """The body is not a JSON object with a ``query`` string."""
+
+
 class _GraphQLFailure(Exception):
     """A top-level GraphQL error: ``errors`` is the list to send."""
 
@@ -166,7 +345,6 @@ class _GraphQLFailure(Exception):
 @dataclass
 class _Operation:
     vars_type: type[_Vars]
-    cost: Callable[[Any], int]
     run: Callable[[Any, str], Awaitable[tuple[dict[str, Any], float]]]
 
 
@@ -210,10 +388,6 @@ class SimShopify(SimMall):
     def __init__(
         self,
         *,
-        shop_id: str,
-        clock: WallClock,
-        seed: int = 0,
-        clock_offset: float = 0.0,
         webhook_url: str | None = None,
         webhook_secret: str | None = None,
         cost_rate: float = 100.0,
@@ -223,9 +397,10 @@ class SimShopify(SimMall):
         atomic_set: bool = True,
         throttle_http_status: int = 200,
         token_ttl: float | None = None,
+        **base: Unpack[SimArgs],
     ) -> None:
-        super().__init__(shop_id=shop_id, clock=clock, seed=seed, clock_offset=clock_offset)
-        self.domain = f"{shop_id}.myshopify.com"
+        super().__init__(**base)
+        self.domain = f"{self.shop_id}.myshopify.com"
         self.path = f"/admin/api/{API_VERSION}/graphql.json"
         self.webhook_url = webhook_url
         self.webhook_secret = webhook_secret or f"shpss_{self.rng.getrandbits(128):032x}"
@@ -247,9 +422,6 @@ class SimShopify(SimMall):
         self._current: dict[str, str] = {}
         self.issue_credentials()
 
-        self._available = bucket_size
-        self._stamp: float | None = None
-        self.throttled_requests = 0
         self.cost_log: list[tuple[float, float]] = []  # (trio time, points charged)
 
         self._idempotency: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -260,22 +432,12 @@ class SimShopify(SimMall):
         self.webhooks_delivered = 0
 
         self._operations: dict[str, _Operation] = {
-            "GoqdPing": _Operation(_PingVars, lambda v: 2, self._op_ping),
-            "GoqdOrders": _Operation(
-                _OrdersVars, lambda v: orders_cost(v.first, v.line_first), self._op_orders
-            ),
-            "GoqdOrderLineItems": _Operation(
-                _OrderLinesVars, lambda v: order_lines_cost(v.first), self._op_order_lines
-            ),
-            "GoqdSetQuantities": _Operation(
-                _SetVars, lambda v: MUTATION_COST, self._op_set_quantities
-            ),
-            "GoqdInventoryLevels": _Operation(
-                _LevelsVars, lambda v: levels_cost(len(v.ids)), self._op_levels
-            ),
-            "GoqdVariants": _Operation(
-                _VariantsVars, lambda v: variants_cost(v.first), self._op_variants
-            ),
+            "GoqdPing": _Operation(_PingVars, self._op_ping),
+            "GoqdOrders": _Operation(_OrdersVars, self._op_orders),
+            "GoqdOrderLineItems": _Operation(_OrderLinesVars, self._op_order_lines),
+            "GoqdSetQuantities": _Operation(_SetVars, self._op_set_quantities),
+            "GoqdInventoryLevels": _Operation(_LevelsVars, self._op_levels),
+            "GoqdVariants": _Operation(_VariantsVars, self._op_variants),
         }
 
     # -- credentials ------------------------------------------------------------------------
@@ -401,91 +563,63 @@ class SimShopify(SimMall):
         name = body.get("operationName") if isinstance(body, dict) else None
         return name if isinstance(name, str) and name else "graphql"
 
-    async def handle(self, request: Request, api: str) -> Response:
+    # Guard hooks: Shopify's answers (JSON ``errors``; throttles as GraphQL errors).
+
+    def route_refusal(self, request: Request, api: str) -> Response | None:
         if request.path != self.path or request.method != "POST":
             return Response.json({"errors": "Not Found"}, 404)
-        token = request.headers.get("x-shopify-access-token", "")
-        if self.faults.expired_credential or not self._token_ok(token):
+        return None
+
+    def maintenance_reply(self, api: str) -> Response:
+        # [I] Shopify's 503 during an outage; a JSON errors string like its 4xx.
+        return Response.json({"errors": "Service Unavailable"}, 503, headers={"retry-after": "60"})
+
+    def server_error_reply(self, api: str) -> Response:
+        return Response.json({"errors": "Internal Server Error"}, 500)
+
+    def auth_refusal(self, request: Request, api: str, *, expired: bool) -> Response | None:
+        if expired or not self._token_ok(request.headers.get("x-shopify-access-token", "")):
             return Response.json(
                 UNAUTHORIZED_BODY,
                 401,
                 headers={"www-authenticate": 'Basic Realm="Shopify API Authentication"'},
             )
-        if self.faults.maintenance:
-            # [I] Shopify's 503 during an outage; a JSON errors string like its 4xx.
-            return Response.json(
-                {"errors": "Service Unavailable"}, 503, headers={"retry-after": "60"}
-            )
-        if self.roll(self.faults.error_rate):
-            return Response.json({"errors": "Internal Server Error"}, 500)
+        return None
+
+    def price(self, request: Request, api: str) -> float | Response:
+        """The requested cost of the query, computed from its text before it runs."""
         try:
-            body = json.loads(request.body)
-            if not isinstance(body, dict) or not isinstance(body.get("query"), str):
-                raise ValueError("no query")
-        except (ValueError, UnicodeDecodeError):
+            _, _, body = self._parse(request)
+            try:
+                requested = query_cost(body["query"], body.get("variables") or {})
+            except (ValueError, RecursionError) as exc:
+                raise _GraphQLFailure(f"Parse error: {exc}", "BAD_REQUEST") from exc
+            if requested > self.max_query_cost:
+                raise _GraphQLFailure(
+                    f"Query cost is {requested}, which exceeds the single query max cost "
+                    f"limit ({self.max_query_cost}).",
+                    "MAX_COST_EXCEEDED",
+                    cost=requested,
+                    maxCost=self.max_query_cost,
+                )
+        except _BadBody:
             return Response.json(
                 {"errors": {"query": "Required parameter missing or invalid"}}, 400
             )
-        try:
-            return await self._execute(body)
         except _GraphQLFailure as failure:
             return Response.json({"errors": failure.errors})
+        return float(requested)
 
-    async def _execute(self, body: dict[str, Any]) -> Response:
-        query: str = body["query"]
-        name = body.get("operationName")
-        operation = self._operations.get(name) if isinstance(name, str) else None
-        if operation is None or not re.search(rf"\b(query|mutation)\s+{name}\b", query):
-            raise _GraphQLFailure(f'No operation named "{name}"', "OPERATION_NOT_FOUND")
-        try:
-            variables = msgspec.convert(body.get("variables") or {}, type=operation.vars_type)
-        except msgspec.ValidationError as exc:
-            raise _GraphQLFailure(f"Variable validation failed: {exc}", "INVALID_VARIABLE") from exc
-        requested = operation.cost(variables)
-        if requested > self.max_query_cost:
-            raise _GraphQLFailure(
-                f"Query cost is {requested}, which exceeds the single query max cost limit "
-                f"({self.max_query_cost}).",
-                "MAX_COST_EXCEEDED",
-                cost=requested,
-                maxCost=self.max_query_cost,
-            )
-        throttled = self._admit(requested)
-        if throttled is not None:
-            return throttled
-        try:
-            data, actual = await operation.run(variables, query)
-        except _GraphQLFailure:
-            self._settle(requested, 0)
-            raise
-        self._settle(requested, actual)
-        return self._respond({"data": data, "extensions": {"cost": self._cost(requested, actual)}})
+    def rate_plan(self, api: str) -> RatePlan | None:
+        # One bucket of query cost for the app on this shop, whatever the operation.
+        return RatePlan(self.cost_rate, self.bucket_size, key="cost")
 
-    # -- cost bucket ------------------------------------------------------------------------
-
-    def _refill(self) -> None:
-        now = trio.current_time()
-        if self._stamp is not None:
-            self._available = min(
-                self.bucket_size, self._available + (now - self._stamp) * self.cost_rate
-            )
-        self._stamp = now
-
-    def _admit(self, requested: int) -> Response | None:
-        """Take ``requested`` points, or answer THROTTLED."""
-        self._refill()
-        if self.roll(self.faults.throttle_rate):
+    def throttle_reply(self, api: str, wait: float, *, cost: float, forced: bool) -> Response:
+        if forced:
             # A forced throttle drains the bucket as far as a real one could be; the
             # status then implies a wait of up to faults.retry_after (a cheap query
             # cannot imply more), and the 429 variant says faults.retry_after outright.
-            self._available = max(0.0, requested - self.faults.retry_after * self.cost_rate)
-            wait = self.faults.retry_after
-        elif requested <= self._available:
-            self._available -= requested
-            return None
-        else:
-            wait = (requested - self._available) / self.cost_rate
-        self.throttled_requests += 1
+            self._bucket().drain_for(trio.current_time(), cost, wait)
         body = {
             "errors": [
                 {
@@ -496,14 +630,51 @@ class SimShopify(SimMall):
                     },
                 }
             ],
-            "extensions": {"cost": self._cost(requested, None)},
+            "extensions": {"cost": self._cost(int(cost), None)},
         }
         if self.throttle_http_status == 429:
             return Response.json(body, 429, headers={"retry-after": str(max(1, math.ceil(wait)))})
         return Response.json(body)
 
+    def _bucket(self) -> RateBucket:
+        bucket = self.bucket("graphql")
+        assert bucket is not None  # rate_plan always sets one
+        return bucket
+
+    def _parse(self, request: Request) -> tuple[_Operation, _Vars, dict[str, Any]]:
+        try:
+            body = json.loads(request.body)
+            if not isinstance(body, dict) or not isinstance(body.get("query"), str):
+                raise ValueError("no query")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _BadBody from exc
+        query: str = body["query"]
+        name = body.get("operationName")
+        operation = self._operations.get(name) if isinstance(name, str) else None
+        if operation is None or not re.search(rf"\b(query|mutation)\s+{name}\b", query):
+            raise _GraphQLFailure(f'No operation named "{name}"', "OPERATION_NOT_FOUND")
+        if not isinstance(body.get("variables") or {}, dict):
+            raise _GraphQLFailure("Variables must be an object", "INVALID_VARIABLE")
+        try:
+            variables = msgspec.convert(body.get("variables") or {}, type=operation.vars_type)
+        except msgspec.ValidationError as exc:
+            raise _GraphQLFailure(f"Variable validation failed: {exc}", "INVALID_VARIABLE") from exc
+        return operation, variables, body
+
+    async def handle(self, request: Request, api: str) -> Response:
+        # price() read and priced this body already; reading it again is pure.
+        operation, variables, body = self._parse(request)
+        requested = query_cost(body["query"], body.get("variables") or {})
+        try:
+            data, actual = await operation.run(variables, body["query"])
+        except _GraphQLFailure as failure:
+            self._settle(requested, 0)
+            return Response.json({"errors": failure.errors})
+        self._settle(requested, actual)
+        return self._respond({"data": data, "extensions": {"cost": self._cost(requested, actual)}})
+
     def _settle(self, requested: int, actual: float) -> None:
-        self._available = min(self.bucket_size, self._available + (requested - actual))
+        self._bucket().refund(requested - actual)
         self.cost_log.append((trio.current_time(), actual))
 
     def _cost(self, requested: int, actual: float | None) -> dict[str, Any]:
@@ -512,28 +683,27 @@ class SimShopify(SimMall):
             "actualQueryCost": actual,
             "throttleStatus": {
                 "maximumAvailable": float(self.bucket_size),
-                "currentlyAvailable": round(self._available, 3),
+                "currentlyAvailable": round(self._bucket().tokens, 3),
                 "restoreRate": float(self.cost_rate),
             },
         }
 
+    busy_page = "<!DOCTYPE html><html><body>Oops</body></html>"
+
     def _respond(self, payload: dict[str, Any]) -> Response:
-        kind = self.faults.malformed
-        if kind == "html":
-            return Response(
-                200,
-                "<!DOCTYPE html><html><body>Oops</body></html>",
-                content_type="text/html; charset=utf-8",
-            )
-        data = payload.get("data")
-        if kind == "missing_field" and isinstance(data, dict):
-            payload["data"] = {k: ({} if isinstance(v, dict) else None) for k, v in data.items()}
-        elif kind == "wrong_type" and isinstance(data, dict):
-            payload["data"] = {k: "unexpected" for k in data}
-        text = json.dumps(payload, ensure_ascii=False)
-        if kind == "truncated":
-            text = text[: len(text) // 2]
-        return Response(200, text)
+        def drop(p: dict[str, Any]) -> dict[str, Any]:
+            data = p["data"]
+            return {
+                **p,
+                "data": {k: ({} if isinstance(v, dict) else None) for k, v in data.items()},
+            }
+
+        return self.reply_ok(
+            payload,
+            lambda p: json.dumps(p, ensure_ascii=False),
+            drop_field=drop,
+            wrong_type=lambda p: {**p, "data": {k: "unexpected" for k in p["data"]}},
+        )
 
     # -- operations -------------------------------------------------------------------------
 
@@ -903,7 +1073,7 @@ class SimShopify(SimMall):
         """
         if not self.webhook_url:
             return 0
-        secret = Secret(self.webhook_secret)
+        secret = self.webhook_secret.encode("utf-8")
         delivered = 0
         keep: list[PendingWebhook] = []
         for hook in self.pending_webhooks:
@@ -911,7 +1081,9 @@ class SimShopify(SimMall):
             headers = {
                 "Content-Type": "application/json",
                 "X-Shopify-Topic": hook.topic,
-                "X-Shopify-Hmac-Sha256": sign_webhook(secret, hook.body),
+                "X-Shopify-Hmac-Sha256": base64.b64encode(
+                    hmac.new(secret, hook.body, hashlib.sha256).digest()
+                ).decode("ascii"),
                 "X-Shopify-Shop-Domain": self.domain,
                 "X-Shopify-Webhook-Id": hook.webhook_id,
                 "X-Shopify-Event-Id": hook.event_id,

@@ -45,8 +45,9 @@ import binascii
 import math
 import re
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from typing import Unpack
 
 import defusedxml
 import defusedxml.ElementTree as SafeET
@@ -54,8 +55,8 @@ import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from goqd.sim.base import SimListing, SimMall, SimOrder, WallClock
-from goqd.sim.http import Request, Response
+from goqd.sim.base import RatePlan, RefreshTokenMall, SimArgs, SimListing, SimOrder
+from goqd.sim.http import XML_TYPE, Request, Response
 
 JST = timezone(timedelta(hours=9))
 STORE_API = "/ShoppingWebService/V1/"
@@ -75,6 +76,10 @@ CODE_SERVER = "ed-00500"  # [I]
 CODE_NO_ORDER = "od-00003"  # [I]
 CODE_ITEM_CODE = "st-02004"  # [I]
 CODE_NOT_FOUND = "ed-00404"  # [I]
+
+MESSAGE_LOCKOUT = (
+    "短い時間で同一URLに大量にアクセスがありました。しばらくしてから再度お試しください。"
+)
 
 _CODE_PART = re.compile(r"[A-Za-z0-9-]{1,99}")
 _QUANTITY = re.compile(r"[+-]?\d{1,9}|INI")
@@ -108,14 +113,7 @@ def _split_key(listing: SimListing) -> tuple[str, str]:
     return item, sub
 
 
-@dataclass
-class _UrlRate:
-    tokens: float
-    stamp: float
-    locked_until: float = 0.0
-
-
-class SimYahoo(SimMall):
+class SimYahoo(RefreshTokenMall):
     """Yahoo!ショッピング for one store (``shop_id`` is the seller id)."""
 
     mall = "yahoo"
@@ -123,10 +121,6 @@ class SimYahoo(SimMall):
     def __init__(
         self,
         *,
-        shop_id: str,
-        clock: WallClock,
-        seed: int = 0,
-        clock_offset: float = 0.0,
         reservation: bool = False,
         rotate_refresh_token: bool = False,
         require_signature: bool = True,
@@ -135,8 +129,9 @@ class SimYahoo(SimMall):
         rate_burst: float = 2.0,
         lockout_s: float = 60.0,
         key_bits: int = 2048,
+        **base: Unpack[SimArgs],
     ) -> None:
-        super().__init__(shop_id=shop_id, clock=clock, seed=seed, clock_offset=clock_offset)
+        super().__init__(**base)
         self.reservation = reservation
         self.rotate_refresh_token = rotate_refresh_token
         self.require_signature = require_signature
@@ -148,15 +143,10 @@ class SimYahoo(SimMall):
         self.public_key_version = "1"
         self.client_id = f"dj00{self.rng.getrandbits(64):016x}"
         self.client_secret = f"{self.rng.getrandbits(128):032x}"
-        self._refresh_tokens: dict[str, float] = {}  # token -> expires at (sim clock)
-        self._access_tokens: dict[str, float] = {}
-        self._rates: dict[str, _UrlRate] = {}
         # page_key -> (name, parent page_key); items without stcat_key sit in "all".
         self.categories: dict[str, tuple[str, str | None]] = {"all": ("全商品", None)}
-        self.throttled_requests = 0
         self.signatures_verified = 0
         self.bad_signatures = 0
-        self.token_refreshes = 0
         self.stock_calls: list[dict[str, str]] = []  # every setStock form, as sent
         self._current = self.issue_credentials()
 
@@ -225,101 +215,43 @@ class SimYahoo(SimMall):
         }
         return dict(self._current)
 
-    def expire_credentials(self) -> None:
-        """Every refresh and access token issued so far stops working."""
-        self._refresh_tokens.clear()
-        self._access_tokens.clear()
-
-    def revoke_access_tokens(self) -> None:
-        """Access tokens die early (as if an hour had passed); refresh tokens still work."""
-        self._access_tokens.clear()
+    revoke_access_tokens = RefreshTokenMall.expire_access_tokens  # the tests' word for it
 
     # -- HTTP --------------------------------------------------------------------------
 
-    async def handle(self, request: Request, api: str) -> Response:
-        if request.path == TOKEN_PATH:
-            return self._token(request)
-        if not request.path.startswith(STORE_API):
-            return self._error(404, CODE_NOT_FOUND, "Not Found")
-        name = request.path[len(STORE_API) :]
-        route = {
+    # Guard hooks: the Store API's answers in its <Error> format.
+
+    def _routes(self) -> dict[str, Callable[[Request], Response]]:
+        return {
             "orderCount": self._order_count,
             "orderList": self._order_list,
             "orderInfo": self._order_info,
             "getStock": self._get_stock,
             "myItemList": self._my_item_list,
             "stCategoryList": self._st_category_list,
-        }.get(name)
-        if route is None and name != "setStock":
-            return self._error(404, CODE_NOT_FOUND, "Not Found")
-        locked = self._over_rate(request.path)
-        if locked is not None:
-            return locked
-        if self.faults.maintenance:
-            return self._error(503, CODE_MAINTENANCE, "ただいまメンテナンス中です")
-        if self.roll(self.faults.error_rate):
-            return self._error(500, CODE_SERVER, "Internal Server Error")
-        if self.roll(self.faults.throttle_rate):
-            self.throttled_requests += 1
-            return self._error(
-                429,
-                CODE_LOCKOUT,
-                "Too Many Requests",
-                headers={"Retry-After": str(math.ceil(self.faults.retry_after))},
-            )
-        denied = self._check_auth(request)
-        if denied is not None:
-            return denied
-        if name == "orderCount" and not request.arg("sellerId"):
-            # A GET order API: its parameter is sellerId, not the stock APIs' seller_id.
-            return self._error(400, CODE_PARAM, "sellerId is required")
-        if self._seller(name, request) != self.shop_id:
-            return self._error(403, CODE_SELLER, "seller_id is not permitted for this token")
-        if route is None:
-            return await self._set_stock(request)
-        return route(request)
+        }
 
-    def _seller(self, name: str, request: Request) -> str:
-        if name in ("orderList", "orderInfo"):
-            root = self._parse_request_xml(request)
-            return (root.findtext("SellerId") or "").strip() if root is not None else ""
-        if request.method == "POST":
-            try:
-                return request.form().get("seller_id", "")
-            except UnicodeDecodeError:
-                return ""
-        return request.arg("sellerId" if name == "orderCount" else "seller_id")
-
-    def _over_rate(self, path: str) -> Response | None:
-        now = trio.current_time()
-        state = self._rates.get(path)
-        if state is None:
-            state = self._rates[path] = _UrlRate(tokens=self.rate_burst, stamp=now)
-        if now < state.locked_until:
-            self.throttled_requests += 1
-            return self._lockout(state.locked_until - now)
-        state.tokens = min(self.rate_burst, state.tokens + (now - state.stamp) * self.rate)
-        state.stamp = now
-        if state.tokens >= 1:
-            state.tokens -= 1
+    def route_refusal(self, request: Request, api: str) -> Response | None:
+        if request.path == TOKEN_PATH:
             return None
-        state.locked_until = now + self.lockout_s
-        self.throttled_requests += 1
-        return self._lockout(self.lockout_s)
+        name = request.path[len(STORE_API) :] if request.path.startswith(STORE_API) else ""
+        if name == "setStock" or name in self._routes():
+            return None
+        return self._error(404, CODE_NOT_FOUND, "Not Found")
 
-    def _lockout(self, remaining: float) -> Response:
-        return self._error(
-            429,
-            CODE_LOCKOUT,
-            "短い時間で同一URLに大量にアクセスがありました。しばらくしてから再度お試しください。",
-            headers={"Retry-After": str(max(1, math.ceil(remaining)))},
-        )
+    def guarded(self, request: Request, api: str) -> bool:
+        return request.path != TOKEN_PATH  # YConnect is another host
 
-    def _check_auth(self, request: Request) -> Response | None:
+    def maintenance_reply(self, api: str) -> Response:
+        return self._error(503, CODE_MAINTENANCE, "ただいまメンテナンス中です")
+
+    def server_error_reply(self, api: str) -> Response:
+        return self._error(500, CODE_SERVER, "Internal Server Error")
+
+    def auth_refusal(self, request: Request, api: str, *, expired: bool) -> Response | None:
         auth = request.headers.get("authorization", "")
         token = auth[7:] if auth.startswith("Bearer ") else ""
-        expires = self._access_tokens.get(token)
-        if self.faults.expired_credential or expires is None or self.clock() >= expires:
+        if expired or self.access_expired(token) is not False:
             return self._error(
                 401,
                 CODE_EXPIRED_TOKEN,
@@ -336,6 +268,40 @@ class SimYahoo(SimMall):
             return None
         self.bad_signatures += 1
         return self._error(401, CODE_SIGNATURE, "Public key authentication failed.")
+
+    def rate_plan(self, api: str) -> RatePlan | None:
+        # One query per second per URL, enforced per path: the API name is the path.
+        return RatePlan(self.rate, self.rate_burst, lockout=self.lockout_s)
+
+    def throttle_reply(self, api: str, wait: float, *, cost: float, forced: bool) -> Response:
+        message = "Too Many Requests" if forced else MESSAGE_LOCKOUT
+        return self._error(
+            429, CODE_LOCKOUT, message, headers={"Retry-After": str(max(1, math.ceil(wait)))}
+        )
+
+    async def handle(self, request: Request, api: str) -> Response:
+        if request.path == TOKEN_PATH:
+            return self._token(request)
+        name = request.path[len(STORE_API) :]
+        if name == "orderCount" and not request.arg("sellerId"):
+            # A GET order API: its parameter is sellerId, not the stock APIs' seller_id.
+            return self._error(400, CODE_PARAM, "sellerId is required")
+        if self._seller(name, request) != self.shop_id:
+            return self._error(403, CODE_SELLER, "seller_id is not permitted for this token")
+        if name == "setStock":
+            return await self._set_stock(request)
+        return self._routes()[name](request)
+
+    def _seller(self, name: str, request: Request) -> str:
+        if name in ("orderList", "orderInfo"):
+            root = self._parse_request_xml(request)
+            return (root.findtext("SellerId") or "").strip() if root is not None else ""
+        if request.method == "POST":
+            try:
+                return request.form().get("seller_id", "")
+            except UnicodeDecodeError:
+                return ""
+        return request.arg("sellerId" if name == "orderCount" else "seller_id")
 
     def _signature_ok(self, request: Request) -> bool:
         if request.headers.get("x-sws-signature-version") != self.public_key_version:
@@ -373,15 +339,13 @@ class SimYahoo(SimMall):
             return Response.json({"error": "unsupported_grant_type"}, status=400)
         now = self.clock()
         token = form.get("refresh_token", "")
-        expires = self._refresh_tokens.get(token)
-        if self.faults.expired_credential or expires is None or now >= expires:
+        if self.faults.expired_credential or not self.refresh_ok(token):
             return Response.json(
                 {"error": "invalid_grant", "error_description": "invalid refresh token"},
                 status=400,
             )
-        self.token_refreshes += 1
         access = f"at-{self.rng.getrandbits(128):032x}"
-        self._access_tokens[access] = now + ACCESS_TOKEN_LIFETIME_S
+        self.add_access_token(access, ACCESS_TOKEN_LIFETIME_S)
         body: dict[str, str | int] = {
             "access_token": access,
             "token_type": "Bearer",
@@ -689,23 +653,22 @@ class SimYahoo(SimMall):
         ET.SubElement(root, "Code").text = code
         return Response.xml(_xml_text(root), status=status, headers=headers)
 
+    busy_page = "<!DOCTYPE html><html><body><p>ただいま混み合っています</p></body></html>"
+
     def _finish(self, api: str, root: ET.Element) -> Response:
-        """Serialise a 200 body, spoiling it first if a ``malformed`` fault is set."""
-        kind = self.faults.malformed
-        if kind == "html":
-            return Response(
-                200,
-                "<!DOCTYPE html><html><body><p>ただいま混み合っています</p></body></html>",
-                content_type="text/html; charset=utf-8",
-            )
-        if kind == "missing_field":
+        """Serialise a 200 body (spoiled first if a ``malformed`` fault is set)."""
+
+        def drop(root: ET.Element) -> ET.Element:
             _drop_first(root, ("OrderId", "LineId", "ItemCode", "PageKey", "TotalCount", "Count"))
-        elif kind == "wrong_type":
+            return root
+
+        def spoil(root: ET.Element) -> ET.Element:
             _spoil_number(root)
-        text = _xml_text(root)
-        if kind == "truncated":
-            text = text[: len(text) // 2]
-        return Response.xml(text)
+            return root
+
+        return self.reply_ok(
+            root, _xml_text, drop_field=drop, wrong_type=spoil, content_type=XML_TYPE
+        )
 
 
 def _xml_text(root: ET.Element) -> str:

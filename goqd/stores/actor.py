@@ -32,7 +32,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import msgspec
@@ -44,6 +44,8 @@ from goqd import messages as m
 from goqd.config import StoreConfig
 from goqd.crashpoints import crashpoint
 from goqd.errors import (
+    LEVEL_CREDENTIAL,
+    LEVEL_TEMPORARY,
     LedgerError,
     MallAuthError,
     MallError,
@@ -67,11 +69,14 @@ from goqd.malls.transport import mall_transport, open_mall_client
 from goqd.secret import Secret
 from goqd.stores.credentials import CredentialKeeper
 from goqd.stores.state import open_store_state
+from goqd.wallclock import WallClock
+
+if TYPE_CHECKING:
+    from goqd.metrics import Metrics
 
 log = structlog.get_logger("goqd.store")
 
 State = Literal["running", "degraded", "stopped", "paused", "down"]
-WallClock = Callable[[], float]
 
 BACKOFF_INITIAL = 2.0
 # After a push failed ambiguously (timeout, 5xx), its listings are pushed once more after
@@ -131,10 +136,10 @@ class StoreHandle:
     # The mall's clock as the store's responses show it; outlives sessions like the buckets.
     mall_clock: MallClock = field(default_factory=MallClock)
     _session: trio.CancelScope | None = None
-    _metrics: Any = None
+    _metrics: Metrics | None = None
     # The adapter's records (``goqd.malls.adapterstate``), opened by the first run_store
     # and kept by every later one: a supervisor restart goes on where it stopped.
-    _adapter_state: Any = None
+    _adapter_state: AdapterState | None = None
     # Writes the credential when the mall renews part of it (a rotated refresh token);
     # the daemon gives every store one. None: such values live in memory only.
     credential_keeper: CredentialKeeper | None = None
@@ -255,7 +260,7 @@ async def run_store(
     ledger: LedgerClient,
     *,
     clock: WallClock = time.time,
-    metrics: Any = None,
+    metrics: Metrics | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
     rng: random.Random | None = None,
     key_warning_days: int = 14,
@@ -382,7 +387,7 @@ class _Session:
         handle: StoreHandle,
         ledger: LedgerClient,
         clock: WallClock,
-        metrics: Any,
+        metrics: Metrics | None,
         rng: random.Random,
         key_warning_days: int,
     ) -> None:
@@ -438,7 +443,7 @@ class _Session:
             # goqd's documented code; the mall's own (IE0003, QuotaExceeded) beside it.
             code, mall_code = recorded_codes(exc)
         else:
-            level, code, mall_code = 8, "ledger_unavailable", ""
+            level, code, mall_code = LEVEL_TEMPORARY, "ledger_unavailable", ""
         message = f"{where}: {exc}"
         if not isinstance(exc, LedgerError):
             # Recorded before the state moves, so whoever sees the state sees the error.
@@ -454,9 +459,9 @@ class _Session:
                     )
                 )
         if isinstance(exc, MallAuthError):
-            self.handle.set_state("stopped", level=9, message=message)
+            self.handle.set_state("stopped", level=LEVEL_CREDENTIAL, message=message)
         elif self.handle.state == "running" or level > self.handle.error_level:
-            self.handle.set_state("degraded", level=8, message=message)
+            self.handle.set_state("degraded", level=LEVEL_TEMPORARY, message=message)
         else:
             self.handle.message = message
         if isinstance(exc, MallRateLimited) and exc.retry_after is not None:
@@ -557,10 +562,12 @@ class _Session:
         )
         with contextlib.suppress(LedgerError):
             await self.ledger.call(
-                m.RecordError(store=self.store, level=8, code="clock_skew", message=message)
+                m.RecordError(
+                    store=self.store, level=LEVEL_TEMPORARY, code="clock_skew", message=message
+                )
             )
         if self.handle.state == "running":
-            self.handle.set_state("degraded", level=8, message=message)
+            self.handle.set_state("degraded", level=LEVEL_TEMPORARY, message=message)
         elif self.handle.state == "degraded":
             self.handle.message = message
 
@@ -934,7 +941,7 @@ def _outcome(exc: Exception) -> str:
     return "error"
 
 
-def _retry_counter(metrics: Any, store: str) -> Callable[[str], None]:
+def _retry_counter(metrics: Metrics | None, store: str) -> Callable[[str], None]:
     """Counts the reads sent again after a pooled connection turned out closed (not an
     outage: no error, a debug line and a metric)."""
 

@@ -31,7 +31,7 @@ import trio
 
 from goqd import messages as m
 from goqd.config import running_user, write_credential_file
-from goqd.errors import LedgerError
+from goqd.errors import LEVEL_TEMPORARY, LedgerError
 from goqd.ledger import LedgerClient
 from goqd.secret import Secret
 
@@ -140,7 +140,7 @@ class CredentialKeeper:
         await self._tell(
             m.RecordError(
                 store=store,
-                level=8,
+                level=LEVEL_TEMPORARY,
                 code="credential_not_saved",
                 message=(
                     f"the credential the mall renewed could not be written to {path}: "

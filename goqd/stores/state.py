@@ -35,7 +35,8 @@ from typing import Final
 import msgspec
 import structlog
 
-from goqd.malls.ratelimit import BucketState, Limiters, WallClock
+from goqd.malls.ratelimit import BucketState, Limiters
+from goqd.wallclock import WallClock
 
 log = structlog.get_logger("goqd.state")
 

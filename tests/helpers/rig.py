@@ -13,7 +13,8 @@
   loses the malls' state, and the checker reads both afterwards.
 
 Every listing's ``set_history`` is replaced by a ``TimedHistory`` that records when each
-value was applied (for I4's time bound and I5's propagation delays).
+value was applied (for the time bound of "no stale overwrite" and the propagation delays
+of "isolation": I4 and I5 in docs/reliability.md "Invariants").
 
 Entry points: ``run_dst(body)`` (one deterministic in-process scenario written as an async
 function), ``run_scenario(Scenario(seed))`` (market + seeded fault plan + settle + checker),
@@ -52,16 +53,19 @@ import trio
 
 from goqd import messages as m
 from goqd.app import Daemon, run_daemon
-from goqd.config import Config, DaemonConfig, StoreConfig
+from goqd.config import Config, StoreConfig
 from goqd.control import protocol as p
 from goqd.control.client import call
-from goqd.errors import ControlError
-from goqd.ledger import open_ledger
+from goqd.errors import ControlError, LedgerError
+from goqd.ledger import open_db, open_ledger, queries
 from goqd.sim.base import SimMall
-from goqd.sim.checker import StateChange
-from goqd.sim.http import App, serve_sim
+from goqd.sim.http import App
 from goqd.sim.market import Market
 from goqd.sim.registry import SIMS
+from goqd.tools import fleet as simfleet
+from goqd.tools.fleet import write_credentials
+from goqd.wallclock import WallClock
+from tests.helpers.checker import StateChange
 
 ROOT = Path(__file__).resolve().parents[2]
 # The simulated wall clock's zero: 2026-09-21T… UTC. Under a MockClock the wall clock is
@@ -84,7 +88,7 @@ def mock_wall_clock() -> float:
 class TimedHistory(list[int]):
     """``SimListing.set_history`` that also records the wall time of every value."""
 
-    def __init__(self, clock: Callable[[], float], values: Sequence[int] = ()) -> None:
+    def __init__(self, clock: WallClock, values: Sequence[int] = ()) -> None:
         super().__init__(values)
         self.clock = clock
         self.times: list[float] = [clock()] * len(values)
@@ -102,7 +106,7 @@ class Fleet:
     malls: dict[str, str]  # store -> mall
     keys: dict[str, dict[str, str]]  # store -> sku -> listing key
     initial: dict[str, int]
-    clock: Callable[[], float]
+    clock: WallClock
 
     def market(self, rng: random.Random, hot: Sequence[str] = ()) -> Market:
         return Market(
@@ -116,25 +120,29 @@ class Fleet:
 def build_fleet(
     stores: Sequence[tuple[str, str]],
     *,
-    clock: Callable[[], float],
+    clock: WallClock,
     seed: int = 0,
     catalogue: Mapping[str, int] = CATALOGUE,
     sim_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Fleet:
     """One simulator per (store, mall), every SKU listed at its initial stock."""
     rng = random.Random(seed)
-    sims: dict[str, SimMall] = {}
+    sims = simfleet.make_sims(
+        stores,
+        clock=clock,
+        seeds=[rng.randrange(1 << 30) for _ in stores],
+        first_shop=500000,
+        options=sim_options,
+    )
     keys: dict[str, dict[str, str]] = {}
-    for n, (store, mall) in enumerate(stores):
+    for store, mall in stores:
         spec = SIMS[mall]
-        options = dict((sim_options or {}).get(mall, {}))
-        sim = spec.cls(shop_id=f"{500000 + n}", clock=clock, seed=rng.randrange(1 << 30), **options)
+        sim = sims[store]
         keys[store] = {}
         for sku, qty in catalogue.items():
             listing = spec.add(sim, spec.listing_key(sku), sku, f"商品 {sku}", qty)
             listing.set_history = TimedHistory(clock)
             keys[store][sku] = listing.listing_key
-        sims[store] = sim
     return Fleet(sims, dict(stores), keys, dict(catalogue), clock)
 
 
@@ -208,15 +216,7 @@ def router_for(fleet: Fleet) -> tuple[SimRouter, dict[str, str]]:
 
 async def serve_fleet(nursery: trio.Nursery, fleet: Fleet) -> dict[str, str]:
     """Serve every simulator on loopback; return store -> base URL."""
-    return {store: await nursery.start(serve_sim, sim.app) for store, sim in fleet.sims.items()}
-
-
-def write_credentials(path: str, data: Mapping[str, str], mode: int = 0o600) -> str:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        json.dump(dict(data), f)
-    os.chmod(path, mode)
-    return path
+    return await simfleet.serve_sims(nursery, fleet.sims)
 
 
 async def serve_store(
@@ -224,24 +224,15 @@ async def serve_store(
 ) -> StoreConfig:
     """Serve ``sim`` on loopback and configure store ``name`` for it (its credential
     file 0600 under ``tmp``)."""
-    url = await nursery.start(serve_sim, sim.app)
+    url = (await simfleet.serve_sims(nursery, {name: sim}))[name]
     cred = write_credentials(os.path.join(tmp, f"{name}.json"), sim.credentials())
-    return StoreConfig(name=name, mall=sim.mall, base_url=url, credentials=cred, **store_kw)
+    return simfleet.store_config(name, sim.mall, url, credentials=cred, **store_kw)
 
 
 def loopback_config(tmp: str, stores: Sequence[StoreConfig], **daemon_kw: Any) -> Config:
     """A daemon config under ``tmp`` (state, control socket) with its HTTP server on a
     free loopback port."""
-    return Config(
-        daemon=DaemonConfig(
-            state_dir=os.path.join(tmp, "state"),
-            control_socket=os.path.join(tmp, "ctl.sock"),
-            http_listen="127.0.0.1:0",
-            **daemon_kw,
-        ),
-        stores=tuple(stores),
-        source=os.path.join(tmp, "goqd.toml"),
-    )
+    return simfleet.daemon_config(tmp, stores, **daemon_kw)
 
 
 def make_config(
@@ -259,38 +250,22 @@ def make_config(
     watch_interval: str = "10s",
 ) -> Config:
     """The daemon's config with credential files (0600) under ``tmp/etc``."""
-    etc = os.path.join(tmp, "etc")
-    os.makedirs(etc, exist_ok=True)
-    stores = []
-    for store, sim in fleet.sims.items():
-        mall = fleet.malls[store]
-        spec = SIMS[mall]
-        cred = write_credentials(os.path.join(etc, f"{store}.json"), sim.credentials())
-        stores.append(
-            StoreConfig(
-                name=store,
-                mall=mall,
-                base_url=urls[store],
-                credentials=cred,
-                poll_interval=poll_interval,
-                push_retry=push_retry,
-                request_timeout=request_timeout,
-                watch_interval=watch_interval,
-                urls={k: urls[store] + path for k, path in spec.url_paths.items()},
-                options={**spec.options, **(store_options or {}).get(mall, {})},
-            )
-        )
-    return Config(
-        daemon=DaemonConfig(
-            state_dir=os.path.join(tmp, "state"),
-            control_socket=os.path.join(tmp, "ctl.sock"),
-            http_listen=http_listen,
-            log_level=log_level,  # type: ignore[arg-type]
-            log_format="json",
-            synchronous=synchronous,  # type: ignore[arg-type]
-        ),
-        stores=tuple(stores),
-        source=os.path.join(etc, "goqd.toml"),
+    return simfleet.Fleet(fleet.sims, dict(urls)).config(
+        tmp,
+        per_store={
+            store: {"options": (store_options or {}).get(mall, {})}
+            for store, mall in fleet.malls.items()
+        },
+        poll_interval=poll_interval,
+        push_retry=push_retry,
+        request_timeout=request_timeout,
+        watch_interval=watch_interval,
+        daemon={
+            "http_listen": http_listen,
+            "log_level": log_level,
+            "log_format": "json",
+            "synchronous": synchronous,
+        },
     )
 
 
@@ -472,8 +447,8 @@ class Running:
         return generate_latest(self.daemon.registry).decode()
 
 
-async def _watch_states(run: Running, clock: Callable[[], float]) -> None:
-    """Record every state change of every store (I6 evidence)."""
+async def _watch_states(run: Running, clock: WallClock) -> None:
+    """Record every state change of every store (evidence for visibility, I6)."""
 
     async def watch(name: str) -> None:
         handle = run.daemon.handles[name]
@@ -493,7 +468,7 @@ async def open_daemon(
     urls: Mapping[str, str],
     *,
     transport: httpx.AsyncBaseTransport | None = None,
-    clock: Callable[[], float],
+    clock: WallClock,
     seed: int = 0,
     seed_ledger: bool = True,
     **config_kw: Any,
@@ -549,27 +524,26 @@ def ledger_consistent(path: str) -> None:
     """What must hold right after any crash, before a restart: the file opens, passes
     ``PRAGMA quick_check`` and conserves stock (no half-applied transaction): each SKU's
     movements add up to its total, each booked line's to its booked quantity."""
-    from goqd.ledger.db import open_db
-
-    conn = open_db(path)  # runs quick_check; refuses a damaged file
+    # Opened as the daemon opens it (not read-only): a crash may have left a WAL to
+    # recover, and open_db runs SQLite's quick_check, refusing a damaged file.
+    conn = open_db(path)
     try:
-        assert conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
-        moved = dict(conn.execute("SELECT sku, sum(delta) FROM movements GROUP BY sku"))
-        for sku, total in conn.execute("SELECT sku, total FROM products"):
+        moved: dict[str, int] = {}
+        by_line: dict[tuple[str, str, str], int] = {}
+        for mv in queries.movements(conn):
+            moved[mv.sku] = moved.get(mv.sku, 0) + mv.delta
+            if mv.cause in ("order", "cancel", "correction"):
+                ident = (mv.store, mv.order_id, mv.line_id)
+                by_line[ident] = by_line.get(ident, 0) + mv.delta
+        for product in queries.products(conn):
+            sku, total = product.sku, product.total
             assert moved.get(sku, 0) == total, f"{sku}: movements {moved.get(sku)} != {total}"
-        by_line = {
-            (r[0], r[1], r[2]): r[3]
-            for r in conn.execute(
-                "SELECT store, order_id, line_id, sum(delta) FROM movements "
-                "WHERE cause IN ('order', 'cancel', 'correction') "
-                "GROUP BY store, order_id, line_id"
+        for line in queries.order_lines(conn):
+            got = by_line.get((line.store, line.order_id, line.line_id), 0)
+            assert got == -line.booked_qty, (
+                f"{line.store}/{line.order_id}/{line.line_id}: moved {got}, "
+                f"booked {line.booked_qty}"
             )
-        }
-        for store, order_id, line_id, qty in conn.execute(
-            "SELECT store, order_id, line_id, booked_qty FROM order_lines"
-        ):
-            got = by_line.get((store, order_id, line_id), 0)
-            assert got == -qty, f"{store}/{order_id}/{line_id}: moved {got}, booked {qty}"
     finally:
         conn.close()
 
@@ -578,20 +552,15 @@ def converged(fleet: Fleet, path: str, *, stores: Sequence[str] | None = None) -
     """Outbox empty, every mall line booked at the mall's latest quantity (0 if
     cancelled) or parked, every linked listing at max(0, total)."""
     try:
-        totals = dict(ledger_rows(path, "SELECT sku, total FROM products"))
-        outbox = ledger_rows(path, "SELECT count(*) FROM outbox")[0][0]
-        booked = {
-            (r[0], r[1], r[2]): r[3]
-            for r in ledger_rows(
-                path, "SELECT store, order_id, line_id, booked_qty FROM order_lines"
-            )
-        }
-        parked = {
-            (r[0], r[1], r[2])
-            for r in ledger_rows(path, "SELECT store, order_id, line_id FROM parked_lines")
-        }
-    except sqlite3.Error:
-        return False
+        with queries.open_read_only(path) as conn:
+            totals = queries.totals(conn)
+            outbox = len(queries.outbox(conn))
+            booked = {
+                (r.store, r.order_id, r.line_id): r.booked_qty for r in queries.order_lines(conn)
+            }
+            parked = {(r.store, r.order_id, r.line_id) for r in queries.parked_lines(conn)}
+    except (sqlite3.Error, LedgerError):
+        return False  # not created yet
     if outbox:
         return False
     for store in stores or fleet.sims:
@@ -619,7 +588,7 @@ class InFlight:
 
 def track_in_flight(sim: SimMall) -> InFlight:
     """Count requests a simulator is still working on (its answer not yet sent)."""
-    from goqd.sim.faults import PUSH_APIS
+    from tests.helpers.faults import PUSH_APIS
 
     stats = InFlight()
     app: Any = sim.app
@@ -829,7 +798,7 @@ class Scenario:
     advance_rate: float = 0.2
     edit_rate: float = 0.05
     restock_rate: float = 0.03  # operator `stock adjust` over the control socket
-    plan: Any = None  # a goqd.sim.faults.FaultPlan; None draws one from the seed
+    plan: Any = None  # a tests.helpers.faults.FaultPlan; None draws one from the seed
     fault_kinds: Sequence[str] | None = None
     healthy: Sequence[str] = ()
     poll_interval: str = "60s"
@@ -899,7 +868,7 @@ def run_scenario(sc: Scenario, tmp_root: str | None = None) -> Outcome:
 
     import trio.testing
 
-    from goqd.sim import checker, faults
+    from tests.helpers import checker, faults
 
     tmp = tempfile.mkdtemp(prefix=f"goqd-dst-{sc.seed}-", dir=tmp_root or _fast_tmp())
     started = _time.perf_counter()
@@ -1005,7 +974,7 @@ async def _scenario_main(
                     units = rng.randint(1, 5)
                     with contextlib.suppress(ControlError):
                         await control_call(
-                            run.socket, p.StockAdjust(sku=sku, delta=units, reason="restock")
+                            run.socket, m.AdjustStock(sku=sku, delta=units, reason="restock")
                         )
                         market.real[sku] += units
                         restocks += 1
@@ -1035,9 +1004,8 @@ async def _scenario_main(
             for store, sim in fleet.sims.items()
             for v in checker.check_throttling(sim, store, records, plan_episodes(plan, store))
         ]
-        duplicates = ledger_rows(run.ledger_path, "SELECT value FROM meta WHERE key='duplicates'")[
-            0
-        ][0]
+        with queries.open_read_only(run.ledger_path) as conn:
+            duplicates = queries.counter(conn, "duplicates")
         return Outcome(
             seed=sc.seed,
             report=report,
@@ -1137,7 +1105,8 @@ def run_dst(
 
 
 def outcome_json(o: Outcome, *, known: Callable[[Any], bool] = lambda v: False) -> dict[str, Any]:
-    """One seed's result as JSON (``known`` marks E2 findings already reported)."""
+    """One seed's result as JSON (``known`` marks throttling findings, docs/reliability.md
+    catalogue entry E2, already reported)."""
     return {
         "seed": o.seed,
         "ok": o.report.ok,
@@ -1172,7 +1141,8 @@ def replay_command(seed: int) -> str:
 
 def seed_failure(result: Mapping[str, Any]) -> str | None:
     """Why one seed's JSON result (``outcome_json``) fails, with its replay; None if it
-    passed: a violation, a rate overrun (E2) or no convergence within ``SETTLE_BOUND``."""
+    passed: a violation, a rate overrun (catalogue entry E2) or no convergence within
+    ``SETTLE_BOUND``."""
     late = result["settled_after"] is None or result["settled_after"] > SETTLE_BOUND
     if result["ok"] and not result["throttling"] and not late:
         return None
@@ -1228,8 +1198,8 @@ def crashed_json(seed: int, error: str) -> dict[str, Any]:
 
 
 def renewal_burst(records: Sequence[Any], window: float = 2.0) -> Callable[[Any], bool]:
-    """Is an E2 finding the known burst right after ``goqctl key set`` (see the report:
-    the key test and the restarted session use fresh rate limiters)?"""
+    """Is a throttling finding (E2) the known burst right after ``goqctl key set`` (the
+    key test and the restarted session use fresh rate limiters)?"""
     ends = [(r.store, r.end) for r in records if r.kind == "expired_credential"]
 
     def known(v: Any) -> bool:

@@ -7,7 +7,7 @@ with FULL durability, credentials are read from 0600 files, the config is one ``
 check-config`` accepts (each mall's own minimum poll interval by default), operators
 could connect to the control socket printed at start. Only the base URLs differ.
 
-Time is simulated, as in ``goqd sim`` (``goqd.simbench.SimulatedTime``): the demo's
+Time is simulated, as in ``goqd sim`` (``goqd.tools.fleet.SimulatedTime``): the demo's
 trio clock runs ``speed`` times faster than real time, and the daemon, the simulators,
 the ledger and the market all read that clock. What a mall imposes keeps its simulated
 length (Amazon shows an order to getOrders two simulated minutes after it was placed),
@@ -23,9 +23,9 @@ to a real mall and never reports a figure it did not count in this run.
 
 from __future__ import annotations
 
+import argparse
 import functools
-import json
-import os
+import math
 import random
 import shutil
 import sys
@@ -39,14 +39,12 @@ import trio
 
 from goqd import messages as m
 from goqd.app import Daemon, run_daemon
-from goqd.config import Config, DaemonConfig, StoreConfig, check_config
+from goqd.config import check_config
 from goqd.sim.base import SimMall
-from goqd.sim.http import serve_sim
 from goqd.sim.market import Market
 from goqd.sim.registry import SIMS
-from goqd.simbench import (
-    SimulatedTime,
-    available_malls,
+from goqd.tools.fleet import SimulatedTime, available_malls, make_sims, open_fleet
+from goqd.tools.simbench import (
     ledger_first_seen,
     ledger_snapshot,
     poll_interval_for,
@@ -111,6 +109,63 @@ class DemoSummary(msgspec.Struct, kw_only=True):
     speed: float = 0.0
     simulated_s: float = 0.0
     wall_s: float = 0.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``goqd demo``."""
+    parser.description = (
+        "Simulated malls on 127.0.0.1, a real daemon on a temporary ledger and "
+        "a market placing orders. The demo's clock runs --speed times faster than real "
+        "time: every time it takes or shows is in simulated seconds, and the malls' own "
+        "delays keep their length in it (Amazon shows an order 2 simulated minutes late)."
+    )
+    parser.add_argument(
+        "--seconds",
+        type=positive_float,
+        default=30.0,
+        help="simulated seconds the market runs (default 30)",
+    )
+    parser.add_argument(
+        "--speed",
+        type=positive_float,
+        default=DEMO_SPEED,
+        help=f"simulated seconds per real second (default {DEMO_SPEED:g}: all five malls "
+        "in under a minute)",
+    )
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--order-rate", type=positive_float, default=4.0, help="orders per simulated second"
+    )
+    parser.add_argument(
+        "--poll-interval",
+        default="min",
+        help="goqd's poll interval for every store, or 'min' (default): each mall's fastest",
+    )
+    parser.add_argument("--json", action="store_true", help="print only the summary, as JSON")
+    parser.add_argument("--keep", metavar="DIR", help="keep the ledger and config in DIR")
+    parser.add_argument(
+        "--malls",
+        type=_mall_list,
+        help="comma-separated malls to simulate (default: all of them)",
+    )
+
+
+def positive_float(text: str) -> float:
+    """An option's number, finite and above 0 (argparse's ``type``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number more than 0, not {text!r}")
+    return value
+
+
+def _mall_list(text: str) -> list[str]:
+    try:
+        return parse_malls(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_malls(text: str) -> list[str]:
@@ -221,15 +276,19 @@ async def _run(
     clock = sim_time.wall
     malls = sorted({mall for _, mall in stores})
     settle_timeout = 30.0 + max(SIMS[mall].settle_s for mall in malls)
-    async with trio.open_nursery() as nursery:
-        sims: dict[str, SimMall] = {}
-        urls: dict[str, str] = {}
-        for n, (name, mall) in enumerate(stores):
-            spec = SIMS[mall]
-            sim = spec.cls(shop_id=f"{300000 + n}", clock=clock, seed=rng.randrange(1 << 30))
-            sims[name] = sim
-            urls[name] = await nursery.start(serve_sim, sim.app)
-        config = _config(tmp, stores, sims, urls, polls)
+    sims = make_sims(
+        stores, clock=clock, seeds=[rng.randrange(1 << 30) for _ in stores], first_shop=300000
+    )
+    async with open_fleet(sims) as fleet, trio.open_nursery() as nursery:
+        config = fleet.config(
+            tmp,
+            per_store={store: {"poll_interval": polls[mall]} for store, mall in stores},
+            push_retry="5s",
+            request_timeout="10s",
+            daemon={"base_store": stores[0][0], "log_level": "warning"},
+        )
+        # What `goqd run` would refuse, the demo does not run either.
+        check_config(config)
         daemon: Daemon = await nursery.start(
             functools.partial(run_daemon, config, clock=clock, rng=daemon_rng)
         )
@@ -276,51 +335,6 @@ async def _run(
         summary.simulated_s = round(trio.current_time() - ready_at, 1)
         nursery.cancel_scope.cancel()
     return summary
-
-
-def _config(
-    tmp: str,
-    stores: list[tuple[str, str]],
-    sims: dict[str, SimMall],
-    urls: dict[str, str],
-    polls: dict[str, str],
-) -> Config:
-    """The real daemon's config, credentials in 0600 files, as an operator would write."""
-    store_cfgs = []
-    os.makedirs(os.path.join(tmp, "etc"), exist_ok=True)
-    for name, mall in stores:
-        cred = os.path.join(tmp, "etc", f"{name}.json")
-        fd = os.open(cred, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(sims[name].credentials(), f)
-        spec = SIMS[mall]
-        store_cfgs.append(
-            StoreConfig(
-                name=name,
-                mall=mall,
-                base_url=urls[name],
-                credentials=cred,
-                poll_interval=polls[mall],
-                push_retry="5s",
-                request_timeout="10s",
-                urls={k: urls[name] + path for k, path in spec.url_paths.items()},
-                options=dict(spec.options),
-            )
-        )
-    config = Config(
-        daemon=DaemonConfig(
-            state_dir=os.path.join(tmp, "state"),
-            control_socket=os.path.join(tmp, "control.sock"),
-            http_listen="127.0.0.1:0",
-            base_store=stores[0][0],
-            log_level="warning",
-        ),
-        stores=tuple(store_cfgs),
-        source=os.path.join(tmp, "etc", "goqd.toml"),
-    )
-    # What `goqd run` would refuse, the demo does not run either.
-    check_config(config)
-    return config
 
 
 async def _catalogue(daemon: Daemon, sims: dict[str, SimMall], rng: random.Random) -> Market:

@@ -7,10 +7,11 @@ draws one from a seed (the same seed gives the same plan); ``run_plan`` applies 
 simulators' ``Faults`` switches on the trio clock, acts as the operator where the
 catalogue says one acts (``goqctl key set`` after an expired key, ``diff`` + ``reflect``
 after a silent no-op), and returns what it did as ``EpisodeRecord``s with the number of
-requests each episode actually changed (its *hits*), which the checker needs for I6.
+requests each episode actually changed (its *hits*), which the checker needs for
+visibility (I6 in docs/reliability.md "Invariants").
 
 Episodes of one store never overlap (so an episode's end restores a clean mall); those of
-different stores overlap freely, which is what I5 (isolation) is about.
+different stores overlap freely, which is what isolation (I5) is about.
 
 What it must never do: touch the daemon or the ledger. It only flips simulator switches
 and calls the operator callbacks the caller passes in.
@@ -26,8 +27,9 @@ from typing import Any, Literal
 import trio
 
 from goqd.sim.base import Faults, SimMall
-from goqd.sim.checker import EpisodeRecord
 from goqd.sim.http import Request, Response
+from goqd.wallclock import WallClock
+from tests.helpers.checker import EpisodeRecord
 
 FaultKind = Literal[
     "server_error",  # 5xx at ``rate``
@@ -165,7 +167,6 @@ def make_plan(
 # worked; run_plan retries it (the mall may be in another episode by then).
 Renew = Callable[[str, dict[str, str]], Awaitable[bool]]
 Reflect = Callable[[str], Awaitable[bool]]
-WallClock = Callable[[], float]
 
 
 @dataclass
@@ -338,7 +339,7 @@ async def run_plan(
 
     Returns when the last episode has ended and every operator action it triggered has
     succeeded (or given up after ``operator_limit`` seconds, which the caller will see
-    as an I3 violation). Cancelling it leaves the switches as they are: call
+    as a convergence (I3) violation). Cancelling it leaves the switches as they are: call
     ``clear_faults`` to restore clean malls.
     """
     taps = {store: _tap_of(sim) for store, sim in sims.items()}

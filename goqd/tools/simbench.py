@@ -12,8 +12,8 @@ the ledger is ``epoch + clock.current_time()`` (the clock object, because the le
 reads it on its worker thread, where ``trio.current_time()`` raises). The customers are
 planned once from the seed (arrivals, cancellations, shipments, restocks), so every
 world sees the same market; the malls accept or refuse each order by their own
-counters. Shopify stores get order webhooks in the goqd world, handled as ``goqd run``
-would (check the HMAC, poll that store now).
+counters. Shopify stores get order webhooks in the goqd world, handled by the handler
+``goqd run`` mounts (check the HMAC, poll that store now, answer once it committed).
 
 What it measures (definitions and caveats in ``BENCHMARKS.md``):
 
@@ -71,7 +71,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -81,25 +81,28 @@ import trio
 import trio.testing
 
 from goqd import messages as m
-from goqd.app import Daemon, run_daemon
-from goqd.config import (
-    Config,
-    DaemonConfig,
-    StoreConfig,
-    check_config,
-    parse_credentials,
-    seconds,
-)
-from goqd.ledger.db import open_db
+from goqd.app import WEBHOOK_WAIT_S, Daemon, run_daemon
+from goqd.config import Config, check_config, seconds
+from goqd.ledger import Wakeups, open_db, queries
 from goqd.linking import fold
 from goqd.malls.registry import MALLS
-from goqd.secret import Secret
 from goqd.sim.base import SimMall
-from goqd.sim.http import Request, serve_sim
+from goqd.sim.http import Request
 from goqd.sim.market import Market, Placed
 from goqd.sim.registry import SIMS
+from goqd.stores.actor import StoreHandle
+from goqd.tools.fleet import (
+    Fleet,
+    SimulatedTime,
+    available_malls,
+    daemon_config,
+    make_sims,
+    open_fleet,
+    sim_credentials,
+    store_config,
+)
+from goqd.wallclock import WallClock
 
-Webhook = Callable[[bytes, Mapping[str, str]], Awaitable[int]]
 _T = TypeVar("_T")
 
 # Order quantities: most customers buy one.
@@ -107,11 +110,12 @@ QUANTITIES = (1, 2, 3)
 QUANTITY_WEIGHTS = (0.80, 0.15, 0.05)
 MEAN_QUANTITY = sum(q * w for q, w in zip(QUANTITIES, QUANTITY_WEIGHTS, strict=True))
 # A product starts with about this many seconds of its own demand on the shelf, and a
-# delivery brings about as much again [I: small stock and small, frequent deliveries
-# at ``supply_ratio`` of demand, so that hot products sell out several times an hour:
-# the moments where oversells happen, which is what this benchmark is about].
+# delivery brings about as much again (an assumption: small stock and small, frequent
+# deliveries at ``supply_ratio`` of demand, so that hot products sell out several times
+# an hour: the moments where oversells happen, which is what this benchmark is about).
 STOCK_HORIZON_S = 120.0
-# Customers cancel after about 10 minutes and the merchant ships after about 30 [I].
+# Customers cancel after about 10 minutes and the merchant ships after about 30
+# (assumed, not measured).
 CANCEL_MEAN_S = 600.0
 SHIP_MEAN_S = 1800.0
 # Delays the mall itself imposes before goqd can see an order, added to the latency
@@ -151,7 +155,7 @@ class SimParams:
     speed: float = 10.0
     webhooks: bool = True  # Shopify stores get order webhooks (goqd world only)
     watch_interval: str = "5s"  # goqd's sale watch (goqd world only); "0s" = off
-    webhook_delay: float = 0.5  # seconds from the order to Shopify's delivery [I]
+    webhook_delay: float = 0.5  # seconds from the order to Shopify's delivery (assumed)
     cancel_share: float = 0.05
     hot_fraction: float = 0.05  # share of products that are hot
     hot_share: float = 0.7  # share of orders that go to hot products
@@ -168,11 +172,6 @@ class Policy:
     gated: bool  # push to a store only right after that store's poll
     webhooks: bool
     watch_interval: str = "5s"  # the sale watch; "0s" = off
-
-
-def available_malls() -> list[str]:
-    """Malls that have both a simulator and an adapter, in registry order."""
-    return [mall for mall in SIMS if mall in MALLS]
 
 
 def plan_stores(params: SimParams) -> list[tuple[str, str]]:
@@ -376,7 +375,7 @@ class Tracker:
     a FIFO of waiting orders and pops from the front.
     """
 
-    clock: Callable[[], float]
+    clock: WallClock
     initial: dict[str, int]
     stores: list[str]
     mall_of: dict[str, str]
@@ -508,7 +507,7 @@ class SendLog(httpx.AsyncBaseTransport):
     """
 
     def __init__(
-        self, clock: Callable[[], float], name_of: Callable[[httpx.Request], tuple[str, str]]
+        self, clock: WallClock, name_of: Callable[[httpx.Request], tuple[str, str]]
     ) -> None:
         self._inner = httpx.AsyncHTTPTransport()
         self._clock = clock
@@ -555,10 +554,11 @@ def _api_namer(
 def sim_limits(sim: SimMall, api: str) -> tuple[float, float] | None:
     """The documented limit on ``api`` as (rate per second, burst); None: not by count.
 
-    From malls.md §7.5 and the simulators that model them: Rakuten 1 req/s per API and
-    5 req/s bulk-get, burst 1 [I]; Yahoo 1 query/s per URL, burst 1 (the simulator
-    allows 2 for network jitter); au PAY has no published limit, the simulator's 1 req/s
-    burst 2 [I]; Amazon the usage plans of the SP-API models. Shopify limits query
+    From docs/malls.md ("Cross-cutting design notes", item 5: rate limits to emulate) and
+    the simulators that model them: Rakuten 1 req/s per API and 5 req/s bulk-get, burst 1
+    (the burst assumed); Yahoo 1 query/s per URL, burst 1 (the simulator allows 2 for
+    network jitter); au PAY has no published limit, the simulator's 1 req/s burst 2
+    (assumed); Amazon the usage plans of the SP-API models. Shopify limits query
     *cost*, not requests: only its throttled answers count there.
     """
     if sim.mall == "rakuten":
@@ -699,7 +699,7 @@ def seed_ledger(
     """Bulk-load ``(sku, name, total, first_store)`` products and ``(store, key, sku,
     quantity)`` linked listings, as if imported and already pushed (outbox empty).
 
-    Like ``goqd.bench.seed_catalogue``, this writes the ledger's tables directly: the
+    Like ``goqd.tools.ledgerbench.seed_catalogue``, this writes the ledger's tables directly: the
     daemon then starts on it unchanged, the way it would after an import."""
     conn = open_db(path, check=False)
     try:
@@ -722,71 +722,44 @@ def seed_ledger(
 def ledger_snapshot(path: str) -> tuple[dict[str, int], set[tuple[str, str, str]], int, int]:
     """Totals, booked lines, outbox and parked rows, through a read-only connection
     beside the ledger's writer (WAL lets readers in)."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        totals = {sku: int(total) for sku, total in conn.execute("SELECT sku, total FROM products")}
-        booked = {
-            (str(s), str(o), str(line))
-            for s, o, line in conn.execute("SELECT store, order_id, line_id FROM order_lines")
-        }
-        outbox = int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
-        parked = int(conn.execute("SELECT count(*) FROM parked_lines").fetchone()[0])
-        return totals, booked, outbox, parked
-    finally:
-        conn.close()
+    with queries.open_read_only(path) as conn:
+        booked = {(r.store, r.order_id, r.line_id) for r in queries.order_lines(conn)}
+        return (
+            queries.totals(conn),
+            booked,
+            len(queries.outbox(conn)),
+            len(queries.parked_lines(conn)),
+        )
 
 
-def _gate_pushes(daemon: Daemon) -> None:
+class _PollGatedWakeups(Wakeups):
     """Baseline policy: a store is pushed to only right after its own poll committed.
 
     The daemon has no such option (it pushes as soon as the ledger changes), so it is
-    emulated from outside without touching the daemon's code: the ledger's outbox
-    notifications are dropped, and the store's push loop is woken when the ledger has
-    answered that store's ``OrderLinesSeen``. With ``push-retry`` longer than the run,
-    nothing else wakes it. Restocks wait for the next poll too: a push loop, once woken,
-    sends everything pending for its store, so waking it for a restock would push every
+    emulated with the ledger's wake-ups, handed to ``run_daemon``: the ledger's "your
+    outbox changed" is dropped, and ``_run_poll_gate`` wakes a store's push loop when a
+    poll of that store committed. With ``push-retry`` longer than the run, nothing else
+    wakes it. Restocks wait for the next poll too: a push loop, once woken, sends
+    everything pending for its store, so waking it for a restock would push every
     order-driven change with it and the gate would no longer hold.
     """
-    wakeups = daemon.ledger.wakeups
-    release = wakeups.notify
-    setattr(wakeups, "notify", lambda store: None)  # noqa: B010 - replacing a method
-    call = daemon.ledger.call
 
-    async def call_then_release(msg: m.LedgerRequest) -> m.LedgerReply:
-        reply = await call(msg)
-        if isinstance(msg, m.OrderLinesSeen):
-            release(msg.store)
-        return reply
+    def notify(self, store: str) -> None:
+        return None
 
-    setattr(daemon.ledger, "call", call_then_release)  # noqa: B010
+    def release(self, store: str) -> None:
+        super().notify(store)
 
 
-class SimulatedTime:
-    """A trio ``MockClock`` running ``speed`` simulated seconds per real second, and
-    the wall clock that goes with it, ``epoch`` + simulated seconds, for everything
-    that reads a wall clock in the run (daemon, simulators, ledger, market).
-
-    Shared by ``goqd sim`` and ``goqd demo``: delays a mall imposes (Amazon shows an
-    order about two minutes late) stay what they are in simulated time, while the run
-    takes ``1 / speed`` of the real time. Real HTTP and SQLite work still costs real
-    time, which the fast clock multiplies by ``speed``.
-    """
-
-    def __init__(self, speed: float, epoch: float | None = None) -> None:
-        if not speed > 0:
-            raise ValueError(f"speed must be more than 0, not {speed:g}")
-        self.speed = speed
-        self.epoch = float(int(time.time())) if epoch is None else epoch
-        self.mock = trio.testing.MockClock(rate=speed)
-
-    def wall(self) -> float:
-        # Read from the clock object, not trio.current_time(): the ledger calls this on
-        # its worker thread, where trio.current_time() raises.
-        return self.epoch + self.mock.current_time()
-
-    def run(self, async_fn: Callable[..., Awaitable[_T]], *args: Any) -> _T:
-        """``trio.run(async_fn, *args)`` on this clock."""
-        return trio.run(async_fn, *args, clock=self.mock)
+async def _run_poll_gate(wakeups: _PollGatedWakeups, handle: StoreHandle) -> None:
+    """Release ``handle``'s store each time one of its polls committed."""
+    seen = handle.polls
+    while True:
+        # Set when a poll committed or failed, or the state changed.
+        await handle.poll_finished.wait()
+        if handle.polls != seen:
+            seen = handle.polls
+            wakeups.release(handle.name)
 
 
 @dataclass
@@ -836,10 +809,16 @@ async def run_world(
     w.market, w.tracker = market, tracker
     products = [(sku, f"商品 {sku}", plan.initial[sku], plan.stores[0][0]) for sku in plan.skus]
     listings: list[tuple[str, str, str, int | None]] = []
-    for n, (store, mall) in enumerate(plan.stores):
+    w.sims.update(
+        make_sims(
+            plan.stores,
+            clock=w.clock,
+            seeds=[params.seed * 1000 + n for n in range(len(plan.stores))],
+        )
+    )
+    for store, mall in plan.stores:
         spec = SIMS[mall]
-        sim = spec.cls(shop_id=f"{300000 + n}", clock=w.clock, seed=params.seed * 1000 + n)
-        w.sims[store] = sim
+        sim = w.sims[store]
         market.keys[store] = {}
         for sku in plan.skus:
             listing = spec.add(sim, spec.listing_key(sku), sku, f"商品 {sku}", plan.initial[sku])
@@ -848,26 +827,29 @@ async def run_world(
             listings.append((store, listing.listing_key, sku, plan.initial[sku]))
     ledger_path = os.path.join(tmp, "state", "goqd.db")
     await trio.to_thread.run_sync(seed_ledger, ledger_path, products, listings)
-    holder: list[Daemon] = []
-    async with trio.open_nursery() as nursery:
-        urls = {store: await nursery.start(serve_sim, sim.app) for store, sim in w.sims.items()}
-        config, creds, hooks = _world_config(w, urls, ledger_path, holder)
-        sent = SendLog(w.clock, _api_namer(w.sims, urls))
+    async with open_fleet(w.sims) as fleet, trio.open_nursery() as nursery:
+        config = _world_config(w, fleet, ledger_path)
+        sent = SendLog(w.clock, _api_namer(w.sims, fleet.urls))
+        gate = _PollGatedWakeups() if policy.gated else None
+        # Shopify's order webhooks go to the handler `goqd run` mounts for them.
         daemon: Daemon = await nursery.start(
             functools.partial(
                 run_daemon,
                 config,
                 clock=w.clock,
                 transport=sent,
-                credentials=creds,
-                webhooks=hooks,
+                credentials=fleet.credentials(),
                 rng=random.Random(params.seed),
+                wakeups=gate,
             )
         )
-        holder.append(daemon)
-        if policy.gated:
-            _gate_pushes(daemon)
-        http = httpx.AsyncClient()
+        if gate is not None:
+            for handle in daemon.handles.values():
+                nursery.start_soon(_run_poll_gate, gate, handle)
+        # The daemon answers a webhook once the poll it asked for committed (up to
+        # WEBHOOK_WAIT_S); under a fast clock that passes httpx's 5 s default, and a
+        # delivery that timed out would wait for the store's next order to go again.
+        http = httpx.AsyncClient(timeout=WEBHOOK_WAIT_S + 10.0)
         if policy.webhooks:
             for store, sim in w.sims.items():
                 if hasattr(sim, "deliver_webhooks"):
@@ -892,81 +874,28 @@ async def run_world(
             report = await _report(w, daemon, sent, ledger_path, converged, after, mismatches, lost)
         finally:
             gc.unfreeze()
-        await http.aclose()
+        # Webhook deliveries stop before their client closes: a delivery waits for the
+        # poll the webhook asked for, so one may be in flight at the end.
         nursery.cancel_scope.cancel()
+    await http.aclose()
     await sent.close_inner()
     report.wall_s = round(time.perf_counter() - started, 2)
     return report
 
 
-def _sim_store(
-    store: str, mall: str, url: str, data: Mapping[str, str], **settings: Any
-) -> tuple[StoreConfig, dict[str, Secret]]:
-    """A simulated store's config and its parsed credentials (handed to ``run_daemon``
-    in memory; the file name in the config is never read)."""
-    spec = SIMS[mall]
-    config = StoreConfig(
-        name=store,
-        mall=mall,
-        base_url=url,
-        credentials=f"{store}.json",
-        urls={k: url + path for k, path in spec.url_paths.items()},
-        options=dict(spec.options),
-        **settings,
-    )
-    return config, parse_credentials(store, mall, data, MALLS[mall].credential_fields)
-
-
-def _world_config(
-    w: _World, urls: dict[str, str], ledger_path: str, holder: list[Daemon]
-) -> tuple[Config, dict[str, dict[str, Secret]], dict[str, Webhook]]:
-    stores = []
-    creds: dict[str, dict[str, Secret]] = {}
-    hooks: dict[str, Webhook] = {}
-    for store, mall in w.plan.stores:
-        data = w.sims[store].credentials()
-        cfg, creds[store] = _sim_store(
-            store,
-            mall,
-            urls[store],
-            data,
-            poll_interval=w.policy.poll[mall],
-            push_retry=w.policy.push_retry,
-            request_timeout="30s",
-            watch_interval=w.policy.watch_interval,
-        )
-        stores.append(cfg)
-        if w.policy.webhooks and MALLS[mall].webhook and "webhook_secret" in data:
-            hooks[store] = _webhook_handler(holder, store, Secret(data["webhook_secret"]))
-    config = Config(
-        daemon=DaemonConfig(
-            state_dir=os.path.join(w.tmp, "state"),
-            ledger=ledger_path,
-            control_socket=os.path.join(w.tmp, "control.sock"),
-            http_listen="127.0.0.1:0",
-            base_store=w.plan.stores[0][0],
-            log_level="error",
-        ),
-        stores=tuple(stores),
-        source=os.path.join(w.tmp, "goqd.toml"),
+def _world_config(w: _World, fleet: Fleet, ledger_path: str) -> Config:
+    """The daemon's config under the world's policy; credentials stay in memory."""
+    config = fleet.config(
+        w.tmp,
+        credential_files=False,
+        per_store={store: {"poll_interval": w.policy.poll[mall]} for store, mall in w.plan.stores},
+        push_retry=w.policy.push_retry,
+        request_timeout="30s",
+        watch_interval=w.policy.watch_interval,
+        daemon={"ledger": ledger_path, "base_store": w.plan.stores[0][0], "log_level": "error"},
     )
     check_config(config)
-    return config, creds, hooks
-
-
-def _webhook_handler(holder: list[Daemon], store: str, secret: Secret) -> Webhook:
-    """What ``goqd run`` would mount for a Shopify store: check the HMAC, poll now."""
-    from goqd.malls.shopify import verify_webhook
-
-    async def handle(body: bytes, headers: Mapping[str, str]) -> int:
-        if not verify_webhook(secret, body, headers.get("x-shopify-hmac-sha256", "")):
-            return 401
-        if not holder:
-            return 503
-        holder[0].handles[store].request_poll()
-        return 200
-
-    return handle
+    return config
 
 
 async def _deliver_webhooks(w: _World, store: str, http: httpx.AsyncClient) -> None:
@@ -1207,33 +1136,21 @@ async def _report(
 def ledger_first_seen(path: str) -> dict[tuple[str, str, str], float]:
     """When the ledger first booked each order line (its ``first_seen``, wall clock),
     through a read-only connection beside the ledger's writer (WAL lets readers in)."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        return {
-            (str(s), str(o), str(line)): float(at)
-            for s, o, line, at in conn.execute(
-                "SELECT store, order_id, line_id, first_seen FROM order_lines"
-            )
-        }
-    finally:
-        conn.close()
+    with queries.open_read_only(path) as conn:
+        return {(r.store, r.order_id, r.line_id): r.first_seen for r in queries.order_lines(conn)}
 
 
 def _hold_times(path: str) -> dict[tuple[str, str], list[float]]:
     """When the sale watch held units back, per (store, SKU): the ``hold`` movements
     that raised the product's held count (wall clock, in order)."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     out: dict[tuple[str, str], list[float]] = defaultdict(list)
-    try:
-        previous: dict[str, int] = {}
-        for sku, cause, store, at, held in conn.execute(
-            "SELECT sku, cause, store, at, held_after FROM movements ORDER BY id"
-        ):
-            if cause == "hold" and held > previous.get(sku, 0):
-                out[(str(store), str(sku))].append(float(at))
-            previous[sku] = int(held)
-    finally:
-        conn.close()
+    with queries.open_read_only(path) as conn:
+        moves = queries.movements(conn)
+    previous: dict[str, int] = {}
+    for mv in moves:
+        if mv.cause == "hold" and mv.held_after > previous.get(mv.sku, 0):
+            out[(mv.store, mv.sku)].append(mv.at)
+        previous[mv.sku] = mv.held_after
     return out
 
 
@@ -1806,7 +1723,7 @@ class _Child:
         self.spawned = time.perf_counter()
         self.stamps: dict[str, float] = {}
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", f"import goqd.simbench as s; s.{entry}()"],
+            [sys.executable, "-c", f"import goqd.tools.simbench as s; s.{entry}()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.err,
@@ -1908,9 +1825,7 @@ async def _scale_sims(
     rng = random.Random(args["seed"])
     products = int(args["products"])
     listed_in = _scale_listed_in(len(stores), int(args["per_product"]))
-    sims: dict[str, SimMall] = {}
-    for n, (store, mall) in enumerate(stores):
-        sims[store] = SIMS[mall].cls(shop_id=f"{300000 + n}", clock=clock, seed=n)
+    sims = make_sims(stores, clock=clock, seeds=range(len(stores)))
     # The burst's orders, and the simulator listings they touch: the ledger has every
     # listing, a simulator needs only those goqd will push to.
     burst: list[tuple[str, str]] = []
@@ -1928,9 +1843,10 @@ async def _scale_sims(
     # Ledger listing keys were seeded as the SKU; where a mall's key differs (Rakuten's
     # manageNumber/variantId, Shopify's GIDs), write the simulator's key in.
     await trio.to_thread.run_sync(_rekey_ledger, args["path"], keys)
-    async with trio.open_nursery() as nursery:
-        urls = {store: await nursery.start(serve_sim, sim.app) for store, sim in sims.items()}
-        _emit(urls=urls, credentials={store: sim.credentials() for store, sim in sims.items()})
+    async with open_fleet(sims) as fleet, trio.open_nursery() as nursery:
+        _emit(
+            urls=fleet.urls, credentials={store: sim.credentials() for store, sim in sims.items()}
+        )
         lines: set[tuple[str, str, str]] = set()
         while (command := (await _command()).strip()) != "stop":
             if command == "burst":
@@ -1954,28 +1870,21 @@ async def _scale_daemon(
     args: dict[str, Any], stores: list[tuple[str, str]], shared: SharedClock
 ) -> None:
     clock = shared.wall
-    store_cfgs = []
-    creds: dict[str, dict[str, Secret]] = {}
-    for store, mall in stores:
-        cfg, creds[store] = _sim_store(
+    # The simulators live in the other child: their URLs and credentials came as JSON.
+    store_cfgs = [
+        store_config(
             store,
             mall,
             args["urls"][store],
-            args["credentials"][store],
+            credentials=f"{store}.json",
             poll_interval=f"{max(60.0, MALLS[mall].limits.min_poll_interval):g}s",
         )
-        store_cfgs.append(cfg)
-    config = Config(
-        daemon=DaemonConfig(
-            state_dir=os.path.join(args["tmp"], "state"),
-            ledger=args["path"],
-            control_socket=os.path.join(args["tmp"], "control.sock"),
-            http_listen="127.0.0.1:0",
-            log_level="error",
-        ),
-        stores=tuple(store_cfgs),
-        source=os.path.join(args["tmp"], "goqd.toml"),
-    )
+        for store, mall in stores
+    ]
+    creds = {
+        store: sim_credentials(store, mall, args["credentials"][store]) for store, mall in stores
+    }
+    config = daemon_config(args["tmp"], store_cfgs, ledger=args["path"], log_level="error")
     check_config(config)
     lags: list[float] = []
     async with trio.open_nursery() as nursery:
@@ -2029,24 +1938,13 @@ def _rekey_ledger(path: str, keys: dict[tuple[str, str], str]) -> None:
 
 def _burst_progress(path: str) -> tuple[int, int]:
     """Booked order lines and outbox rows (the ledger held none before the burst)."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        lines = int(conn.execute("SELECT count(*) FROM order_lines").fetchone()[0])
-        outbox = int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
-        return lines, outbox
-    finally:
-        conn.close()
+    with queries.open_read_only(path) as conn:
+        return len(queries.order_lines(conn)), len(queries.outbox(conn))
 
 
 def _ledger_lines(path: str) -> set[tuple[str, str, str]]:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        return {
-            (str(s), str(o), str(line))
-            for s, o, line in conn.execute("SELECT store, order_id, line_id FROM order_lines")
-        }
-    finally:
-        conn.close()
+    with queries.open_read_only(path) as conn:
+        return {(r.store, r.order_id, r.line_id) for r in queries.order_lines(conn)}
 
 
 # --------------------------------------------------------------------------- output
@@ -2195,7 +2093,7 @@ def write_plot(report: SimReport, path: str) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
-def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``goqd sim``."""
     parser.add_argument(
         "--stores", type=int, default=None, help="stores (default two per mall; 50 with --scale)"
@@ -2283,9 +2181,9 @@ def run_sim_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m goqd.simbench``, until ``goqd sim`` is wired in the CLI."""
+    """``python -m goqd.tools.simbench``: the same as ``goqd sim``."""
     parser = argparse.ArgumentParser(prog="goqd sim", description=__doc__.split("\n\n")[0])
-    add_sim_arguments(parser)
+    add_arguments(parser)
     return run_sim_command(parser.parse_args(argv))
 
 

@@ -1,4 +1,4 @@
-"""``python -m goqd.importbench``: a large ``goqctl stock import`` against a real daemon.
+"""``python -m goqd.tools.importbench``: a large ``goqctl stock import`` against a real daemon.
 
 Starts ``goqd run`` as a child process on a temporary ledger seeded with ``--rows``
 products (each linked to one listing, as a base-store import leaves them), sends one
@@ -43,12 +43,15 @@ from goqd.control import protocol as p
 from goqd.control.client import call
 from goqd.errors import ControlError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROBE_EVERY_S = 0.5
 
+# Run by the daemon's own interpreter, in the checkout being measured (``--tree``, an
+# older one perhaps): bulk rows through that checkout's ``open_db``, as an import would
+# leave them. Raw SQL on purpose: the ledger has no bulk-load request.
 _SEED = """
 import sys
-from goqd.ledger.db import open_db
+from goqd.ledger import open_db
 path, n = sys.argv[1], int(sys.argv[2])
 conn = open_db(path)
 conn.execute("BEGIN")
@@ -205,7 +208,7 @@ async def _measure(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m goqd.importbench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m goqd.tools.importbench", description=__doc__)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--mode", choices=("set", "adjust"), default="set")
     parser.add_argument("--tree", type=Path, default=ROOT, help="checkout to run goqd from")

@@ -22,8 +22,8 @@ import msgspec
 import trio
 
 from goqd import messages as m
-from goqd.ledger import open_ledger
-from goqd.ledger.db import APPLICATION_ID, WAL_AUTOCHECKPOINT_PAGES, open_db
+from goqd.ledger import open_ledger, queries
+from goqd.ledger.schema import WAL_AUTOCHECKPOINT_PAGES, open_db
 
 STORES = ("s1", "s2", "s3")
 
@@ -164,11 +164,10 @@ def bench_ledger(
         # The actor's transactions held on average `senders` messages (group commit);
         # the raw side writes the same number of messages per transaction.
         raw_s = _raw_run(raw_db, msgs, skus, senders)
-        check = sqlite3.connect(actor_db)
-        booked = check.execute("SELECT count(*) FROM order_lines").fetchone()[0]
-        app_id = check.execute("PRAGMA application_id").fetchone()[0]
-        check.close()
-    if booked != lines or app_id != APPLICATION_ID:
+        # Read back as goqd reads a ledger, which refuses a file not marked as one.
+        with queries.open_read_only(actor_db) as conn:
+            booked = len(queries.order_lines(conn))
+    if booked != lines:
         raise RuntimeError(f"benchmark booked {booked} of {lines} lines")
     return {
         "skus": skus,

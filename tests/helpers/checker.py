@@ -1,4 +1,6 @@
-"""The invariant checker of the reliability harness (docs/reliability.md, I1–I6).
+"""The invariant checker of the reliability harness: the invariants of
+docs/reliability.md, section "Invariants, checked after every scenario" (I1–I6 are
+their numbers there, and the names ``check`` takes and reports).
 
 Jepsen's shape: the simulated malls are the system's environment and record what
 happened there (their orders, every absolute value goqd set per listing, every request);
@@ -39,16 +41,19 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from goqd.errors import LEVEL_CREDENTIAL, LEVEL_TEMPORARY
+from goqd.ledger import queries
 from goqd.sim.base import SimMall
 
-# Operator movements (docs/reliability.md I2's "operator adjustments"); "import" is the initial.
+# Operator movements (the "operator adjustments" of conservation, I2); "import" is the
+# initial stock.
 OPERATOR_CAUSES = frozenset({"set", "adjust"})
 ORDER_CAUSES = frozenset({"order", "cancel", "correction"})
 # The sale watch's holds: the total does not move, the count pushed does.
 HOLD_CAUSES = frozenset({"hold"})
 
 # Which metric outcomes (``goqd_polls_total`` / ``goqd_mall_requests_total``) and which
-# error level show a fault of each kind (goqd.sim.faults.FaultKind).
+# error level show a fault of each kind (tests.helpers.faults.FaultKind).
 FAULT_OUTCOMES: dict[str, frozenset[str]] = {
     "server_error": frozenset({"unavailable"}),
     "throttle": frozenset({"rate_limited", "unavailable"}),
@@ -58,12 +63,12 @@ FAULT_OUTCOMES: dict[str, frozenset[str]] = {
     "expired_credential": frozenset({"auth"}),
     "malformed": frozenset({"protocol"}),
 }
-FAULT_LEVEL: dict[str, int] = {"expired_credential": 9}
+FAULT_LEVEL: dict[str, int] = {"expired_credential": LEVEL_CREDENTIAL}
 
 
 @dataclass(frozen=True)
 class Violation:
-    invariant: str  # "I1" … "I6"
+    invariant: str  # "I1" … "I6" (docs/reliability.md "Invariants"), or "E2"
     subject: str  # "store/order/line", "sku", "store/listing", "store"
     detail: str
 
@@ -73,7 +78,7 @@ class Violation:
 
 @dataclass(frozen=True)
 class EpisodeRecord:
-    """One fault episode as it was applied (``goqd.sim.faults`` produces these)."""
+    """One fault episode as it was applied (``tests.helpers.faults`` produces these)."""
 
     store: str
     kind: str
@@ -99,7 +104,7 @@ class CheckReport:
     unseen_cancelled: int = 0  # cancelled before goqd ever saw them: nothing to book
     skus: int = 0
     listings: int = 0  # linked listings checked for convergence
-    values_set: int = 0  # absolute counts the malls applied (I4 input)
+    values_set: int = 0  # absolute counts the malls applied (checked by I4)
     episodes: int = 0  # fault episodes checked for visibility
     checked: tuple[str, ...] = ()
 
@@ -125,13 +130,6 @@ class CheckReport:
         return head + f"{len(self.violations)} violation(s)\n  {shown}{tail}"
 
 
-def open_readonly(path: str) -> sqlite3.Connection:
-    """A connection that cannot write the ledger (WAL lets it read beside a writer)."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
-    conn.execute("PRAGMA query_only=1")
-    return conn
-
-
 @dataclass
 class _Ledger:
     """The parts of the ledger file the checker reads, loaded once."""
@@ -150,47 +148,54 @@ class _Ledger:
         movements: dict[str, list[tuple[int, int, int, str, str, str, str, float, int]]] = (
             defaultdict(list)
         )
-        for row in conn.execute(
-            "SELECT id, sku, delta, total_after, cause, store, order_id, line_id, at, held_after "
-            "FROM movements ORDER BY id"
-        ):
-            mid, sku, delta, after, cause, store, order_id, line_id, at, held = row
-            movements[sku].append((mid, delta, after, cause, store, order_id, line_id, at, held))
+        for mv in queries.movements(conn):
+            movements[mv.sku].append(
+                (
+                    mv.id,
+                    mv.delta,
+                    mv.total_after,
+                    mv.cause,
+                    mv.store,
+                    mv.order_id,
+                    mv.line_id,
+                    mv.at,
+                    mv.held_after,
+                )
+            )
+        products = queries.products(conn)
         return cls(
-            totals={r[0]: r[1] for r in conn.execute("SELECT sku, total FROM products")},
-            products={
-                r[0]: (r[1], r[2])
-                for r in conn.execute("SELECT sku, created_at, first_store FROM products")
-            },
+            totals={p.sku: p.total for p in products},
+            products={p.sku: (p.created_at, p.first_store) for p in products},
             movements=dict(movements),
             lines={
-                (r[0], r[1], r[2]): (r[3], r[4], r[5], r[6])
-                for r in conn.execute(
-                    "SELECT store, order_id, line_id, listing_key, sku, booked_qty, "
-                    "mall_updated_at FROM order_lines"
+                (r.store, r.order_id, r.line_id): (
+                    r.listing_key,
+                    r.sku,
+                    r.booked_qty,
+                    r.mall_updated_at,
                 )
+                for r in queries.order_lines(conn)
             },
             parked={
-                (r[0], r[1], r[2]): r[3]
-                for r in conn.execute(
-                    "SELECT store, order_id, line_id, listing_key FROM parked_lines"
-                )
+                (r.store, r.order_id, r.line_id): r.listing_key for r in queries.parked_lines(conn)
             },
             listings={
-                (r[0], r[1]): (r[2], r[3])
-                for r in conn.execute("SELECT store, listing_key, sku, link_state FROM listings")
+                (r.store, r.listing_key): (r.sku, r.link_state) for r in queries.listings(conn)
             },
             outbox={
-                (r[0], r[1]): (r[2], r[3])
-                for r in conn.execute("SELECT store, listing_key, quantity, version FROM outbox")
+                (r.store, r.listing_key): (r.quantity, r.version) for r in queries.outbox(conn)
             },
             errors=[
-                (r[0], r[1], r[2], r[3], r[4], r[5])
-                for r in conn.execute(
-                    "SELECT store, level, code, first_seen, last_seen, count FROM errors"
-                )
+                (e.store, e.level, e.code, e.first_seen, e.last_seen, e.count)
+                for e in queries.errors(conn)
             ],
         )
+
+    @classmethod
+    def read(cls, path: str) -> _Ledger:
+        """Load the ledger file at ``path`` through a connection that cannot write it."""
+        with queries.open_read_only(path) as conn:
+            return cls.load(conn)
 
 
 def check(
@@ -212,14 +217,11 @@ def check(
     ``initial`` (SKU → the stock the scenario started with) cross-checks the ledger's
     import movements; ``keys`` (store → SKU → listing key) cross-checks which SKU each
     line was booked to. ``not_converging`` names stores that are expected to lag (for
-    example still stopped at level 9); I3 skips them. I6 needs ``episodes`` and
+    example still stopped for a new credential); convergence (I3) skips them.
+    Visibility (I6) needs ``episodes`` and
     ``metrics_text`` (the ``/metrics`` exposition), and uses ``states`` when given.
     """
-    conn = open_readonly(ledger_path)
-    try:
-        led = _Ledger.load(conn)
-    finally:
-        conn.close()
+    led = _Ledger.read(ledger_path)
     report = CheckReport(checked=tuple(sorted(invariants)))
     report.skus = len(led.totals)
     if "I1" in invariants:
@@ -235,7 +237,7 @@ def check(
     return report
 
 
-# --------------------------------------------------------------------------------- I1
+# ---------------------------------------------------------------------- I1: no loss
 
 
 def _line_moves(led: _Ledger) -> dict[tuple[str, str, str], int]:
@@ -333,7 +335,7 @@ def _check_no_loss(
             report.add("I1", "/".join(ident), "booked, but no simulated mall has this line")
 
 
-# --------------------------------------------------------------------------------- I2
+# ----------------------------------------------------------------- I2: conservation
 
 
 def _check_conservation(
@@ -374,7 +376,7 @@ def _check_conservation(
             report.add("I2", sku, f"movements with unknown causes {sorted(unknown)}")
 
 
-# --------------------------------------------------------------------------------- I3
+# ------------------------------------------------------------------ I3: convergence
 
 
 def _check_convergence(
@@ -400,7 +402,7 @@ def _check_convergence(
             report.add("I3", subject, f"push still pending (quantity {pending[0]}, v{pending[1]})")
 
 
-# --------------------------------------------------------------------------------- I4
+# ----------------------------------------------------------- I4: no stale overwrite
 
 
 def _count_after(
@@ -464,7 +466,7 @@ def _check_no_stale_overwrite(
             )
 
 
-# --------------------------------------------------------------------------------- I5
+# -------------------------------------------------------------------- I5: isolation
 
 
 def propagation_delays(
@@ -481,11 +483,7 @@ def propagation_delays(
     Needs listings whose ``set_history`` records times (``tests.helpers.rig`` installs
     one). A change never followed by a write counts as ``inf``.
     """
-    conn = open_readonly(ledger_path)
-    try:
-        led = _Ledger.load(conn)
-    finally:
-        conn.close()
+    led = _Ledger.read(ledger_path)
     sim = sims[store]
     delays: list[float] = []
     for (st, key), (sku, state) in led.listings.items():
@@ -503,7 +501,7 @@ def propagation_delays(
 
 
 def check_isolation(delays: Iterable[float], bound: float, store: str) -> list[Violation]:
-    """I5: every change reached the healthy ``store`` within ``bound`` seconds."""
+    """Isolation (I5): every change reached the healthy ``store`` within ``bound`` seconds."""
     slow = sorted(d for d in delays if d > bound)
     if not slow:
         return []
@@ -517,7 +515,7 @@ def check_isolation(delays: Iterable[float], bound: float, store: str) -> list[V
     ]
 
 
-# --------------------------------------------------------------------------------- I6
+# ------------------------------------------------------------------- I6: visibility
 
 
 def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -565,7 +563,7 @@ def _check_visibility(
         what = f"{ep.kind} episode {ep.start:.1f}–{ep.end:.1f} ({ep.hits} hit(s))"
         if samples is not None and _outcome_count(samples, ep.store, outcomes) <= 0:
             report.add("I6", subject, f"{what}: no metric shows it")
-        level = FAULT_LEVEL.get(ep.kind, 8)
+        level = FAULT_LEVEL.get(ep.kind, LEVEL_TEMPORARY)
         seen = [
             e
             for e in led.errors
@@ -577,7 +575,7 @@ def _check_visibility(
         if not seen:
             report.add("I6", subject, f"{what}: no level-{level} error recorded during it")
         if states is not None:
-            want = "stopped" if level == 9 else "degraded"
+            want = "stopped" if level == LEVEL_CREDENTIAL else "degraded"
             if not _state_shown(states, ep.store, level, ep.start - slack, ep.end + slack):
                 report.add("I6", subject, f"{what}: the store's state never showed {want}")
 
@@ -585,7 +583,8 @@ def _check_visibility(
 def _state_shown(
     states: Sequence[StateChange], store: str, level: int, start: float, end: float
 ) -> bool:
-    """Was the store degraded (level 8) or stopped (9) at some moment in [start, end]?"""
+    """Was the store degraded (a temporary error) or stopped (a credential error), at
+    ``level`` or above, at some moment in [start, end]?"""
     mine = sorted((s for s in states if s.store == store), key=lambda s: s.at)
     before = [s for s in mine if s.at <= start]
     during = [s for s in mine if start < s.at <= end]
@@ -595,7 +594,7 @@ def _state_shown(
     return False
 
 
-# ------------------------------------------------------------------------ E2 throttling
+# -------------------------------------------------------------- E2: throttling
 
 
 def check_throttling(
@@ -606,7 +605,7 @@ def check_throttling(
     *,
     tolerance: float = 0.05,
 ) -> list[Violation]:
-    """docs/reliability.md E2 from the mall's request log.
+    """Throttling (docs/reliability.md catalogue entry E2) from the mall's request log.
 
     * Every 429 outside an injected throttle episode means goqd went over the mall's
       documented rate (the simulators enforce it themselves).
