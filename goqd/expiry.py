@@ -93,7 +93,8 @@ def renewal_action(store: str, mall: str) -> str:
     """What to do to renew ``store``'s credential at ``mall``, ending in `goqctl key set`."""
     spec = _spec(mall)
     action = spec.expiry.renewal if spec is not None and spec.expiry is not None else ""
-    return (action or _GENERIC_ACTION).format(store=store)
+    # Not str.format: a mall's renewal text may show a JSON object, braces and all.
+    return (action or _GENERIC_ACTION).replace("{store}", store)
 
 
 def warning_message(store: str, mall: str, expires_at: float | None, now: float) -> str:

@@ -40,6 +40,11 @@ class _OperatorRequest(
     checked when the request is decoded (msgspec validates only then), so a value the
     ledger could not take is a ``bad_request`` at the socket, never an error inside the
     ledger. Defaults are left out when encoding: goqctl sends the bytes it always sent.
+
+    The ledger binds a mutating one to its request id by a digest of its class name and
+    fields (``goqd.ledger.db.request_digest``), not of this encoding: the tag and the
+    left-out defaults can change without a retry across the upgrade being taken for
+    another request. Renaming the class or a field would change the digest.
     """
 
 

@@ -1,7 +1,11 @@
-"""Fixtures shared across test files.
+"""Fixtures shared across the rooms (tests/malls, ledger, control, integration, runtime).
 
-* ``now`` and ``ledger``: a ledger on a fake clock holding ``tests.test_ledger``'s
-  catalogue (SKU A 10 units, B 5, each listed in r1, r2, r3).
+* ``sock_dir``: a fresh, short directory under /tmp for Unix sockets, removed after the
+  test. pytest's ``tmp_path`` is too deep: a socket path must fit in ``sun_path``
+  (108 bytes on Linux), so sockets get a directory of their own.
+* ``rig`` (tests.helpers.daemon) and ``shop`` (tests.helpers.catalogue): a real daemon over
+  a simulated Rakuten fleet; registered here as plugins because tests in more than one
+  room use them.
 * ``promtool`` and ``systemd_analyze``: the path of an outside program a test runs.
   Missing, it skips the test on a developer's machine but fails it when ``CI`` is set
   (.ci/run installs both and sets ``CI=true``), so CI never passes by skipping them.
@@ -11,25 +15,21 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import AsyncIterator
-from pathlib import Path
+import tempfile
+from collections.abc import Iterator
 
 import pytest
 
-from goqd.ledger import LedgerClient, open_ledger
-from tests.test_ledger import FakeNow, setup_catalogue
+pytest_plugins = ["tests.helpers.daemon", "tests.helpers.catalogue"]
 
 
 @pytest.fixture
-def now() -> FakeNow:
-    return FakeNow()
-
-
-@pytest.fixture
-async def ledger(tmp_path: Path, now: FakeNow) -> AsyncIterator[LedgerClient]:
-    async with open_ledger(str(tmp_path / "goqd.db"), now=now) as client:
-        await setup_catalogue(client)
-        yield client
+def sock_dir() -> Iterator[str]:
+    path = tempfile.mkdtemp(dir="/tmp", prefix="goqd-t-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def required_tool(name: str, why: str) -> str:

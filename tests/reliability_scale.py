@@ -1,7 +1,7 @@
 """The reliability harness at scale: the figures CI prints after the README's tests.
 
 A plain ``pytest`` does not collect this file (no ``test_`` prefix): the quick budgets of
-``tests/test_reliability_*.py`` run there. ``.ci/run`` runs it by name::
+``tests/integration/test_reliability_*.py`` run there. ``.ci/run`` runs it by name::
 
     .venv/bin/python -m pytest -p no:cacheprovider tests/reliability_scale.py
 
@@ -59,8 +59,8 @@ from goqd.crashpoints import POINTS
 from goqd.errors import ControlError, GoqdError
 from goqd.sim.market import Market
 from tests.helpers import checker, rig
+from tests.helpers.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 STORES = (("ra", "rakuten"), ("ya", "yahoo"), ("au", "aupay"), ("sh", "shopify"), ("am", "amazon"))
 SELLING = ("ra", "au", "sh")
 # Enough for every life's customers: a product sold out only pushes zeros.

@@ -32,6 +32,8 @@ from typing import Any, Protocol
 
 import jsonschema
 
+from tests.helpers.paths import FIXTURES
+
 ORDERS_V0 = "ordersV0.json"
 LISTINGS_2021 = "listingsItems_2021-08-01.json"
 
@@ -58,7 +60,7 @@ def spapi_dir() -> Path | None:
     env = os.environ.get("GOQD_SPAPI_DIR")
     if env and (Path(env) / ORDERS_V0).is_file():
         return Path(env)
-    vendored = Path(__file__).resolve().parent / "fixtures" / "spapi"
+    vendored = FIXTURES / "spapi"
     if (vendored / ORDERS_V0).is_file():
         return vendored
     return None

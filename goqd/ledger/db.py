@@ -11,6 +11,7 @@ lines), ``outbox`` (pushes), ``watch`` (the sale watch), ``stock`` and
 from __future__ import annotations
 
 import hashlib
+import re
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -73,11 +74,25 @@ def request_digest(msg: m.LedgerRequest) -> bytes:
     """A stable digest of what an operator request asks for, its ``request_id`` left out.
 
     Stored with the id: a retry (same id, same content) gets the stored reply, while the
-    same id with other content is refused. The encoding includes the message's tag, so
-    ``SetStock`` and ``AdjustStock`` with the same fields differ.
+    same id with other content is refused. The digest is taken over the request's kind
+    (its class name in snake case, so ``SetStock`` and ``AdjustStock`` with the same
+    fields differ) and every field in definition order, defaults included. It does not
+    follow the socket's spelling: a retry sent across an upgrade that renamed a tag or
+    left defaults off the wire must still be answered, not refused as another request
+    and then applied twice under a new id. Renaming a class or a field changes it.
     """
-    blank = msgspec.structs.replace(msg, request_id="")
-    return hashlib.sha256(_digest_encoder.encode(blank)).digest()
+    pairs: list[tuple[str, object]] = [("type", _snake(type(msg).__name__))]
+    pairs += [(f, "" if f == "request_id" else getattr(msg, f)) for f in msg.__struct_fields__]
+    # A msgpack map written by hand: an encoded dict would have its keys sorted, and the
+    # digests stored so far were taken over the fields in definition order.
+    n = len(pairs)
+    head = bytes([0x80 | n]) if n < 16 else b"\xde" + n.to_bytes(2, "big")
+    body = b"".join(_digest_encoder.encode(k) + _digest_encoder.encode(v) for k, v in pairs)
+    return hashlib.sha256(head + body).digest()
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
 def _fails_batch(exc: Exception, conn: sqlite3.Connection) -> bool:

@@ -9,6 +9,7 @@ leave a -wal or -shm beside a ledger that had none). Nothing here writes.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -51,15 +52,36 @@ _MOVEMENT_COLUMNS = (
 def open_read_only(path: str, *, check: bool = False) -> Iterator[sqlite3.Connection]:
     """A connection to the ledger at ``path`` that cannot write it; closed on exit.
 
-    Beside a running daemon it reads what has been committed, through the WAL.
+    Every read in the block sees one snapshot: beside a running daemon, what it had
+    committed when the first read began (read statement by statement, a total and the
+    movements that make it could come from two different commits).
     ``check`` runs SQLite's quick integrity check first (``LedgerCorrupt`` if it fails).
     """
-    conn = open_db(path, read_only=True, check=check)
+    wal_before = os.path.exists(path + "-wal")
+    conn = _snapshot(path, check)
+    # Without a -wal the file is read as immutable, which sees no WAL at all: a daemon
+    # that opened it since (its first read creates the -wal) may have committed there.
+    # Read through its WAL instead.
+    if not wal_before and os.path.exists(path + "-wal"):
+        conn.close()
+        conn = _snapshot(path, check=False)
     try:
-        conn.execute("PRAGMA query_only=1")
         yield conn
     finally:
         conn.close()
+
+
+def _snapshot(path: str, check: bool) -> sqlite3.Connection:
+    """A read-only connection with its read transaction begun."""
+    conn = open_db(path, read_only=True, check=check, check_access=False)
+    try:
+        conn.execute("PRAGMA query_only=1")
+        conn.execute("BEGIN")
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def read(

@@ -241,7 +241,12 @@ MIGRATIONS: list[str] = [
 
 
 def open_db(
-    path: str, *, synchronous: Synchronous = "full", check: bool = True, read_only: bool = False
+    path: str,
+    *,
+    synchronous: Synchronous = "full",
+    check: bool = True,
+    read_only: bool = False,
+    check_access: bool = True,
 ) -> sqlite3.Connection:
     """Open (or create) the ledger at ``path`` and bring its schema up to date.
 
@@ -253,12 +258,22 @@ def open_db(
 
     ``read_only`` (``goqd check-config``): the same refusals for an existing file, but
     nothing is written: no migration, and no -wal/-shm is left beside a file that had
-    none.
+    none. Without ``check_access`` (a reader, ``queries.open_read_only``) it does not
+    check that this process could write the ledger, and opens no file of it outside
+    SQLite while a -wal says a writer has it open, maybe in this process: closing any
+    descriptor of the file drops every POSIX lock this process holds on it, the
+    writer's included, and another process could then checkpoint under it.
     """
     memory = path == ":memory:"
     exists = not memory and os.path.exists(path) and os.path.getsize(path) > 0
-    header = b"" if memory else _check_access(path, exists=exists)
-    if exists and header[:16] != b"SQLite format 3\x00":
+    if memory:
+        header = b""
+    elif check_access or not read_only:  # a writer always checks
+        header = _check_access(path, exists=exists)
+    else:
+        header = _read_header(path) if exists and not os.path.exists(path + "-wal") else b""
+    # An empty header was not read: SQLite's own first read refuses a file not its own.
+    if header and header[:16] != b"SQLite format 3\x00":
         raise LedgerCorrupt(f"{path}: not an SQLite database; refusing to touch it")
     if read_only and not exists:
         raise LedgerError(f"{path}: there is no ledger here yet")
@@ -296,6 +311,16 @@ def _has_journal(path: str, header: bytes) -> bool:
         return True
     wal_mode = len(header) > _WAL_HEADER_OFFSET and header[_WAL_HEADER_OFFSET] == 2
     return not wal_mode and os.path.exists(path + "-journal")
+
+
+def _read_header(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(_HEADER_BYTES)
+    except IsADirectoryError:
+        raise LedgerCorrupt(f"{path}: a directory, not a ledger file") from None
+    except OSError as exc:
+        raise LedgerError(f"{path}: cannot read the ledger: {exc.strerror or exc}") from None
 
 
 def _check_access(path: str, *, exists: bool) -> bytes:

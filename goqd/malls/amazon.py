@@ -377,7 +377,9 @@ class AmazonAdapter:
             )
             for api, (rate, burst) in RATES.items()
         }
-        self._client = MallClient(ctx, MALL, model="the SP-API model")
+        self._client = MallClient(
+            ctx, MALL, model="the SP-API model", is_secret=SPEC.is_secret_field
+        )
         self._auth = TokenAuth(self._client, self._mint)
         self._seen = SeenOrders(ctx.state, _SEEN_KEY, _SeenOrder)
 

@@ -405,7 +405,9 @@ class AupayAdapter:
         self._item_page: int = opts["items_page_size"]  # [I]
         self._read_single_max: int = opts["read_single_max"]
         self._fetch_names: bool = opts["fetch_names"]
-        self._client = MallClient(ctx, MALL, max_body=opts["max_body_bytes"])
+        self._client = MallClient(
+            ctx, MALL, max_body=opts["max_body_bytes"], is_secret=SPEC.is_secret_field
+        )
         self._default_retry_after: float = opts["retry_after_default"]
         self._table: Table = {**TABLE, **dict.fromkeys(opts["auth_error_codes"], MallAuthError)}
         self._item_cancel_values = frozenset(opts["item_cancel_values"])
@@ -422,15 +424,9 @@ class AupayAdapter:
     # -- errors ------------------------------------------------------------------------
 
     def _clean(self, text: str) -> str:
-        """Mall text for a message: one line, bounded, and never a credential."""
-        text = " ".join(text.split())[:_MESSAGE_MAX]
-        # Only the secret fields: masking the shop id or the key's issue date would cut
-        # order ids and dates the operator needs to read.
-        for name, secret in self._ctx.credentials.items():
-            value = secret.reveal()
-            if value and len(value) >= 4 and SPEC.is_secret_field(name):
-                text = text.replace(value, "***")
-        return text
+        """Mall text for a message: one line, bounded, and never a credential (masked
+        before the cut, so no part of one is left at the end)."""
+        return " ".join(self._client.mask(text).split())[:_MESSAGE_MAX]
 
     def _mall_error(self, api: str, code: str, message: str, reply: Reply) -> MallError:
         """Map an error the mall reported in its own format to a goqd error."""

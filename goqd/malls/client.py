@@ -6,7 +6,8 @@ comes back becomes goqd's errors, written once for all the malls.
 * ``send`` takes the rate token (``TokenBucket.slot``), sends, and reads the body up
   to ``MAX_BODY_BYTES``; every ``httpx`` failure becomes a ``MallError`` here and only
   here, as httpx maps httpcore's errors in one place;
-* ``error`` makes the error, naming the mall and the store;
+* ``error`` makes the error, naming the mall and the store, with the value of every
+  secret credential field masked (``mask``): a mall may quote what it was sent;
 * ``error_class`` looks a reply up in the adapter's own table (HTTP status or the
   mall's error code -> error class), and ``reply_error`` / ``throttled`` turn it into
   the error, a throttle with its bounded Retry-After (``parse_retry_after``, the one
@@ -19,7 +20,8 @@ An adapter keeps what is its mall's own: the payload Structs, the table, the URL
 the order, stock and listing logic.
 
 This module never logs or formats a credential: messages are built from the API name,
-the mall's error codes and texts and exception type names, never from a request.
+the mall's error codes and texts and exception type names, never from a request, and
+what a mall's text quotes of a secret field is masked.
 """
 
 from __future__ import annotations
@@ -159,11 +161,19 @@ class _TokenError(msgspec.Struct, frozen=True, kw_only=True):
     error_description: str = ""
 
 
+def _sendable(value: str) -> bool:
+    """Whether HTTP/1.1 can send ``value`` as a header value (h11's rule, and httpx's
+    ASCII encoding)."""
+    return value.isascii() and value.isprintable() and value == value.strip()
+
+
 class MallClient:
     """One adapter's access to its store's HTTP client; see the module docstring.
 
     ``max_body`` bounds every body read (au PAY makes it an option); ``model`` names the
-    format the mall's JSON answers are checked against, for messages.
+    format the mall's JSON answers are checked against, for messages; ``is_secret``
+    tells the credential fields whose values ``mask`` hides (``MallSpec.is_secret_field``;
+    by default all of them).
     """
 
     def __init__(
@@ -173,20 +183,37 @@ class MallClient:
         *,
         max_body: int = MAX_BODY_BYTES,
         model: str = "the documented format",
+        is_secret: Callable[[str], bool] = lambda _name: True,
     ) -> None:
         self.ctx = ctx
         self.mall = mall
         self.store = ctx.store
         self.max_body = max_body
         self.model = model
+        self._is_secret = is_secret
 
     # -- errors ------------------------------------------------------------------------
 
+    def mask(self, text: str) -> str:
+        """``text`` with the value of every secret credential field as ``***``.
+
+        An error's message is kept in the ledger and shown by ``goqctl``, where the log
+        redactor does not reach, and malls quote what they were sent (a token endpoint's
+        ``error_description``, a key echoed in a refusal). Read at the time of the error:
+        a rotated refresh token is masked too. Mask before cutting text short, or a
+        secret across the cut keeps its first part.
+        """
+        for name, secret in self.ctx.credentials.items():
+            value = secret.reveal()
+            if len(value) >= 4 and self._is_secret(name):
+                text = text.replace(value, "***")
+        return text
+
     def error(self, cls: type[E], message: str, code: str = "", *, api: str = "") -> E:
         """A ``cls`` naming this adapter's mall and store (and the ``api`` called, when
-        the message does not start with it already)."""
+        the message does not start with it already); secrets in it masked."""
         text = f"{api}: {message}" if api else message
-        return cls(text, mall=self.mall, store=self.store, code=code)
+        return cls(self.mask(text), mall=self.mall, store=self.store, code=self.mask(code))
 
     def retry_after(self, headers: httpx.Headers, *, default: float) -> float:
         """The wait a reply's ``Retry-After`` asks for, bounded (``parse_retry_after``)."""
@@ -201,7 +228,11 @@ class MallClient:
         wait = bounded_wait(wait, default=default)
         bucket.block_for(wait)
         return MallRateLimited(
-            message, retry_after=wait, mall=self.mall, store=self.store, code=code
+            self.mask(message),
+            retry_after=wait,
+            mall=self.mall,
+            store=self.store,
+            code=self.mask(code),
         )
 
     def reply_error(
@@ -272,6 +303,18 @@ class MallClient:
         secret_in_url: bool,
     ) -> Reply:
         sent = headers() if callable(headers) else headers
+        unsendable = next((name for name, value in sent.items() if not _sendable(value)), None)
+        if unsendable is not None:
+            # Only credentials come from outside into a header: a key pasted with a line
+            # break or a full-width character. httpx would fail it as a transport error
+            # (an outage, retried for ever) quoting the value; it is the operator's to fix.
+            raise self.error(
+                MallAuthError,
+                f"{api}: the {unsendable} header cannot carry a value with a space or line "
+                "break at either end, a control character or a non-ASCII character; check "
+                "the store's credential file and run `goqctl key set`",
+                code="credential_unsendable",
+            )
         try:
             async with self.ctx.http.stream(
                 method,
@@ -357,7 +400,9 @@ class MallClient:
             refused = msgspec.json.decode(reply.body, type=_TokenError)
         except DECODE_ERRORS:
             refused = _TokenError()
-        detail = " ".join(p for p in (refused.error, short(refused.error_description)) if p)
+        detail = " ".join(
+            p for p in (refused.error, short(self.mask(refused.error_description))) if p
+        )
         message = f"{api}: {detail or f'HTTP {reply.status}'}"
         cls = error_class(table, reply.status, refused.error)
         if issubclass(cls, MallAuthError) and auth_hint:

@@ -346,7 +346,7 @@ class RakutenAdapter:
         self._bulk_get_bucket = shared_bucket(ctx.rate_buckets, "bulk_get", 5.0 * margin, 1)
         self._item_bucket = shared_bucket(ctx.rate_buckets, "item", 1.0 * margin, 1)
         self._license_bucket = shared_bucket(ctx.rate_buckets, "license", 1.0 * margin, 1)
-        self._client = MallClient(ctx, MALL)
+        self._client = MallClient(ctx, MALL, is_secret=SPEC.is_secret_field)
         # Orders returned at a terminal status, not yet known to be committed:
         # (the cursor returned with them, their numbers).
         self._final_pending: tuple[str, set[str]] | None = None

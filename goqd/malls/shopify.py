@@ -571,7 +571,7 @@ class ShopifyAdapter:
         self._bucket = shared_limiter(
             ctx.rate_buckets, "cost", lambda: CostBucket(opts["cost_rate"], opts["cost_bucket"])
         )
-        self._client = MallClient(ctx, MALL)
+        self._client = MallClient(ctx, MALL, is_secret=SPEC.is_secret_field)
         self._live = ctx.live_statuses or SPEC.default_live_statuses
         self._cancel = ctx.cancel_statuses or SPEC.default_cancel_statuses
 

@@ -429,7 +429,7 @@ class YahooAdapter:
         self._store_base = ctx.base_url.rstrip("/") + STORE_API
         self._token_url = _token_url(ctx.urls.get("token", ctx.base_url))
         self._buckets: dict[str, TokenBucket] = {}
-        self._client = MallClient(ctx, MALL)
+        self._client = MallClient(ctx, MALL, is_secret=SPEC.is_secret_field)
         self._auth = TokenAuth(self._client, self._mint)
         self._public_key: RSAPublicKey | None = None
         # orderInfo answers of the orders in the last poll's window, by OrderId; each

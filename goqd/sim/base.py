@@ -503,8 +503,7 @@ class RefreshTokenMall(SimMall):
 
     def __init__(self, **base: Unpack[SimArgs]) -> None:
         super().__init__(**base)
-        # Private names: tests/test_security.py reads them for its canaries.
-        # Private names: tests/test_security.py reads them for its canaries.
+        # Private names: tests/control/test_security.py reads them for its canaries.
         self._refresh_tokens: dict[str, float] = {}  # token -> expires at
         self._access_tokens: dict[str, float] = {}
         self.token_refreshes = 0
@@ -539,7 +538,7 @@ class ApiKeyMall(SimMall):
     def __init__(self, *, key_lifetime_days: float = 90.0, **base: Unpack[SimArgs]) -> None:
         super().__init__(**base)
         self.key_lifetime_s = key_lifetime_days * 86400
-        # key -> expires at. Private name: tests/test_security.py reads it for canaries.
+        # key -> expires at. Private name: tests/control/test_security.py reads it for canaries.
         self._keys: dict[str, float] = {}
 
     def add_key(self, key: str) -> None:

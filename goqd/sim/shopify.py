@@ -254,8 +254,9 @@ def _field_cost(f: _Field) -> int:
         return 0
     size = f.args.get("first", f.args.get("last"))
     if size is not None:
-        if not isinstance(size, int) or isinstance(size, bool):
-            raise ValueError(f"{f.name}: first/last must be an integer")
+        # A negative page would price below zero and pay tokens into the bucket.
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"{f.name}: first/last must be a non-negative integer")
         return 2 + size * _node_cost(f.selection)
     ids = f.args.get("ids")
     if isinstance(ids, list):
@@ -558,7 +559,7 @@ class SimShopify(SimMall):
     def api_name(self, request: Request) -> str:
         try:
             body = json.loads(request.body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[…"
             return "graphql"
         name = body.get("operationName") if isinstance(body, dict) else None
         return name if isinstance(name, str) and name else "graphql"
@@ -646,7 +647,7 @@ class SimShopify(SimMall):
             body = json.loads(request.body)
             if not isinstance(body, dict) or not isinstance(body.get("query"), str):
                 raise ValueError("no query")
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise _BadBody from exc
         query: str = body["query"]
         name = body.get("operationName")

@@ -11,13 +11,12 @@ wired in one place.
 ``SimulatedTime`` is the fast clock the demo and the benchmark run the whole fleet on.
 
 What it must never do: listen beyond loopback or talk to a real mall. ``goqd run``
-never imports it (tests/test_runtime_imports.py).
+never imports it (tests/runtime/test_runtime_imports.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -27,7 +26,13 @@ from typing import Any, TypeVar
 import trio
 import trio.testing
 
-from goqd.config import Config, DaemonConfig, StoreConfig, parse_credentials
+from goqd.config import (
+    Config,
+    DaemonConfig,
+    StoreConfig,
+    parse_credentials,
+    write_credential_file,
+)
 from goqd.malls.registry import MALLS
 from goqd.secret import Secret
 from goqd.sim.base import SimMall
@@ -61,13 +66,14 @@ def make_sims(
 
 
 def write_credentials(path: str, data: Mapping[str, str]) -> str:
-    """Write a store's credential file as an operator must: mode 0600 (goqd refuses a
-    file others can read)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(dict(data), f)
-    os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
-    return path
+    """Write the credential file ``<dir>/<store>.json`` as goqd writes a renewed one
+    (``write_credential_file``): 0600 from its first byte (goqd refuses a file others can
+    read) and replaced whole, so a reload that reads it sees the old file or the new."""
+    directory, name = os.path.split(path)
+    store, ext = os.path.splitext(name)
+    if ext != ".json":
+        raise ValueError(f"a credential file is named <store>.json, not {name!r}")
+    return write_credential_file(directory or ".", store, dict(data))
 
 
 def store_config(

@@ -53,7 +53,7 @@ KINDS: tuple[FaultKind, ...] = (
     "expired_credential",
 )
 # Not in KINDS (the default mix): goqd has no defence against it yet — see
-# tests/test_reliability_faults.py::test_a_push_applied_after_its_timeout_is_repaired.
+# tests/integration/test_reliability_faults.py::test_a_push_applied_after_its_timeout_is_repaired.
 EXTRA_KINDS: tuple[FaultKind, ...] = ("late_apply",)
 MALFORMED = ("missing_field", "wrong_type", "html", "truncated")
 

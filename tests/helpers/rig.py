@@ -5,7 +5,7 @@
   ``SimRouter`` as the daemon's HTTP transport the simulators are called in-process
   (no sockets), which together with ``inline_threads`` (the ledger's worker thread runs
   inline) and ``MockClock(autojump_threshold=0)`` makes a whole scenario deterministic
-  for a seed: see ``tests/test_reliability_faults.py``. Without the router the
+  for a seed: see ``tests/integration/test_reliability_faults.py``. Without the router the
   simulators are served over loopback by hypercorn (``serve_fleet``).
 * **As a real process** (``DaemonProcess``): ``python -m goqd.cli.goqd run --config FILE``
   in a subprocess with its own TOML file; the simulators stay in the test process,
@@ -66,8 +66,8 @@ from goqd.tools import fleet as simfleet
 from goqd.tools.fleet import write_credentials
 from goqd.wallclock import WallClock
 from tests.helpers.checker import StateChange
+from tests.helpers.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 # The simulated wall clock's zero: 2026-09-21T… UTC. Under a MockClock the wall clock is
 # EPOCH + trio.current_time(), so order times, windows and key expiry all follow it.
 EPOCH = 1_790_000_000.0
@@ -510,14 +510,6 @@ async def wait_for(
                 return
             await trio.sleep(every)
     raise AssertionError(f"timed out after {timeout:g}s waiting for {what or check}")
-
-
-def ledger_rows(path: str, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        return [tuple(r) for r in conn.execute(sql, args)]
-    finally:
-        conn.close()
 
 
 def ledger_consistent(path: str) -> None:
