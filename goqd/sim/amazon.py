@@ -420,6 +420,10 @@ class SimAmazon(RefreshTokenMall):
         # tokens because of float rounding; that is not over the limit.
         return RatePlan(rate, burst, slack=1e-9)
 
+    def documented_limit(self, api: str) -> tuple[float, float] | None:
+        plan = USAGE_PLANS.get(api)
+        return None if plan is None else (float(plan[0]), float(plan[1]))
+
     def throttle_reply(self, api: str, wait: float, *, cost: float, forced: bool) -> Response:
         headers = {"Retry-After": str(max(1, math.ceil(wait)))} if self.retry_after_header else {}
         return self._error(429, "QuotaExceeded", MSG_QUOTA, headers=headers)

@@ -446,6 +446,14 @@ class SimMall(ABC):
         """The mall's limit on ``api``; None: no limit."""
         return None
 
+    def documented_limit(self, api: str) -> tuple[float, float] | None:
+        """The mall's published (or assumed) limit on ``api`` as (requests per second,
+        burst), which the benchmark holds goqd's use against; None: not limited by a
+        count of requests. It can differ from ``rate_plan``: a simulator may leave a
+        little room for network jitter, or not enforce a limit it knows."""
+        plan = self.rate_plan(api)
+        return None if plan is None else (plan.rate, plan.burst)
+
     @abstractmethod
     def throttle_reply(self, api: str, wait: float, *, cost: float, forced: bool) -> Response:
         """The mall's throttle answer; ``wait`` is the seconds until it would grant."""

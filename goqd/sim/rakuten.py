@@ -357,6 +357,11 @@ class SimRakuten(ApiKeyMall):
         # arrive a little closer together (network jitter under a real clock).
         return RatePlan(self._rates[api], 1.0, slack=0.1)
 
+    def documented_limit(self, api: str) -> tuple[float, float] | None:
+        # The documented rate whether or not this simulator enforces it; burst 1 [I].
+        rate = DEFAULT_RATES.get(api)
+        return None if rate is None else (rate, 1.0)
+
     def throttle_reply(self, api: str, wait: float, *, cost: float, forced: bool) -> Response:
         # [I] RMS's Retry-After is the fault plan's value whichever limit refused.
         headers = {"Retry-After": f"{self.faults.retry_after:g}"}

@@ -615,6 +615,9 @@ class SimShopify(SimMall):
         # One bucket of query cost for the app on this shop, whatever the operation.
         return RatePlan(self.cost_rate, self.bucket_size, key="cost")
 
+    def documented_limit(self, api: str) -> tuple[float, float] | None:
+        return None  # Shopify limits query cost, not requests: only its throttles count
+
     def throttle_reply(self, api: str, wait: float, *, cost: float, forced: bool) -> Response:
         if forced:
             # A forced throttle drains the bucket as far as a real one could be; the

@@ -273,6 +273,11 @@ class SimYahoo(RefreshTokenMall):
         # One query per second per URL, enforced per path: the API name is the path.
         return RatePlan(self.rate, self.rate_burst, lockout=self.lockout_s)
 
+    def documented_limit(self, api: str) -> tuple[float, float] | None:
+        # One query per second per URL, burst 1 (``rate_burst`` leaves room for jitter);
+        # the token endpoint is another host's.
+        return (self.rate, 1.0) if api.startswith(STORE_API) else None
+
     def throttle_reply(self, api: str, wait: float, *, cost: float, forced: bool) -> Response:
         message = "Too Many Requests" if forced else MESSAGE_LOCKOUT
         return self._error(

@@ -40,6 +40,7 @@ import trio
 from goqd import messages as m
 from goqd.app import Daemon, run_daemon
 from goqd.config import check_config
+from goqd.malls.registry import MALLS
 from goqd.sim.base import SimMall
 from goqd.sim.market import Market
 from goqd.sim.registry import SIMS
@@ -324,11 +325,13 @@ async def _run(
                 say(await _view(daemon, market, trio.current_time() - start))
 
         say("  market closed; waiting for every store to show the ledger's count …")
-        if "amazon" in malls:
-            say(
-                "  (Amazon shows orders to getOrders about 2 minutes late, as the real "
-                "SP-API does: its last orders are booked about 2 simulated minutes from now)"
-            )
+        for mall in malls:
+            if (late := SIMS[mall].order_delay_s) > 0:
+                say(
+                    f"  ({MALLS[mall].title} shows orders about {late / 60:.0f} minutes late, "
+                    f"as the real mall does: its last orders are booked about that many "
+                    "simulated minutes from now)"
+                )
         converged, mismatches = await _settle(daemon, market, settle_timeout, start, say)
         summary = await _summary(daemon, market, malls, seconds, converged, mismatches)
         summary.speed = sim_time.speed

@@ -118,9 +118,6 @@ STOCK_HORIZON_S = 120.0
 # (assumed, not measured).
 CANCEL_MEAN_S = 600.0
 SHIP_MEAN_S = 1800.0
-# Delays the mall itself imposes before goqd can see an order, added to the latency
-# targets: Amazon exposes orders about 2 minutes late (the adapter's lag_s default).
-MALL_DELAY_S = {"amazon": 125.0}
 BASELINE_POLL = "3m"
 # goqd's token bucket hands out a token, then the adapter signs and httpx builds the
 # request before it reaches the transport, where the send is timed; under a fast clock
@@ -554,29 +551,12 @@ def _api_namer(
 def sim_limits(sim: SimMall, api: str) -> tuple[float, float] | None:
     """The documented limit on ``api`` as (rate per second, burst); None: not by count.
 
-    From docs/malls.md ("Cross-cutting design notes", item 5: rate limits to emulate) and
-    the simulators that model them: Rakuten 1 req/s per API and 5 req/s bulk-get, burst 1
-    (the burst assumed); Yahoo 1 query/s per URL, burst 1 (the simulator allows 2 for
-    network jitter); au PAY has no published limit, the simulator's 1 req/s burst 2
-    (assumed); Amazon the usage plans of the SP-API models. Shopify limits query
-    *cost*, not requests: only its throttled answers count there.
+    Each simulator says what its mall publishes (docs/malls.md, "Cross-cutting design
+    notes", item 5) in ``SimMall.documented_limit``: Rakuten 1 req/s per API and 5 req/s
+    bulk-get, Yahoo 1 query/s per URL, au PAY the simulator's assumed 1 req/s, Amazon
+    the usage plans of the SP-API models; Shopify limits query *cost*, not requests.
     """
-    if sim.mall == "rakuten":
-        from goqd.sim.rakuten import DEFAULT_RATES
-
-        rate = DEFAULT_RATES.get(api)
-        return None if rate is None else (rate, 1.0)
-    if sim.mall == "yahoo":
-        if not api.startswith("/ShoppingWebService/"):
-            return None
-        return (float(getattr(sim, "rate", 1.0)), 1.0)
-    if sim.mall == "aupay":
-        return (float(getattr(sim, "rate_limit", 1.0)), float(getattr(sim, "rate_burst", 1.0)))
-    if sim.mall == "amazon":
-        plans = getattr(sys.modules.get(type(sim).__module__), "USAGE_PLANS", {})
-        plan = plans.get(api)
-        return None if plan is None else (float(plan[0]), float(plan[1]))
-    return None
+    return sim.documented_limit(api)
 
 
 # --------------------------------------------------------------------------- reports
@@ -998,7 +978,7 @@ async def _settle(
     to poll now (``goqctl poll-now``) and wait as long again."""
     assert w.market is not None
     longest = max(seconds(p) for p in w.policy.poll.values())
-    limit = max(600.0, 4 * longest + max(MALL_DELAY_S.get(x, 0.0) for _, x in w.plan.stores))
+    limit = max(600.0, 4 * longest + max(SIMS[x].order_delay_s for _, x in w.plan.stores))
     mismatches: list[str] = []
     lost = 0
     for forced in (False, True):
@@ -1459,11 +1439,11 @@ def _targets(params: SimParams, g: WorldReport, b: WorldReport | None) -> dict[s
     """
     out: dict[str, Any] = {}
     for mall in sorted(g.latency_by_mall):
-        if mall == "shopify" and g.webhooks:
+        if MALLS[mall].webhook is not None and g.webhooks:
             bound = 1.0 + params.webhook_delay
             rule = "p99 <= 1 s + webhook delivery delay"
         else:
-            bound = seconds(g.poll_interval[mall]) + 2.0 + MALL_DELAY_S.get(mall, 0.0)
+            bound = seconds(g.poll_interval[mall]) + 2.0 + SIMS[mall].order_delay_s
             rule = "p99 <= poll interval + 2 s + mall delay"
         sync = g.latency_by_mall[mall].p99_s
         prop = g.propagation_by_mall.get(mall)

@@ -392,3 +392,34 @@ async def test_the_shop_charges_the_cost_of_the_query_it_received(
     # limit, so refused before running.
     assert richer["errors"][0]["extensions"]["code"] == "MAX_COST_EXCEEDED"
     assert richer["errors"][0]["extensions"]["cost"] == 1077
+
+
+# ----------------------------------------------------------------- documented limits
+
+
+def test_each_simulator_states_its_malls_documented_limit() -> None:
+    # What the benchmark holds goqd's request rate against: the mall's published figure,
+    # stated by its simulator, not the looser plan a simulator may enforce for jitter.
+    from goqd.tools.fleet import make_sims
+
+    stores = [(f"s-{mall}", mall) for mall in sorted(SIMS)]
+    sims = make_sims(stores, clock=lambda: 0.0, seeds=range(len(stores)))
+    by_mall = {sim.mall: sim for sim in sims.values()}
+    assert by_mall["amazon"].documented_limit("getOrders") == (0.0167, 20.0)
+    assert by_mall["amazon"].documented_limit("lwa") is None  # another host's endpoint
+    assert by_mall["rakuten"].documented_limit("inventories.bulk.get") == (5.0, 1.0)
+    yahoo = by_mall["yahoo"]
+    assert yahoo.documented_limit("/ShoppingWebService/V1/orderList") == (1.0, 1.0)
+    assert yahoo.documented_limit("/yconnect/v2/token") is None
+    assert by_mall["aupay"].documented_limit("stock") == (1.0, 2.0)  # assumed: unpublished
+    assert by_mall["shopify"].documented_limit("GoqdOrders") is None  # cost, not count
+
+
+def test_a_malls_own_order_delay_is_the_one_its_adapter_waits_for() -> None:
+    # The benchmark adds this to Amazon's latency target; the adapter's lag is the same
+    # fact seen from goqd's side.
+    from goqd.malls.registry import MALLS
+
+    for mall, spec in SIMS.items():
+        lag = MALLS[mall].options.get("lag_s")
+        assert spec.order_delay_s == (lag.default if lag is not None else 0.0), mall
