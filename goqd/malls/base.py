@@ -6,8 +6,8 @@ raises only goqd's errors (``goqd.errors.MallError`` and subclasses); nothing ab
 ``goqd/malls`` ever sees an httpx or msgspec exception. It never logs or formats a
 credential: messages are built from the mall's own error codes and texts.
 
-Adding a mall adds a module here, a simulator in ``goqd/sim``, a test file and a line
-in ``goqd/malls/registry.py``; it never touches the store actor. Everything goqd knows
+Adding a mall adds a module here, a simulator in ``goqd/sim``, a test file and its name
+in ``goqd/mallnames.py``; it never touches the store actor. Everything goqd knows
 about a mall besides its adapter is on its ``MallSpec``: credential fields and which are
 secret, options, limits, default statuses, and how its key expires and is renewed
 (``KeyExpiry``). How a request goes out and how the answer becomes a goqd error is

@@ -1,7 +1,7 @@
 """Every supported mall, by the name used in config (``mall = "rakuten"``).
 
-Adding a mall: write ``goqd/malls/<mall>.py`` exporting ``SPEC``, and add one line
-below. Nothing else in goqd names a mall.
+Adding a mall: write ``goqd/malls/<mall>.py`` exporting ``SPEC`` and add its name to
+``goqd.mallnames.MALL_NAMES``. Nothing else in goqd names a mall.
 
 The specs here open *guarded* adapters (``goqd.malls.base.guard_adapter``): whoever gets
 an adapter from the registry (store actors, key tests, imports, diffs) sees only
@@ -10,8 +10,11 @@ an adapter from the registry (store actors, key tests, imports, diffs) sees only
 
 from __future__ import annotations
 
+import importlib
+
 import msgspec
 
+from goqd.mallnames import MALL_NAMES
 from goqd.malls.base import MallSpec, guarded
 
 MALLS: dict[str, MallSpec] = {}
@@ -25,20 +28,9 @@ def get_spec(name: str) -> MallSpec:
     return MALLS[name]
 
 
-# One line per mall. Imports are here, not at the top, so the registry is the only place
-# that knows the list.
-from goqd.malls import rakuten as _rakuten  # noqa: E402
-
-_register(_rakuten.SPEC)
-from goqd.malls import yahoo as _yahoo  # noqa: E402
-
-_register(_yahoo.SPEC)
-from goqd.malls import aupay as _aupay  # noqa: E402
-
-_register(_aupay.SPEC)
-from goqd.malls import shopify as _shopify  # noqa: E402
-
-_register(_shopify.SPEC)
-from goqd.malls import amazon as _amazon  # noqa: E402
-
-_register(_amazon.SPEC)
+for _name in MALL_NAMES:
+    _module = importlib.import_module(f"goqd.malls.{_name}")
+    _spec = getattr(_module, "SPEC", None)
+    if not isinstance(_spec, MallSpec) or _spec.name != _name:
+        raise ImportError(f"goqd/malls/{_name}.py must export SPEC, a MallSpec named {_name!r}")
+    _register(_spec)

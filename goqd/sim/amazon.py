@@ -62,7 +62,15 @@ from typing import Any, Unpack
 
 import trio
 
-from goqd.sim.base import RatePlan, RefreshTokenMall, SimArgs, SimLine, SimListing, SimOrder
+from goqd.sim.base import (
+    RatePlan,
+    RefreshTokenMall,
+    SimArgs,
+    SimLine,
+    SimListing,
+    SimOrder,
+    SimSpec,
+)
 from goqd.sim.http import Request, Response
 
 JST = timezone(timedelta(hours=9))
@@ -1077,3 +1085,6 @@ def _valid_date(value: object) -> bool:
     except ValueError:
         return False
     return True
+
+
+SIM = SimSpec("amazon", SimAmazon, url_paths={"lwa": LWA_PATH}, settle_s=240.0, order_delay_s=125.0)

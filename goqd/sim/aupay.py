@@ -41,7 +41,7 @@ import defusedxml
 import defusedxml.ElementTree as SafeET
 import trio
 
-from goqd.sim.base import ApiKeyArgs, ApiKeyMall, RatePlan, SimListing, SimOrder
+from goqd.sim.base import ApiKeyArgs, ApiKeyMall, RatePlan, SimListing, SimOrder, SimSpec
 from goqd.sim.http import XML_TYPE, Request, Response
 
 JST = dt.timezone(dt.timedelta(hours=9), "JST")
@@ -556,3 +556,6 @@ class SimAupay(ApiKeyMall):
 
 
 __all__ = ["SimAupay"]
+
+
+SIM = SimSpec("aupay", SimAupay)

@@ -560,3 +560,39 @@ class ApiKeyMall(SimMall):
         now = self.clock()
         for key in self._keys:
             self._keys[key] = min(self._keys[key], now)
+
+
+# --------------------------------------------------------------------------------------
+# What the demo, the benchmark and the tests need to set a simulated mall up
+# --------------------------------------------------------------------------------------
+
+
+def add_plain(sim: SimMall, key: str, sku: str, name: str, quantity: int) -> SimListing:
+    """A listing at ``key`` whose link code is the SKU (most malls)."""
+    return sim.add_listing(key, link_code=sku, name=name, quantity=quantity)
+
+
+def same_key(sku: str) -> str:
+    return sku
+
+
+@dataclass(frozen=True)
+class SimSpec:
+    """A simulated mall, exported as ``SIM`` by ``goqd/sim/<mall>.py``: the simulator
+    class, the listing key a SKU gets there, and the config ``urls`` the adapter needs
+    besides its base URL (token endpoints on the same host)."""
+
+    mall: str
+    cls: type[SimMall]
+    listing_key: Callable[[str], str] = same_key
+    # name -> path on the simulator's host (e.g. {"token": "/yconnect/v2/token"})
+    url_paths: dict[str, str] = field(default_factory=dict)
+    options: dict[str, str | int | float | bool] = field(default_factory=dict)
+    # Creates a listing for ``sku``; returns it (its ``listing_key`` is what goqd uses).
+    add: Callable[[SimMall, str, str, str, int], SimListing] = add_plain
+    # How long after the market stops this mall can still be catching up: Amazon
+    # publishes orders to getOrders about two minutes late [V, docs/malls.md §3.2].
+    settle_s: float = 30.0
+    # How late the mall itself shows a new order to its order API (Amazon's, as the
+    # adapter's lag_s default): the benchmark adds it to its latency targets.
+    order_delay_s: float = 0.0

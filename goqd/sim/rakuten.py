@@ -44,7 +44,7 @@ from typing import Any, Unpack
 
 import trio
 
-from goqd.sim.base import ApiKeyArgs, ApiKeyMall, RatePlan, SimListing, SimOrder
+from goqd.sim.base import ApiKeyArgs, ApiKeyMall, RatePlan, SimListing, SimOrder, SimSpec
 from goqd.sim.http import Request, Response
 
 JST = timezone(timedelta(hours=9), "JST")
@@ -864,3 +864,11 @@ class SimRakuten(ApiKeyMall):
         # JST without an offset, as RMS answers [V].
         text = datetime.fromtimestamp(int(expiry), JST).strftime("%Y-%m-%dT%H:%M:%S")
         return self._ok({"expiryDate": text}, "expiryDate")
+
+
+def _listing_key(sku: str) -> str:
+    # RMS addresses stock by manageNumber/variantId: a lower-case item, the SKU variant.
+    return f"{sku.lower()}/{sku}"
+
+
+SIM = SimSpec("rakuten", SimRakuten, _listing_key)

@@ -55,7 +55,15 @@ import msgspec
 import trio
 from msgspec import UNSET, Meta, UnsetType
 
-from goqd.sim.base import RateBucket, RatePlan, SimArgs, SimListing, SimMall, SimOrder
+from goqd.sim.base import (
+    RateBucket,
+    RatePlan,
+    SimArgs,
+    SimListing,
+    SimMall,
+    SimOrder,
+    SimSpec,
+)
 from goqd.sim.http import Request, Response
 
 # The Admin API version this shop serves. 2026-04 is the first where
@@ -1106,3 +1114,12 @@ class SimShopify(SimMall):
         self.pending_webhooks = keep
         self.webhooks_delivered += delivered
         return delivered
+
+
+def _add_variant(sim: SimMall, key: str, sku: str, name: str, quantity: int) -> SimListing:
+    # Shopify addresses stock by InventoryItem GID, minted by the shop.
+    assert isinstance(sim, SimShopify)
+    return sim.add_variant(sku, quantity, name=name)
+
+
+SIM = SimSpec("shopify", SimShopify, add=_add_variant)

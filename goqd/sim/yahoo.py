@@ -55,7 +55,7 @@ import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from goqd.sim.base import RatePlan, RefreshTokenMall, SimArgs, SimListing, SimOrder
+from goqd.sim.base import RatePlan, RefreshTokenMall, SimArgs, SimListing, SimOrder, SimSpec
 from goqd.sim.http import XML_TYPE, Request, Response
 
 JST = timezone(timedelta(hours=9))
@@ -696,3 +696,6 @@ def _spoil_number(root: ET.Element) -> None:
             return
     if "totalResultsAvailable" in root.attrib:
         root.set("totalResultsAvailable", "many")
+
+
+SIM = SimSpec("yahoo", SimYahoo, url_paths={"token": TOKEN_PATH})

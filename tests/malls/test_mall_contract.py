@@ -1,7 +1,7 @@
 """The contract every mall in ``goqd/malls/registry.py`` meets, over real loopback HTTP.
 
-Parametrised over the registry, so a new mall is held to it from the moment its
-registry line exists: it needs a simulator in ``goqd/sim/registry.py``, a ``MallSpec``
+Parametrised over the registry, so a new mall is held to it from the moment its name is
+in ``goqd/mallnames.py``: it needs a simulator (``SIM`` in ``goqd/sim/<mall>.py``), a ``MallSpec``
 with the facts the rest of goqd reads, fixtures under ``tests/fixtures/<mall>/`` and a
 test file; and its adapter, against its simulator, must poll an order as order lines,
 push a count the simulator then shows, list the listings, and map the mall's answers
@@ -87,19 +87,19 @@ async def contract_problems(mall: str) -> list[str]:
     says where to add it. Empty when nothing is missing."""
     spec = MALLS.get(mall)
     if spec is None:
-        return [f"mall {mall!r} is not in goqd/malls/registry.py: add its one registry line"]
+        return [f"mall {mall!r} is not registered: add its name to goqd/mallnames.py"]
     problems = spec_problems(mall, spec)
     sim_spec = SIMS.get(mall)
     sim: SimMall | None = None
     if sim_spec is None:
         problems.append(
-            f"mall {mall!r} has no simulator in goqd/sim/registry.py: write goqd/sim/{mall}.py "
-            f"(a SimMall subclass) and add a SimSpec for it to SIMS"
+            f"mall {mall!r} has no simulator: write goqd/sim/{mall}.py (a SimMall subclass) "
+            f"exporting SIM, a SimSpec for it"
         )
     else:
         if sim_spec.mall != mall or sim_spec.cls.mall != mall:
             problems.append(
-                f"mall {mall!r}: its simulator in goqd/sim/registry.py says it is mall "
+                f"mall {mall!r}: the SIM of goqd/sim/{mall}.py says it is mall "
                 f"{sim_spec.mall!r} and its class {sim_spec.cls.__name__} sets mall = "
                 f"{sim_spec.cls.mall!r}; both must be {mall!r}"
             )
@@ -122,7 +122,7 @@ async def contract_problems(mall: str) -> list[str]:
         refused = option_problem(spec, sim_spec.options)
         if refused is not None:
             problems.append(
-                f"mall {mall!r}: goqd/sim/registry.py sets option {refused[0]!r}, which "
+                f"mall {mall!r}: the SIM of goqd/sim/{mall}.py sets option {refused[0]!r}, which "
                 f"MallSpec.options refuses ({refused[1]})"
             )
     problems.extend(await adapter_problems(mall, spec, sim))
@@ -274,7 +274,7 @@ async def open_store(mall: str) -> AsyncIterator[Store]:
     through the registry as goqd's config would describe the store."""
     sim_spec = SIMS.get(mall)
     if sim_spec is None:
-        pytest.fail(f"mall {mall!r} has no simulator in goqd/sim/registry.py")
+        pytest.fail(f"mall {mall!r} has no simulator: write goqd/sim/{mall}.py exporting SIM")
     sim = sim_spec.cls(shop_id=SHOP_ID, clock=wall)
     listing = sim_spec.add(sim, sim_spec.listing_key(SKU), SKU, "契約の商品", 5)
     spec = MALLS[mall]
@@ -533,8 +533,8 @@ async def test_contract_names_everything_a_new_mall_lacks(
         "comes from and how an operator renews it)",
         f"{spec} has no default_live_statuses (the order statuses that hold stock)",
         f"{spec} has no default_cancel_statuses (the order statuses that give it back)",
-        "mall 'kaimono' has no simulator in goqd/sim/registry.py: write "
-        "goqd/sim/kaimono.py (a SimMall subclass) and add a SimSpec for it to SIMS",
+        "mall 'kaimono' has no simulator: write goqd/sim/kaimono.py (a SimMall subclass) "
+        "exporting SIM, a SimSpec for it",
         "mall 'kaimono': the adapter goqd/malls/registry.py opens lacks iter_listings, "
         "credential_expiry of MallAdapter (goqd/malls/base.py)",
         "mall 'kaimono' has no fixtures: put real-shaped answers of the mall under "
@@ -570,7 +570,7 @@ async def test_contract_checks_the_simulator_and_expiry_against_the_spec(
         f"{spec}: expiry.renewal does not end in how to install the new credential "
         "(`goqctl key set {store} --file new.json`)",
         f"{spec}: expiry.field 'issued_on' is not a credential field; add it to optional_fields",
-        "mall 'kaimono': its simulator in goqd/sim/registry.py says it is mall 'aupay' and "
+        "mall 'kaimono': the SIM of goqd/sim/kaimono.py says it is mall 'aupay' and "
         "its class SimAupay sets mall = 'aupay'; both must be 'kaimono'",
         "mall 'kaimono': SimAupay.credentials() lacks seller_code, which "
         "MallSpec.credential_fields requires",
@@ -591,4 +591,6 @@ async def test_a_mall_without_a_simulator_is_named_when_its_store_opens(
     with pytest.raises(pytest.fail.Exception) as info:
         async with open_store("kaimono"):
             pass
-    assert str(info.value) == "mall 'kaimono' has no simulator in goqd/sim/registry.py"
+    assert str(info.value) == (
+        "mall 'kaimono' has no simulator: write goqd/sim/kaimono.py exporting SIM"
+    )

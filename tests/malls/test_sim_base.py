@@ -423,3 +423,27 @@ def test_a_malls_own_order_delay_is_the_one_its_adapter_waits_for() -> None:
     for mall, spec in SIMS.items():
         lag = MALLS[mall].options.get("lag_s")
         assert spec.order_delay_s == (lag.default if lag is not None else 0.0), mall
+
+
+def test_both_registries_read_the_one_list_of_malls() -> None:
+    # The one line a new mall adds is its name in goqd/mallnames.py: the mall registry
+    # then requires its adapter module, the simulator registry picks its simulator up
+    # when it exists (the contract test names it while it does not).
+    from goqd.mallnames import MALL_NAMES
+    from goqd.malls.registry import MALLS
+
+    assert list(MALLS) == list(MALL_NAMES) and set(SIMS) == set(MALL_NAMES)
+    code = (
+        "import goqd.mallnames as n\n"
+        "n.MALL_NAMES += ('kaimono',)\n"
+        "import goqd.sim.registry as s\n"
+        "print(sorted(s.SIMS))\n"
+        "try:\n"
+        "    import goqd.malls.registry\n"
+        "except ModuleNotFoundError as exc:\n"
+        "    print(exc.name)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.splitlines()
+    assert out == [repr(sorted(MALL_NAMES)), "goqd.malls.kaimono"]
