@@ -38,7 +38,7 @@ from goqd import messages as m
 from goqd.app import Daemon, run_daemon
 from goqd.cli import progress
 from goqd.cli.goqctl import main as goqctl_main
-from goqd.config import Config, DaemonConfig
+from goqd.config import Config
 from goqd.control import imports, reconcile
 from goqd.control import protocol as p
 from goqd.control import server as server_mod
@@ -47,6 +47,7 @@ from goqd.control.server import PeerInfo, WithProgress, serve_control
 from goqd.ledger import open_db, queries
 from goqd.linking import fold
 from goqd.sim.rakuten import SimRakuten
+from goqd.tools.fleet import daemon_config
 from tests.helpers import rig
 
 # --------------------------------------------------------------------------------------
@@ -59,22 +60,10 @@ def tmp(sock_dir: str) -> str:
     return sock_dir
 
 
-def bare_config(tmp: str) -> Config:
-    """A daemon with no stores: the ledger, the control socket and HTTP only."""
-    return Config(
-        daemon=DaemonConfig(
-            state_dir=os.path.join(tmp, "state"),
-            control_socket=os.path.join(tmp, "ctl.sock"),
-            http_listen="127.0.0.1:0",
-        ),
-        source=os.path.join(tmp, "goqd.toml"),
-    )
-
-
 def seeded_config(tmp: str, n: int) -> tuple[Config, str]:
     """A bare daemon whose ledger has products P00000.. (10 units each), and a stock CSV
     setting each of them to a new count."""
-    config = bare_config(tmp)
+    config = daemon_config(tmp, ())  # no stores: ledger, socket, HTTP
     os.makedirs(config.daemon.state_dir, exist_ok=True)
     conn = open_db(config.daemon.ledger_path)
     conn.execute("BEGIN")

@@ -19,7 +19,7 @@ import trio
 
 from goqd import messages as m
 from goqd.app import Daemon, run_daemon
-from goqd.config import Config, DaemonConfig
+from goqd.config import Config
 from goqd.control import imports as goqd_app
 from goqd.control import protocol as p
 from goqd.control.client import RemoteError, call
@@ -28,24 +28,13 @@ from goqd.errors import ControlError, InputError
 from goqd.ledger import Ledger, open_db, queries
 from goqd.ledger.rows import StockImport
 from goqd.linking import fold
+from goqd.tools.fleet import daemon_config
 from tests.helpers import rig
 
 
 @pytest.fixture
 def tmp(sock_dir: str) -> str:
     return sock_dir
-
-
-def bare_config(tmp: str) -> Config:
-    """A daemon with no stores: the ledger, the control socket and HTTP only."""
-    return Config(
-        daemon=DaemonConfig(
-            state_dir=os.path.join(tmp, "state"),
-            control_socket=os.path.join(tmp, "ctl.sock"),
-            http_listen="127.0.0.1:0",
-        ),
-        source=os.path.join(tmp, "goqd.toml"),
-    )
 
 
 def seed_products(config: Config, totals: dict[str, int]) -> None:
@@ -113,7 +102,7 @@ async def test_a_large_stock_import_commits_bounded_chunks_while_the_ledger_answ
         return read(self, limit)
 
     monkeypatch.setattr(StockReader, "read", spy)
-    config = bare_config(tmp)
+    config = daemon_config(tmp, ())  # no stores: ledger, socket, HTTP
     totals = catalogue(1000)
     seed_products(config, totals)
     wanted = {sku: i % 50 for i, sku in enumerate(totals)}
@@ -157,7 +146,7 @@ async def test_a_bad_row_after_staged_chunks_applies_nothing_and_names_its_line(
     tmp: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(goqd_app, "STAGE_CHUNK", 100)
-    config = bare_config(tmp)
+    config = daemon_config(tmp, ())  # no stores: ledger, socket, HTTP
     totals = catalogue(500)
     seed_products(config, totals)
     deltas = dict.fromkeys(totals, 1)
@@ -181,7 +170,7 @@ async def test_a_bad_row_after_staged_chunks_applies_nothing_and_names_its_line(
 async def test_a_retry_gets_the_same_reply_and_another_file_under_its_id_is_refused(
     tmp: str,
 ) -> None:
-    config = bare_config(tmp)
+    config = daemon_config(tmp, ())  # no stores: ledger, socket, HTTP
     seed_products(config, catalogue(3))
     sock = config.daemon.control_socket
     text = stock_csv("delta", {"P00000": 5, "P00001": -2})
@@ -203,7 +192,7 @@ async def test_a_retry_gets_the_same_reply_and_another_file_under_its_id_is_refu
 
 
 async def test_an_import_left_half_staged_by_a_stop_is_discarded_at_start(tmp: str) -> None:
-    config = bare_config(tmp)
+    config = daemon_config(tmp, ())  # no stores: ledger, socket, HTTP
     seed_products(config, catalogue(4))
     text = stock_csv("delta", {"P00000": 1, "P00001": 1, "P00002": 1})
     ledger = Ledger(open_db(config.daemon.ledger_path), now=lambda: 0.0)
@@ -234,7 +223,7 @@ async def test_an_import_left_half_staged_by_a_stop_is_discarded_at_start(tmp: s
 
 
 def test_a_product_deleted_after_staging_is_skipped_and_named(tmp: str) -> None:
-    config = bare_config(tmp)
+    config = daemon_config(tmp, ())  # no stores: ledger, socket, HTTP
     seed_products(config, catalogue(3))
     ledger = Ledger(open_db(config.daemon.ledger_path), now=lambda: 0.0)
 
@@ -312,7 +301,7 @@ async def test_a_listings_csv_is_read_off_the_event_loop_and_checked_whole(
 async def test_an_import_cut_off_mid_apply_is_finished_after_restart_exactly_once(
     tmp: str,
 ) -> None:
-    config = bare_config(tmp)
+    config = daemon_config(tmp, ())  # no stores: ledger, socket, HTTP
     totals = catalogue(9000)  # five apply chunks of goqd.control.imports.APPLY_CHUNK (2000)
     seed_products(config, totals)
     path = rig.write_toml(config)
